@@ -1,0 +1,160 @@
+//! Validated commands, and the fingerprint that ties an idempotency key to one request.
+
+use chrono::TimeDelta;
+use sha2::{Digest, Sha256};
+
+use super::amount::Credits;
+use super::hold::Metadata;
+use super::ids::{AccountId, Caller, HoldId, IdempotencyKey};
+
+/// Longest free-text reason on a grant or refund: 512 characters.
+pub const REASON_MAX_LEN: usize = 512;
+
+/// The idempotency scope of one mutating request.
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    /// Who called (keys are per caller).
+    pub caller: Caller,
+    /// The caller's key.
+    pub key: IdempotencyKey,
+    /// SHA-256 of the request's canonical form; a reused key must carry the same one.
+    pub fingerprint: [u8; 32],
+}
+
+/// Hash of a request's canonical form: the operation name and each field, length-prefixed so
+/// that no two different requests share a form.
+fn fingerprint(op: &str, fields: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in std::iter::once(op).chain(fields.iter().copied()) {
+        h.update(part.len().to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Put `amount` credits on hold for a job.
+#[derive(Clone, Debug)]
+pub struct Reserve {
+    /// The account to hold credits on.
+    pub account_id: AccountId,
+    /// Credits to hold.
+    pub amount: Credits,
+    /// Lifetime of the hold (already defaulted and range-checked by the caller of the domain).
+    pub ttl: TimeDelta,
+    /// Caller labels.
+    pub metadata: Metadata,
+    /// The id the hold will get (generated before the request is applied).
+    pub hold_id: HoldId,
+}
+
+impl Reserve {
+    /// The request fingerprint. The server-generated hold id is not part of it.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let meta: Vec<String> =
+            self.metadata.pairs().iter().map(|(k, v)| format!("{}:{k}={v}", k.len())).collect();
+        fingerprint(
+            "reserve",
+            &[
+                self.account_id.as_str(),
+                &self.amount.to_string(),
+                &self.ttl.num_milliseconds().to_string(),
+                &meta.join("\n"),
+            ],
+        )
+    }
+}
+
+/// Settle a hold with what the job really cost.
+#[derive(Clone, Debug)]
+pub struct CommitHold {
+    /// The hold.
+    pub hold_id: HoldId,
+    /// What the job cost.
+    pub amount: Credits,
+}
+
+impl CommitHold {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint("commit", &[self.hold_id.as_str(), &self.amount.to_string()])
+    }
+}
+
+/// Release an open hold or return committed credits.
+#[derive(Clone, Debug)]
+pub struct Refund {
+    /// The hold.
+    pub hold_id: HoldId,
+    /// Credits to return (committed holds only); `None` means all not yet refunded.
+    pub amount: Option<Credits>,
+    /// Why.
+    pub reason: String,
+}
+
+impl Refund {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let amount = self.amount.map_or_else(|| "all".to_owned(), |a| a.to_string());
+        fingerprint("refund", &[self.hold_id.as_str(), &amount, &self.reason])
+    }
+}
+
+/// Move an open hold's expiry to now + ttl.
+#[derive(Clone, Debug)]
+pub struct ExtendHold {
+    /// The hold.
+    pub hold_id: HoldId,
+    /// New lifetime from now.
+    pub ttl: TimeDelta,
+}
+
+impl ExtendHold {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint("extend", &[self.hold_id.as_str(), &self.ttl.num_milliseconds().to_string()])
+    }
+}
+
+/// Add credits to an account (creating it on its first grant).
+#[derive(Clone, Debug)]
+pub struct Grant {
+    /// The account.
+    pub account_id: AccountId,
+    /// Credits to add.
+    pub amount: Credits,
+    /// Why.
+    pub reason: String,
+}
+
+impl Grant {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint("grant", &[self.account_id.as_str(), &self.amount.to_string(), &self.reason])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_differ_when_any_field_differs() {
+        let a = Grant {
+            account_id: AccountId::parse("a", "u1").unwrap(),
+            amount: Credits::new("n", 5).unwrap(),
+            reason: "ab".into(),
+        };
+        let mut b = a.clone();
+        b.reason = "a".into();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.amount = Credits::new("n", 6).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+    }
+}

@@ -1,0 +1,116 @@
+//! What a successful command returns. Outcomes of mutating commands are also what the
+//! idempotency record stores and replays, so they serialize (JSON, in the database).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::hold::Hold;
+
+/// An account's balance as callers see it at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    /// The account.
+    pub account_id: String,
+    /// Credits a reserve can take.
+    pub available: i64,
+    /// Credits held by open, unexpired holds.
+    pub held: i64,
+    /// Open, unexpired holds.
+    pub open_holds: i64,
+    /// The instant (database clock) the balance was read at.
+    pub as_of: DateTime<Utc>,
+}
+
+/// Result of a reserve.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveOutcome {
+    /// The new, open hold.
+    pub hold: Hold,
+    /// Available credits right after.
+    pub available: i64,
+}
+
+/// Result of committing a hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitOutcome {
+    /// The hold, now committed.
+    pub hold: Hold,
+    /// Held credits that went back to available.
+    pub released: i64,
+    /// Credits drawn from available beyond the hold.
+    pub extra_drawn: i64,
+    /// Available credits right after.
+    pub available: i64,
+}
+
+/// Result of a refund.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundOutcome {
+    /// The hold after the refund.
+    pub hold: Hold,
+    /// Credits this refund returned to available.
+    pub refunded: i64,
+    /// Available credits right after.
+    pub available: i64,
+}
+
+/// Result of extending a hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendOutcome {
+    /// The hold with its new expiry.
+    pub hold: Hold,
+}
+
+/// Result of a grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantOutcome {
+    /// The account credited (created if new).
+    pub account_id: String,
+    /// The ledger entry that records the grant.
+    pub entry_id: i64,
+    /// Available credits right after.
+    pub available: i64,
+}
+
+/// Any stored outcome, as the idempotency record keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A reserve.
+    Reserve(ReserveOutcome),
+    /// A commit.
+    Commit(CommitOutcome),
+    /// A refund.
+    Refund(RefundOutcome),
+    /// An extension.
+    Extend(ExtendOutcome),
+    /// A grant.
+    Grant(GrantOutcome),
+}
+
+macro_rules! outcome_conversions {
+    ($($variant:ident => $ty:ty),* $(,)?) => {$(
+        impl From<$ty> for Outcome {
+            fn from(o: $ty) -> Self {
+                Self::$variant(o)
+            }
+        }
+        impl TryFrom<Outcome> for $ty {
+            type Error = Outcome;
+            fn try_from(o: Outcome) -> Result<Self, Outcome> {
+                match o {
+                    Outcome::$variant(x) => Ok(x),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+outcome_conversions!(
+    Reserve => ReserveOutcome,
+    Commit => CommitOutcome,
+    Refund => RefundOutcome,
+    Extend => ExtendOutcome,
+    Grant => GrantOutcome,
+);
