@@ -1,0 +1,475 @@
+//! The `tally` command line: `serve`, `migrate`, and a client for a running server.
+#![allow(clippy::print_stdout)] // printing results is this module's job
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::app::Settings;
+use crate::pb;
+use crate::pb::admin_service_client::AdminServiceClient;
+use crate::pb::credit_service_client::CreditServiceClient;
+use crate::service::Limits;
+
+/// Tally: credits for expensive generation jobs.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format of `serve`: text or json.
+    #[arg(long, global = true, env = "TALLY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[allow(missing_docs)] // flattened option groups are documented on their own types
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (SQLite file ./tally.db by default).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate {
+        /// Database to migrate.
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "sqlite://tally.db")]
+        database_url: String,
+    },
+    /// Show an account's balance.
+    Balance {
+        /// Account id.
+        account: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Hold credits for a job.
+    Reserve {
+        /// Account id.
+        account: String,
+        /// Credits to hold.
+        amount: i64,
+        /// Hold lifetime (e.g. 90s, 10m, 2h); server default if omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Metadata pair KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Settle a hold with what the job cost.
+    Commit {
+        /// Hold id.
+        hold: String,
+        /// Credits the job cost.
+        amount: i64,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Release an open hold, or return credits of a committed one.
+    Refund {
+        /// Hold id.
+        hold: String,
+        /// Credits to return (committed holds; default: all not yet refunded).
+        #[arg(long)]
+        amount: Option<i64>,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Extend an open hold to now + TTL.
+    Extend {
+        /// Hold id.
+        hold: String,
+        /// New lifetime from now.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one hold.
+    Hold {
+        /// Hold id.
+        hold: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List an account's holds, newest first (open ones unless --all).
+    Holds {
+        /// Account id.
+        account: String,
+        /// Every state, not only open holds.
+        #[arg(long)]
+        all: bool,
+        /// Holds per page (the CLI follows every page).
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Account administration.
+    Account {
+        #[command(subcommand)]
+        action: AccountCommand,
+    },
+}
+
+/// `tally account ...`
+#[allow(missing_docs)] // flattened option groups are documented on their own types
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Add credits (creates the account on its first grant).
+    Grant {
+        /// Account id.
+        account: String,
+        /// Credits to add.
+        amount: i64,
+        /// Why (recorded in the ledger).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Options of `tally serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST/DB`.
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "sqlite://tally.db", hide_env_values = true)]
+    pub database_url: String,
+    /// Database pool size.
+    #[arg(long, env = "TALLY_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub db_max_connections: u32,
+    /// Hold TTL when a Reserve gives none.
+    #[arg(long, env = "TALLY_HOLD_TTL_DEFAULT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub hold_ttl_default: Duration,
+    /// Longest hold TTL a Reserve or ExtendHold may ask for (at most 7 days).
+    #[arg(long, env = "TALLY_HOLD_TTL_MAX", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub hold_ttl_max: Duration,
+    /// How long idempotency keys are kept (at least 24h).
+    #[arg(long, env = "TALLY_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
+    /// How often the sweeper releases expired holds.
+    #[arg(long, env = "TALLY_SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+    /// Server-side cap on a call's duration.
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// How long shutdown waits for in-flight calls.
+    #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Longest hold TTL the server may be configured with.
+pub const HOLD_TTL_MAX_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Shortest idempotency retention.
+pub const IDEMPOTENCY_RETENTION_MIN: Duration = Duration::from_secs(24 * 3600);
+
+fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
+    chrono::TimeDelta::from_std(d).map_err(|_| format!("{field}: out of range"))
+}
+
+impl ServeArgs {
+    /// Validates the options into [`Settings`].
+    ///
+    /// # Errors
+    /// A message naming the option and the reason.
+    pub fn settings(&self) -> Result<Settings, String> {
+        if self.hold_ttl_max > HOLD_TTL_MAX_LIMIT || self.hold_ttl_max < Duration::from_secs(1) {
+            return Err("--hold-ttl-max: must be between 1s and 7days".into());
+        }
+        if self.hold_ttl_default > self.hold_ttl_max || self.hold_ttl_default < Duration::from_secs(1) {
+            return Err("--hold-ttl-default: must be between 1s and --hold-ttl-max".into());
+        }
+        if self.idempotency_retention < IDEMPOTENCY_RETENTION_MIN {
+            return Err("--idempotency-retention: must be at least 24h".into());
+        }
+        if self.sweep_interval < Duration::from_millis(10) || self.sweep_interval > Duration::from_secs(3600) {
+            return Err("--sweep-interval: must be between 10ms and 1h".into());
+        }
+        Ok(Settings {
+            listen: self.listen,
+            database_url: self.database_url.clone(),
+            db_max_connections: self.db_max_connections,
+            limits: Limits {
+                hold_ttl_default: delta("--hold-ttl-default", self.hold_ttl_default)?,
+                hold_ttl_max: delta("--hold-ttl-max", self.hold_ttl_max)?,
+            },
+            idempotency_retention: delta("--idempotency-retention", self.idempotency_retention)?,
+            sweep_interval: self.sweep_interval,
+            request_timeout: self.request_timeout,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+/// Options shared by client commands.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Address of a running tally server.
+    #[arg(long, env = "TALLY_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Deadline of the call.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The idempotency key option of mutating commands.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// Idempotency key (generated if omitted; reuse it to retry safely).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+impl KeyArgs {
+    fn key(&self) -> String {
+        self.idempotency_key.clone().unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()))
+    }
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// A client command's failure, printed as one line (or JSON) by `main`.
+#[derive(Debug)]
+pub struct ClientError {
+    /// The stable reason (`INSUFFICIENT_CREDITS`, `UNAVAILABLE`, ...).
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+    /// Extra lines (field violations, retry hints).
+    pub details: Vec<String>,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)?;
+        for d in &self.details {
+            write!(f, "\n  {d}")?;
+        }
+        Ok(())
+    }
+}
+
+fn status_error(s: &Status, key: Option<&str>) -> ClientError {
+    let details = s.get_error_details();
+    let reason = details.error_info().map_or_else(|| format!("{:?}", s.code()).to_uppercase(), |i| i.reason.clone());
+    // The message already lists the violations of an INVALID_ARGUMENT; other codes get them here.
+    let mut lines: Vec<String> = details
+        .bad_request()
+        .filter(|_| s.code() != Code::InvalidArgument)
+        .map(|b| b.field_violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect())
+        .unwrap_or_default();
+    if let (Some(key), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown) = (key, s.code()) {
+        lines.push(format!("the outcome may be unknown: retry with --idempotency-key {key}"));
+    }
+    ClientError { reason, message: s.message().to_owned(), details: lines }
+}
+
+async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
+    let unreachable = |e: &dyn std::fmt::Display| ClientError {
+        reason: "UNAVAILABLE".into(),
+        message: format!("cannot reach tally at {}: {e}", c.server),
+        details: vec!["start one with `tally serve`, or pass --server".into()],
+    };
+    Endpoint::from_shared(c.server.clone())
+        .map_err(|e| unreachable(&e))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| unreachable(&e))
+}
+
+fn request<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .map_or(Value::Null, |t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+}
+
+fn state_name(s: i32) -> String {
+    pb::HoldState::try_from(s).map_or_else(|_| "unknown".into(), |s| {
+        s.as_str_name().trim_start_matches("HOLD_STATE_").to_lowercase()
+    })
+}
+
+fn hold_json(h: &pb::Hold) -> Value {
+    json!({
+        "hold_id": h.hold_id, "account_id": h.account_id, "amount": h.amount, "state": state_name(h.state),
+        "committed_amount": h.committed_amount, "refunded_amount": h.refunded_amount,
+        "created_at": time(h.created_at.as_ref()), "expires_at": time(h.expires_at.as_ref()),
+        "resolved_at": time(h.resolved_at.as_ref()), "metadata": h.metadata,
+    })
+}
+
+fn hold_line(h: &pb::Hold) -> String {
+    let when = match pb::HoldState::try_from(h.state) {
+        Ok(pb::HoldState::Open) => format!("expires {}", time(h.expires_at.as_ref()).as_str().unwrap_or("?")),
+        Ok(pb::HoldState::Committed) => format!("committed {} refunded {}", h.committed_amount, h.refunded_amount),
+        _ => format!("at {}", time(h.resolved_at.as_ref()).as_str().unwrap_or("?")),
+    };
+    format!("{}  {:<9}  {:>8}  {}  {when}", h.hold_id, state_name(h.state), h.amount, h.account_id)
+}
+
+/// Prints `value` as JSON or `text` as text.
+fn print(json: bool, value: &Value, text: &str) {
+    if json {
+        println!("{value:#}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// Runs a client command.
+///
+/// # Errors
+/// [`ClientError`] for an unreachable server or an error status.
+#[allow(clippy::too_many_lines)] // one arm per command, each decode → call → print
+pub async fn run_client(command: Command) -> Result<(), ClientError> {
+    match command {
+        Command::Serve(_) | Command::Migrate { .. } => Ok(()),
+        Command::Balance { account, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let b = c
+                .check_balance(request(pb::CheckBalanceRequest { account_id: account }, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, None))?
+                .into_inner();
+            let v = json!({"account_id": b.account_id, "available": b.available, "held": b.held, "open_holds": b.open_holds});
+            let text = format!(
+                "account     {}\navailable   {}\nheld        {}\nopen holds  {}",
+                b.account_id, b.available, b.held, b.open_holds
+            );
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Reserve { account, amount, ttl, metadata, key, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let ttl = ttl.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+            });
+            let req = pb::ReserveRequest { account_id: account, amount, idempotency_key: k.clone(), ttl, metadata: metadata.into_iter().collect() };
+            let r = c.reserve(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let h = r.hold.unwrap_or_default();
+            let v = json!({"hold": hold_json(&h), "available": r.available});
+            let text = format!(
+                "{}  reserved {} on {}, expires {} (available now {})",
+                h.hold_id, h.amount, h.account_id, time(h.expires_at.as_ref()).as_str().unwrap_or("?"), r.available
+            );
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Commit { hold, amount, key, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::CommitRequest { hold_id: hold, amount, idempotency_key: k.clone() };
+            let r = c.commit(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let h = r.hold.unwrap_or_default();
+            let v = json!({"hold": hold_json(&h), "released": r.released, "extra_drawn": r.extra_drawn, "available": r.available});
+            let text = format!(
+                "{}  committed {} (released {}, extra drawn {}; available now {})",
+                h.hold_id, h.committed_amount, r.released, r.extra_drawn, r.available
+            );
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Refund { hold, amount, reason, key, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::RefundRequest { hold_id: hold, amount, reason, idempotency_key: k.clone() };
+            let r = c.refund(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let h = r.hold.unwrap_or_default();
+            let v = json!({"hold": hold_json(&h), "refunded": r.refunded, "available": r.available});
+            let text = format!("{}  refunded {} ({}; available now {})", h.hold_id, r.refunded, state_name(h.state), r.available);
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Extend { hold, ttl, key, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let ttl = prost_types::Duration { seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX), nanos: 0 };
+            let req = pb::ExtendHoldRequest { hold_id: hold, ttl: Some(ttl), idempotency_key: k.clone() };
+            let r = c.extend_hold(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let h = r.hold.unwrap_or_default();
+            let text = format!("{}  expires {}", h.hold_id, time(h.expires_at.as_ref()).as_str().unwrap_or("?"));
+            print(client.json, &json!({"hold": hold_json(&h)}), &text);
+            Ok(())
+        }
+        Command::Hold { hold, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let r = c
+                .get_hold(request(pb::GetHoldRequest { hold_id: hold }, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, None))?
+                .into_inner();
+            let h = r.hold.unwrap_or_default();
+            print(client.json, &hold_json(&h), &hold_line(&h));
+            Ok(())
+        }
+        Command::Holds { account, all, page_size, client } => {
+            let mut c = CreditServiceClient::new(channel(&client).await?);
+            let states = if all { vec![] } else { vec![pb::HoldState::Open.into()] };
+            let mut holds = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = pb::ListHoldsRequest { account_id: account.clone(), states: states.clone(), page_size, page_token };
+                let r = c.list_holds(request(req, client.timeout)).await.map_err(|s| status_error(&s, None))?.into_inner();
+                holds.extend(r.holds);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            let v = Value::Array(holds.iter().map(hold_json).collect());
+            let text = if holds.is_empty() {
+                format!("no {}holds on {account}", if all { "" } else { "open " })
+            } else {
+                holds.iter().map(hold_line).collect::<Vec<_>>().join("\n")
+            };
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Account { action: AccountCommand::Grant { account, amount, reason, key, client } } => {
+            let mut c = AdminServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::GrantRequest { account_id: account, amount, reason, idempotency_key: k.clone() };
+            let r = c.grant(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let v = json!({"account_id": r.account_id, "entry_id": r.entry_id, "available": r.available});
+            let text = format!("granted {amount} to {} (entry {}; available now {})", r.account_id, r.entry_id, r.available);
+            print(client.json, &v, &text);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Use cases: one async method per operation, over the storage port.
+//!
+//! The service owns what is neither a pure rule nor SQL: request fingerprints, hold-id
+//! generation, the bounded retry on contention, and the background sweeper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::TimeDelta;
+use tracing::{debug, warn};
+
+use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
+use crate::domain::{
+    AccountId, Balance, Caller, CommitOutcome, ExtendOutcome, FieldViolation, GrantOutcome, Hold,
+    HoldId, IdempotencyKey, LedgerError, RefundOutcome, ReserveOutcome,
+};
+use crate::storage::{Applied, HoldQuery, StorageError, Store};
+
+/// Attempts per call when the database reports contention (then ABORTED).
+pub const CONTENTION_ATTEMPTS: u32 = 3;
+/// Holds the sweeper expires per batch.
+pub const SWEEP_BATCH: u32 = 500;
+/// Idempotency records purged per batch.
+pub const PURGE_BATCH: u32 = 1_000;
+
+/// Everything a call can fail with, as the transports see it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; nothing was looked at.
+    #[error("invalid request: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldViolation>),
+    /// The ledger refused the command; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] LedgerError),
+    /// Contention persisted through [`CONTENTION_ATTEMPTS`] attempts; retry with the same key.
+    #[error("the account is busy; retry with the same idempotency key")]
+    Contended,
+    /// The database is unreachable; retry with the same key.
+    #[error("the database is unavailable")]
+    Unavailable(String),
+    /// A bug or a broken invariant. Details are logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StorageError> for ServiceError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Rejected(r) => Self::Rejected(r),
+            StorageError::Contended => Self::Contended,
+            StorageError::Unavailable(m) => Self::Unavailable(m),
+            StorageError::Other(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl From<FieldViolation> for ServiceError {
+    fn from(v: FieldViolation) -> Self {
+        Self::Invalid(vec![v])
+    }
+}
+
+/// Result alias for service calls.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Numbers that shape requests, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// TTL of a hold when the request gives none.
+    pub hold_ttl_default: TimeDelta,
+    /// Longest TTL a reserve or extension may ask for.
+    pub hold_ttl_max: TimeDelta,
+}
+
+/// Shortest TTL a request may ask for.
+pub const HOLD_TTL_MIN: TimeDelta = TimeDelta::seconds(1);
+
+impl Limits {
+    /// Resolves a requested TTL: `None` means the default; otherwise it must be in
+    /// `HOLD_TTL_MIN..=hold_ttl_max`. Sub-millisecond parts are dropped.
+    ///
+    /// # Errors
+    /// A violation on `ttl` when out of range.
+    pub fn ttl(&self, requested: Option<TimeDelta>) -> Result<TimeDelta, FieldViolation> {
+        let Some(ttl) = requested else { return Ok(self.hold_ttl_default) };
+        let ttl = TimeDelta::milliseconds(ttl.num_milliseconds());
+        if ttl < HOLD_TTL_MIN || ttl > self.hold_ttl_max {
+            return Err(FieldViolation::new(
+                "ttl",
+                format!(
+                    "must be between 1s and {}s, got {}ms",
+                    self.hold_ttl_max.num_seconds(),
+                    ttl.num_milliseconds()
+                ),
+            ));
+        }
+        Ok(ttl)
+    }
+}
+
+/// The ledger service.
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<dyn Store>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+/// Runs `op` again on contention, up to [`CONTENTION_ATTEMPTS`] times with a short backoff.
+async fn with_retry<T, F, Fut>(mut op: F) -> ServiceResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut attempt = 1u32;
+    loop {
+        match op().await {
+            Err(StorageError::Contended) if attempt < CONTENTION_ATTEMPTS => {
+                debug!(attempt, "contention; retrying");
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
+                attempt = attempt.saturating_add(1);
+            }
+            other => return other.map_err(ServiceError::from),
+        }
+    }
+}
+
+fn idem(caller: &Caller, key: IdempotencyKey, fingerprint: [u8; 32]) -> Idempotency {
+    Idempotency { caller: caller.clone(), key, fingerprint }
+}
+
+/// A fresh, time-ordered hold id.
+#[must_use]
+pub fn new_hold_id() -> HoldId {
+    HoldId::from_bytes(uuid::Uuid::now_v7().into_bytes())
+}
+
+impl Ledger {
+    /// A service over `store`.
+    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+        Self { store, limits }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The storage port (for health checks and audits).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Balance of an account.
+    pub async fn check_balance(&self, account_id: &AccountId) -> ServiceResult<Balance> {
+        with_retry(|| self.store.balance(account_id)).await
+    }
+
+    /// Reserve credits.
+    pub async fn reserve(&self, caller: &Caller, key: IdempotencyKey, cmd: &Reserve) -> ServiceResult<Applied<ReserveOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.reserve(&idem, cmd)).await
+    }
+
+    /// Commit a hold.
+    pub async fn commit_hold(&self, caller: &Caller, key: IdempotencyKey, cmd: &CommitHold) -> ServiceResult<Applied<CommitOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.commit_hold(&idem, cmd)).await
+    }
+
+    /// Refund a hold.
+    pub async fn refund(&self, caller: &Caller, key: IdempotencyKey, cmd: &Refund) -> ServiceResult<Applied<RefundOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.refund(&idem, cmd)).await
+    }
+
+    /// Extend a hold.
+    pub async fn extend_hold(&self, caller: &Caller, key: IdempotencyKey, cmd: &ExtendHold) -> ServiceResult<Applied<ExtendOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.extend_hold(&idem, cmd)).await
+    }
+
+    /// Grant credits.
+    pub async fn grant(&self, caller: &Caller, key: IdempotencyKey, cmd: &Grant) -> ServiceResult<Applied<GrantOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.grant(&idem, cmd)).await
+    }
+
+    /// One hold.
+    pub async fn hold(&self, hold_id: &HoldId) -> ServiceResult<Hold> {
+        with_retry(|| self.store.hold(hold_id)).await
+    }
+
+    /// A page of holds.
+    pub async fn list_holds(&self, query: &HoldQuery) -> ServiceResult<Vec<Hold>> {
+        with_retry(|| self.store.list_holds(query)).await
+    }
+
+    /// One sweeper pass: expire overdue holds in batches until none are left.
+    pub async fn sweep_once(&self) -> ServiceResult<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = self.store.expire_due(SWEEP_BATCH).await?;
+            total = total.saturating_add(n);
+            if n < u64::from(SWEEP_BATCH) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs the sweeper and the idempotency purge until `stop` resolves.
+    pub async fn run_background(&self, sweep_every: Duration, retention: TimeDelta, stop: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(sweep_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            match self.sweep_once().await {
+                Ok(0) => {}
+                Ok(n) => debug!(expired = n, "sweeper expired holds"),
+                Err(e) => warn!(error.message = %e, "sweeper pass failed"),
+            }
+            // Purge about once a minute at the default one-second sweep interval.
+            ticks = ticks.wrapping_add(1);
+            if ticks % 60 == 1 {
+                if let Err(e) = self.store.purge_idempotency(retention, PURGE_BATCH).await {
+                    warn!(error.message = %e, "idempotency purge failed");
+                }
+            }
+        }
+    }
+}
