@@ -109,7 +109,11 @@ impl App {
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
         let store = open_store(&settings.database_url, settings.db_max_connections).await?;
         let listener = TcpListener::bind(settings.listen).await?;
-        Ok(Self { listener, ledger: Ledger::new(store, settings.limits), settings })
+        Ok(Self {
+            listener,
+            ledger: Ledger::new(store, settings.limits),
+            settings,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -130,8 +134,15 @@ impl App {
     ///
     /// # Errors
     /// [`AppError`] when serving fails.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
-        let Self { listener, ledger, settings } = self;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let Self {
+            listener,
+            ledger,
+            settings,
+        } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<CreditServiceServer<CreditApi>>().await;
         health.set_serving::<AdminServiceServer<AdminApi>>().await;
@@ -152,9 +163,13 @@ impl App {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 ledger
-                    .run_background(settings.sweep_interval, settings.idempotency_retention, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
+                    .run_background(
+                        settings.sweep_interval,
+                        settings.idempotency_retention,
+                        async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        },
+                    )
                     .await;
             })
         };
@@ -165,8 +180,12 @@ impl App {
                 shutdown.await;
                 info!("shutting down: NOT_SERVING, draining in-flight calls");
                 stop_tx.send_replace(true);
-                health.set_not_serving::<CreditServiceServer<CreditApi>>().await;
-                health.set_not_serving::<AdminServiceServer<AdminApi>>().await;
+                health
+                    .set_not_serving::<CreditServiceServer<CreditApi>>()
+                    .await;
+                health
+                    .set_not_serving::<AdminServiceServer<AdminApi>>()
+                    .await;
             }
         };
 
@@ -178,8 +197,14 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(CreditServiceServer::new(CreditApi::new(ledger.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-            .add_service(AdminServiceServer::new(AdminApi::new(ledger)).max_decoding_message_size(MAX_MESSAGE_BYTES))
+            .add_service(
+                CreditServiceServer::new(CreditApi::new(ledger.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                AdminServiceServer::new(AdminApi::new(ledger))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
         // tonic waits for every connection to close; bound that by the grace period.
         let grace = settings.shutdown_grace;

@@ -156,7 +156,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST/DB`.
-    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "sqlite://tally.db", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TALLY_DATABASE_URL",
+        default_value = "sqlite://tally.db",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// Database pool size.
     #[arg(long, env = "TALLY_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=500))]
@@ -182,9 +187,9 @@ pub struct ServeArgs {
 }
 
 /// Longest hold TTL the server may be configured with.
-pub const HOLD_TTL_MAX_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const HOLD_TTL_MAX_LIMIT: Duration = Duration::from_hours(7 * 24);
 /// Shortest idempotency retention.
-pub const IDEMPOTENCY_RETENTION_MIN: Duration = Duration::from_secs(24 * 3600);
+pub const IDEMPOTENCY_RETENTION_MIN: Duration = Duration::from_hours(24);
 
 fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
     chrono::TimeDelta::from_std(d).map_err(|_| format!("{field}: out of range"))
@@ -199,13 +204,17 @@ impl ServeArgs {
         if self.hold_ttl_max > HOLD_TTL_MAX_LIMIT || self.hold_ttl_max < Duration::from_secs(1) {
             return Err("--hold-ttl-max: must be between 1s and 7days".into());
         }
-        if self.hold_ttl_default > self.hold_ttl_max || self.hold_ttl_default < Duration::from_secs(1) {
+        if self.hold_ttl_default > self.hold_ttl_max
+            || self.hold_ttl_default < Duration::from_secs(1)
+        {
             return Err("--hold-ttl-default: must be between 1s and --hold-ttl-max".into());
         }
         if self.idempotency_retention < IDEMPOTENCY_RETENTION_MIN {
             return Err("--idempotency-retention: must be at least 24h".into());
         }
-        if self.sweep_interval < Duration::from_millis(10) || self.sweep_interval > Duration::from_secs(3600) {
+        if self.sweep_interval < Duration::from_millis(10)
+            || self.sweep_interval > Duration::from_hours(1)
+        {
             return Err("--sweep-interval: must be between 10ms and 1h".into());
         }
         Ok(Settings {
@@ -248,12 +257,16 @@ pub struct KeyArgs {
 
 impl KeyArgs {
     fn key(&self) -> String {
-        self.idempotency_key.clone().unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()))
+        self.idempotency_key
+            .clone()
+            .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()))
     }
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// A client command's failure, printed as one line (or JSON) by `main`.
@@ -279,17 +292,33 @@ impl std::fmt::Display for ClientError {
 
 fn status_error(s: &Status, key: Option<&str>) -> ClientError {
     let details = s.get_error_details();
-    let reason = details.error_info().map_or_else(|| format!("{:?}", s.code()).to_uppercase(), |i| i.reason.clone());
+    let reason = details.error_info().map_or_else(
+        || format!("{:?}", s.code()).to_uppercase(),
+        |i| i.reason.clone(),
+    );
     // The message already lists the violations of an INVALID_ARGUMENT; other codes get them here.
     let mut lines: Vec<String> = details
         .bad_request()
         .filter(|_| s.code() != Code::InvalidArgument)
-        .map(|b| b.field_violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect())
+        .map(|b| {
+            b.field_violations
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect()
+        })
         .unwrap_or_default();
-    if let (Some(key), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown) = (key, s.code()) {
-        lines.push(format!("the outcome may be unknown: retry with --idempotency-key {key}"));
+    if let (Some(key), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown) =
+        (key, s.code())
+    {
+        lines.push(format!(
+            "the outcome may be unknown: retry with --idempotency-key {key}"
+        ));
     }
-    ClientError { reason, message: s.message().to_owned(), details: lines }
+    ClientError {
+        reason,
+        message: s.message().to_owned(),
+        details: lines,
+    }
 }
 
 async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
@@ -314,13 +343,20 @@ fn request<T>(message: T, timeout: Duration) -> Request<T> {
 
 fn time(t: Option<&prost_types::Timestamp>) -> Value {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-        .map_or(Value::Null, |t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .map_or(Value::Null, |t| {
+            Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        })
 }
 
 fn state_name(s: i32) -> String {
-    pb::HoldState::try_from(s).map_or_else(|_| "unknown".into(), |s| {
-        s.as_str_name().trim_start_matches("HOLD_STATE_").to_lowercase()
-    })
+    pb::HoldState::try_from(s).map_or_else(
+        |_| "unknown".into(),
+        |s| {
+            s.as_str_name()
+                .trim_start_matches("HOLD_STATE_")
+                .to_lowercase()
+        },
+    )
 }
 
 fn hold_json(h: &pb::Hold) -> Value {
@@ -334,11 +370,26 @@ fn hold_json(h: &pb::Hold) -> Value {
 
 fn hold_line(h: &pb::Hold) -> String {
     let when = match pb::HoldState::try_from(h.state) {
-        Ok(pb::HoldState::Open) => format!("expires {}", time(h.expires_at.as_ref()).as_str().unwrap_or("?")),
-        Ok(pb::HoldState::Committed) => format!("committed {} refunded {}", h.committed_amount, h.refunded_amount),
-        _ => format!("at {}", time(h.resolved_at.as_ref()).as_str().unwrap_or("?")),
+        Ok(pb::HoldState::Open) => format!(
+            "expires {}",
+            time(h.expires_at.as_ref()).as_str().unwrap_or("?")
+        ),
+        Ok(pb::HoldState::Committed) => format!(
+            "committed {} refunded {}",
+            h.committed_amount, h.refunded_amount
+        ),
+        _ => format!(
+            "at {}",
+            time(h.resolved_at.as_ref()).as_str().unwrap_or("?")
+        ),
     };
-    format!("{}  {:<9}  {:>8}  {}  {when}", h.hold_id, state_name(h.state), h.amount, h.account_id)
+    format!(
+        "{}  {:<9}  {:>8}  {}  {when}",
+        h.hold_id,
+        state_name(h.state),
+        h.amount,
+        h.account_id
+    )
 }
 
 /// Prints `value` as JSON or `text` as text.
@@ -354,14 +405,19 @@ fn print(json: bool, value: &Value, text: &str) {
 ///
 /// # Errors
 /// [`ClientError`] for an unreachable server or an error status.
-#[allow(clippy::too_many_lines)] // one arm per command, each decode → call → print
+#[allow(clippy::too_many_lines, clippy::many_single_char_names)] // one arm per command: decode → call → print
 pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
         Command::Serve(_) | Command::Migrate { .. } => Ok(()),
         Command::Balance { account, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
-            let b = c
-                .check_balance(request(pb::CheckBalanceRequest { account_id: account }, client.timeout))
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let b = svc
+                .check_balance(request(
+                    pb::CheckBalanceRequest {
+                        account_id: account,
+                    },
+                    client.timeout,
+                ))
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -373,29 +429,63 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             print(client.json, &v, &text);
             Ok(())
         }
-        Command::Reserve { account, amount, ttl, metadata, key, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
+        Command::Reserve {
+            account,
+            amount,
+            ttl,
+            metadata,
+            key,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
             let ttl = ttl.map(|d| prost_types::Duration {
                 seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
             });
-            let req = pb::ReserveRequest { account_id: account, amount, idempotency_key: k.clone(), ttl, metadata: metadata.into_iter().collect() };
-            let r = c.reserve(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let req = pb::ReserveRequest {
+                account_id: account,
+                amount,
+                idempotency_key: k.clone(),
+                ttl,
+                metadata: metadata.into_iter().collect(),
+            };
+            let r = svc
+                .reserve(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
             let h = r.hold.unwrap_or_default();
             let v = json!({"hold": hold_json(&h), "available": r.available});
             let text = format!(
                 "{}  reserved {} on {}, expires {} (available now {})",
-                h.hold_id, h.amount, h.account_id, time(h.expires_at.as_ref()).as_str().unwrap_or("?"), r.available
+                h.hold_id,
+                h.amount,
+                h.account_id,
+                time(h.expires_at.as_ref()).as_str().unwrap_or("?"),
+                r.available
             );
             print(client.json, &v, &text);
             Ok(())
         }
-        Command::Commit { hold, amount, key, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
+        Command::Commit {
+            hold,
+            amount,
+            key,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
-            let req = pb::CommitRequest { hold_id: hold, amount, idempotency_key: k.clone() };
-            let r = c.commit(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let req = pb::CommitRequest {
+                hold_id: hold,
+                amount,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .commit(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
             let h = r.hold.unwrap_or_default();
             let v = json!({"hold": hold_json(&h), "released": r.released, "extra_drawn": r.extra_drawn, "available": r.available});
             let text = format!(
@@ -405,32 +495,77 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             print(client.json, &v, &text);
             Ok(())
         }
-        Command::Refund { hold, amount, reason, key, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
+        Command::Refund {
+            hold,
+            amount,
+            reason,
+            key,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
-            let req = pb::RefundRequest { hold_id: hold, amount, reason, idempotency_key: k.clone() };
-            let r = c.refund(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let req = pb::RefundRequest {
+                hold_id: hold,
+                amount,
+                reason,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .refund(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
             let h = r.hold.unwrap_or_default();
-            let v = json!({"hold": hold_json(&h), "refunded": r.refunded, "available": r.available});
-            let text = format!("{}  refunded {} ({}; available now {})", h.hold_id, r.refunded, state_name(h.state), r.available);
+            let v =
+                json!({"hold": hold_json(&h), "refunded": r.refunded, "available": r.available});
+            let text = format!(
+                "{}  refunded {} ({}; available now {})",
+                h.hold_id,
+                r.refunded,
+                state_name(h.state),
+                r.available
+            );
             print(client.json, &v, &text);
             Ok(())
         }
-        Command::Extend { hold, ttl, key, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
+        Command::Extend {
+            hold,
+            ttl,
+            key,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
-            let ttl = prost_types::Duration { seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX), nanos: 0 };
-            let req = pb::ExtendHoldRequest { hold_id: hold, ttl: Some(ttl), idempotency_key: k.clone() };
-            let r = c.extend_hold(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let ttl = prost_types::Duration {
+                seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                nanos: 0,
+            };
+            let req = pb::ExtendHoldRequest {
+                hold_id: hold,
+                ttl: Some(ttl),
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .extend_hold(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
             let h = r.hold.unwrap_or_default();
-            let text = format!("{}  expires {}", h.hold_id, time(h.expires_at.as_ref()).as_str().unwrap_or("?"));
+            let text = format!(
+                "{}  expires {}",
+                h.hold_id,
+                time(h.expires_at.as_ref()).as_str().unwrap_or("?")
+            );
             print(client.json, &json!({"hold": hold_json(&h)}), &text);
             Ok(())
         }
         Command::Hold { hold, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
-            let r = c
-                .get_hold(request(pb::GetHoldRequest { hold_id: hold }, client.timeout))
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let r = svc
+                .get_hold(request(
+                    pb::GetHoldRequest { hold_id: hold },
+                    client.timeout,
+                ))
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -438,14 +573,32 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             print(client.json, &hold_json(&h), &hold_line(&h));
             Ok(())
         }
-        Command::Holds { account, all, page_size, client } => {
-            let mut c = CreditServiceClient::new(channel(&client).await?);
-            let states = if all { vec![] } else { vec![pb::HoldState::Open.into()] };
+        Command::Holds {
+            account,
+            all,
+            page_size,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let states = if all {
+                vec![]
+            } else {
+                vec![pb::HoldState::Open.into()]
+            };
             let mut holds = Vec::new();
             let mut page_token = String::new();
             loop {
-                let req = pb::ListHoldsRequest { account_id: account.clone(), states: states.clone(), page_size, page_token };
-                let r = c.list_holds(request(req, client.timeout)).await.map_err(|s| status_error(&s, None))?.into_inner();
+                let req = pb::ListHoldsRequest {
+                    account_id: account.clone(),
+                    states: states.clone(),
+                    page_size,
+                    page_token,
+                };
+                let r = svc
+                    .list_holds(request(req, client.timeout))
+                    .await
+                    .map_err(|s| status_error(&s, None))?
+                    .into_inner();
                 holds.extend(r.holds);
                 if r.next_page_token.is_empty() {
                     break;
@@ -461,13 +614,34 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             print(client.json, &v, &text);
             Ok(())
         }
-        Command::Account { action: AccountCommand::Grant { account, amount, reason, key, client } } => {
-            let mut c = AdminServiceClient::new(channel(&client).await?);
+        Command::Account {
+            action:
+                AccountCommand::Grant {
+                    account,
+                    amount,
+                    reason,
+                    key,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
-            let req = pb::GrantRequest { account_id: account, amount, reason, idempotency_key: k.clone() };
-            let r = c.grant(request(req, client.timeout)).await.map_err(|s| status_error(&s, Some(&k)))?.into_inner();
+            let req = pb::GrantRequest {
+                account_id: account,
+                amount,
+                reason,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .grant(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
             let v = json!({"account_id": r.account_id, "entry_id": r.entry_id, "available": r.available});
-            let text = format!("granted {amount} to {} (entry {}; available now {})", r.account_id, r.entry_id, r.available);
+            let text = format!(
+                "granted {amount} to {} (entry {}; available now {})",
+                r.account_id, r.entry_id, r.available
+            );
             print(client.json, &v, &text);
             Ok(())
         }

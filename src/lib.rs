@@ -19,7 +19,10 @@
 //! - A hold leaves `open` once. An open hold past `expires_at` is expired for every operation,
 //!   whether or not the sweeper has run.
 //! - A refused request changes nothing.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod app;
 pub mod cli;

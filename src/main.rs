@@ -9,7 +9,9 @@ use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -64,7 +66,10 @@ async fn main() -> ExitCode {
         }
         Command::Migrate { database_url } => match tally::app::open_store(&database_url, 2).await {
             Ok(_) => {
-                eprintln!("migrations applied to {}", tally::app::redact_url(&database_url));
+                eprintln!(
+                    "migrations applied to {}",
+                    tally::app::redact_url(&database_url)
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

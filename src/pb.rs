@@ -4,4 +4,5 @@
 tonic::include_proto!("tally.v1");
 
 /// Encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tally_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tally_descriptor.bin"));

@@ -64,6 +64,9 @@ mod tests {
         assert!(Credits::new("amount", -5).is_err());
         assert!(Credits::new("amount", Credits::MAX + 1).is_err());
         assert_eq!(Credits::new("amount", 1).unwrap().get(), 1);
-        assert_eq!(Credits::new("amount", Credits::MAX).unwrap().get(), Credits::MAX);
+        assert_eq!(
+            Credits::new("amount", Credits::MAX).unwrap().get(),
+            Credits::MAX
+        );
     }
 }

@@ -51,8 +51,12 @@ impl Reserve {
     /// The request fingerprint. The server-generated hold id is not part of it.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
-        let meta: Vec<String> =
-            self.metadata.pairs().iter().map(|(k, v)| format!("{}:{k}={v}", k.len())).collect();
+        let meta: Vec<String> = self
+            .metadata
+            .pairs()
+            .iter()
+            .map(|(k, v)| format!("{}:{k}={v}", k.len()))
+            .collect();
         fingerprint(
             "reserve",
             &[
@@ -97,7 +101,9 @@ impl Refund {
     /// The request fingerprint.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
-        let amount = self.amount.map_or_else(|| "all".to_owned(), |a| a.to_string());
+        let amount = self
+            .amount
+            .map_or_else(|| "all".to_owned(), |a| a.to_string());
         fingerprint("refund", &[self.hold_id.as_str(), &amount, &self.reason])
     }
 }
@@ -115,7 +121,13 @@ impl ExtendHold {
     /// The request fingerprint.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
-        fingerprint("extend", &[self.hold_id.as_str(), &self.ttl.num_milliseconds().to_string()])
+        fingerprint(
+            "extend",
+            &[
+                self.hold_id.as_str(),
+                &self.ttl.num_milliseconds().to_string(),
+            ],
+        )
     }
 }
 
@@ -134,7 +146,14 @@ impl Grant {
     /// The request fingerprint.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
-        fingerprint("grant", &[self.account_id.as_str(), &self.amount.to_string(), &self.reason])
+        fingerprint(
+            "grant",
+            &[
+                self.account_id.as_str(),
+                &self.amount.to_string(),
+                &self.reason,
+            ],
+        )
     }
 }
 

@@ -15,7 +15,10 @@ impl FieldViolation {
     /// A violation of `field`.
     #[must_use]
     pub fn new(field: &'static str, description: impl Into<String>) -> Self {
-        Self { field, description: description.into() }
+        Self {
+            field,
+            description: description.into(),
+        }
     }
 }
 

@@ -63,7 +63,9 @@ impl Metadata {
     /// # Errors
     /// A [`FieldViolation`] on `metadata` when a limit is exceeded or a key has a character
     /// outside `[A-Za-z0-9_.-]`.
-    pub fn parse(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, FieldViolation> {
+    pub fn parse(
+        pairs: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, FieldViolation> {
         let map: BTreeMap<String, String> = pairs.into_iter().collect();
         if map.len() > METADATA_MAX_PAIRS {
             return Err(FieldViolation::new(
@@ -74,7 +76,8 @@ impl Metadata {
         for (k, v) in &map {
             let key_ok = !k.is_empty()
                 && k.len() <= METADATA_KEY_MAX_LEN
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
             if !key_ok {
                 return Err(FieldViolation::new(
                     "metadata",
@@ -163,7 +166,12 @@ mod tests {
 
     #[test]
     fn state_names_round_trip() {
-        for s in [HoldState::Open, HoldState::Committed, HoldState::Released, HoldState::Expired] {
+        for s in [
+            HoldState::Open,
+            HoldState::Committed,
+            HoldState::Released,
+            HoldState::Expired,
+        ] {
             assert_eq!(HoldState::parse(s.as_str()), Some(s));
         }
         assert_eq!(HoldState::parse("pending"), None);

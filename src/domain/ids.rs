@@ -64,14 +64,20 @@ impl HoldId {
     /// A [`FieldViolation`] on `field` when it is not `hold_` and 32 lowercase hex digits.
     pub fn parse(field: &'static str, value: &str) -> Result<Self, FieldViolation> {
         let ok = value.strip_prefix(HOLD_ID_PREFIX).is_some_and(|hex| {
-            hex.len() == 32 && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+            hex.len() == 32
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
         });
         if ok {
             Ok(Self(value.to_owned()))
         } else if value.is_empty() {
             Err(FieldViolation::new(field, "is required"))
         } else {
-            Err(FieldViolation::new(field, "must be \"hold_\" followed by 32 lowercase hex digits"))
+            Err(FieldViolation::new(
+                field,
+                "must be \"hold_\" followed by 32 lowercase hex digits",
+            ))
         }
     }
 
@@ -80,9 +86,7 @@ impl HoldId {
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         let mut s = String::with_capacity(HOLD_ID_PREFIX.len().saturating_add(32));
         s.push_str(HOLD_ID_PREFIX);
-        for b in bytes {
-            s.push_str(&format!("{b:02x}"));
-        }
+        s.push_str(&hex::encode(bytes));
         Self(s)
     }
 
@@ -104,7 +108,10 @@ impl IdempotencyKey {
     /// A [`FieldViolation`] on `field` when empty, too long or not printable ASCII.
     pub fn parse(field: &'static str, value: &str) -> Result<Self, FieldViolation> {
         if value.is_empty() {
-            return Err(FieldViolation::new(field, "is required on every mutating call"));
+            return Err(FieldViolation::new(
+                field,
+                "is required on every mutating call",
+            ));
         }
         if value.len() > IDEMPOTENCY_KEY_MAX_LEN {
             return Err(FieldViolation::new(
@@ -113,7 +120,10 @@ impl IdempotencyKey {
             ));
         }
         if !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(FieldViolation::new(field, "must be printable ASCII without spaces"));
+            return Err(FieldViolation::new(
+                field,
+                "must be printable ASCII without spaces",
+            ));
         }
         Ok(Self(value.to_owned()))
     }

@@ -19,4 +19,6 @@ pub use amount::{Credits, MAX_BALANCE};
 pub use error::{FieldViolation, LedgerError};
 pub use hold::{Hold, HoldState, Metadata};
 pub use ids::{AccountId, Caller, HoldId, IdempotencyKey};
-pub use outcome::{Balance, CommitOutcome, ExtendOutcome, GrantOutcome, RefundOutcome, ReserveOutcome};
+pub use outcome::{
+    Balance, CommitOutcome, ExtendOutcome, GrantOutcome, RefundOutcome, ReserveOutcome,
+};

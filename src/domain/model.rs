@@ -84,9 +84,15 @@ impl Ledger {
     /// # Errors
     /// `AccountNotFound`.
     pub fn balance(&self, account_id: &str, now: DateTime<Utc>) -> Res<Balance> {
-        let a = self.account(account_id).ok_or(LedgerError::AccountNotFound)?;
+        let a = self
+            .account(account_id)
+            .ok_or(LedgerError::AccountNotFound)?;
         let (mut due, mut open) = (0i64, 0i64);
-        for h in self.holds.values().filter(|h| h.account_id == account_id && h.state == HoldState::Open) {
+        for h in self
+            .holds
+            .values()
+            .filter(|h| h.account_id == account_id && h.state == HoldState::Open)
+        {
             if h.expires_at <= now {
                 due = due.saturating_add(h.amount);
             } else {
@@ -108,7 +114,10 @@ impl Ledger {
     where
         T: Clone + Into<Outcome> + TryFrom<Outcome>,
     {
-        let slot = (idem.caller.as_str().to_owned(), idem.key.as_str().to_owned());
+        let slot = (
+            idem.caller.as_str().to_owned(),
+            idem.key.as_str().to_owned(),
+        );
         if let Some((fp, stored)) = self.keys.get(&slot) {
             if *fp != idem.fingerprint {
                 return Err(LedgerError::IdempotencyKeyReused);
@@ -117,13 +126,23 @@ impl Ledger {
         }
         let mut next = self.clone();
         let out = op(&mut next)?;
-        next.keys.insert(slot, (idem.fingerprint, out.clone().into()));
+        next.keys
+            .insert(slot, (idem.fingerprint, out.clone().into()));
         *self = next;
         Ok(out)
     }
 
-    fn push_entry(&mut self, account_id: &str, hold_id: Option<&str>, kind: EntryKind, avail: i64, held: i64) -> i64 {
-        let entry_id = i64::try_from(self.entries.len()).unwrap_or(i64::MAX).saturating_add(1);
+    fn push_entry(
+        &mut self,
+        account_id: &str,
+        hold_id: Option<&str>,
+        kind: EntryKind,
+        avail: i64,
+        held: i64,
+    ) -> i64 {
+        let entry_id = i64::try_from(self.entries.len())
+            .unwrap_or(i64::MAX)
+            .saturating_add(1);
         self.entries.push(Entry {
             entry_id,
             account_id: account_id.to_owned(),
@@ -136,7 +155,9 @@ impl Ledger {
     }
 
     fn account_mut(&mut self, account_id: &str) -> Res<&mut AccountState> {
-        self.accounts.get_mut(account_id).ok_or(LedgerError::AccountNotFound)
+        self.accounts
+            .get_mut(account_id)
+            .ok_or(LedgerError::AccountNotFound)
     }
 
     /// Moves `amount` between held and available (positive: held → available).
@@ -151,13 +172,21 @@ impl Ledger {
     }
 
     fn expire_hold(&mut self, hold_id: &str) {
-        let Some(h) = self.holds.get_mut(hold_id) else { return };
+        let Some(h) = self.holds.get_mut(hold_id) else {
+            return;
+        };
         h.state = HoldState::Expired;
         h.resolved_at = Some(h.expires_at);
         let (account, amount) = (h.account_id.clone(), h.amount);
         // The hold was open, so its amount is in `held`: this cannot fail.
         let _ = self.shift(&account, amount, amount);
-        self.push_entry(&account, Some(hold_id), EntryKind::Expire, amount, amount.saturating_neg());
+        self.push_entry(
+            &account,
+            Some(hold_id),
+            EntryKind::Expire,
+            amount,
+            amount.saturating_neg(),
+        );
     }
 
     fn due_holds(&self, account_id: Option<&str>, now: DateTime<Utc>) -> Vec<String> {
@@ -189,7 +218,11 @@ impl Ledger {
             rules::check_grant(a.available.saturating_add(a.held), cmd.amount)?;
             let after = l.shift(id, cmd.amount.get(), 0)?;
             let entry_id = l.push_entry(id, None, EntryKind::Grant, cmd.amount.get(), 0);
-            Ok(GrantOutcome { account_id: id.to_owned(), entry_id, available: after.available })
+            Ok(GrantOutcome {
+                account_id: id.to_owned(),
+                entry_id,
+                available: after.available,
+            })
         })
     }
 
@@ -197,7 +230,12 @@ impl Ledger {
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `AccountNotFound`, `InsufficientCredits`.
-    pub fn reserve(&mut self, idem: &Idempotency, cmd: &Reserve, now: DateTime<Utc>) -> Res<ReserveOutcome> {
+    pub fn reserve(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &Reserve,
+        now: DateTime<Utc>,
+    ) -> Res<ReserveOutcome> {
         self.idempotent(idem, |l| {
             let id = cmd.account_id.as_str();
             l.account_mut(id)?;
@@ -221,13 +259,25 @@ impl Ledger {
                 metadata: cmd.metadata.clone(),
             };
             l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(id, Some(&hold.hold_id), EntryKind::Reserve, amount.saturating_neg(), amount);
-            Ok(ReserveOutcome { hold, available: after.available })
+            l.push_entry(
+                id,
+                Some(&hold.hold_id),
+                EntryKind::Reserve,
+                amount.saturating_neg(),
+                amount,
+            );
+            Ok(ReserveOutcome {
+                hold,
+                available: after.available,
+            })
         })
     }
 
     fn stored_hold(&self, hold_id: &str) -> Res<Hold> {
-        self.holds.get(hold_id).cloned().ok_or(LedgerError::HoldNotFound)
+        self.holds
+            .get(hold_id)
+            .cloned()
+            .ok_or(LedgerError::HoldNotFound)
     }
 
     /// Settles a hold.
@@ -235,21 +285,40 @@ impl Ledger {
     /// # Errors
     /// `IdempotencyKeyReused`, `HoldNotFound`, the not-open refusals, `InsufficientCredits`
     /// for an extra the account cannot cover.
-    pub fn commit_hold(&mut self, idem: &Idempotency, cmd: &CommitHold, now: DateTime<Utc>) -> Res<CommitOutcome> {
+    pub fn commit_hold(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &CommitHold,
+        now: DateTime<Utc>,
+    ) -> Res<CommitOutcome> {
         self.idempotent(idem, |l| {
             let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
             let plan = rules::plan_commit(&hold, cmd.amount, now)?;
             let available = l.account_mut(&hold.account_id)?.available;
             if available < plan.extra_drawn {
-                return Err(LedgerError::InsufficientCredits { available, requested: plan.extra_drawn });
+                return Err(LedgerError::InsufficientCredits {
+                    available,
+                    requested: plan.extra_drawn,
+                });
             }
             let after = l.shift(&hold.account_id, plan.available_delta(), plan.held)?;
             hold.state = HoldState::Committed;
             hold.committed_amount = plan.committed;
             hold.resolved_at = Some(now);
             l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(&hold.account_id, Some(&hold.hold_id), EntryKind::Commit, plan.available_delta(), plan.held.saturating_neg());
-            Ok(CommitOutcome { hold, released: plan.released, extra_drawn: plan.extra_drawn, available: after.available })
+            l.push_entry(
+                &hold.account_id,
+                Some(&hold.hold_id),
+                EntryKind::Commit,
+                plan.available_delta(),
+                plan.held.saturating_neg(),
+            );
+            Ok(CommitOutcome {
+                hold,
+                released: plan.released,
+                extra_drawn: plan.extra_drawn,
+                available: after.available,
+            })
         })
     }
 
@@ -257,7 +326,12 @@ impl Ledger {
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `HoldNotFound`, and the refusals of [`rules::plan_refund`].
-    pub fn refund(&mut self, idem: &Idempotency, cmd: &Refund, now: DateTime<Utc>) -> Res<RefundOutcome> {
+    pub fn refund(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &Refund,
+        now: DateTime<Utc>,
+    ) -> Res<RefundOutcome> {
         self.idempotent(idem, |l| {
             let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
             let plan = rules::plan_refund(&hold, cmd.amount, now)?;
@@ -265,7 +339,11 @@ impl Ledger {
                 RefundPlan::Release { amount } => {
                     hold.state = HoldState::Released;
                     hold.resolved_at = Some(now);
-                    (l.shift(&hold.account_id, amount, amount)?, EntryKind::Release, amount.saturating_neg())
+                    (
+                        l.shift(&hold.account_id, amount, amount)?,
+                        EntryKind::Release,
+                        amount.saturating_neg(),
+                    )
                 }
                 RefundPlan::Return { amount } => {
                     hold.refunded_amount = hold.refunded_amount.saturating_add(amount);
@@ -273,8 +351,18 @@ impl Ledger {
                 }
             };
             l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(&hold.account_id, Some(&hold.hold_id), kind, plan.amount(), held_delta);
-            Ok(RefundOutcome { hold, refunded: plan.amount(), available: after.available })
+            l.push_entry(
+                &hold.account_id,
+                Some(&hold.hold_id),
+                kind,
+                plan.amount(),
+                held_delta,
+            );
+            Ok(RefundOutcome {
+                hold,
+                refunded: plan.amount(),
+                available: after.available,
+            })
         })
     }
 
@@ -282,7 +370,12 @@ impl Ledger {
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `HoldNotFound`, the not-open refusals.
-    pub fn extend_hold(&mut self, idem: &Idempotency, cmd: &ExtendHold, now: DateTime<Utc>) -> Res<ExtendOutcome> {
+    pub fn extend_hold(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &ExtendHold,
+        now: DateTime<Utc>,
+    ) -> Res<ExtendOutcome> {
         self.idempotent(idem, |l| {
             let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
             rules::check_extend(&hold, now)?;
@@ -310,10 +403,16 @@ impl Ledger {
                 .map(|h| h.amount)
                 .sum();
             if (avail, held) != (a.available, a.held) {
-                return Err(format!("{id}: entries say ({avail}, {held}), columns ({}, {})", a.available, a.held));
+                return Err(format!(
+                    "{id}: entries say ({avail}, {held}), columns ({}, {})",
+                    a.available, a.held
+                ));
             }
             if open != a.held {
-                return Err(format!("{id}: held {} but open holds sum to {open}", a.held));
+                return Err(format!(
+                    "{id}: held {} but open holds sum to {open}",
+                    a.held
+                ));
             }
             if a.available < 0 || a.held < 0 {
                 return Err(format!("{id}: negative balance {a:?}"));
@@ -321,7 +420,10 @@ impl Ledger {
         }
         for h in self.holds.values() {
             if h.refunded_amount > h.committed_amount || h.refunded_amount < 0 {
-                return Err(format!("{}: refunded {} of {}", h.hold_id, h.refunded_amount, h.committed_amount));
+                return Err(format!(
+                    "{}: refunded {} of {}",
+                    h.hold_id, h.refunded_amount, h.committed_amount
+                ));
             }
         }
         Ok(())
@@ -329,6 +431,7 @@ impl Ledger {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)] // test arithmetic on small numbers
 mod tests {
     use chrono::TimeDelta;
     use proptest::prelude::*;
@@ -338,15 +441,37 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Grant { account: u8, amount: i64 },
-        Reserve { account: u8, amount: i64, ttl_secs: i64 },
-        Commit { hold: usize, amount: i64 },
-        Refund { hold: usize, amount: Option<i64> },
-        Extend { hold: usize, ttl_secs: i64 },
-        Advance { secs: i64 },
+        Grant {
+            account: u8,
+            amount: i64,
+        },
+        Reserve {
+            account: u8,
+            amount: i64,
+            ttl_secs: i64,
+        },
+        Commit {
+            hold: usize,
+            amount: i64,
+        },
+        Refund {
+            hold: usize,
+            amount: Option<i64>,
+        },
+        Extend {
+            hold: usize,
+            ttl_secs: i64,
+        },
+        Advance {
+            secs: i64,
+        },
         Sweep,
-        Retry { back: usize },
-        ReuseKeyWithOtherRequest { back: usize },
+        Retry {
+            back: usize,
+        },
+        ReuseKeyWithOtherRequest {
+            back: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -380,16 +505,28 @@ mod tests {
     }
 
     fn idem(key: &str, fingerprint: [u8; 32]) -> Idempotency {
-        Idempotency { caller: Caller::anonymous(), key: IdempotencyKey::parse("k", key).unwrap(), fingerprint }
+        Idempotency {
+            caller: Caller::anonymous(),
+            key: IdempotencyKey::parse("k", key).unwrap(),
+            fingerprint,
+        }
     }
 
     fn send(l: &mut Ledger, key: &str, cmd: &Sent, now: DateTime<Utc>) -> Answer {
         let r: Res<Outcome> = match cmd {
             Sent::Grant(c) => l.grant(&idem(key, c.fingerprint()), c).map(Into::into),
-            Sent::Reserve(c) => l.reserve(&idem(key, c.fingerprint()), c, now).map(Into::into),
-            Sent::Commit(c) => l.commit_hold(&idem(key, c.fingerprint()), c, now).map(Into::into),
-            Sent::Refund(c) => l.refund(&idem(key, c.fingerprint()), c, now).map(Into::into),
-            Sent::Extend(c) => l.extend_hold(&idem(key, c.fingerprint()), c, now).map(Into::into),
+            Sent::Reserve(c) => l
+                .reserve(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
+            Sent::Commit(c) => l
+                .commit_hold(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
+            Sent::Refund(c) => l
+                .refund(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
+            Sent::Extend(c) => l
+                .extend_hold(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
         };
         match r {
             Ok(o) => Answer::Ok(o),
@@ -404,10 +541,12 @@ mod tests {
     /// Net credits that entered accounts: grants − commits + refunds, from the outcomes alone.
     fn net_flow(answer: &Answer) -> i64 {
         match answer {
-            Answer::Ok(Outcome::Grant(_)) | Answer::Err(_) | Answer::Ok(Outcome::Reserve(_) | Outcome::Extend(_)) => 0,
             Answer::Ok(Outcome::Commit(c)) => -c.hold.committed_amount,
             Answer::Ok(Outcome::Refund(r)) if r.hold.state == HoldState::Committed => r.refunded,
-            Answer::Ok(Outcome::Refund(_)) => 0,
+            Answer::Ok(
+                Outcome::Grant(_) | Outcome::Reserve(_) | Outcome::Extend(_) | Outcome::Refund(_),
+            )
+            | Answer::Err(_) => 0,
         }
     }
 
@@ -511,18 +650,45 @@ mod tests {
     fn a_hold_resolves_at_most_once() {
         let mut l = Ledger::new();
         let now = DateTime::<Utc>::UNIX_EPOCH;
-        let g = Grant { account_id: AccountId::parse("a", "u").unwrap(), amount: credits(100), reason: String::new() };
+        let g = Grant {
+            account_id: AccountId::parse("a", "u").unwrap(),
+            amount: credits(100),
+            reason: String::new(),
+        };
         l.grant(&idem("g", g.fingerprint()), &g).unwrap();
-        let r = Reserve { account_id: g.account_id.clone(), amount: credits(40), ttl: TimeDelta::seconds(60),
-            metadata: Metadata::default(), hold_id: HoldId::from_bytes([1; 16]) };
+        let r = Reserve {
+            account_id: g.account_id.clone(),
+            amount: credits(40),
+            ttl: TimeDelta::seconds(60),
+            metadata: Metadata::default(),
+            hold_id: HoldId::from_bytes([1; 16]),
+        };
         l.reserve(&idem("r", r.fingerprint()), &r, now).unwrap();
-        let c = CommitHold { hold_id: r.hold_id.clone(), amount: credits(35) };
+        let c = CommitHold {
+            hold_id: r.hold_id.clone(),
+            amount: credits(35),
+        };
         let out = l.commit_hold(&idem("c", c.fingerprint()), &c, now).unwrap();
         assert_eq!((out.released, out.available), (5, 65));
-        let again = CommitHold { hold_id: r.hold_id.clone(), amount: credits(35) };
-        assert_eq!(l.commit_hold(&idem("c2", again.fingerprint()), &again, now), Err(LedgerError::HoldAlreadyCommitted));
-        let rel = Refund { hold_id: r.hold_id.clone(), amount: None, reason: String::new() };
-        assert_eq!(l.refund(&idem("f", rel.fingerprint()), &rel, now).unwrap().refunded, 35);
+        let again = CommitHold {
+            hold_id: r.hold_id.clone(),
+            amount: credits(35),
+        };
+        assert_eq!(
+            l.commit_hold(&idem("c2", again.fingerprint()), &again, now),
+            Err(LedgerError::HoldAlreadyCommitted)
+        );
+        let rel = Refund {
+            hold_id: r.hold_id.clone(),
+            amount: None,
+            reason: String::new(),
+        };
+        assert_eq!(
+            l.refund(&idem("f", rel.fingerprint()), &rel, now)
+                .unwrap()
+                .refunded,
+            35
+        );
         assert_eq!(l.balance("u", now).unwrap().available, 100);
     }
 }

@@ -11,8 +11,16 @@ use super::hold::{Hold, HoldState};
 
 /// An open hold whose expiry has passed is expired, whatever a sweeper has done.
 #[must_use]
-pub fn effective_state(stored: HoldState, expires_at: DateTime<Utc>, now: DateTime<Utc>) -> HoldState {
-    if stored == HoldState::Open && expires_at <= now { HoldState::Expired } else { stored }
+pub fn effective_state(
+    stored: HoldState,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> HoldState {
+    if stored == HoldState::Open && expires_at <= now {
+        HoldState::Expired
+    } else {
+        stored
+    }
 }
 
 /// The refusal for acting on a hold that is no longer open.
@@ -38,7 +46,10 @@ pub const fn check_reserve(available: i64, amount: Credits) -> Result<(), Ledger
     if available >= amount.get() {
         Ok(())
     } else {
-        Err(LedgerError::InsufficientCredits { available, requested: amount.get() })
+        Err(LedgerError::InsufficientCredits {
+            available,
+            requested: amount.get(),
+        })
     }
 }
 
@@ -79,13 +90,22 @@ impl CommitPlan {
 ///
 /// # Errors
 /// `HoldAlreadyCommitted`, `HoldReleased` or `HoldExpired` when the hold is not open.
-pub fn plan_commit(hold: &Hold, amount: Credits, now: DateTime<Utc>) -> Result<CommitPlan, LedgerError> {
+pub fn plan_commit(
+    hold: &Hold,
+    amount: Credits,
+    now: DateTime<Utc>,
+) -> Result<CommitPlan, LedgerError> {
     require_open(hold, now)?;
     // From here on the commit is decided; only the extra's availability remains to check.
     let committed = amount.get();
     let released = hold.amount.saturating_sub(committed).max(0);
     let extra_drawn = committed.saturating_sub(hold.amount).max(0);
-    Ok(CommitPlan { held: hold.amount, committed, released, extra_drawn })
+    Ok(CommitPlan {
+        held: hold.amount,
+        committed,
+        released,
+        extra_drawn,
+    })
 }
 
 /// What a refund does.
@@ -127,13 +147,18 @@ pub fn plan_refund(
     match hold.state_at(now) {
         HoldState::Open => match requested {
             Some(a) if a.get() != hold.amount => Err(LedgerError::HoldNotCommitted),
-            _ => Ok(RefundPlan::Release { amount: hold.amount }),
+            _ => Ok(RefundPlan::Release {
+                amount: hold.amount,
+            }),
         },
         HoldState::Committed => {
             let refundable = hold.committed_amount.saturating_sub(hold.refunded_amount);
             let asked = requested.map_or(refundable, Credits::get);
             if refundable <= 0 || asked > refundable {
-                return Err(LedgerError::RefundExceedsCharge { refundable, requested: asked });
+                return Err(LedgerError::RefundExceedsCharge {
+                    refundable,
+                    requested: asked,
+                });
             }
             Ok(RefundPlan::Return { amount: asked })
         }
@@ -169,8 +194,14 @@ pub enum EntryKind {
 
 impl EntryKind {
     /// Every kind, for exhaustive tests.
-    pub const ALL: [Self; 6] =
-        [Self::Grant, Self::Reserve, Self::Commit, Self::Release, Self::Expire, Self::Refund];
+    pub const ALL: [Self; 6] = [
+        Self::Grant,
+        Self::Reserve,
+        Self::Commit,
+        Self::Release,
+        Self::Expire,
+        Self::Refund,
+    ];
 
     /// The name stored in the database.
     #[must_use]
@@ -187,6 +218,7 @@ impl EntryKind {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)] // test arithmetic on small numbers
 mod tests {
     use chrono::TimeDelta;
 
@@ -222,17 +254,27 @@ mod tests {
         use HoldState::{Committed, Expired, Open, Released};
         use LedgerError as E;
         // (stored state, now, commit result, refund-all result)
-        let cases: [(HoldState, i64, Result<(), E>, Result<RefundPlan, E>); 6] = [
+        type Case = (HoldState, i64, Result<(), E>, Result<RefundPlan, E>);
+        let cases: [Case; 6] = [
             (Open, 10, Ok(()), Ok(RefundPlan::Release { amount: 40 })),
             (Open, 60, Err(E::HoldExpired), Err(E::HoldExpired)),
-            (Committed, 10, Err(E::HoldAlreadyCommitted), Ok(RefundPlan::Return { amount: 30 })),
+            (
+                Committed,
+                10,
+                Err(E::HoldAlreadyCommitted),
+                Ok(RefundPlan::Return { amount: 30 }),
+            ),
             (Released, 10, Err(E::HoldReleased), Err(E::HoldReleased)),
             (Expired, 10, Err(E::HoldExpired), Err(E::HoldExpired)),
             (Expired, 99, Err(E::HoldExpired), Err(E::HoldExpired)),
         ];
         for (state, now, commit, refund) in cases {
             let h = hold(state, 40, if state == Committed { 35 } else { 0 }, 5);
-            assert_eq!(plan_commit(&h, c(1), at(now)).map(|_| ()), commit, "{state:?} at {now}");
+            assert_eq!(
+                plan_commit(&h, c(1), at(now)).map(|_| ()),
+                commit,
+                "{state:?} at {now}"
+            );
             assert_eq!(plan_refund(&h, None, at(now)), refund, "{state:?} at {now}");
             assert_eq!(check_extend(&h, at(now)), commit, "{state:?} at {now}");
         }
@@ -242,28 +284,49 @@ mod tests {
     fn commit_of_less_releases_the_rest_and_of_more_draws_extra() {
         let h = hold(HoldState::Open, 40, 0, 0);
         let less = plan_commit(&h, c(35), at(1)).unwrap();
-        assert_eq!((less.released, less.extra_drawn, less.available_delta()), (5, 0, 5));
+        assert_eq!(
+            (less.released, less.extra_drawn, less.available_delta()),
+            (5, 0, 5)
+        );
         let more = plan_commit(&h, c(50), at(1)).unwrap();
-        assert_eq!((more.released, more.extra_drawn, more.available_delta()), (0, 10, -10));
+        assert_eq!(
+            (more.released, more.extra_drawn, more.available_delta()),
+            (0, 10, -10)
+        );
     }
 
     #[test]
     fn refunds_never_exceed_the_charge() {
         let h = hold(HoldState::Committed, 40, 35, 30);
-        assert_eq!(plan_refund(&h, Some(c(5)), at(1)), Ok(RefundPlan::Return { amount: 5 }));
+        assert_eq!(
+            plan_refund(&h, Some(c(5)), at(1)),
+            Ok(RefundPlan::Return { amount: 5 })
+        );
         assert_eq!(
             plan_refund(&h, Some(c(6)), at(1)),
-            Err(LedgerError::RefundExceedsCharge { refundable: 5, requested: 6 })
+            Err(LedgerError::RefundExceedsCharge {
+                refundable: 5,
+                requested: 6
+            })
         );
         let done = hold(HoldState::Committed, 40, 35, 35);
-        assert!(matches!(plan_refund(&done, None, at(1)), Err(LedgerError::RefundExceedsCharge { .. })));
+        assert!(matches!(
+            plan_refund(&done, None, at(1)),
+            Err(LedgerError::RefundExceedsCharge { .. })
+        ));
     }
 
     #[test]
     fn a_partial_refund_of_an_open_hold_is_refused() {
         let h = hold(HoldState::Open, 40, 0, 0);
-        assert_eq!(plan_refund(&h, Some(c(10)), at(1)), Err(LedgerError::HoldNotCommitted));
-        assert_eq!(plan_refund(&h, Some(c(40)), at(1)), Ok(RefundPlan::Release { amount: 40 }));
+        assert_eq!(
+            plan_refund(&h, Some(c(10)), at(1)),
+            Err(LedgerError::HoldNotCommitted)
+        );
+        assert_eq!(
+            plan_refund(&h, Some(c(40)), at(1)),
+            Ok(RefundPlan::Release { amount: 40 })
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::domain::command::{CommitHold, ExtendHold, Grant, REASON_MAX_LEN, Refund, Reserve};
-use crate::domain::{AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata};
+use crate::domain::{
+    AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata,
+};
 use crate::pb;
 use crate::service::{Limits, ServiceError, new_hold_id};
 use crate::storage::HoldQuery;
@@ -31,7 +33,10 @@ impl Check {
     }
 }
 
-fn duration(field: &'static str, d: Option<prost_types::Duration>) -> Result<Option<TimeDelta>, FieldViolation> {
+fn duration(
+    field: &'static str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<TimeDelta>, FieldViolation> {
     let Some(d) = d else { return Ok(None) };
     if d.seconds < 0 || d.nanos < 0 {
         return Err(FieldViolation::new(field, "must not be negative"));
@@ -46,7 +51,10 @@ fn reason(field: &'static str, s: &str, required: bool) -> Result<String, FieldV
         return Err(FieldViolation::new(field, "is required"));
     }
     if s.chars().count() > REASON_MAX_LEN {
-        return Err(FieldViolation::new(field, format!("must be at most {REASON_MAX_LEN} characters")));
+        return Err(FieldViolation::new(
+            field,
+            format!("must be at most {REASON_MAX_LEN} characters"),
+        ));
     }
     Ok(s.to_owned())
 }
@@ -62,7 +70,10 @@ pub fn hold_id(hold_id: &str) -> Result<HoldId, ServiceError> {
 }
 
 /// Parses a Reserve request.
-pub fn reserve(r: pb::ReserveRequest, limits: &Limits) -> Result<(IdempotencyKey, Reserve), ServiceError> {
+pub fn reserve(
+    r: pb::ReserveRequest,
+    limits: &Limits,
+) -> Result<(IdempotencyKey, Reserve), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
     let amount = c.field(Credits::new("amount", r.amount));
@@ -70,52 +81,99 @@ pub fn reserve(r: pb::ReserveRequest, limits: &Limits) -> Result<(IdempotencyKey
     let ttl = c.field(duration("ttl", r.ttl).and_then(|t| limits.ttl(t)));
     let metadata = c.field(Metadata::parse(r.metadata));
     let value = (|| {
-        Some((key?, Reserve { account_id: account_id?, amount: amount?, ttl: ttl?, metadata: metadata?, hold_id: new_hold_id() }))
+        Some((
+            key?,
+            Reserve {
+                account_id: account_id?,
+                amount: amount?,
+                ttl: ttl?,
+                metadata: metadata?,
+                hold_id: new_hold_id(),
+            },
+        ))
     })();
     c.done(value)
 }
 
 /// Parses a Commit request.
-pub fn commit(r: pb::CommitRequest) -> Result<(IdempotencyKey, CommitHold), ServiceError> {
+pub fn commit(r: &pb::CommitRequest) -> Result<(IdempotencyKey, CommitHold), ServiceError> {
     let mut c = Check::default();
     let hold_id = c.field(HoldId::parse("hold_id", &r.hold_id));
     let amount = c.field(Credits::new("amount", r.amount));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
-    let value = (|| Some((key?, CommitHold { hold_id: hold_id?, amount: amount? })))();
+    let value = (|| {
+        Some((
+            key?,
+            CommitHold {
+                hold_id: hold_id?,
+                amount: amount?,
+            },
+        ))
+    })();
     c.done(value)
 }
 
 /// Parses a Refund request.
-pub fn refund(r: pb::RefundRequest) -> Result<(IdempotencyKey, Refund), ServiceError> {
+pub fn refund(r: &pb::RefundRequest) -> Result<(IdempotencyKey, Refund), ServiceError> {
     let mut c = Check::default();
     let hold_id = c.field(HoldId::parse("hold_id", &r.hold_id));
     let amount = c.field(r.amount.map(|a| Credits::new("amount", a)).transpose());
     let why = c.field(reason("reason", &r.reason, false));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
-    let value = (|| Some((key?, Refund { hold_id: hold_id?, amount: amount?, reason: why? })))();
+    let value = (|| {
+        Some((
+            key?,
+            Refund {
+                hold_id: hold_id?,
+                amount: amount?,
+                reason: why?,
+            },
+        ))
+    })();
     c.done(value)
 }
 
 /// Parses an ExtendHold request.
-pub fn extend(r: pb::ExtendHoldRequest, limits: &Limits) -> Result<(IdempotencyKey, ExtendHold), ServiceError> {
+pub fn extend(
+    r: &pb::ExtendHoldRequest,
+    limits: &Limits,
+) -> Result<(IdempotencyKey, ExtendHold), ServiceError> {
     let mut c = Check::default();
     let hold_id = c.field(HoldId::parse("hold_id", &r.hold_id));
     let ttl = c.field(duration("ttl", r.ttl).and_then(|t| {
-        t.ok_or_else(|| FieldViolation::new("ttl", "is required")).and_then(|t| limits.ttl(Some(t)))
+        t.ok_or_else(|| FieldViolation::new("ttl", "is required"))
+            .and_then(|t| limits.ttl(Some(t)))
     }));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
-    let value = (|| Some((key?, ExtendHold { hold_id: hold_id?, ttl: ttl? })))();
+    let value = (|| {
+        Some((
+            key?,
+            ExtendHold {
+                hold_id: hold_id?,
+                ttl: ttl?,
+            },
+        ))
+    })();
     c.done(value)
 }
 
 /// Parses a Grant request.
-pub fn grant(r: pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceError> {
+pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
     let amount = c.field(Credits::new("amount", r.amount));
     let why = c.field(reason("reason", &r.reason, true));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
-    let value = (|| Some((key?, Grant { account_id: account_id?, amount: amount?, reason: why? })))();
+    let value = (|| {
+        Some((
+            key?,
+            Grant {
+                account_id: account_id?,
+                amount: amount?,
+                reason: why?,
+            },
+        ))
+    })();
     c.done(value)
 }
 
@@ -125,7 +183,10 @@ fn state_from_pb(s: i32) -> Result<HoldState, FieldViolation> {
         Ok(pb::HoldState::Committed) => Ok(HoldState::Committed),
         Ok(pb::HoldState::Released) => Ok(HoldState::Released),
         Ok(pb::HoldState::Expired) => Ok(HoldState::Expired),
-        _ => Err(FieldViolation::new("states", format!("unknown hold state {s}"))),
+        _ => Err(FieldViolation::new(
+            "states",
+            format!("unknown hold state {s}"),
+        )),
     }
 }
 
@@ -139,31 +200,62 @@ fn state_to_pb(s: HoldState) -> pb::HoldState {
 }
 
 fn states_tag(states: &[HoldState]) -> String {
-    states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+    states
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The opaque page token: hex of `v1|account|states|last hold id`. It is bound to the account
 /// and filter of the request that produced it.
 #[must_use]
 pub fn page_token(q: &HoldQuery, last: &str) -> String {
-    hex::encode(format!("v1|{}|{}|{last}", q.account_id.as_str(), states_tag(&q.states)))
+    hex::encode(format!(
+        "v1|{}|{}|{last}",
+        q.account_id.as_str(),
+        states_tag(&q.states)
+    ))
 }
 
 /// Parses a ListHolds request.
 pub fn list_holds(r: &pb::ListHoldsRequest) -> Result<HoldQuery, ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
-    let states: Option<Vec<HoldState>> = c.field(r.states.iter().map(|s| state_from_pb(*s)).collect());
+    let states: Option<Vec<HoldState>> =
+        c.field(r.states.iter().map(|s| state_from_pb(*s)).collect());
     let limit = match u32::try_from(r.page_size) {
         Ok(0) => Some(PAGE_SIZE_DEFAULT),
         Ok(n) => Some(n.min(PAGE_SIZE_MAX)),
-        Err(_) => c.field(Err(FieldViolation::new("page_size", "must not be negative"))),
+        Err(_) => c.field(Err(FieldViolation::new(
+            "page_size",
+            "must not be negative",
+        ))),
     };
-    let mut query = c.done((|| Some(HoldQuery { account_id: account_id?, states: states?, before: None, limit: limit? }))())?;
+    let mut query = c.done((|| {
+        Some(HoldQuery {
+            account_id: account_id?,
+            states: states?,
+            before: None,
+            limit: limit?,
+        })
+    })())?;
     if !r.page_token.is_empty() {
-        let bad = || ServiceError::from(FieldViolation::new("page_token", "is not a token from this listing"));
-        let text = hex::decode(&r.page_token).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(bad)?;
-        let expected = format!("v1|{}|{}|", query.account_id.as_str(), states_tag(&query.states));
+        let bad = || {
+            ServiceError::from(FieldViolation::new(
+                "page_token",
+                "is not a token from this listing",
+            ))
+        };
+        let text = hex::decode(&r.page_token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(bad)?;
+        let expected = format!(
+            "v1|{}|{}|",
+            query.account_id.as_str(),
+            states_tag(&query.states)
+        );
         let last = text.strip_prefix(&expected).ok_or_else(bad)?;
         query.before = Some(HoldId::parse("page_token", last).map_err(|_| bad())?);
     }
@@ -171,7 +263,10 @@ pub fn list_holds(r: &pb::ListHoldsRequest) -> Result<HoldQuery, ServiceError> {
 }
 
 fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0) }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
 }
 
 /// A domain hold as a protobuf message.

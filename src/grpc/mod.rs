@@ -24,13 +24,17 @@ pub const REPLAY_HEADER: &str = "tally-idempotent-replay";
 /// The caller of a request: set by an authentication layer as a request extension;
 /// without one, every request is the anonymous caller.
 fn caller<T>(req: &Request<T>) -> Caller {
-    req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous)
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(Caller::anonymous)
 }
 
 fn respond<T>(replayed: bool, message: T) -> Response<T> {
     let mut r = Response::new(message);
     if replayed {
-        r.metadata_mut().insert(REPLAY_HEADER, MetadataValue::from_static("true"));
+        r.metadata_mut()
+            .insert(REPLAY_HEADER, MetadataValue::from_static("true"));
     }
     r
 }
@@ -53,7 +57,10 @@ type Reply<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl pb::credit_service_server::CreditService for CreditApi {
     #[instrument(name = "tally.v1.CreditService/CheckBalance", skip_all, fields(account_id = %req.get_ref().account_id))]
-    async fn check_balance(&self, req: Request<pb::CheckBalanceRequest>) -> Reply<pb::CheckBalanceResponse> {
+    async fn check_balance(
+        &self,
+        req: Request<pb::CheckBalanceRequest>,
+    ) -> Reply<pb::CheckBalanceResponse> {
         let account = convert::account(&req.get_ref().account_id)?;
         let b = self.ledger.check_balance(&account).await?;
         Ok(Response::new(pb::CheckBalanceResponse {
@@ -69,45 +76,71 @@ impl pb::credit_service_server::CreditService for CreditApi {
         let caller = caller(&req);
         let (key, cmd) = convert::reserve(req.into_inner(), &self.ledger.limits())?;
         let a = self.ledger.reserve(&caller, key, &cmd).await?;
-        Ok(respond(a.replayed, pb::ReserveResponse { hold: Some(hold_to_pb(a.outcome.hold)), available: a.outcome.available }))
+        Ok(respond(
+            a.replayed,
+            pb::ReserveResponse {
+                hold: Some(hold_to_pb(a.outcome.hold)),
+                available: a.outcome.available,
+            },
+        ))
     }
 
     #[instrument(name = "tally.v1.CreditService/Commit", skip_all, fields(hold_id = %req.get_ref().hold_id, amount = req.get_ref().amount))]
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Reply<pb::CommitResponse> {
         let caller = caller(&req);
-        let (key, cmd) = convert::commit(req.into_inner())?;
+        let (key, cmd) = convert::commit(req.get_ref())?;
         let a = self.ledger.commit_hold(&caller, key, &cmd).await?;
         let o = a.outcome;
-        Ok(respond(a.replayed, pb::CommitResponse {
-            hold: Some(hold_to_pb(o.hold)),
-            released: o.released,
-            extra_drawn: o.extra_drawn,
-            available: o.available,
-        }))
+        Ok(respond(
+            a.replayed,
+            pb::CommitResponse {
+                hold: Some(hold_to_pb(o.hold)),
+                released: o.released,
+                extra_drawn: o.extra_drawn,
+                available: o.available,
+            },
+        ))
     }
 
     #[instrument(name = "tally.v1.CreditService/Refund", skip_all, fields(hold_id = %req.get_ref().hold_id))]
     async fn refund(&self, req: Request<pb::RefundRequest>) -> Reply<pb::RefundResponse> {
         let caller = caller(&req);
-        let (key, cmd) = convert::refund(req.into_inner())?;
+        let (key, cmd) = convert::refund(req.get_ref())?;
         let a = self.ledger.refund(&caller, key, &cmd).await?;
         let o = a.outcome;
-        Ok(respond(a.replayed, pb::RefundResponse { hold: Some(hold_to_pb(o.hold)), refunded: o.refunded, available: o.available }))
+        Ok(respond(
+            a.replayed,
+            pb::RefundResponse {
+                hold: Some(hold_to_pb(o.hold)),
+                refunded: o.refunded,
+                available: o.available,
+            },
+        ))
     }
 
     #[instrument(name = "tally.v1.CreditService/ExtendHold", skip_all, fields(hold_id = %req.get_ref().hold_id))]
-    async fn extend_hold(&self, req: Request<pb::ExtendHoldRequest>) -> Reply<pb::ExtendHoldResponse> {
+    async fn extend_hold(
+        &self,
+        req: Request<pb::ExtendHoldRequest>,
+    ) -> Reply<pb::ExtendHoldResponse> {
         let caller = caller(&req);
-        let (key, cmd) = convert::extend(req.into_inner(), &self.ledger.limits())?;
+        let (key, cmd) = convert::extend(req.get_ref(), &self.ledger.limits())?;
         let a = self.ledger.extend_hold(&caller, key, &cmd).await?;
-        Ok(respond(a.replayed, pb::ExtendHoldResponse { hold: Some(hold_to_pb(a.outcome.hold)) }))
+        Ok(respond(
+            a.replayed,
+            pb::ExtendHoldResponse {
+                hold: Some(hold_to_pb(a.outcome.hold)),
+            },
+        ))
     }
 
     #[instrument(name = "tally.v1.CreditService/GetHold", skip_all, fields(hold_id = %req.get_ref().hold_id))]
     async fn get_hold(&self, req: Request<pb::GetHoldRequest>) -> Reply<pb::GetHoldResponse> {
         let id = convert::hold_id(&req.get_ref().hold_id)?;
         let hold = self.ledger.hold(&id).await?;
-        Ok(Response::new(pb::GetHoldResponse { hold: Some(hold_to_pb(hold)) }))
+        Ok(Response::new(pb::GetHoldResponse {
+            hold: Some(hold_to_pb(hold)),
+        }))
     }
 
     #[instrument(name = "tally.v1.CreditService/ListHolds", skip_all, fields(account_id = %req.get_ref().account_id))]
@@ -119,7 +152,10 @@ impl pb::credit_service_server::CreditService for CreditApi {
             Some(last) if full => convert::page_token(&query, &last.hold_id),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListHoldsResponse { holds: holds.into_iter().map(hold_to_pb).collect(), next_page_token }))
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds: holds.into_iter().map(hold_to_pb).collect(),
+            next_page_token,
+        }))
     }
 }
 
@@ -141,9 +177,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
     #[instrument(name = "tally.v1.AdminService/Grant", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
     async fn grant(&self, req: Request<pb::GrantRequest>) -> Reply<pb::GrantResponse> {
         let caller = caller(&req);
-        let (key, cmd) = convert::grant(req.into_inner())?;
+        let (key, cmd) = convert::grant(req.get_ref())?;
         let a = self.ledger.grant(&caller, key, &cmd).await?;
         let o = a.outcome;
-        Ok(respond(a.replayed, pb::GrantResponse { account_id: o.account_id, entry_id: o.entry_id, available: o.available }))
+        Ok(respond(
+            a.replayed,
+            pb::GrantResponse {
+                account_id: o.account_id,
+                entry_id: o.entry_id,
+                available: o.available,
+            },
+        ))
     }
 }

@@ -32,12 +32,21 @@ pub const fn ledger_code(e: &LedgerError) -> Code {
 
 fn ledger_metadata(e: &LedgerError) -> HashMap<String, String> {
     let pairs: Vec<(&str, i64)> = match *e {
-        LedgerError::InsufficientCredits { available, requested } => vec![("available", available), ("requested", requested)],
-        LedgerError::RefundExceedsCharge { refundable, requested } => vec![("refundable", refundable), ("requested", requested)],
+        LedgerError::InsufficientCredits {
+            available,
+            requested,
+        } => vec![("available", available), ("requested", requested)],
+        LedgerError::RefundExceedsCharge {
+            refundable,
+            requested,
+        } => vec![("refundable", refundable), ("requested", requested)],
         LedgerError::BalanceLimitExceeded { limit } => vec![("limit", limit)],
         _ => vec![],
     };
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_string())).collect()
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_string()))
+        .collect()
 }
 
 /// Builds the status a caller receives. Internal details are logged here, once, and not sent.
@@ -45,21 +54,35 @@ fn ledger_metadata(e: &LedgerError) -> HashMap<String, String> {
 pub fn to_status(e: &ServiceError) -> Status {
     let (code, reason, message, metadata) = match e {
         ServiceError::Invalid(violations) => {
-            let mut details = ErrorDetails::with_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
+            let mut details =
+                ErrorDetails::with_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
             details.set_bad_request(
-                violations.iter().map(|v| PbViolation::new(v.field, v.description.clone())).collect::<Vec<_>>(),
+                violations
+                    .iter()
+                    .map(|v| PbViolation::new(v.field, v.description.clone()))
+                    .collect::<Vec<_>>(),
             );
             return Status::with_error_details(Code::InvalidArgument, e.to_string(), details);
         }
-        ServiceError::Rejected(r) => (ledger_code(r), r.reason(), r.to_string(), ledger_metadata(r)),
+        ServiceError::Rejected(r) => (
+            ledger_code(r),
+            r.reason(),
+            r.to_string(),
+            ledger_metadata(r),
+        ),
         ServiceError::Contended => {
-            let mut details = ErrorDetails::with_error_info("CONCURRENT_MODIFICATION", ERROR_DOMAIN, HashMap::new());
+            let mut details = ErrorDetails::with_error_info(
+                "CONCURRENT_MODIFICATION",
+                ERROR_DOMAIN,
+                HashMap::new(),
+            );
             details.set_retry_info(Some(Duration::from_millis(50)));
             return Status::with_error_details(Code::Aborted, e.to_string(), details);
         }
         ServiceError::Unavailable(detail) => {
             error!(error.message = %detail, "database unavailable");
-            let mut details = ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+            let mut details =
+                ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
             details.set_retry_info(Some(Duration::from_millis(200)));
             return Status::with_error_details(Code::Unavailable, e.to_string(), details);
         }
@@ -70,7 +93,11 @@ pub fn to_status(e: &ServiceError) -> Status {
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     if let ServiceError::Rejected(LedgerError::InsufficientCredits { .. }) = e {
-        details.add_precondition_failure_violation("CREDITS", "account", "not enough available credits");
+        details.add_precondition_failure_violation(
+            "CREDITS",
+            "account",
+            "not enough available credits",
+        );
     }
     Status::with_error_details(code, message, details)
 }

@@ -82,7 +82,9 @@ impl Limits {
     /// # Errors
     /// A violation on `ttl` when out of range.
     pub fn ttl(&self, requested: Option<TimeDelta>) -> Result<TimeDelta, FieldViolation> {
-        let Some(ttl) = requested else { return Ok(self.hold_ttl_default) };
+        let Some(ttl) = requested else {
+            return Ok(self.hold_ttl_default);
+        };
         let ttl = TimeDelta::milliseconds(ttl.num_milliseconds());
         if ttl < HOLD_TTL_MIN || ttl > self.hold_ttl_max {
             return Err(FieldViolation::new(
@@ -107,7 +109,9 @@ pub struct Ledger {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("Ledger")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +135,11 @@ where
 }
 
 fn idem(caller: &Caller, key: IdempotencyKey, fingerprint: [u8; 32]) -> Idempotency {
-    Idempotency { caller: caller.clone(), key, fingerprint }
+    Idempotency {
+        caller: caller.clone(),
+        key,
+        fingerprint,
+    }
 }
 
 /// A fresh, time-ordered hold id.
@@ -162,31 +170,56 @@ impl Ledger {
     }
 
     /// Reserve credits.
-    pub async fn reserve(&self, caller: &Caller, key: IdempotencyKey, cmd: &Reserve) -> ServiceResult<Applied<ReserveOutcome>> {
+    pub async fn reserve(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &Reserve,
+    ) -> ServiceResult<Applied<ReserveOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.reserve(&idem, cmd)).await
     }
 
     /// Commit a hold.
-    pub async fn commit_hold(&self, caller: &Caller, key: IdempotencyKey, cmd: &CommitHold) -> ServiceResult<Applied<CommitOutcome>> {
+    pub async fn commit_hold(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &CommitHold,
+    ) -> ServiceResult<Applied<CommitOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.commit_hold(&idem, cmd)).await
     }
 
     /// Refund a hold.
-    pub async fn refund(&self, caller: &Caller, key: IdempotencyKey, cmd: &Refund) -> ServiceResult<Applied<RefundOutcome>> {
+    pub async fn refund(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &Refund,
+    ) -> ServiceResult<Applied<RefundOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.refund(&idem, cmd)).await
     }
 
     /// Extend a hold.
-    pub async fn extend_hold(&self, caller: &Caller, key: IdempotencyKey, cmd: &ExtendHold) -> ServiceResult<Applied<ExtendOutcome>> {
+    pub async fn extend_hold(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &ExtendHold,
+    ) -> ServiceResult<Applied<ExtendOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.extend_hold(&idem, cmd)).await
     }
 
     /// Grant credits.
-    pub async fn grant(&self, caller: &Caller, key: IdempotencyKey, cmd: &Grant) -> ServiceResult<Applied<GrantOutcome>> {
+    pub async fn grant(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &Grant,
+    ) -> ServiceResult<Applied<GrantOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.grant(&idem, cmd)).await
     }
@@ -214,7 +247,12 @@ impl Ledger {
     }
 
     /// Runs the sweeper and the idempotency purge until `stop` resolves.
-    pub async fn run_background(&self, sweep_every: Duration, retention: TimeDelta, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run_background(
+        &self,
+        sweep_every: Duration,
+        retention: TimeDelta,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         let mut tick = tokio::time::interval(sweep_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
@@ -231,10 +269,10 @@ impl Ledger {
             }
             // Purge about once a minute at the default one-second sweep interval.
             ticks = ticks.wrapping_add(1);
-            if ticks % 60 == 1 {
-                if let Err(e) = self.store.purge_idempotency(retention, PURGE_BATCH).await {
-                    warn!(error.message = %e, "idempotency purge failed");
-                }
+            if ticks % 60 == 1
+                && let Err(e) = self.store.purge_idempotency(retention, PURGE_BATCH).await
+            {
+                warn!(error.message = %e, "idempotency purge failed");
             }
         }
     }

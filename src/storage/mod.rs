@@ -70,7 +70,10 @@ pub struct Applied<T> {
 impl<T> Applied<T> {
     /// A fresh outcome.
     pub fn fresh(outcome: T) -> Self {
-        Self { outcome, replayed: false }
+        Self {
+            outcome,
+            replayed: false,
+        }
     }
 }
 
@@ -102,13 +105,29 @@ pub trait Store: Send + Sync + 'static {
     /// The balance as callers see it now (overdue open holds count as released).
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance>;
     /// Creates a hold after expiring the account's overdue holds.
-    async fn reserve(&self, idem: &Idempotency, cmd: &Reserve) -> StorageResult<Applied<ReserveOutcome>>;
+    async fn reserve(
+        &self,
+        idem: &Idempotency,
+        cmd: &Reserve,
+    ) -> StorageResult<Applied<ReserveOutcome>>;
     /// Settles a hold.
-    async fn commit_hold(&self, idem: &Idempotency, cmd: &CommitHold) -> StorageResult<Applied<CommitOutcome>>;
+    async fn commit_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &CommitHold,
+    ) -> StorageResult<Applied<CommitOutcome>>;
     /// Releases an open hold or returns committed credits.
-    async fn refund(&self, idem: &Idempotency, cmd: &Refund) -> StorageResult<Applied<RefundOutcome>>;
+    async fn refund(
+        &self,
+        idem: &Idempotency,
+        cmd: &Refund,
+    ) -> StorageResult<Applied<RefundOutcome>>;
     /// Moves an open hold's expiry.
-    async fn extend_hold(&self, idem: &Idempotency, cmd: &ExtendHold) -> StorageResult<Applied<ExtendOutcome>>;
+    async fn extend_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &ExtendHold,
+    ) -> StorageResult<Applied<ExtendOutcome>>;
     /// Adds credits, creating the account.
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>>;
     /// One hold, as observed now.
@@ -130,7 +149,10 @@ pub(crate) enum Claim<Now> {
     /// The key is ours now; the transaction's clock reads `Now`.
     New(Now),
     /// The key was used before: its fingerprint and stored outcome.
-    Existing { fingerprint: Vec<u8>, response: Option<String> },
+    Existing {
+        fingerprint: Vec<u8>,
+        response: Option<String>,
+    },
 }
 
 /// Replays a stored outcome if the fingerprint matches.
@@ -146,7 +168,10 @@ pub(crate) fn replay<T: TryFrom<Outcome>>(
         .map_err(|e| StorageError::Other(format!("unreadable idempotency record: {e}")))?;
     // The same fingerprint under another operation cannot happen (the operation is hashed in).
     T::try_from(stored)
-        .map(|outcome| Applied { outcome, replayed: true })
+        .map(|outcome| Applied {
+            outcome,
+            replayed: true,
+        })
         .map_err(|_| LedgerError::IdempotencyKeyReused.into())
 }
 
@@ -163,9 +188,9 @@ pub(crate) fn state_names(states: &[HoldState]) -> Vec<String> {
 /// Maps the names of constraints the ledger relies on to the rejection they mean.
 pub(crate) fn constraint_rejection(constraint: &str) -> Option<LedgerError> {
     match constraint {
-        "account_balance_limit" => {
-            Some(LedgerError::BalanceLimitExceeded { limit: crate::domain::MAX_BALANCE })
-        }
+        "account_balance_limit" => Some(LedgerError::BalanceLimitExceeded {
+            limit: crate::domain::MAX_BALANCE,
+        }),
         _ => None,
     }
 }
@@ -191,8 +216,12 @@ pub(crate) struct HoldChange {
 
 impl HoldChange {
     /// A commit of `cmd.amount`.
-    pub fn commit(mut hold: Hold, cmd: &CommitHold, now: chrono::DateTime<chrono::Utc>) -> Result<Self, LedgerError> {
-        use crate::domain::rules::{plan_commit, EntryKind};
+    pub fn commit(
+        mut hold: Hold,
+        cmd: &CommitHold,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, LedgerError> {
+        use crate::domain::rules::{EntryKind, plan_commit};
         let plan = plan_commit(&hold, cmd.amount, now)?;
         hold.state = HoldState::Committed;
         hold.committed_amount = plan.committed;
@@ -213,8 +242,12 @@ impl HoldChange {
     }
 
     /// A refund: a release of an open hold, or a return of committed credits.
-    pub fn refund(mut hold: Hold, cmd: &Refund, now: chrono::DateTime<chrono::Utc>) -> Result<Self, LedgerError> {
-        use crate::domain::rules::{plan_refund, EntryKind, RefundPlan};
+    pub fn refund(
+        mut hold: Hold,
+        cmd: &Refund,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, LedgerError> {
+        use crate::domain::rules::{EntryKind, RefundPlan, plan_refund};
         let plan = plan_refund(&hold, cmd.amount, now)?;
         let (held_delta, entry) = match plan {
             RefundPlan::Release { amount } => {
@@ -232,13 +265,21 @@ impl HoldChange {
             held_delta,
             entry: Some(entry),
             reason: cmd.reason.clone(),
-            outcome: Outcome::Refund(RefundOutcome { hold: hold.clone(), refunded: plan.amount(), available: 0 }),
+            outcome: Outcome::Refund(RefundOutcome {
+                hold: hold.clone(),
+                refunded: plan.amount(),
+                available: 0,
+            }),
             hold,
         })
     }
 
     /// An extension to `now + ttl`.
-    pub fn extend(mut hold: Hold, cmd: &ExtendHold, now: chrono::DateTime<chrono::Utc>) -> Result<Self, LedgerError> {
+    pub fn extend(
+        mut hold: Hold,
+        cmd: &ExtendHold,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, LedgerError> {
         crate::domain::rules::check_extend(&hold, now)?;
         hold.expires_at = now.checked_add_signed(cmd.ttl).unwrap_or(now);
         Ok(Self {

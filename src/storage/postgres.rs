@@ -16,8 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use super::{
-    AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation,
-    constraint_rejection, narrow, replay, state_names, to_record, violation,
+    AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
+    Violation, constraint_rejection, narrow, replay, state_names, to_record, violation,
 };
 use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
 use crate::domain::outcome::Outcome;
@@ -33,6 +33,7 @@ pub struct PgStore {
 }
 
 /// Maps a sqlx error to what the service needs to know. Messages never include the URL.
+#[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
 fn map_err(e: sqlx::Error) -> StorageError {
     match &e {
         sqlx::Error::Database(db) => {
@@ -40,10 +41,10 @@ fn map_err(e: sqlx::Error) -> StorageError {
             match &*code {
                 // serialization failure, deadlock, lock not available
                 "40001" | "40P01" | "55P03" => StorageError::Contended,
-                "23514" => db
-                    .constraint()
-                    .and_then(constraint_rejection)
-                    .map_or_else(|| StorageError::Other(db.message().to_owned()), StorageError::Rejected),
+                "23514" => db.constraint().and_then(constraint_rejection).map_or_else(
+                    || StorageError::Other(db.message().to_owned()),
+                    StorageError::Rejected,
+                ),
                 // connection exceptions, admin shutdown, crash shutdown, cannot connect now, too many connections
                 c if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300") => {
                     StorageError::Unavailable(format!("{} ({c})", db.message()))
@@ -51,9 +52,10 @@ fn map_err(e: sqlx::Error) -> StorageError {
                 c => StorageError::Other(format!("{} ({c})", db.message())),
             }
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            StorageError::Unavailable(e.to_string())
-        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => StorageError::Unavailable(e.to_string()),
         _ => StorageError::Other(e.to_string()),
     }
 }
@@ -66,7 +68,8 @@ fn hold_from_row(row: &PgRow) -> StorageResult<Hold> {
         hold_id: row.try_get("hold_id").map_err(get)?,
         account_id: row.try_get("account_id").map_err(get)?,
         amount: row.try_get("amount").map_err(get)?,
-        state: HoldState::parse(&state).ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
+        state: HoldState::parse(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
         committed_amount: row.try_get("committed_amount").map_err(get)?,
         refunded_amount: row.try_get("refunded_amount").map_err(get)?,
         created_at: row.try_get("created_at").map_err(get)?,
@@ -109,7 +112,10 @@ impl PgStore {
     /// # Errors
     /// `Other` when a migration fails.
     pub async fn migrate(&self) -> StorageResult<()> {
-        sqlx::migrate!("migrations/postgres").run(&self.pool).await.map_err(StorageError::other)
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(StorageError::other)
     }
 
     /// The pool (for tests and tooling).
@@ -121,7 +127,10 @@ impl PgStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         match claim(&mut tx, idem).await? {
             Claim::New(now) => Ok(Started::New(tx, now)),
-            Claim::Existing { fingerprint, response } => Ok(Started::Replay(fingerprint, response)),
+            Claim::Existing {
+                fingerprint,
+                response,
+            } => Ok(Started::Replay(fingerprint, response)),
         }
     }
 
@@ -136,13 +145,27 @@ impl PgStore {
             Started::New(tx, now) => (tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
         };
-        let sql = concat!("SELECT ", hold_columns!(), " FROM hold WHERE hold_id = $1 FOR UPDATE");
-        let row = sqlx::query(sql).bind(hold_id.as_str()).fetch_optional(&mut *tx).await.map_err(map_err)?;
+        let sql = concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM hold WHERE hold_id = $1 FOR UPDATE"
+        );
+        let row = sqlx::query(sql)
+            .bind(hold_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let hold = hold_from_row(&row.ok_or(LedgerError::HoldNotFound)?)?;
         let account_id = hold.account_id.clone();
         let change = decide(hold, now)?;
         let Some(available) = apply_hold_change(&mut tx, idem, &account_id, &change).await? else {
-            return Err(insufficient(&mut tx, &account_id, 0, change.available_delta.saturating_neg()).await);
+            return Err(insufficient(
+                &mut tx,
+                &account_id,
+                0,
+                change.available_delta.saturating_neg(),
+            )
+            .await);
         };
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::fresh(change.finish(available)))
@@ -212,7 +235,12 @@ async fn claim(tx: &mut PgConnection, idem: &Idempotency) -> StorageResult<Claim
 }
 
 /// The refusal for a guarded balance update that matched no row: no account, or too little.
-async fn insufficient(tx: &mut PgConnection, account_id: &str, freed: i64, needed: i64) -> StorageError {
+async fn insufficient(
+    tx: &mut PgConnection,
+    account_id: &str,
+    freed: i64,
+    needed: i64,
+) -> StorageError {
     let row = sqlx::query("SELECT available FROM account WHERE account_id = $1")
         .bind(account_id)
         .fetch_optional(&mut *tx)
@@ -307,7 +335,11 @@ impl Store for PgStore {
         })
     }
 
-    async fn reserve(&self, idem: &Idempotency, cmd: &Reserve) -> StorageResult<Applied<ReserveOutcome>> {
+    async fn reserve(
+        &self,
+        idem: &Idempotency,
+        cmd: &Reserve,
+    ) -> StorageResult<Applied<ReserveOutcome>> {
         let (mut tx, now) = match self.begin_claimed(idem).await? {
             Started::New(tx, now) => (tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
@@ -324,7 +356,10 @@ impl Store for PgStore {
             resolved_at: None,
             metadata: cmd.metadata.clone(),
         };
-        let record = to_record(ReserveOutcome { hold: hold.clone(), available: 0 })?;
+        let record = to_record(ReserveOutcome {
+            hold: hold.clone(),
+            available: 0,
+        })?;
         // Expire the account's overdue holds, then reserve against what that frees: holds are
         // locked before the account row, as everywhere else.
         let row = sqlx::query(
@@ -376,22 +411,45 @@ impl Store for PgStore {
         let available: Option<i64> = row.try_get("available").map_err(map_err)?;
         let Some(available) = available else {
             let freed: i64 = row.try_get("freed").map_err(map_err)?;
-            return Err(insufficient(&mut tx, cmd.account_id.as_str(), freed, cmd.amount.get()).await);
+            return Err(
+                insufficient(&mut tx, cmd.account_id.as_str(), freed, cmd.amount.get()).await,
+            );
         };
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::fresh(ReserveOutcome { hold, available }))
     }
 
-    async fn commit_hold(&self, idem: &Idempotency, cmd: &CommitHold) -> StorageResult<Applied<CommitOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now)).await?)
+    async fn commit_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &CommitHold,
+    ) -> StorageResult<Applied<CommitOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now))
+                .await?,
+        )
     }
 
-    async fn refund(&self, idem: &Idempotency, cmd: &Refund) -> StorageResult<Applied<RefundOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now)).await?)
+    async fn refund(
+        &self,
+        idem: &Idempotency,
+        cmd: &Refund,
+    ) -> StorageResult<Applied<RefundOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now))
+                .await?,
+        )
     }
 
-    async fn extend_hold(&self, idem: &Idempotency, cmd: &ExtendHold) -> StorageResult<Applied<ExtendOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now)).await?)
+    async fn extend_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &ExtendHold,
+    ) -> StorageResult<Applied<ExtendOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now))
+                .await?,
+        )
     }
 
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
@@ -442,7 +500,11 @@ impl Store for PgStore {
     }
 
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold> {
-        let sql = concat!("SELECT ", hold_columns!(), ", now() AS now FROM hold WHERE hold_id = $1");
+        let sql = concat!(
+            "SELECT ",
+            hold_columns!(),
+            ", now() AS now FROM hold WHERE hold_id = $1"
+        );
         let row = sqlx::query(sql)
             .bind(hold_id.as_str())
             .fetch_optional(&self.pool)
@@ -454,12 +516,16 @@ impl Store for PgStore {
     }
 
     async fn list_holds(&self, q: &HoldQuery) -> StorageResult<Vec<Hold>> {
-        let sql = concat!("SELECT ", hold_columns!(), ", now() AS now FROM hold
+        let sql = concat!(
+            "SELECT ",
+            hold_columns!(),
+            ", now() AS now FROM hold
              WHERE account_id = $1 AND ($2::text IS NULL OR hold_id < $2)
                AND (cardinality($3::text[]) = 0 OR
                     (CASE WHEN state = 'open' AND expires_at <= now() THEN 'expired' ELSE state END)
                     = ANY($3::text[]))
-             ORDER BY hold_id DESC LIMIT $4");
+             ORDER BY hold_id DESC LIMIT $4"
+        );
         let rows = sqlx::query(sql)
             .bind(q.account_id.as_str())
             .bind(q.before.as_ref().map(HoldId::as_str))
@@ -508,19 +574,32 @@ impl Store for PgStore {
     }
 
     async fn audit(&self) -> StorageResult<Vec<Violation>> {
-        let rows = sqlx::query(AUDIT_SQL).fetch_all(&self.pool).await.map_err(map_err)?;
+        let rows = sqlx::query(AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 let col = |n: &str| r.try_get::<i64, _>(n).map_err(map_err);
                 Ok(violation(
                     r.try_get("account_id").map_err(map_err)?,
-                    [col("available")?, col("held")?, col("entries_available")?, col("entries_held")?, col("open_held")?],
+                    [
+                        col("available")?,
+                        col("held")?,
+                        col("entries_available")?,
+                        col("entries_held")?,
+                        col("open_held")?,
+                    ],
                 ))
             })
             .collect()
     }
 
     async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err).map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
     }
 }

@@ -13,13 +13,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 
 use super::{
-    AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation,
-    constraint_rejection, narrow, replay, state_names, to_record, violation, with_available,
+    AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
+    Violation, constraint_rejection, narrow, replay, state_names, to_record, violation,
+    with_available,
 };
 use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
 use crate::domain::outcome::Outcome;
@@ -37,6 +39,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
+#[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
 fn map_err(e: sqlx::Error) -> StorageError {
     match &e {
         sqlx::Error::Database(db) => {
@@ -44,11 +47,16 @@ fn map_err(e: sqlx::Error) -> StorageError {
             let message = db.message();
             match &*code {
                 // SQLITE_BUSY and SQLITE_LOCKED (extended codes keep the primary code in the low byte)
-                c if c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)) => StorageError::Contended,
+                c if c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)) => {
+                    StorageError::Contended
+                }
                 _ => message
                     .strip_prefix("CHECK constraint failed: ")
                     .and_then(constraint_rejection)
-                    .map_or_else(|| StorageError::Other(format!("{message} ({code})")), StorageError::Rejected),
+                    .map_or_else(
+                        || StorageError::Other(format!("{message} ({code})")),
+                        StorageError::Rejected,
+                    ),
             }
         }
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
@@ -63,7 +71,8 @@ fn now_micros() -> i64 {
 }
 
 fn to_time(micros: i64) -> StorageResult<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros).ok_or_else(|| StorageError::Other(format!("bad time {micros}")))
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StorageError::Other(format!("bad time {micros}")))
 }
 
 fn hold_from_row(row: &SqliteRow) -> StorageResult<Hold> {
@@ -74,7 +83,8 @@ fn hold_from_row(row: &SqliteRow) -> StorageResult<Hold> {
         hold_id: row.try_get("hold_id").map_err(map_err)?,
         account_id: row.try_get("account_id").map_err(map_err)?,
         amount: row.try_get("amount").map_err(map_err)?,
-        state: HoldState::parse(&state).ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
+        state: HoldState::parse(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
         committed_amount: row.try_get("committed_amount").map_err(map_err)?,
         refunded_amount: row.try_get("refunded_amount").map_err(map_err)?,
         created_at: to_time(row.try_get("created_at").map_err(map_err)?)?,
@@ -116,7 +126,10 @@ impl SqliteStore {
     /// # Errors
     /// `Other` when a migration fails.
     pub async fn migrate(&self) -> StorageResult<()> {
-        sqlx::migrate!("migrations/sqlite").run(&self.pool).await.map_err(StorageError::other)
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(StorageError::other)
     }
 
     /// The pool (for tests and tooling).
@@ -125,11 +138,18 @@ impl SqliteStore {
     }
 
     async fn begin_claimed(&self, idem: &Idempotency) -> StorageResult<Started> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         let now = to_time(now_micros())?;
         match claim(&mut tx, idem, now).await? {
             Claim::New(now) => Ok(Started::New(tx, now)),
-            Claim::Existing { fingerprint, response } => Ok(Started::Replay(fingerprint, response)),
+            Claim::Existing {
+                fingerprint,
+                response,
+            } => Ok(Started::Replay(fingerprint, response)),
         }
     }
 
@@ -144,13 +164,29 @@ impl SqliteStore {
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
         };
         let sql = concat!("SELECT ", hold_columns!(), " FROM hold WHERE hold_id = ?1");
-        let row = sqlx::query(sql).bind(hold_id.as_str()).fetch_optional(&mut *tx).await.map_err(map_err)?;
+        let row = sqlx::query(sql)
+            .bind(hold_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let hold = hold_from_row(&row.ok_or(LedgerError::HoldNotFound)?)?;
         let account_id = hold.account_id.clone();
         let change = decide(hold, now)?;
-        let Some(available) = update_balance(&mut tx, &account_id, change.available_delta, change.held_delta, now).await?
+        let Some(available) = update_balance(
+            &mut tx,
+            &account_id,
+            change.available_delta,
+            change.held_delta,
+            now,
+        )
+        .await?
         else {
-            return Err(insufficient(&mut tx, &account_id, change.available_delta.saturating_neg()).await);
+            return Err(insufficient(
+                &mut tx,
+                &account_id,
+                change.available_delta.saturating_neg(),
+            )
+            .await);
         };
         let h = &change.hold;
         sqlx::query(
@@ -167,8 +203,16 @@ impl SqliteStore {
         .await
         .map_err(map_err)?;
         if let Some(kind) = change.entry {
-            insert_entry(&mut tx, &account_id, Some(&h.hold_id), kind, (change.available_delta, change.held_delta), &change.reason, now)
-                .await?;
+            insert_entry(
+                &mut tx,
+                &account_id,
+                Some(&h.hold_id),
+                kind,
+                (change.available_delta, change.held_delta),
+                &change.reason,
+                now,
+            )
+            .await?;
         }
         let outcome = change.finish(available);
         store_outcome(&mut tx, idem, &outcome).await?;
@@ -177,7 +221,11 @@ impl SqliteStore {
     }
 }
 
-async fn claim(tx: &mut SqliteConnection, idem: &Idempotency, now: DateTime<Utc>) -> StorageResult<Claim<DateTime<Utc>>> {
+async fn claim(
+    tx: &mut SqliteConnection,
+    idem: &Idempotency,
+    now: DateTime<Utc>,
+) -> StorageResult<Claim<DateTime<Utc>>> {
     let row = sqlx::query(
         "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, created_at)
          VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING RETURNING created_at",
@@ -206,14 +254,20 @@ async fn claim(tx: &mut SqliteConnection, idem: &Idempotency, now: DateTime<Utc>
     })
 }
 
-async fn store_outcome(tx: &mut SqliteConnection, idem: &Idempotency, outcome: &Outcome) -> StorageResult<()> {
-    sqlx::query("UPDATE idempotency_record SET response = ?3 WHERE caller = ?1 AND idempotency_key = ?2")
-        .bind(idem.caller.as_str())
-        .bind(idem.key.as_str())
-        .bind(to_record(outcome.clone())?)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+async fn store_outcome(
+    tx: &mut SqliteConnection,
+    idem: &Idempotency,
+    outcome: &Outcome,
+) -> StorageResult<()> {
+    sqlx::query(
+        "UPDATE idempotency_record SET response = ?3 WHERE caller = ?1 AND idempotency_key = ?2",
+    )
+    .bind(idem.caller.as_str())
+    .bind(idem.key.as_str())
+    .bind(to_record(outcome.clone())?)
+    .execute(&mut *tx)
+    .await
+    .map_err(map_err)?;
     Ok(())
 }
 
@@ -236,7 +290,8 @@ async fn update_balance(
     .fetch_optional(&mut *tx)
     .await
     .map_err(map_err)?;
-    row.map(|r| r.try_get("available").map_err(map_err)).transpose()
+    row.map(|r| r.try_get("available").map_err(map_err))
+        .transpose()
 }
 
 async fn insert_entry(
@@ -273,7 +328,11 @@ async fn insufficient(tx: &mut SqliteConnection, account_id: &str, needed: i64) 
     match row {
         Ok(None) => LedgerError::AccountNotFound.into(),
         Ok(Some(row)) => match row.try_get::<i64, _>("available") {
-            Ok(available) => LedgerError::InsufficientCredits { available, requested: needed }.into(),
+            Ok(available) => LedgerError::InsufficientCredits {
+                available,
+                requested: needed,
+            }
+            .into(),
             Err(e) => map_err(e),
         },
         Err(e) => map_err(e),
@@ -281,7 +340,12 @@ async fn insufficient(tx: &mut SqliteConnection, account_id: &str, needed: i64) 
 }
 
 /// Expires up to `limit` overdue open holds of one account inside `tx`. Returns how many.
-async fn expire_account(tx: &mut SqliteConnection, account_id: &str, now: DateTime<Utc>, limit: i64) -> StorageResult<u64> {
+async fn expire_account(
+    tx: &mut SqliteConnection,
+    account_id: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> StorageResult<u64> {
     let rows = sqlx::query(
         "UPDATE hold SET state = 'expired', resolved_at = expires_at
          WHERE hold_id IN (SELECT hold_id FROM hold WHERE account_id = ?1 AND state = 'open'
@@ -299,7 +363,16 @@ async fn expire_account(tx: &mut SqliteConnection, account_id: &str, now: DateTi
         let hold_id: String = row.try_get("hold_id").map_err(map_err)?;
         let amount: i64 = row.try_get("amount").map_err(map_err)?;
         freed = freed.saturating_add(amount);
-        insert_entry(tx, account_id, Some(&hold_id), rules::EntryKind::Expire, (amount, amount.saturating_neg()), "", now).await?;
+        insert_entry(
+            tx,
+            account_id,
+            Some(&hold_id),
+            rules::EntryKind::Expire,
+            (amount, amount.saturating_neg()),
+            "",
+            now,
+        )
+        .await?;
     }
     if freed > 0 {
         update_balance(tx, account_id, freed, freed.saturating_neg(), now)
@@ -337,7 +410,11 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn reserve(&self, idem: &Idempotency, cmd: &Reserve) -> StorageResult<Applied<ReserveOutcome>> {
+    async fn reserve(
+        &self,
+        idem: &Idempotency,
+        cmd: &Reserve,
+    ) -> StorageResult<Applied<ReserveOutcome>> {
         let (mut tx, now) = match self.begin_claimed(idem).await? {
             Started::New(tx, now) => (tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
@@ -345,7 +422,9 @@ impl Store for SqliteStore {
         let account = cmd.account_id.as_str();
         expire_account(&mut tx, account, now, i64::MAX).await?;
         let amount = cmd.amount.get();
-        let Some(available) = update_balance(&mut tx, account, amount.saturating_neg(), amount, now).await? else {
+        let Some(available) =
+            update_balance(&mut tx, account, amount.saturating_neg(), amount, now).await?
+        else {
             return Err(insufficient(&mut tx, account, amount).await);
         };
         let hold = Hold {
@@ -373,24 +452,53 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        insert_entry(&mut tx, account, Some(&hold.hold_id), rules::EntryKind::Reserve, (amount.saturating_neg(), amount), "", now)
-            .await?;
+        insert_entry(
+            &mut tx,
+            account,
+            Some(&hold.hold_id),
+            rules::EntryKind::Reserve,
+            (amount.saturating_neg(), amount),
+            "",
+            now,
+        )
+        .await?;
         let outcome = ReserveOutcome { hold, available };
         store_outcome(&mut tx, idem, &outcome.clone().into()).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::fresh(outcome))
     }
 
-    async fn commit_hold(&self, idem: &Idempotency, cmd: &CommitHold) -> StorageResult<Applied<CommitOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now)).await?)
+    async fn commit_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &CommitHold,
+    ) -> StorageResult<Applied<CommitOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now))
+                .await?,
+        )
     }
 
-    async fn refund(&self, idem: &Idempotency, cmd: &Refund) -> StorageResult<Applied<RefundOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now)).await?)
+    async fn refund(
+        &self,
+        idem: &Idempotency,
+        cmd: &Refund,
+    ) -> StorageResult<Applied<RefundOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now))
+                .await?,
+        )
     }
 
-    async fn extend_hold(&self, idem: &Idempotency, cmd: &ExtendHold) -> StorageResult<Applied<ExtendOutcome>> {
-        narrow(self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now)).await?)
+    async fn extend_hold(
+        &self,
+        idem: &Idempotency,
+        cmd: &ExtendHold,
+    ) -> StorageResult<Applied<ExtendOutcome>> {
+        narrow(
+            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now))
+                .await?,
+        )
     }
 
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
@@ -412,10 +520,27 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         let available: i64 = row.try_get("available").map_err(map_err)?;
-        let entry_id =
-            insert_entry(&mut tx, account, None, rules::EntryKind::Grant, (cmd.amount.get(), 0), &cmd.reason, now).await?;
-        let outcome = GrantOutcome { account_id: account.to_owned(), entry_id, available };
-        store_outcome(&mut tx, idem, &with_available(outcome.clone().into(), available)).await?;
+        let entry_id = insert_entry(
+            &mut tx,
+            account,
+            None,
+            rules::EntryKind::Grant,
+            (cmd.amount.get(), 0),
+            &cmd.reason,
+            now,
+        )
+        .await?;
+        let outcome = GrantOutcome {
+            account_id: account.to_owned(),
+            entry_id,
+            available,
+        };
+        store_outcome(
+            &mut tx,
+            idem,
+            &with_available(outcome.clone().into(), available),
+        )
+        .await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::fresh(outcome))
     }
@@ -433,12 +558,16 @@ impl Store for SqliteStore {
 
     async fn list_holds(&self, q: &HoldQuery) -> StorageResult<Vec<Hold>> {
         let now = now_micros();
-        let sql = concat!("SELECT ", hold_columns!(), " FROM hold
+        let sql = concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM hold
              WHERE account_id = ?1 AND (?2 IS NULL OR hold_id < ?2)
                AND (json_array_length(?3) = 0 OR
                     (CASE WHEN state = 'open' AND expires_at <= ?5 THEN 'expired' ELSE state END)
                     IN (SELECT value FROM json_each(?3)))
-             ORDER BY hold_id DESC LIMIT ?4");
+             ORDER BY hold_id DESC LIMIT ?4"
+        );
         let rows = sqlx::query(sql)
             .bind(q.account_id.as_str())
             .bind(q.before.as_ref().map(HoldId::as_str))
@@ -449,11 +578,17 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         let now = to_time(now)?;
-        rows.iter().map(|row| Ok(hold_from_row(row)?.observed_at(now))).collect()
+        rows.iter()
+            .map(|row| Ok(hold_from_row(row)?.observed_at(now)))
+            .collect()
     }
 
     async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         let now = to_time(now_micros())?;
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1 LIMIT ?2",
@@ -465,7 +600,8 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         let mut total = 0u64;
         for account in &accounts {
-            total = total.saturating_add(expire_account(&mut tx, account, now, i64::from(limit)).await?);
+            total = total
+                .saturating_add(expire_account(&mut tx, account, now, i64::from(limit)).await?);
         }
         tx.commit().await.map_err(map_err)?;
         Ok(total)
@@ -486,19 +622,32 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self) -> StorageResult<Vec<Violation>> {
-        let rows = sqlx::query(AUDIT_SQL).fetch_all(&self.pool).await.map_err(map_err)?;
+        let rows = sqlx::query(AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 let col = |n: &str| r.try_get::<i64, _>(n).map_err(map_err);
                 Ok(violation(
                     r.try_get("account_id").map_err(map_err)?,
-                    [col("available")?, col("held")?, col("entries_available")?, col("entries_held")?, col("open_held")?],
+                    [
+                        col("available")?,
+                        col("held")?,
+                        col("entries_available")?,
+                        col("entries_held")?,
+                        col("open_held")?,
+                    ],
                 ))
             })
             .collect()
     }
 
     async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err).map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
     }
 }
