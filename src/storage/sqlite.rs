@@ -8,6 +8,7 @@
 //! microseconds since the Unix epoch.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
@@ -34,9 +36,14 @@ use crate::domain::{
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The SQLite store.
+///
+/// Writers in this process queue on `write_lock` (FIFO) before `BEGIN IMMEDIATE`: SQLite's own
+/// busy handler polls with sleeps of up to 100 ms, which turns a queue of writers into seconds
+/// of latency. The busy timeout still covers other processes opening the same file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    write_lock: Arc<Mutex<()>>,
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
@@ -94,8 +101,11 @@ fn hold_from_row(row: &SqliteRow) -> StorageResult<Hold> {
     })
 }
 
+/// This process's write lock, held for the whole write transaction.
+type WriteLock = OwnedMutexGuard<()>;
+
 enum Started {
-    New(Transaction<'static, Sqlite>, DateTime<Utc>),
+    New(WriteLock, Transaction<'static, Sqlite>, DateTime<Utc>),
     Replay(Vec<u8>, Option<String>),
 }
 
@@ -118,7 +128,13 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(Self { pool })
+        Ok(Self { pool, write_lock: Arc::new(Mutex::new(())) })
+    }
+
+    async fn begin_write(&self) -> StorageResult<(WriteLock, Transaction<'static, Sqlite>)> {
+        let lock = Arc::clone(&self.write_lock).lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        Ok((lock, tx))
     }
 
     /// Applies `migrations/sqlite`.
@@ -138,14 +154,10 @@ impl SqliteStore {
     }
 
     async fn begin_claimed(&self, idem: &Idempotency) -> StorageResult<Started> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
+        let (lock, mut tx) = self.begin_write().await?;
         let now = to_time(now_micros())?;
         match claim(&mut tx, idem, now).await? {
-            Claim::New(now) => Ok(Started::New(tx, now)),
+            Claim::New(now) => Ok(Started::New(lock, tx, now)),
             Claim::Existing {
                 fingerprint,
                 response,
@@ -159,8 +171,8 @@ impl SqliteStore {
         hold_id: &HoldId,
         decide: impl FnOnce(Hold, DateTime<Utc>) -> Result<HoldChange, LedgerError> + Send,
     ) -> StorageResult<Applied<Outcome>> {
-        let (mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(tx, now) => (tx, now),
+        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
+            Started::New(lock, tx, now) => (lock, tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
         };
         let sql = concat!("SELECT ", hold_columns!(), " FROM hold WHERE hold_id = ?1");
@@ -415,8 +427,8 @@ impl Store for SqliteStore {
         idem: &Idempotency,
         cmd: &Reserve,
     ) -> StorageResult<Applied<ReserveOutcome>> {
-        let (mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(tx, now) => (tx, now),
+        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
+            Started::New(lock, tx, now) => (lock, tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
         };
         let account = cmd.account_id.as_str();
@@ -502,8 +514,8 @@ impl Store for SqliteStore {
     }
 
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
-        let (mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(tx, now) => (tx, now),
+        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
+            Started::New(lock, tx, now) => (lock, tx, now),
             Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
         };
         let account = cmd.account_id.as_str();
@@ -584,11 +596,7 @@ impl Store for SqliteStore {
     }
 
     async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
+        let (_lock, mut tx) = self.begin_write().await?;
         let now = to_time(now_micros())?;
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1 LIMIT ?2",

@@ -1,0 +1,176 @@
+//! Differential test: random command sequences on a real backend and on the reference model
+//! (`tally::domain::model::Ledger`) must give the same answers and the same balances.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use tally::domain::command::{CommitHold, ExtendHold, Grant, Refund, Reserve};
+use tally::domain::model::Ledger as Model;
+use tally::domain::outcome::Outcome;
+use tally::domain::{HoldId, HoldState, LedgerError, Metadata};
+use tally::service::new_hold_id;
+use tally::storage::{StorageError, Store};
+
+use crate::support::{Backend, TestDb, assert_ledger_balances};
+use crate::{account, credits, idem};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Grant(u8, i64),
+    Reserve(u8, i64),
+    Commit(usize, i64),
+    Refund(usize, Option<i64>),
+    Extend(usize),
+    Retry(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0u8..3, 1i64..150).prop_map(|(a, n)| Op::Grant(a, n)),
+        4 => (0u8..3, 1i64..100).prop_map(|(a, n)| Op::Reserve(a, n)),
+        3 => (any::<usize>(), 1i64..130).prop_map(|(h, n)| Op::Commit(h, n)),
+        2 => (any::<usize>(), proptest::option::of(1i64..50)).prop_map(|(h, n)| Op::Refund(h, n)),
+        1 => any::<usize>().prop_map(Op::Extend),
+        2 => any::<usize>().prop_map(Op::Retry),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum Cmd {
+    Grant(Grant),
+    Reserve(Reserve),
+    Commit(CommitHold),
+    Refund(Refund),
+    Extend(ExtendHold),
+}
+
+/// What must agree between model and backend: everything but ids and timestamps.
+#[derive(Debug, PartialEq)]
+enum Summary {
+    Reserve { amount: i64, available: i64 },
+    Commit { committed: i64, released: i64, extra: i64, available: i64 },
+    Refund { refunded: i64, state: HoldState, total: i64, available: i64 },
+    Extend { state: HoldState },
+    Grant { available: i64 },
+    Refused(LedgerError),
+}
+
+fn summary(r: Result<Outcome, LedgerError>) -> Summary {
+    match r {
+        Ok(Outcome::Reserve(o)) => Summary::Reserve { amount: o.hold.amount, available: o.available },
+        Ok(Outcome::Commit(o)) => Summary::Commit {
+            committed: o.hold.committed_amount,
+            released: o.released,
+            extra: o.extra_drawn,
+            available: o.available,
+        },
+        Ok(Outcome::Refund(o)) => Summary::Refund {
+            refunded: o.refunded,
+            state: o.hold.state,
+            total: o.hold.refunded_amount,
+            available: o.available,
+        },
+        Ok(Outcome::Extend(o)) => Summary::Extend { state: o.hold.state },
+        Ok(Outcome::Grant(o)) => Summary::Grant { available: o.available },
+        Err(e) => Summary::Refused(e),
+    }
+}
+
+fn rejected<T>(r: Result<T, StorageError>) -> Result<T, LedgerError> {
+    r.map_err(|e| match e {
+        StorageError::Rejected(e) => e,
+        other => panic!("backend failed: {other:?}"),
+    })
+}
+
+async fn on_store(store: &dyn Store, key: &str, cmd: &Cmd) -> Result<Outcome, LedgerError> {
+    let i = |fp| idem("diff", key, fp);
+    match cmd {
+        Cmd::Grant(c) => rejected(store.grant(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+        Cmd::Reserve(c) => rejected(store.reserve(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+        Cmd::Commit(c) => rejected(store.commit_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+        Cmd::Refund(c) => rejected(store.refund(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+        Cmd::Extend(c) => rejected(store.extend_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+    }
+}
+
+fn on_model(model: &mut Model, key: &str, cmd: &Cmd, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
+    let i = |fp| idem("diff", key, fp);
+    match cmd {
+        Cmd::Grant(c) => model.grant(&i(c.fingerprint()), c).map(Into::into),
+        Cmd::Reserve(c) => model.reserve(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Commit(c) => model.commit_hold(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Refund(c) => model.refund(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Extend(c) => model.extend_hold(&i(c.fingerprint()), c, now).map(Into::into),
+    }
+}
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    // Every case (and every shrink step) works on accounts and keys of its own.
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let acct = |a: u8| format!("r{run}-a{a}");
+    let mut model = Model::new();
+    // Holds live an hour: nothing expires during a case, so the model's clock does not matter.
+    let now = Utc::now();
+    let ttl = TimeDelta::hours(1);
+    let mut holds: Vec<HoldId> = Vec::new();
+    let mut sent: Vec<(String, Cmd)> = Vec::new();
+    for (step, op) in ops.into_iter().enumerate() {
+        let pick = |i: usize| holds.get(i % holds.len().max(1)).cloned();
+        let (key, cmd) = match op {
+            Op::Grant(a, n) => (format!("r{run}-{step}"), Cmd::Grant(Grant { account_id: account(&acct(a)), amount: credits(n), reason: "d".into() })),
+            Op::Reserve(a, n) => (
+                format!("r{run}-{step}"),
+                Cmd::Reserve(Reserve { account_id: account(&acct(a)), amount: credits(n), ttl, metadata: Metadata::default(), hold_id: new_hold_id() }),
+            ),
+            Op::Commit(h, n) => match pick(h) {
+                Some(h) => (format!("r{run}-{step}"), Cmd::Commit(CommitHold { hold_id: h, amount: credits(n) })),
+                None => continue,
+            },
+            Op::Refund(h, n) => match pick(h) {
+                Some(h) => (format!("r{run}-{step}"), Cmd::Refund(Refund { hold_id: h, amount: n.map(credits), reason: String::new() })),
+                None => continue,
+            },
+            Op::Extend(h) => match pick(h) {
+                Some(h) => (format!("r{run}-{step}"), Cmd::Extend(ExtendHold { hold_id: h, ttl })),
+                None => continue,
+            },
+            Op::Retry(back) if !sent.is_empty() => sent[back % sent.len()].clone(),
+            Op::Retry(_) => continue,
+        };
+        let got = on_store(store, &key, &cmd).await;
+        let want = on_model(&mut model, &key, &cmd, now);
+        if let (Ok(Outcome::Reserve(o)), Cmd::Reserve(_)) = (&got, &cmd) {
+            holds.push(HoldId::parse("h", &o.hold.hold_id).unwrap());
+        }
+        prop_assert_eq!(summary(got), summary(want), "step {} {:?}", step, cmd);
+        for a in 0..3 {
+            let b = store.balance(&account(&acct(a))).await.ok().map(|b| (b.available, b.held, b.open_holds));
+            let m = model.balance(&acct(a), now).ok().map(|b| (b.available, b.held, b.open_holds));
+            prop_assert_eq!(b, m, "balance of {} after step {}", acct(a), step);
+        }
+        sent.push((key, cmd));
+    }
+    Ok(())
+}
+
+async fn backend_agrees_with_the_reference_model(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store: Arc<dyn Store> = db.store().await;
+    let handle = tokio::runtime::Handle::current();
+    let mut runner = TestRunner::new(Config { cases: 24, failure_persistence: None, ..Config::default() });
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        tokio::task::block_in_place(|| handle.block_on(run_case(store.as_ref(), ops)))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert_ledger_balances(store.as_ref()).await;
+}
+
+crate::on_both_backends!(backend_agrees_with_the_reference_model);

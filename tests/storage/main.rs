@@ -1,0 +1,47 @@
+//! Storage conformance: both backends against the ledger's rules, under concurrency.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs)]
+#![allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod concurrency;
+mod differential;
+mod rules;
+
+use std::sync::Arc;
+
+use chrono::TimeDelta;
+use tally::domain::command::{CommitHold, Grant, Idempotency, Reserve};
+use tally::domain::{AccountId, Caller, Credits, GrantOutcome, HoldId, IdempotencyKey, Metadata};
+use tally::service::{Ledger, new_hold_id};
+use tally::storage::Store;
+
+pub fn idem(caller: &str, key: &str, fingerprint: [u8; 32]) -> Idempotency {
+    Idempotency { caller: Caller::new(caller), key: IdempotencyKey::parse("k", key).unwrap(), fingerprint }
+}
+
+pub fn account(s: &str) -> AccountId {
+    AccountId::parse("account_id", s).unwrap()
+}
+
+pub fn credits(n: i64) -> Credits {
+    Credits::new("amount", n).unwrap()
+}
+
+pub fn reserve_cmd(acct: &str, amount: i64, ttl: TimeDelta) -> Reserve {
+    Reserve { account_id: account(acct), amount: credits(amount), ttl, metadata: Metadata::default(), hold_id: new_hold_id() }
+}
+
+pub fn commit_cmd(hold: &str, amount: i64) -> CommitHold {
+    CommitHold { hold_id: HoldId::parse("h", hold).unwrap(), amount: credits(amount) }
+}
+
+pub async fn grant(store: &dyn Store, acct: &str, amount: i64) -> GrantOutcome {
+    let cmd = Grant { account_id: account(acct), amount: credits(amount), reason: "test".into() };
+    store.grant(&idem("test", &format!("grant-{}", uuid::Uuid::now_v7()), cmd.fingerprint()), &cmd).await.unwrap().outcome
+}
+
+pub fn ledger(store: &Arc<dyn Store>) -> Ledger {
+    Ledger::new(Arc::clone(store), support::limits())
+}

@@ -1,0 +1,208 @@
+//! Test harness shared by the suites: fresh databases on both backends, an in-process server
+//! on a loopback port, and the ledger invariant check.
+//!
+//! PostgreSQL comes from `DATABASE_URL` (scripts/test starts a throwaway cluster and sets it).
+//! Without it the PostgreSQL half fails loudly instead of skipping.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::TimeDelta;
+use sqlx::Connection;
+use tally::app::{App, Settings};
+use tally::pb::admin_service_client::AdminServiceClient;
+use tally::pb::credit_service_client::CreditServiceClient;
+use tally::service::Limits;
+use tally::storage::Store;
+use tally::storage::postgres::PgStore;
+use tally::storage::sqlite::SqliteStore;
+use tonic::transport::Channel;
+
+/// Which database a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database created for one test. SQLite files live in a temp dir removed on drop;
+/// PostgreSQL databases live in the throwaway cluster.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "the PostgreSQL half of the suite needs DATABASE_URL (a superuser URL of a disposable \
+             server). Run `scripts/test`, which starts a throwaway PostgreSQL and sets it."
+        )
+    })
+}
+
+/// Replaces the database name in a PostgreSQL URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("tally.db").display());
+                Self { url, _dir: Some(dir) }
+            }
+            Backend::Postgres => {
+                let admin = admin_url();
+                let name = format!("tally_test_{}", uuid::Uuid::now_v7().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!("cannot reach the PostgreSQL of DATABASE_URL: {e}")
+                });
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                Self { url: with_database(&admin, &name), _dir: None }
+            }
+        }
+    }
+
+    /// Opens and migrates a store on this database.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        tally::app::open_store(&self.url, 32).await.unwrap()
+    }
+
+    /// A typed SQLite store (for SQL-level checks).
+    pub async fn sqlite(&self) -> SqliteStore {
+        let s = SqliteStore::connect(&self.url, 4).await.unwrap();
+        s.migrate().await.unwrap();
+        s
+    }
+
+    /// A typed PostgreSQL store (for SQL-level checks).
+    pub async fn postgres(&self) -> PgStore {
+        let s = PgStore::connect(&self.url, 4).await.unwrap();
+        s.migrate().await.unwrap();
+        s
+    }
+}
+
+/// Fails the test if any account's entries, balance columns and open holds disagree.
+pub async fn assert_ledger_balances(store: &dyn Store) {
+    let violations = store.audit().await.unwrap();
+    assert!(violations.is_empty(), "ledger invariant violated: {violations:#?}");
+}
+
+pub fn limits() -> Limits {
+    Limits { hold_ttl_default: TimeDelta::minutes(10), hold_ttl_max: TimeDelta::hours(24) }
+}
+
+/// A server running in this process on a loopback port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    pub store: Arc<dyn Store>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn settings(db: &TestDb) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: db.url.clone(),
+        db_max_connections: 16,
+        limits: limits(),
+        idempotency_retention: TimeDelta::hours(24),
+        sweep_interval: Duration::from_millis(50),
+        request_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+impl TestApp {
+    /// Starts a server on a fresh database.
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_on(TestDb::new(backend).await).await
+    }
+
+    /// Starts a server on an existing database (a "restart").
+    pub async fn spawn_on(db: TestDb) -> Self {
+        let app = App::build(settings(&db)).await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let store = Arc::clone(app.ledger().store());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(async move {
+            app.run_until_stopped(async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self { addr, db, store, stop: Some(tx), handle: Some(handle) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn credit(&self) -> CreditServiceClient<Channel> {
+        CreditServiceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
+    /// Checks the ledger invariants, stops the server and returns its database.
+    pub async fn finish(mut self) -> TestDb {
+        assert_ledger_balances(self.store.as_ref()).await;
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap();
+        }
+        self.db
+    }
+}
+
+/// Expands test bodies `async fn name(backend: Backend)` into one test per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
