@@ -31,3 +31,45 @@ pub mod grpc;
 pub mod pb;
 pub mod service;
 pub mod storage;
+
+/// Architecture checks that keep the layers honest (TigerBeetle's "tidy", scaled down).
+#[cfg(test)]
+mod tidy {
+    use std::fs;
+    use std::path::Path;
+
+    fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = fs::read_to_string(&path).unwrap();
+                // Only production code: stop at the test module.
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default().to_owned();
+                out.push((path.display().to_string(), code));
+            }
+        }
+    }
+
+    fn check(dir: &str, forbidden: &[&str]) {
+        let mut files = Vec::new();
+        sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut files);
+        assert!(!files.is_empty());
+        for (path, code) in files {
+            for word in forbidden {
+                assert!(!code.contains(word), "{path} must not use `{word}`");
+            }
+        }
+    }
+
+    #[test]
+    fn the_domain_does_no_io_and_knows_no_transport_or_database() {
+        check("src/domain", &["sqlx", "tonic", "axum", "tokio", "async fn", ".await", "f64", "f32", "Utc::now", "std::fs", "std::net"]);
+    }
+
+    #[test]
+    fn storage_knows_nothing_of_transports() {
+        check("src/storage", &["crate::grpc", "crate::pb", "tonic", "crate::service"]);
+    }
+}

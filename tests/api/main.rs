@@ -1,0 +1,33 @@
+//! Black-box tests: a real server on a loopback port, real tonic clients, both backends.
+//! Every test ends with `TestApp::finish`, which checks the ledger invariants.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod credit;
+mod ops;
+
+use tally::pb;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// The `ErrorInfo.reason` of a status (every Tally error has one).
+pub fn reason(s: &Status) -> String {
+    let info = s.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo on {s:?}"));
+    assert_eq!(info.domain, "tally.v1");
+    info.reason
+}
+
+pub fn expect_error(s: &Status, code: Code, why: &str) {
+    assert_eq!((s.code(), reason(s).as_str()), (code, why), "{s:?}");
+}
+
+pub fn reserve_req(account: &str, amount: i64, key: &str) -> pb::ReserveRequest {
+    pb::ReserveRequest { account_id: account.into(), amount, idempotency_key: key.into(), ..Default::default() }
+}
+
+pub fn grant_req(account: &str, amount: i64, key: &str) -> pb::GrantRequest {
+    pb::GrantRequest { account_id: account.into(), amount, reason: "test".into(), idempotency_key: key.into() }
+}
