@@ -46,7 +46,11 @@ mod tidy {
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let text = fs::read_to_string(&path).unwrap();
                 // Only production code: stop at the test module.
-                let code = text.split("#[cfg(test)]").next().unwrap_or_default().to_owned();
+                let code = text
+                    .split("#[cfg(test)]")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
                 out.push((path.display().to_string(), code));
             }
         }
@@ -65,11 +69,20 @@ mod tidy {
 
     #[test]
     fn the_domain_does_no_io_and_knows_no_transport_or_database() {
-        check("src/domain", &["sqlx", "tonic", "axum", "tokio", "async fn", ".await", "f64", "f32", "Utc::now", "std::fs", "std::net"]);
+        check(
+            "src/domain",
+            &[
+                "sqlx", "tonic", "axum", "tokio", "async fn", ".await", "f64", "f32", "Utc::now",
+                "std::fs", "std::net",
+            ],
+        );
     }
 
     #[test]
     fn storage_knows_nothing_of_transports() {
-        check("src/storage", &["crate::grpc", "crate::pb", "tonic", "crate::service"]);
+        check(
+            "src/storage",
+            &["crate::grpc", "crate::pb", "tonic", "crate::service"],
+        );
     }
 }

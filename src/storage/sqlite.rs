@@ -128,12 +128,19 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(Self { pool, write_lock: Arc::new(Mutex::new(())) })
+        Ok(Self {
+            pool,
+            write_lock: Arc::new(Mutex::new(())),
+        })
     }
 
     async fn begin_write(&self) -> StorageResult<(WriteLock, Transaction<'static, Sqlite>)> {
         let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         Ok((lock, tx))
     }
 

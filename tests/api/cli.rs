@@ -13,24 +13,50 @@ async fn tally(app: &TestApp, args: &[&str]) -> Output {
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_a_whole_job_and_reports_errors_plainly() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let out = stdout(&tally(&app, &["account", "grant", "user_1", "500", "--reason", "welcome"]).await);
+    let out = stdout(
+        &tally(
+            &app,
+            &["account", "grant", "user_1", "500", "--reason", "welcome"],
+        )
+        .await,
+    );
     assert!(out.contains("granted 500 to user_1"), "{out}");
-    let bal: Value = serde_json::from_str(&stdout(&tally(&app, &["balance", "user_1", "--json"]).await)).unwrap();
+    let bal: Value = serde_json::from_str(&stdout(
+        &tally(&app, &["balance", "user_1", "--json"]).await,
+    ))
+    .unwrap();
     assert_eq!(bal["available"], 500);
     let r: Value = serde_json::from_str(&stdout(
-        &tally(&app, &["reserve", "user_1", "40", "--ttl", "10m", "--meta", "job=j1", "--json"]).await,
+        &tally(
+            &app,
+            &[
+                "reserve", "user_1", "40", "--ttl", "10m", "--meta", "job=j1", "--json",
+            ],
+        )
+        .await,
     ))
     .unwrap();
     let hold = r["hold"]["hold_id"].as_str().unwrap().to_owned();
-    assert_eq!((r["available"].as_i64(), r["hold"]["metadata"]["job"].as_str()), (Some(460), Some("j1")));
-    let holds: Value = serde_json::from_str(&stdout(&tally(&app, &["holds", "user_1", "--json"]).await)).unwrap();
+    assert_eq!(
+        (
+            r["available"].as_i64(),
+            r["hold"]["metadata"]["job"].as_str()
+        ),
+        (Some(460), Some("j1"))
+    );
+    let holds: Value =
+        serde_json::from_str(&stdout(&tally(&app, &["holds", "user_1", "--json"]).await)).unwrap();
     assert_eq!(holds.as_array().unwrap().len(), 1);
     let out = stdout(&tally(&app, &["commit", &hold, "35"]).await);
     assert!(out.contains("committed 35 (released 5"), "{out}");
@@ -43,9 +69,16 @@ async fn the_cli_drives_a_whole_job_and_reports_errors_plainly() {
     assert_eq!(failed.status.code(), Some(1));
     let err = String::from_utf8(failed.stderr).unwrap();
     assert!(err.starts_with("error: INSUFFICIENT_CREDITS"), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
     let failed = tally(&app, &["commit", &hold, "1"]).await;
-    assert!(String::from_utf8(failed.stderr).unwrap().contains("HOLD_ALREADY_COMMITTED"));
+    assert!(
+        String::from_utf8(failed.stderr)
+            .unwrap()
+            .contains("HOLD_ALREADY_COMMITTED")
+    );
     app.finish().await;
 }
 
@@ -58,5 +91,8 @@ async fn the_cli_says_plainly_when_no_server_is_running() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("cannot reach tally at http://127.0.0.1:9"), "{err}");
+    assert!(
+        err.contains("cannot reach tally at http://127.0.0.1:9"),
+        "{err}"
+    );
 }

@@ -1,6 +1,18 @@
 //! Black-box tests: a real server on a loopback port, real tonic clients, both backends.
 //! Every test ends with `TestApp::finish`, which checks the ledger invariants.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs)]
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::too_many_lines,
+    clippy::many_single_char_names
+)]
+#![allow(clippy::cast_possible_wrap)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -15,7 +27,9 @@ use tonic_types::StatusExt;
 
 /// The `ErrorInfo.reason` of a status (every Tally error has one).
 pub fn reason(s: &Status) -> String {
-    let info = s.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo on {s:?}"));
+    let info = s
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo on {s:?}"));
     assert_eq!(info.domain, "tally.v1");
     info.reason
 }
@@ -25,9 +39,19 @@ pub fn expect_error(s: &Status, code: Code, why: &str) {
 }
 
 pub fn reserve_req(account: &str, amount: i64, key: &str) -> pb::ReserveRequest {
-    pb::ReserveRequest { account_id: account.into(), amount, idempotency_key: key.into(), ..Default::default() }
+    pb::ReserveRequest {
+        account_id: account.into(),
+        amount,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
 }
 
 pub fn grant_req(account: &str, amount: i64, key: &str) -> pb::GrantRequest {
-    pb::GrantRequest { account_id: account.into(), amount, reason: "test".into(), idempotency_key: key.into() }
+    pb::GrantRequest {
+        account_id: account.into(),
+        amount,
+        reason: "test".into(),
+        idempotency_key: key.into(),
+    }
 }

@@ -26,14 +26,22 @@ async fn concurrent_reserves_never_overdraw(backend: Backend) {
     for i in 0..64 {
         let ledger = ledger.clone();
         set.spawn(async move {
-            ledger.reserve(&Caller::anonymous(), key(&format!("r{i}")), &reserve_cmd("acct", 7, TimeDelta::minutes(5))).await
+            ledger
+                .reserve(
+                    &Caller::anonymous(),
+                    key(&format!("r{i}")),
+                    &reserve_cmd("acct", 7, TimeDelta::minutes(5)),
+                )
+                .await
         });
     }
     let (mut ok, mut refused) = (0, 0);
     while let Some(r) = set.join_next().await {
         match r.unwrap() {
             Ok(_) => ok += 1,
-            Err(ServiceError::Rejected(LedgerError::InsufficientCredits { requested: 7, .. })) => refused += 1,
+            Err(ServiceError::Rejected(LedgerError::InsufficientCredits {
+                requested: 7, ..
+            })) => refused += 1,
             Err(e) => panic!("unexpected error: {e:?}"),
         }
     }
@@ -53,16 +61,29 @@ async fn identical_concurrent_reserves_make_one_hold(backend: Backend) {
         let ledger = ledger.clone();
         // Each attempt gets its own server-generated hold id, as separate RPCs would.
         set.spawn(async move {
-            ledger.reserve(&Caller::anonymous(), key("job-42"), &reserve_cmd("acct", 30, TimeDelta::minutes(5))).await
+            ledger
+                .reserve(
+                    &Caller::anonymous(),
+                    key("job-42"),
+                    &reserve_cmd("acct", 30, TimeDelta::minutes(5)),
+                )
+                .await
         });
     }
     let mut outcomes = Vec::new();
     while let Some(r) = set.join_next().await {
         outcomes.push(r.unwrap().unwrap());
     }
-    assert_eq!(outcomes.iter().filter(|a| !a.replayed).count(), 1, "exactly one attempt did the work");
+    assert_eq!(
+        outcomes.iter().filter(|a| !a.replayed).count(),
+        1,
+        "exactly one attempt did the work"
+    );
     let first = &outcomes[0].outcome;
-    assert!(outcomes.iter().all(|a| &a.outcome == first), "all 50 responses are identical");
+    assert!(
+        outcomes.iter().all(|a| &a.outcome == first),
+        "all 50 responses are identical"
+    );
     let b = store.balance(&crate::account("acct")).await.unwrap();
     assert_eq!((b.available, b.held, b.open_holds), (970, 30, 1));
     assert_ledger_balances(store.as_ref()).await;
@@ -97,28 +118,49 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
             set.spawn(async move {
                 let n = wave * WAVE + i;
                 let r = ledger
-                    .reserve(&Caller::anonymous(), key(&format!("r{n}")), &reserve_cmd("acct", 5, TimeDelta::milliseconds(40)))
+                    .reserve(
+                        &Caller::anonymous(),
+                        key(&format!("r{n}")),
+                        &reserve_cmd("acct", 5, TimeDelta::milliseconds(40)),
+                    )
                     .await
                     .unwrap();
                 // Commit somewhere around the expiry (40 ms): sometimes before, sometimes after.
                 tokio::time::sleep(Duration::from_millis(20 + (n as u64 * 7) % 45)).await;
                 let hold_id = r.outcome.hold.hold_id.clone();
-                let c = ledger.commit_hold(&Caller::anonymous(), key(&format!("c{n}")), &commit_cmd(&hold_id, 3)).await;
+                let c = ledger
+                    .commit_hold(
+                        &Caller::anonymous(),
+                        key(&format!("c{n}")),
+                        &commit_cmd(&hold_id, 3),
+                    )
+                    .await;
                 (hold_id, c)
             });
         }
         while let Some(r) = set.join_next().await {
             let (hold_id, c) = r.unwrap();
-            let hold = store.hold(&tally::domain::HoldId::parse("h", &hold_id).unwrap()).await.unwrap();
+            let hold = store
+                .hold(&tally::domain::HoldId::parse("h", &hold_id).unwrap())
+                .await
+                .unwrap();
             match c {
                 Ok(a) => {
                     assert_eq!(a.outcome.hold.state, HoldState::Committed);
-                    assert_eq!(hold.state, HoldState::Committed, "a committed hold stays committed");
+                    assert_eq!(
+                        hold.state,
+                        HoldState::Committed,
+                        "a committed hold stays committed"
+                    );
                     committed += 1;
                     charged += 3;
                 }
                 Err(ServiceError::Rejected(LedgerError::HoldExpired)) => {
-                    assert_eq!(hold.state, HoldState::Expired, "an expired hold stays expired");
+                    assert_eq!(
+                        hold.state,
+                        HoldState::Expired,
+                        "an expired hold stays expired"
+                    );
                     expired += 1;
                 }
                 Err(e) => panic!("unexpected error: {e:?}"),
@@ -129,7 +171,10 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
     let swept = sweeper.await.unwrap();
     while store.expire_due(1_000).await.unwrap() > 0 {}
     assert_eq!(committed + expired, ROUNDS);
-    assert!(committed > 0 && expired > 0 && swept > 0, "the race was real: {committed} committed, {expired} expired, {swept} swept");
+    assert!(
+        committed > 0 && expired > 0 && swept > 0,
+        "the race was real: {committed} committed, {expired} expired, {swept} swept"
+    );
     let b = store.balance(&crate::account("acct")).await.unwrap();
     assert_eq!((b.available, b.held, b.open_holds), (start - charged, 0, 0));
     assert_ledger_balances(store.as_ref()).await;
@@ -143,17 +188,44 @@ async fn two_sweepers_expire_each_hold_once(backend: Backend) {
         grant(store.as_ref(), &format!("a{a}"), 100).await;
         for i in 0..10 {
             let cmd = reserve_cmd(&format!("a{a}"), 1 + i, TimeDelta::milliseconds(500));
-            store.reserve(&crate::idem("t", &format!("r{a}-{i}"), cmd.fingerprint()), &cmd).await.unwrap();
+            store
+                .reserve(
+                    &crate::idem("t", &format!("r{a}-{i}"), cmd.fingerprint()),
+                    &cmd,
+                )
+                .await
+                .unwrap();
         }
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (x, y) = tokio::join!(
-        async { let mut n = 0; loop { let k = store.expire_due(7).await.unwrap(); n += k; if k == 0 { break n; } } },
-        async { let mut n = 0; loop { let k = other.expire_due(7).await.unwrap(); n += k; if k == 0 { break n; } } },
+        async {
+            let mut n = 0;
+            loop {
+                let k = store.expire_due(7).await.unwrap();
+                n += k;
+                if k == 0 {
+                    break n;
+                }
+            }
+        },
+        async {
+            let mut n = 0;
+            loop {
+                let k = other.expire_due(7).await.unwrap();
+                n += k;
+                if k == 0 {
+                    break n;
+                }
+            }
+        },
     );
     assert_eq!(x + y, 200, "each of the 200 holds expired exactly once");
     for a in 0..20 {
-        let b = store.balance(&crate::account(&format!("a{a}"))).await.unwrap();
+        let b = store
+            .balance(&crate::account(&format!("a{a}")))
+            .await
+            .unwrap();
         assert_eq!((b.available, b.held), (100, 0));
     }
     assert_ledger_balances(store.as_ref()).await;

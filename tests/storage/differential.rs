@@ -50,17 +50,37 @@ enum Cmd {
 /// What must agree between model and backend: everything but ids and timestamps.
 #[derive(Debug, PartialEq)]
 enum Summary {
-    Reserve { amount: i64, available: i64 },
-    Commit { committed: i64, released: i64, extra: i64, available: i64 },
-    Refund { refunded: i64, state: HoldState, total: i64, available: i64 },
-    Extend { state: HoldState },
-    Grant { available: i64 },
+    Reserve {
+        amount: i64,
+        available: i64,
+    },
+    Commit {
+        committed: i64,
+        released: i64,
+        extra: i64,
+        available: i64,
+    },
+    Refund {
+        refunded: i64,
+        state: HoldState,
+        total: i64,
+        available: i64,
+    },
+    Extend {
+        state: HoldState,
+    },
+    Grant {
+        available: i64,
+    },
     Refused(LedgerError),
 }
 
 fn summary(r: Result<Outcome, LedgerError>) -> Summary {
     match r {
-        Ok(Outcome::Reserve(o)) => Summary::Reserve { amount: o.hold.amount, available: o.available },
+        Ok(Outcome::Reserve(o)) => Summary::Reserve {
+            amount: o.hold.amount,
+            available: o.available,
+        },
         Ok(Outcome::Commit(o)) => Summary::Commit {
             committed: o.hold.committed_amount,
             released: o.released,
@@ -73,8 +93,12 @@ fn summary(r: Result<Outcome, LedgerError>) -> Summary {
             total: o.hold.refunded_amount,
             available: o.available,
         },
-        Ok(Outcome::Extend(o)) => Summary::Extend { state: o.hold.state },
-        Ok(Outcome::Grant(o)) => Summary::Grant { available: o.available },
+        Ok(Outcome::Extend(o)) => Summary::Extend {
+            state: o.hold.state,
+        },
+        Ok(Outcome::Grant(o)) => Summary::Grant {
+            available: o.available,
+        },
         Err(e) => Summary::Refused(e),
     }
 }
@@ -89,22 +113,41 @@ fn rejected<T>(r: Result<T, StorageError>) -> Result<T, LedgerError> {
 async fn on_store(store: &dyn Store, key: &str, cmd: &Cmd) -> Result<Outcome, LedgerError> {
     let i = |fp| idem("diff", key, fp);
     match cmd {
-        Cmd::Grant(c) => rejected(store.grant(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
-        Cmd::Reserve(c) => rejected(store.reserve(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
-        Cmd::Commit(c) => rejected(store.commit_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
-        Cmd::Refund(c) => rejected(store.refund(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
-        Cmd::Extend(c) => rejected(store.extend_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into()),
+        Cmd::Grant(c) => {
+            rejected(store.grant(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Reserve(c) => {
+            rejected(store.reserve(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Commit(c) => {
+            rejected(store.commit_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Refund(c) => {
+            rejected(store.refund(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Extend(c) => {
+            rejected(store.extend_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
     }
 }
 
-fn on_model(model: &mut Model, key: &str, cmd: &Cmd, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
+fn on_model(
+    model: &mut Model,
+    key: &str,
+    cmd: &Cmd,
+    now: DateTime<Utc>,
+) -> Result<Outcome, LedgerError> {
     let i = |fp| idem("diff", key, fp);
     match cmd {
         Cmd::Grant(c) => model.grant(&i(c.fingerprint()), c).map(Into::into),
         Cmd::Reserve(c) => model.reserve(&i(c.fingerprint()), c, now).map(Into::into),
-        Cmd::Commit(c) => model.commit_hold(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Commit(c) => model
+            .commit_hold(&i(c.fingerprint()), c, now)
+            .map(Into::into),
         Cmd::Refund(c) => model.refund(&i(c.fingerprint()), c, now).map(Into::into),
-        Cmd::Extend(c) => model.extend_hold(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Extend(c) => model
+            .extend_hold(&i(c.fingerprint()), c, now)
+            .map(Into::into),
     }
 }
 
@@ -123,21 +166,50 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
     for (step, op) in ops.into_iter().enumerate() {
         let pick = |i: usize| holds.get(i % holds.len().max(1)).cloned();
         let (key, cmd) = match op {
-            Op::Grant(a, n) => (format!("r{run}-{step}"), Cmd::Grant(Grant { account_id: account(&acct(a)), amount: credits(n), reason: "d".into() })),
+            Op::Grant(a, n) => (
+                format!("r{run}-{step}"),
+                Cmd::Grant(Grant {
+                    account_id: account(&acct(a)),
+                    amount: credits(n),
+                    reason: "d".into(),
+                }),
+            ),
             Op::Reserve(a, n) => (
                 format!("r{run}-{step}"),
-                Cmd::Reserve(Reserve { account_id: account(&acct(a)), amount: credits(n), ttl, metadata: Metadata::default(), hold_id: new_hold_id() }),
+                Cmd::Reserve(Reserve {
+                    account_id: account(&acct(a)),
+                    amount: credits(n),
+                    ttl,
+                    metadata: Metadata::default(),
+                    hold_id: new_hold_id(),
+                }),
             ),
             Op::Commit(h, n) => match pick(h) {
-                Some(h) => (format!("r{run}-{step}"), Cmd::Commit(CommitHold { hold_id: h, amount: credits(n) })),
+                Some(h) => (
+                    format!("r{run}-{step}"),
+                    Cmd::Commit(CommitHold {
+                        hold_id: h,
+                        amount: credits(n),
+                    }),
+                ),
                 None => continue,
             },
             Op::Refund(h, n) => match pick(h) {
-                Some(h) => (format!("r{run}-{step}"), Cmd::Refund(Refund { hold_id: h, amount: n.map(credits), reason: String::new() })),
+                Some(h) => (
+                    format!("r{run}-{step}"),
+                    Cmd::Refund(Refund {
+                        hold_id: h,
+                        amount: n.map(credits),
+                        reason: String::new(),
+                    }),
+                ),
                 None => continue,
             },
             Op::Extend(h) => match pick(h) {
-                Some(h) => (format!("r{run}-{step}"), Cmd::Extend(ExtendHold { hold_id: h, ttl })),
+                Some(h) => (
+                    format!("r{run}-{step}"),
+                    Cmd::Extend(ExtendHold { hold_id: h, ttl }),
+                ),
                 None => continue,
             },
             Op::Retry(back) if !sent.is_empty() => sent[back % sent.len()].clone(),
@@ -150,8 +222,15 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
         }
         prop_assert_eq!(summary(got), summary(want), "step {} {:?}", step, cmd);
         for a in 0..3 {
-            let b = store.balance(&account(&acct(a))).await.ok().map(|b| (b.available, b.held, b.open_holds));
-            let m = model.balance(&acct(a), now).ok().map(|b| (b.available, b.held, b.open_holds));
+            let b = store
+                .balance(&account(&acct(a)))
+                .await
+                .ok()
+                .map(|b| (b.available, b.held, b.open_holds));
+            let m = model
+                .balance(&acct(a), now)
+                .ok()
+                .map(|b| (b.available, b.held, b.open_holds));
             prop_assert_eq!(b, m, "balance of {} after step {}", acct(a), step);
         }
         sent.push((key, cmd));
@@ -163,7 +242,11 @@ async fn backend_agrees_with_the_reference_model(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store: Arc<dyn Store> = db.store().await;
     let handle = tokio::runtime::Handle::current();
-    let mut runner = TestRunner::new(Config { cases: 24, failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        failure_persistence: None,
+        ..Config::default()
+    });
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         tokio::task::block_in_place(|| handle.block_on(run_case(store.as_ref(), ops)))
     });

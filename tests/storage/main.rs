@@ -1,6 +1,22 @@
 //! Storage conformance: both backends against the ledger's rules, under concurrency.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs)]
-#![allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::too_many_lines,
+    clippy::many_single_char_names
+)]
+#![allow(clippy::cast_possible_wrap)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -18,7 +34,11 @@ use tally::service::{Ledger, new_hold_id};
 use tally::storage::Store;
 
 pub fn idem(caller: &str, key: &str, fingerprint: [u8; 32]) -> Idempotency {
-    Idempotency { caller: Caller::new(caller), key: IdempotencyKey::parse("k", key).unwrap(), fingerprint }
+    Idempotency {
+        caller: Caller::new(caller),
+        key: IdempotencyKey::parse("k", key).unwrap(),
+        fingerprint,
+    }
 }
 
 pub fn account(s: &str) -> AccountId {
@@ -30,16 +50,40 @@ pub fn credits(n: i64) -> Credits {
 }
 
 pub fn reserve_cmd(acct: &str, amount: i64, ttl: TimeDelta) -> Reserve {
-    Reserve { account_id: account(acct), amount: credits(amount), ttl, metadata: Metadata::default(), hold_id: new_hold_id() }
+    Reserve {
+        account_id: account(acct),
+        amount: credits(amount),
+        ttl,
+        metadata: Metadata::default(),
+        hold_id: new_hold_id(),
+    }
 }
 
 pub fn commit_cmd(hold: &str, amount: i64) -> CommitHold {
-    CommitHold { hold_id: HoldId::parse("h", hold).unwrap(), amount: credits(amount) }
+    CommitHold {
+        hold_id: HoldId::parse("h", hold).unwrap(),
+        amount: credits(amount),
+    }
 }
 
 pub async fn grant(store: &dyn Store, acct: &str, amount: i64) -> GrantOutcome {
-    let cmd = Grant { account_id: account(acct), amount: credits(amount), reason: "test".into() };
-    store.grant(&idem("test", &format!("grant-{}", uuid::Uuid::now_v7()), cmd.fingerprint()), &cmd).await.unwrap().outcome
+    let cmd = Grant {
+        account_id: account(acct),
+        amount: credits(amount),
+        reason: "test".into(),
+    };
+    store
+        .grant(
+            &idem(
+                "test",
+                &format!("grant-{}", uuid::Uuid::now_v7()),
+                cmd.fingerprint(),
+            ),
+            &cmd,
+        )
+        .await
+        .unwrap()
+        .outcome
 }
 
 pub fn ledger(store: &Arc<dyn Store>) -> Ledger {

@@ -3,7 +3,12 @@
 //!
 //! PostgreSQL comes from `DATABASE_URL` (scripts/test starts a throwaway cluster and sets it).
 //! Without it the PostgreSQL half fails loudly instead of skipping.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::missing_panics_doc
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +50,9 @@ fn admin_url() -> String {
 
 /// Replaces the database name in a PostgreSQL URL.
 fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let after_scheme = base.find("://").map_or(0, |i| i + 3);
     let base = match base[after_scheme..].find('/') {
         Some(i) => &base[..after_scheme + i],
@@ -63,20 +70,26 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join("tally.db").display());
-                Self { url, _dir: Some(dir) }
+                Self {
+                    url,
+                    _dir: Some(dir),
+                }
             }
             Backend::Postgres => {
                 let admin = admin_url();
                 let name = format!("tally_test_{}", uuid::Uuid::now_v7().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-                    panic!("cannot reach the PostgreSQL of DATABASE_URL: {e}")
-                });
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach the PostgreSQL of DATABASE_URL: {e}"));
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut conn)
                     .await
                     .unwrap();
                 conn.close().await.unwrap();
-                Self { url: with_database(&admin, &name), _dir: None }
+                Self {
+                    url: with_database(&admin, &name),
+                    _dir: None,
+                }
             }
         }
     }
@@ -104,11 +117,17 @@ impl TestDb {
 /// Fails the test if any account's entries, balance columns and open holds disagree.
 pub async fn assert_ledger_balances(store: &dyn Store) {
     let violations = store.audit().await.unwrap();
-    assert!(violations.is_empty(), "ledger invariant violated: {violations:#?}");
+    assert!(
+        violations.is_empty(),
+        "ledger invariant violated: {violations:#?}"
+    );
 }
 
 pub fn limits() -> Limits {
-    Limits { hold_ttl_default: TimeDelta::minutes(10), hold_ttl_max: TimeDelta::hours(24) }
+    Limits {
+        hold_ttl_default: TimeDelta::minutes(10),
+        hold_ttl_max: TimeDelta::hours(24),
+    }
 }
 
 /// A server running in this process on a loopback port.
@@ -152,7 +171,13 @@ impl TestApp {
             .await
             .unwrap();
         });
-        Self { addr, db, store, stop: Some(tx), handle: Some(handle) }
+        Self {
+            addr,
+            db,
+            store,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -160,7 +185,11 @@ impl TestApp {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn credit(&self) -> CreditServiceClient<Channel> {
