@@ -334,9 +334,13 @@ WHERE a.available <> COALESCE(e.av, 0) OR a.held <> COALESCE(e.he, 0)
    OR a.held <> COALESCE(h.open_amount, 0)
 ORDER BY a.account_id";
 
+/// A row of [`AUDIT_SQL`]: account, columns (available, held), entry sums (available, held),
+/// and the sum of open holds.
+pub(crate) type AuditRow = (String, i64, i64, i64, i64, i64);
+
 /// Turns a row of [`AUDIT_SQL`] into a violation.
-pub(crate) fn violation(account_id: String, cols: [i64; 5]) -> Violation {
-    let [available, held, entries_available, entries_held, open_held] = cols;
+pub(crate) fn violation(row: AuditRow) -> Violation {
+    let (account_id, available, held, entries_available, entries_held, open_held) = row;
     Violation {
         account_id,
         detail: format!(

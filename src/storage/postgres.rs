@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use super::{
-    AUDIT_SQL, Applied, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
+    AUDIT_SQL, Applied, AuditRow, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
     Violation, constraint_rejection, narrow, replay, state_names, to_record, violation,
 };
 use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
@@ -574,25 +574,11 @@ impl Store for PgStore {
     }
 
     async fn audit(&self) -> StorageResult<Vec<Violation>> {
-        let rows = sqlx::query(AUDIT_SQL)
+        let rows: Vec<AuditRow> = sqlx::query_as(AUDIT_SQL)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                let col = |n: &str| r.try_get::<i64, _>(n).map_err(map_err);
-                Ok(violation(
-                    r.try_get("account_id").map_err(map_err)?,
-                    [
-                        col("available")?,
-                        col("held")?,
-                        col("entries_available")?,
-                        col("entries_held")?,
-                        col("open_held")?,
-                    ],
-                ))
-            })
-            .collect()
+        Ok(rows.into_iter().map(violation).collect())
     }
 
     async fn ping(&self) -> StorageResult<()> {

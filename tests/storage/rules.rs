@@ -368,6 +368,39 @@ async fn purged_keys_are_forgotten(backend: Backend) {
     assert_ledger_balances(store.as_ref()).await;
 }
 
+async fn the_audit_finds_an_injected_imbalance(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    grant(store.as_ref(), "acct", 5).await;
+    assert!(store.audit().await.unwrap().is_empty());
+    // An entry written behind the ledger's back: the balance columns no longer agree.
+    let sql = "INSERT INTO entry (account_id, kind, available_delta, held_delta, reason, created_at) \
+               VALUES ('acct', 'grant', 7, 0, 'forged', 0)";
+    match backend {
+        Backend::Sqlite => {
+            sqlx::query(sql)
+                .execute(db.sqlite().await.pool())
+                .await
+                .unwrap();
+        }
+        Backend::Postgres => {
+            let sql = sql.replace(", 0)", ", now())");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(db.postgres().await.pool())
+                .await
+                .unwrap();
+        }
+    }
+    let found = store.audit().await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].account_id, "acct");
+    assert!(
+        found[0].detail.contains("entries available=12"),
+        "{}",
+        found[0].detail
+    );
+}
+
 crate::on_both_backends!(
     a_retry_after_restart_replays_and_a_reused_key_changes_nothing,
     a_refused_call_stores_no_key_so_it_can_be_retried,
@@ -377,4 +410,5 @@ crate::on_both_backends!(
     entries_are_append_only,
     unknown_accounts_and_holds_are_not_found,
     purged_keys_are_forgotten,
+    the_audit_finds_an_injected_imbalance,
 );
