@@ -12,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use crate::catalog::Catalog;
 use crate::grpc::{AdminApi, CreditApi, MAX_MESSAGE_BYTES};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::credit_service_server::CreditServiceServer;
@@ -42,6 +43,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// How long shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
+    /// Plans, packs and prices.
+    pub catalog: Arc<Catalog>,
 }
 
 /// Start-up failures.
@@ -198,8 +201,11 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                CreditServiceServer::new(CreditApi::new(ledger.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                CreditServiceServer::new(CreditApi::new(
+                    ledger.clone(),
+                    Arc::clone(&settings.catalog),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
                 AdminServiceServer::new(AdminApi::new(ledger))

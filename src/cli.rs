@@ -1,6 +1,7 @@
 //! The `tally` command line: `serve`, `migrate`, and a client for a running server.
 #![allow(clippy::print_stdout)] // printing results is this module's job
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 use crate::app::Settings;
+use crate::catalog::Catalog;
 use crate::pb;
 use crate::pb::admin_service_client::AdminServiceClient;
 use crate::pb::credit_service_client::CreditServiceClient;
@@ -47,12 +49,19 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Hold credits for a job.
+    /// Hold credits for a job: an amount, or an operation priced by the server.
     Reserve {
         /// Account id.
         account: String,
-        /// Credits to hold.
-        amount: i64,
+        /// Credits to hold (omit with --operation).
+        #[arg(required_unless_present = "operation")]
+        amount: Option<i64>,
+        /// Price the hold from the server's price table instead (e.g. video_export).
+        #[arg(long, conflicts_with = "amount")]
+        operation: Option<String>,
+        /// Operation parameter KEY=VALUE (repeatable), e.g. --param seconds=12.
+        #[arg(long = "param", value_parser = parse_pair, requires = "operation")]
+        params: Vec<(String, String)>,
         /// Hold lifetime (e.g. 90s, 10m, 2h); server default if omitted.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
@@ -122,6 +131,21 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Price an operation with the server's price table (nothing is reserved).
+    Estimate {
+        /// Operation name (e.g. video_export).
+        operation: String,
+        /// Parameter KEY=VALUE (repeatable), e.g. --param seconds=12 --param resolution=1080p.
+        #[arg(long = "param", value_parser = parse_pair)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The catalog file (plans, packs, prices).
+    Catalog {
+        #[command(subcommand)]
+        action: CatalogCommand,
+    },
     /// Account administration.
     Account {
         #[command(subcommand)]
@@ -146,6 +170,18 @@ pub enum AccountCommand {
         key: KeyArgs,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+/// `tally catalog ...`
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Print the built-in catalog (a commented example to start from).
+    PrintDefault,
+    /// Validate a catalog file and summarize it.
+    Check {
+        /// The file.
+        path: std::path::PathBuf,
     },
 }
 
@@ -181,6 +217,9 @@ pub struct ServeArgs {
     /// Server-side cap on a call's duration.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// Catalog file: plans, packs and prices (the built-in default when omitted).
+    #[arg(long, env = "TALLY_CATALOG")]
+    pub catalog: Option<std::path::PathBuf>,
     /// How long shutdown waits for in-flight calls.
     #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -229,6 +268,13 @@ impl ServeArgs {
             sweep_interval: self.sweep_interval,
             request_timeout: self.request_timeout,
             shutdown_grace: self.shutdown_grace,
+            catalog: std::sync::Arc::new(
+                match &self.catalog {
+                    Some(path) => Catalog::load(path),
+                    None => Catalog::builtin(),
+                }
+                .map_err(|e| format!("--catalog: {e}"))?,
+            ),
         })
     }
 }
@@ -408,7 +454,35 @@ fn print(json: bool, value: &Value, text: &str) {
 #[allow(clippy::too_many_lines, clippy::many_single_char_names)] // one arm per command: decode → call → print
 pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
-        Command::Serve(_) | Command::Migrate { .. } => Ok(()),
+        Command::Serve(_) | Command::Migrate { .. } | Command::Catalog { .. } => Ok(()),
+        Command::Estimate {
+            operation,
+            params,
+            client,
+        } => {
+            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let req = pb::EstimateCostRequest {
+                operation,
+                params: params.into_iter().collect(),
+            };
+            let e = svc
+                .estimate_cost(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, None))?
+                .into_inner();
+            let factors: Vec<Value> = e
+                .factors
+                .iter()
+                .map(|f| json!({"name": f.name, "value": f.value, "detail": f.detail}))
+                .collect();
+            let v = json!({"cost": e.cost, "exact": e.exact, "factors": factors});
+            let mut text = format!("{} credits", e.cost);
+            for f in &e.factors {
+                let _ = write!(text, "\n  {:<12} {}", f.name, f.detail);
+            }
+            print(client.json, &v, &text);
+            Ok(())
+        }
         Command::Balance { account, client } => {
             let mut svc = CreditServiceClient::new(channel(&client).await?);
             let b = svc
@@ -432,6 +506,8 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Reserve {
             account,
             amount,
+            operation,
+            params,
             ttl,
             metadata,
             key,
@@ -445,10 +521,14 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             });
             let req = pb::ReserveRequest {
                 account_id: account,
-                amount,
+                amount: amount.unwrap_or(0),
                 idempotency_key: k.clone(),
                 ttl,
                 metadata: metadata.into_iter().collect(),
+                operation: operation.map(|operation| pb::PricedOperation {
+                    operation,
+                    params: params.into_iter().collect(),
+                }),
             };
             let r = svc
                 .reserve(request(req, client.timeout))
@@ -643,6 +723,31 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 r.account_id, r.entry_id, r.available
             );
             print(client.json, &v, &text);
+            Ok(())
+        }
+    }
+}
+
+/// Runs `tally catalog ...`.
+///
+/// # Errors
+/// The validation error of the file.
+pub fn run_catalog(action: &CatalogCommand) -> Result<(), String> {
+    match action {
+        CatalogCommand::PrintDefault => {
+            print!("{}", crate::catalog::DEFAULT_TOML);
+            Ok(())
+        }
+        CatalogCommand::Check { path } => {
+            let c = Catalog::load(path).map_err(|e| e.to_string())?;
+            println!(
+                "ok: {} plans ({}), {} packs, {} priced operations ({})",
+                c.plans.len(),
+                c.plans.keys().cloned().collect::<Vec<_>>().join(", "),
+                c.packs.len(),
+                c.pricing.len(),
+                c.pricing.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
             Ok(())
         }
     }

@@ -25,6 +25,7 @@
 )]
 
 pub mod app;
+pub mod catalog;
 pub mod cli;
 pub mod domain;
 pub mod grpc;

@@ -74,6 +74,10 @@ async fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Catalog { action } => match tally::cli::run_catalog(&action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         command => match tally::cli::run_client(command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

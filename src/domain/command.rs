@@ -45,6 +45,10 @@ pub struct Reserve {
     pub metadata: Metadata,
     /// The id the hold will get (generated before the request is applied).
     pub hold_id: HoldId,
+    /// For a priced reserve, the canonical operation and params the amount was computed from.
+    /// The fingerprint covers these instead of the amount, so a retry after a price change
+    /// still matches the original request.
+    pub priced: Option<String>,
 }
 
 impl Reserve {
@@ -61,7 +65,10 @@ impl Reserve {
             "reserve",
             &[
                 self.account_id.as_str(),
-                &self.amount.to_string(),
+                &self
+                    .priced
+                    .as_ref()
+                    .map_or_else(|| self.amount.to_string(), |p| format!("priced:{p}")),
                 &self.ttl.num_milliseconds().to_string(),
                 &meta.join("\n"),
             ],

@@ -13,6 +13,7 @@ pub mod hold;
 pub mod ids;
 pub mod model;
 pub mod outcome;
+pub mod pricing;
 pub mod rules;
 
 pub use amount::{Credits, MAX_BALANCE};

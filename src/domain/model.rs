@@ -574,7 +574,7 @@ mod tests {
                         Some(Sent::Reserve(Reserve {
                             account_id: AccountId::parse("a", &format!("acct{account}")).unwrap(),
                             amount: credits(amount), ttl: TimeDelta::seconds(ttl_secs),
-                            metadata: Metadata::default(), hold_id: HoldId::from_bytes(b) }))
+                            metadata: Metadata::default(), hold_id: HoldId::from_bytes(b), priced: None }))
                     }
                     Op::Commit { hold, amount } => pick(hold).map(|h| Sent::Commit(CommitHold {
                         hold_id: HoldId::parse("h", &h).unwrap(), amount: credits(amount) })),
@@ -662,6 +662,7 @@ mod tests {
             ttl: TimeDelta::seconds(60),
             metadata: Metadata::default(),
             hold_id: HoldId::from_bytes([1; 16]),
+            priced: None,
         };
         l.reserve(&idem("r", r.fingerprint()), &r, now).unwrap();
         let c = CommitHold {

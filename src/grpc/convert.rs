@@ -1,9 +1,13 @@
 //! Protobuf requests → validated domain commands (collecting every violation), and domain
 //! outcomes → protobuf messages.
 
+use std::fmt::Write as _;
+
 use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::catalog::Catalog;
 use crate::domain::command::{CommitHold, ExtendHold, Grant, REASON_MAX_LEN, Refund, Reserve};
+use crate::domain::pricing::Estimate;
 use crate::domain::{
     AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata,
 };
@@ -73,10 +77,24 @@ pub fn hold_id(hold_id: &str) -> Result<HoldId, ServiceError> {
 pub fn reserve(
     r: pb::ReserveRequest,
     limits: &Limits,
+    catalog: &Catalog,
 ) -> Result<(IdempotencyKey, Reserve), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
-    let amount = c.field(Credits::new("amount", r.amount));
+    let (amount, priced) = match (r.amount, r.operation) {
+        (0, Some(op)) => match price(catalog, &op.operation, &op.params) {
+            Ok(e) => (Some(e.cost), Some(canonical(&op.operation, &op.params))),
+            Err(v) => (c.field(Err(v)), None),
+        },
+        (n, None) => (c.field(Credits::new("amount", n)), None),
+        (_, Some(_)) => (
+            c.field(Err(FieldViolation::new(
+                "amount",
+                "set either amount or operation, not both",
+            ))),
+            None,
+        ),
+    };
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
     let ttl = c.field(duration("ttl", r.ttl).and_then(|t| limits.ttl(t)));
     let metadata = c.field(Metadata::parse(r.metadata));
@@ -89,6 +107,7 @@ pub fn reserve(
                 ttl: ttl?,
                 metadata: metadata?,
                 hold_id: new_hold_id(),
+                priced,
             },
         ))
     })();
@@ -283,5 +302,59 @@ pub fn hold_to_pb(h: Hold) -> pb::Hold {
         expires_at: Some(ts(h.expires_at)),
         resolved_at: h.resolved_at.map(ts),
         metadata: h.metadata.pairs().clone().into_iter().collect(),
+    }
+}
+
+/// Prices `operation` with `params` from the catalog.
+///
+/// # Errors
+/// A violation on `operation` (unknown) or `params` (unknown, missing or malformed).
+pub fn price<S: std::hash::BuildHasher>(
+    catalog: &Catalog,
+    operation: &str,
+    params: &std::collections::HashMap<String, String, S>,
+) -> Result<Estimate, FieldViolation> {
+    let op = catalog.pricing.get(operation).ok_or_else(|| {
+        let known: Vec<&str> = catalog.pricing.keys().map(String::as_str).collect();
+        FieldViolation::new(
+            "operation",
+            format!(
+                "unknown operation {operation:?}; known: {}",
+                known.join(", ")
+            ),
+        )
+    })?;
+    op.price
+        .estimate(&params.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The canonical text of a priced request (sorted params), for its fingerprint.
+fn canonical<S: std::hash::BuildHasher>(
+    operation: &str,
+    params: &std::collections::HashMap<String, String, S>,
+) -> String {
+    let sorted: std::collections::BTreeMap<&String, &String> = params.iter().collect();
+    let mut text = operation.to_owned();
+    for (k, v) in sorted {
+        let _ = write!(text, "\n{}:{k}={v}", k.len());
+    }
+    text
+}
+
+/// An estimate as a protobuf message.
+#[must_use]
+pub fn estimate_to_pb(e: Estimate) -> pb::EstimateCostResponse {
+    pb::EstimateCostResponse {
+        cost: e.cost.get(),
+        exact: e.exact,
+        factors: e
+            .factors
+            .into_iter()
+            .map(|f| pb::CostFactor {
+                name: f.name,
+                value: f.value,
+                detail: f.detail,
+            })
+            .collect(),
     }
 }

@@ -6,10 +6,13 @@
 pub mod convert;
 pub mod status;
 
+use std::sync::Arc;
+
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::catalog::Catalog;
 use crate::domain::Caller;
 use crate::pb;
 use crate::service::Ledger;
@@ -43,12 +46,13 @@ fn respond<T>(replayed: bool, message: T) -> Response<T> {
 #[derive(Clone, Debug)]
 pub struct CreditApi {
     ledger: Ledger,
+    catalog: Arc<Catalog>,
 }
 
 impl CreditApi {
-    /// Handlers over `ledger`.
-    pub fn new(ledger: Ledger) -> Self {
-        Self { ledger }
+    /// Handlers over `ledger`, pricing operations from `catalog`.
+    pub fn new(ledger: Ledger, catalog: Arc<Catalog>) -> Self {
+        Self { ledger, catalog }
     }
 }
 
@@ -74,7 +78,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
     #[instrument(name = "tally.v1.CreditService/Reserve", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
     async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Reply<pb::ReserveResponse> {
         let caller = caller(&req);
-        let (key, cmd) = convert::reserve(req.into_inner(), &self.ledger.limits())?;
+        let (key, cmd) = convert::reserve(req.into_inner(), &self.ledger.limits(), &self.catalog)?;
         let a = self.ledger.reserve(&caller, key, &cmd).await?;
         Ok(respond(
             a.replayed,
@@ -156,6 +160,17 @@ impl pb::credit_service_server::CreditService for CreditApi {
             holds: holds.into_iter().map(hold_to_pb).collect(),
             next_page_token,
         }))
+    }
+
+    #[instrument(name = "tally.v1.CreditService/EstimateCost", skip_all, fields(operation = %req.get_ref().operation))]
+    async fn estimate_cost(
+        &self,
+        req: Request<pb::EstimateCostRequest>,
+    ) -> Reply<pb::EstimateCostResponse> {
+        let r = req.get_ref();
+        let estimate = convert::price(&self.catalog, &r.operation, &r.params)
+            .map_err(crate::service::ServiceError::from)?;
+        Ok(Response::new(convert::estimate_to_pb(estimate)))
     }
 }
 

@@ -65,6 +65,41 @@ async fn the_cli_drives_a_whole_job_and_reports_errors_plainly() {
     let text = stdout(&tally(&app, &["balance", "user_1"]).await);
     assert!(text.contains("available   470"), "{text}");
 
+    let out = stdout(
+        &tally(
+            &app,
+            &[
+                "estimate",
+                "video_export",
+                "--param",
+                "seconds=12",
+                "--param",
+                "resolution=1080p",
+            ],
+        )
+        .await,
+    );
+    assert!(out.starts_with("36 credits"), "{out}");
+    let r: Value = serde_json::from_str(&stdout(
+        &tally(
+            &app,
+            &[
+                "reserve",
+                "user_1",
+                "--operation",
+                "image_generation",
+                "--param",
+                "images=2",
+                "--param",
+                "complexity=low",
+                "--json",
+            ],
+        )
+        .await,
+    ))
+    .unwrap();
+    assert_eq!(r["hold"]["amount"], 2);
+
     let failed = tally(&app, &["reserve", "user_1", "100000"]).await;
     assert_eq!(failed.status.code(), Some(1));
     let err = String::from_utf8(failed.stderr).unwrap();
@@ -80,6 +115,46 @@ async fn the_cli_drives_a_whole_job_and_reports_errors_plainly() {
             .contains("HOLD_ALREADY_COMMITTED")
     );
     app.finish().await;
+}
+
+#[tokio::test]
+async fn the_catalog_commands_print_and_check_files() {
+    let exe = env!("CARGO_BIN_EXE_tally");
+    let default = tokio::process::Command::new(exe)
+        .args(["catalog", "print-default"])
+        .output()
+        .await
+        .unwrap();
+    assert!(default.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("catalog.toml");
+    std::fs::write(&good, &default.stdout).unwrap();
+    let ok = tokio::process::Command::new(exe)
+        .args(["catalog", "check"])
+        .arg(&good)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(ok.stdout).unwrap();
+    assert!(
+        text.starts_with("ok: 3 plans (enterprise, free, pro)"),
+        "{text}"
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[plans.free]\nallowance = { amount = -1, period = \"daily\" }\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args(["catalog", "check"])
+        .arg(&bad)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("plans.free.allowance.amount"), "{err}");
 }
 
 #[tokio::test]

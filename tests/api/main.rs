@@ -20,6 +20,7 @@ mod support;
 mod cli;
 mod credit;
 mod ops;
+mod pricing;
 
 use tally::pb;
 use tonic::{Code, Status};

@@ -182,6 +182,7 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
                     ttl,
                     metadata: Metadata::default(),
                     hold_id: new_hold_id(),
+                    priced: None,
                 }),
             ),
             Op::Commit(h, n) => match pick(h) {

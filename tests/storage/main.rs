@@ -56,6 +56,7 @@ pub fn reserve_cmd(acct: &str, amount: i64, ttl: TimeDelta) -> Reserve {
         ttl,
         metadata: Metadata::default(),
         hold_id: new_hold_id(),
+        priced: None,
     }
 }
 

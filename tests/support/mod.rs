@@ -149,6 +149,7 @@ pub fn settings(db: &TestDb) -> Settings {
         sweep_interval: Duration::from_millis(50),
         request_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
+        catalog: Arc::new(tally::catalog::Catalog::builtin().unwrap()),
     }
 }
 

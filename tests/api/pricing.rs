@@ -1,0 +1,116 @@
+//! Priced operations: EstimateCost and Reserve by operation.
+
+use tally::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{Backend, TestApp};
+use crate::{expect_error, grant_req, reserve_req};
+
+fn op(name: &str, params: &[(&str, &str)]) -> pb::PricedOperation {
+    pb::PricedOperation {
+        operation: name.into(),
+        params: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+async fn operations_are_priced_by_the_server(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (mut admin, mut credit) = (app.admin().await, app.credit().await);
+    admin.grant(grant_req("acct", 100, "g")).await.unwrap();
+
+    let video = op(
+        "video_export",
+        &[("seconds", "7.3"), ("resolution", "1080p")],
+    );
+    let e = credit
+        .estimate_cost(pb::EstimateCostRequest {
+            operation: video.operation.clone(),
+            params: video.params.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((e.cost, e.exact.as_str()), (22, "21.9"));
+    let names: Vec<&str> = e.factors.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["base", "seconds", "resolution", "rounding"]);
+
+    let mut req = reserve_req("acct", 0, "job-1");
+    req.operation = Some(video.clone());
+    let r = credit.reserve(req.clone()).await.unwrap().into_inner();
+    assert_eq!((r.hold.as_ref().unwrap().amount, r.available), (22, 78));
+    let again = credit.reserve(req).await.unwrap();
+    assert_eq!(
+        again.metadata().get(tally::grpc::REPLAY_HEADER).unwrap(),
+        "true"
+    );
+    assert_eq!(again.into_inner(), r);
+
+    let images = op(
+        "image_generation",
+        &[("images", "3"), ("complexity", "high")],
+    );
+    let mut req = reserve_req("acct", 0, "job-2");
+    req.operation = Some(images);
+    assert_eq!(
+        credit
+            .reserve(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .hold
+            .unwrap()
+            .amount,
+        12
+    );
+
+    let field = |e: &tonic::Status| {
+        e.get_details_bad_request().unwrap().field_violations[0]
+            .field
+            .clone()
+    };
+    let e = credit
+        .estimate_cost(pb::EstimateCostRequest {
+            operation: "teleport".into(),
+            params: std::collections::HashMap::default(),
+        })
+        .await
+        .unwrap_err();
+    expect_error(&e, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(field(&e), "operation");
+    assert!(
+        e.message().contains("video_export"),
+        "names the known operations: {}",
+        e.message()
+    );
+    let bad = op("video_export", &[("seconds", "3"), ("resolution", "8k")]);
+    let e = credit
+        .estimate_cost(pb::EstimateCostRequest {
+            operation: bad.operation,
+            params: bad.params,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(&e), "params");
+    let mut both = reserve_req("acct", 5, "job-3");
+    both.operation = Some(op(
+        "video_export",
+        &[("seconds", "1"), ("resolution", "720p")],
+    ));
+    let e = credit.reserve(both).await.unwrap_err();
+    assert_eq!(field(&e), "amount");
+    let b = credit
+        .check_balance(pb::CheckBalanceRequest {
+            account_id: "acct".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b.available, b.held), (66, 34));
+    app.finish().await;
+}
+
+crate::on_both_backends!(operations_are_priced_by_the_server);
