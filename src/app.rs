@@ -208,7 +208,7 @@ impl App {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
-                AdminServiceServer::new(AdminApi::new(ledger))
+                AdminServiceServer::new(AdminApi::new(ledger, Arc::clone(&settings.catalog)))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);

@@ -131,6 +131,39 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Ledger history, newest first (all accounts unless ACCOUNT is given).
+    Entries {
+        /// Account id.
+        account: Option<String>,
+        /// Only these kinds (repeatable): grant, reserve, commit, release, expire, refund.
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Entries at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<prost_types::Timestamp>,
+        /// Entries before this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<prost_types::Timestamp>,
+        /// Most entries to show (the CLI follows pages up to this).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Ledger entries of a time window as CSV on stdout (for finance).
+    Export {
+        /// Window start (RFC 3339, inclusive).
+        #[arg(long, value_parser = parse_time)]
+        since: prost_types::Timestamp,
+        /// Window end (RFC 3339, exclusive; at most 366 days after --since).
+        #[arg(long, value_parser = parse_time)]
+        until: prost_types::Timestamp,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Price an operation with the server's price table (nothing is reserved).
     Estimate {
         /// Operation name (e.g. video_export).
@@ -157,6 +190,35 @@ pub enum Command {
 #[allow(missing_docs)] // flattened option groups are documented on their own types
 #[derive(Debug, Subcommand)]
 pub enum AccountCommand {
+    /// Balance, plan, entitlements and open holds of an account.
+    Show {
+        /// Account id.
+        account: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Move an account to another plan.
+    SetPlan {
+        /// Account id.
+        account: String,
+        /// Plan name from the catalog.
+        plan: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List accounts by id (follows every page).
+    List {
+        /// Only this plan.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Only accounts under their plan's low-balance threshold.
+        #[arg(long)]
+        low_balance: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Add credits (creates the account on its first grant).
     Grant {
         /// Account id.
@@ -307,6 +369,15 @@ impl KeyArgs {
             .clone()
             .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()))
     }
+}
+
+fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .map_err(|e| format!("{s:?}: {e} (use RFC 3339, e.g. 2026-11-01T00:00:00Z)"))?;
+    Ok(prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    })
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -692,6 +763,228 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 holds.iter().map(hold_line).collect::<Vec<_>>().join("\n")
             };
             print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Account {
+            action: AccountCommand::Show { account, client },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let r = svc
+                .get_account(request(
+                    pb::GetAccountRequest {
+                        account_id: account,
+                    },
+                    client.timeout,
+                ))
+                .await
+                .map_err(|s| status_error(&s, None))?
+                .into_inner();
+            let a = r.account.unwrap_or_default();
+            let v = json!({
+                "account_id": a.account_id, "plan": a.plan, "available": a.available, "held": a.held,
+                "open_holds": a.open_holds, "low_balance": a.low_balance,
+                "low_balance_threshold": a.low_balance_threshold, "entitlements": a.entitlements,
+                "created_at": time(a.created_at.as_ref()),
+                "holds": r.open_holds.iter().map(hold_json).collect::<Vec<_>>(),
+            });
+            let mut text = format!(
+                "account     {}\nplan        {} ({})\navailable   {}{}\nheld        {}\nopen holds  {}",
+                a.account_id,
+                a.plan,
+                a.plan_display_name,
+                a.available,
+                if a.low_balance {
+                    format!("  (low: under {})", a.low_balance_threshold)
+                } else {
+                    String::new()
+                },
+                a.held,
+                a.open_holds
+            );
+            let mut ents: Vec<_> = a.entitlements.iter().collect();
+            ents.sort();
+            for (k, v) in ents {
+                let _ = write!(text, "\n  {k} = {v}");
+            }
+            for h in &r.open_holds {
+                let _ = write!(text, "\n{}", hold_line(h));
+            }
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Account {
+            action:
+                AccountCommand::SetPlan {
+                    account,
+                    plan,
+                    key,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::SetPlanRequest {
+                account_id: account,
+                plan,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .set_plan(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
+            let v = json!({"account_id": r.account_id, "previous_plan": r.previous_plan, "plan": r.plan});
+            print(
+                client.json,
+                &v,
+                &format!("{}: plan {} → {}", r.account_id, r.previous_plan, r.plan),
+            );
+            Ok(())
+        }
+        Command::Account {
+            action:
+                AccountCommand::List {
+                    plan,
+                    low_balance,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let mut rows = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = pb::ListAccountsRequest {
+                    plan: plan.clone().unwrap_or_default(),
+                    low_balance_only: low_balance,
+                    page_size: 500,
+                    page_token,
+                };
+                let r = svc
+                    .list_accounts(request(req, client.timeout))
+                    .await
+                    .map_err(|s| status_error(&s, None))?
+                    .into_inner();
+                rows.extend(r.accounts);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            let v = Value::Array(rows.iter().map(|a| json!({"account_id": a.account_id, "plan": a.plan, "available": a.available, "held": a.held, "low_balance": a.low_balance})).collect());
+            let text = rows
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{:<32} {:<12} {:>10} {:>8}{}",
+                        a.account_id,
+                        a.plan,
+                        a.available,
+                        a.held,
+                        if a.low_balance { "  low" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(
+                client.json,
+                &v,
+                if rows.is_empty() {
+                    "no accounts"
+                } else {
+                    &text
+                },
+            );
+            Ok(())
+        }
+        Command::Entries {
+            account,
+            kinds,
+            since,
+            until,
+            limit,
+            client,
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let mut entries = Vec::new();
+            let mut page_token = String::new();
+            while entries.len() < limit {
+                let req = pb::ListEntriesRequest {
+                    account_id: account.clone().unwrap_or_default(),
+                    kinds: kinds.clone(),
+                    since,
+                    until,
+                    page_size: i32::try_from(limit.saturating_sub(entries.len()).min(500))
+                        .unwrap_or(500),
+                    page_token,
+                };
+                let r = svc
+                    .list_entries(request(req, client.timeout))
+                    .await
+                    .map_err(|s| status_error(&s, None))?
+                    .into_inner();
+                entries.extend(r.entries);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            let v = Value::Array(entries.iter().map(|e| json!({
+                "entry_id": e.entry_id, "account_id": e.account_id, "hold_id": e.hold_id, "kind": e.kind,
+                "available_delta": e.available_delta, "held_delta": e.held_delta, "reason": e.reason,
+                "created_at": time(e.created_at.as_ref()),
+            })).collect());
+            let text = entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{:>8}  {}  {:<8} {:<24} available {:+} held {:+} {}",
+                        e.entry_id,
+                        time(e.created_at.as_ref()).as_str().unwrap_or("?"),
+                        e.kind,
+                        e.account_id,
+                        e.available_delta,
+                        e.held_delta,
+                        e.reason
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(
+                client.json,
+                &v,
+                if entries.is_empty() {
+                    "no entries"
+                } else {
+                    &text
+                },
+            );
+            Ok(())
+        }
+        Command::Export {
+            since,
+            until,
+            account,
+            client,
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let req = pb::ExportUsageRequest {
+                since: Some(since),
+                until: Some(until),
+                account_id: account.unwrap_or_default(),
+            };
+            let mut stream = svc
+                .export_usage(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, None))?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await.map_err(|s| status_error(&s, None))? {
+                std::io::Write::write_all(&mut out, &chunk.csv).map_err(|e| ClientError {
+                    reason: "IO".into(),
+                    message: e.to_string(),
+                    details: vec![],
+                })?;
+            }
             Ok(())
         }
         Command::Account {

@@ -164,6 +164,23 @@ impl Grant {
     }
 }
 
+/// Move an account to another plan.
+#[derive(Clone, Debug)]
+pub struct SetPlan {
+    /// The account.
+    pub account_id: AccountId,
+    /// The new plan (validated against the catalog by the caller).
+    pub plan: String,
+}
+
+impl SetPlan {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint("set_plan", &[self.account_id.as_str(), &self.plan])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,5 +21,6 @@ pub use error::{FieldViolation, LedgerError};
 pub use hold::{Hold, HoldState, Metadata};
 pub use ids::{AccountId, Caller, HoldId, IdempotencyKey};
 pub use outcome::{
-    Balance, CommitOutcome, ExtendOutcome, GrantOutcome, RefundOutcome, ReserveOutcome,
+    AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome, PlanOutcome,
+    RefundOutcome, ReserveOutcome,
 };

@@ -104,6 +104,7 @@ impl Ledger {
             available: a.available.saturating_add(due),
             held: a.held.saturating_sub(due),
             open_holds: open,
+            plan: "free".to_owned(),
             as_of: now,
         })
     }
@@ -544,7 +545,11 @@ mod tests {
             Answer::Ok(Outcome::Commit(c)) => -c.hold.committed_amount,
             Answer::Ok(Outcome::Refund(r)) if r.hold.state == HoldState::Committed => r.refunded,
             Answer::Ok(
-                Outcome::Grant(_) | Outcome::Reserve(_) | Outcome::Extend(_) | Outcome::Refund(_),
+                Outcome::Grant(_)
+                | Outcome::Reserve(_)
+                | Outcome::Extend(_)
+                | Outcome::Refund(_)
+                | Outcome::Plan(_),
             )
             | Answer::Err(_) => 0,
         }

@@ -17,8 +17,51 @@ pub struct Balance {
     pub held: i64,
     /// Open, unexpired holds.
     pub open_holds: i64,
+    /// The account's plan.
+    pub plan: String,
     /// The instant (database clock) the balance was read at.
     pub as_of: DateTime<Utc>,
+}
+
+/// An account as support staff see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountSummary {
+    /// The balance now (with the plan).
+    pub balance: Balance,
+    /// When the account was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One ledger entry as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// Sequence number (increasing in commit order per backend).
+    pub entry_id: i64,
+    /// The account changed.
+    pub account_id: String,
+    /// The hold involved, if any.
+    pub hold_id: Option<String>,
+    /// What happened.
+    pub kind: super::rules::EntryKind,
+    /// Change to available.
+    pub available_delta: i64,
+    /// Change to held.
+    pub held_delta: i64,
+    /// Free text from the request.
+    pub reason: String,
+    /// When (database clock).
+    pub created_at: DateTime<Utc>,
+}
+
+/// Result of changing an account's plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanOutcome {
+    /// The account.
+    pub account_id: String,
+    /// The plan before.
+    pub previous_plan: String,
+    /// The plan now.
+    pub plan: String,
 }
 
 /// Result of a reserve.
@@ -86,6 +129,8 @@ pub enum Outcome {
     Extend(ExtendOutcome),
     /// A grant.
     Grant(GrantOutcome),
+    /// A plan change.
+    Plan(PlanOutcome),
 }
 
 macro_rules! outcome_conversions {
@@ -113,4 +158,5 @@ outcome_conversions!(
     Refund => RefundOutcome,
     Extend => ExtendOutcome,
     Grant => GrantOutcome,
+    Plan => PlanOutcome,
 );

@@ -203,6 +203,12 @@ impl EntryKind {
         Self::Refund,
     ];
 
+    /// Parses a stored name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     /// The name stored in the database.
     #[must_use]
     pub const fn as_str(self) -> &'static str {

@@ -6,14 +6,18 @@ use std::fmt::Write as _;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::catalog::Catalog;
-use crate::domain::command::{CommitHold, ExtendHold, Grant, REASON_MAX_LEN, Refund, Reserve};
+use crate::domain::EntryRecord;
+use crate::domain::command::{
+    CommitHold, ExtendHold, Grant, REASON_MAX_LEN, Refund, Reserve, SetPlan,
+};
 use crate::domain::pricing::Estimate;
+use crate::domain::rules::EntryKind;
 use crate::domain::{
     AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata,
 };
 use crate::pb;
 use crate::service::{Limits, ServiceError, new_hold_id};
-use crate::storage::HoldQuery;
+use crate::storage::{AccountQuery, EntryCursor, EntryQuery, HoldQuery};
 
 /// Default page size of list calls.
 pub const PAGE_SIZE_DEFAULT: u32 = 50;
@@ -226,15 +230,51 @@ fn states_tag(states: &[HoldState]) -> String {
         .join(",")
 }
 
-/// The opaque page token: hex of `v1|account|states|last hold id`. It is bound to the account
-/// and filter of the request that produced it.
+/// An opaque page token: hex of `v1|<binding>|<last>`, where the binding encodes the filters
+/// of the request that produced it, so a token only continues the listing it came from.
 #[must_use]
-pub fn page_token(q: &HoldQuery, last: &str) -> String {
-    hex::encode(format!(
-        "v1|{}|{}|{last}",
-        q.account_id.as_str(),
-        states_tag(&q.states)
-    ))
+pub fn page_token(binding: &str, last: &str) -> String {
+    hex::encode(format!("v1|{binding}|{last}"))
+}
+
+/// The position a page token continues from, if it belongs to a listing with `binding`.
+fn token_position<'t>(
+    binding: &str,
+    token: &'t str,
+    decoded: &'t mut String,
+) -> Result<Option<&'t str>, ServiceError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        ServiceError::from(FieldViolation::new(
+            "page_token",
+            "is not a token from this listing",
+        ))
+    };
+    *decoded = hex::decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(bad)?;
+    let expected = format!("v1|{binding}|");
+    decoded.strip_prefix(&expected).map(Some).ok_or_else(bad)
+}
+
+/// The binding of a hold listing.
+#[must_use]
+pub fn holds_binding(q: &HoldQuery) -> String {
+    format!("holds|{}|{}", q.account_id.as_str(), states_tag(&q.states))
+}
+
+fn page_size(c: &mut Check, requested: i32) -> Option<u32> {
+    match u32::try_from(requested) {
+        Ok(0) => Some(PAGE_SIZE_DEFAULT),
+        Ok(n) => Some(n.min(PAGE_SIZE_MAX)),
+        Err(_) => c.field(Err(FieldViolation::new(
+            "page_size",
+            "must not be negative",
+        ))),
+    }
 }
 
 /// Parses a ListHolds request.
@@ -243,14 +283,7 @@ pub fn list_holds(r: &pb::ListHoldsRequest) -> Result<HoldQuery, ServiceError> {
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
     let states: Option<Vec<HoldState>> =
         c.field(r.states.iter().map(|s| state_from_pb(*s)).collect());
-    let limit = match u32::try_from(r.page_size) {
-        Ok(0) => Some(PAGE_SIZE_DEFAULT),
-        Ok(n) => Some(n.min(PAGE_SIZE_MAX)),
-        Err(_) => c.field(Err(FieldViolation::new(
-            "page_size",
-            "must not be negative",
-        ))),
-    };
+    let limit = page_size(&mut c, r.page_size);
     let mut query = c.done((|| {
         Some(HoldQuery {
             account_id: account_id?,
@@ -259,26 +292,252 @@ pub fn list_holds(r: &pb::ListHoldsRequest) -> Result<HoldQuery, ServiceError> {
             limit: limit?,
         })
     })())?;
-    if !r.page_token.is_empty() {
-        let bad = || {
-            ServiceError::from(FieldViolation::new(
-                "page_token",
-                "is not a token from this listing",
-            ))
-        };
-        let text = hex::decode(&r.page_token)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(bad)?;
-        let expected = format!(
-            "v1|{}|{}|",
-            query.account_id.as_str(),
-            states_tag(&query.states)
-        );
-        let last = text.strip_prefix(&expected).ok_or_else(bad)?;
-        query.before = Some(HoldId::parse("page_token", last).map_err(|_| bad())?);
+    let mut buf = String::new();
+    if let Some(last) = token_position(&holds_binding(&query), &r.page_token, &mut buf)? {
+        query.before =
+            Some(HoldId::parse("page_token", last).map_err(|_| {
+                FieldViolation::new("page_token", "is not a token from this listing")
+            })?);
     }
     Ok(query)
+}
+
+/// Parses a SetPlan request; the plan must be in the catalog.
+pub fn set_plan(
+    r: &pb::SetPlanRequest,
+    catalog: &Catalog,
+) -> Result<(IdempotencyKey, SetPlan), ServiceError> {
+    let mut c = Check::default();
+    let account_id = c.field(AccountId::parse("account_id", &r.account_id));
+    let plan = c.field(if catalog.plans.contains_key(&r.plan) {
+        Ok(r.plan.clone())
+    } else {
+        let known: Vec<&str> = catalog.plans.keys().map(String::as_str).collect();
+        Err(FieldViolation::new(
+            "plan",
+            format!("unknown plan {:?}; known: {}", r.plan, known.join(", ")),
+        ))
+    });
+    let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
+    let value = (|| {
+        Some((
+            key?,
+            SetPlan {
+                account_id: account_id?,
+                plan: plan?,
+            },
+        ))
+    })();
+    c.done(value)
+}
+
+/// Plan thresholds of the catalog, for low-balance filters.
+#[must_use]
+pub fn thresholds(catalog: &Catalog) -> Vec<(String, i64)> {
+    catalog
+        .plans
+        .iter()
+        .map(|(name, p)| (name.clone(), p.low_balance_threshold))
+        .collect()
+}
+
+/// Whether `available` is under the threshold of `plan`.
+#[must_use]
+pub fn is_low(catalog: &Catalog, plan: &str, available: i64) -> bool {
+    catalog
+        .plans
+        .get(plan)
+        .is_some_and(|p| available < p.low_balance_threshold)
+}
+
+/// Parses a ListAccounts request.
+pub fn list_accounts(
+    r: &pb::ListAccountsRequest,
+    catalog: &Catalog,
+) -> Result<AccountQuery, ServiceError> {
+    let mut c = Check::default();
+    let limit = page_size(&mut c, r.page_size);
+    let limit = c.done(limit)?;
+    let plan = (!r.plan.is_empty()).then(|| r.plan.clone());
+    let mut buf = String::new();
+    let after = token_position(&accounts_binding(r), &r.page_token, &mut buf)?.map(str::to_owned);
+    Ok(AccountQuery {
+        plan,
+        low_balance: r.low_balance_only.then(|| thresholds(catalog)),
+        after,
+        limit,
+    })
+}
+
+/// The binding of an account listing.
+#[must_use]
+pub fn accounts_binding(r: &pb::ListAccountsRequest) -> String {
+    format!("accounts|{}|{}", r.plan, r.low_balance_only)
+}
+
+fn time(
+    field: &'static str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, FieldViolation> {
+    t.map(|t| {
+        u32::try_from(t.nanos)
+            .ok()
+            .and_then(|n| DateTime::from_timestamp(t.seconds, n))
+            .ok_or_else(|| FieldViolation::new(field, "is not a valid time"))
+    })
+    .transpose()
+}
+
+fn kinds(names: &[String]) -> Result<Vec<EntryKind>, FieldViolation> {
+    names
+        .iter()
+        .map(|k| {
+            EntryKind::parse(k).ok_or_else(|| {
+                let known: Vec<&str> = EntryKind::ALL.iter().map(|k| k.as_str()).collect();
+                FieldViolation::new(
+                    "kinds",
+                    format!("unknown kind {k:?}; known: {}", known.join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The binding of an entry listing.
+#[must_use]
+pub fn entries_binding(r: &pb::ListEntriesRequest) -> String {
+    let t = |t: Option<&prost_types::Timestamp>| {
+        t.map(|t| format!("{}.{}", t.seconds, t.nanos))
+            .unwrap_or_default()
+    };
+    format!(
+        "entries|{}|{}|{}|{}",
+        r.account_id,
+        r.kinds.join(","),
+        t(r.since.as_ref()),
+        t(r.until.as_ref())
+    )
+}
+
+/// Parses a ListEntries request.
+pub fn list_entries(r: &pb::ListEntriesRequest) -> Result<EntryQuery, ServiceError> {
+    let mut c = Check::default();
+    let account_id = if r.account_id.is_empty() {
+        Some(None)
+    } else {
+        c.field(AccountId::parse("account_id", &r.account_id))
+            .map(Some)
+    };
+    let kinds = c.field(kinds(&r.kinds));
+    let since = c.field(time("since", r.since.as_ref()));
+    let until = c.field(time("until", r.until.as_ref()));
+    let limit = page_size(&mut c, r.page_size);
+    let mut query = c.done((|| {
+        Some(EntryQuery {
+            account_id: account_id?,
+            kinds: kinds?,
+            since: since?,
+            until: until?,
+            cursor: EntryCursor::Before(None),
+            limit: limit?,
+        })
+    })())?;
+    let mut buf = String::new();
+    if let Some(last) = token_position(&entries_binding(r), &r.page_token, &mut buf)? {
+        let id = last
+            .parse()
+            .map_err(|_| FieldViolation::new("page_token", "is not a token from this listing"))?;
+        query.cursor = EntryCursor::Before(Some(id));
+    }
+    Ok(query)
+}
+
+/// Longest ExportUsage window: 366 days.
+pub const EXPORT_WINDOW_MAX: TimeDelta = TimeDelta::days(366);
+
+/// Parses an ExportUsage request.
+pub fn export_usage(r: &pb::ExportUsageRequest) -> Result<EntryQuery, ServiceError> {
+    let mut c = Check::default();
+    let account_id = if r.account_id.is_empty() {
+        Some(None)
+    } else {
+        c.field(AccountId::parse("account_id", &r.account_id))
+            .map(Some)
+    };
+    let since = c.field(
+        time("since", r.since.as_ref())
+            .and_then(|t| t.ok_or_else(|| FieldViolation::new("since", "is required"))),
+    );
+    let until = c.field(
+        time("until", r.until.as_ref())
+            .and_then(|t| t.ok_or_else(|| FieldViolation::new("until", "is required"))),
+    );
+    if let (Some(s), Some(u)) = (since, until)
+        && (u <= s || u.signed_duration_since(s) > EXPORT_WINDOW_MAX)
+    {
+        c.field::<()>(Err(FieldViolation::new(
+            "until",
+            "must be after since, at most 366 days later",
+        )));
+    }
+    let value = (|| {
+        Some(EntryQuery {
+            account_id: account_id?,
+            kinds: vec![],
+            since: Some(since?),
+            until: Some(until?),
+            cursor: EntryCursor::After(None),
+            limit: EXPORT_PAGE,
+        })
+    })();
+    c.done(value)
+}
+
+/// Entries read per page while exporting.
+pub const EXPORT_PAGE: u32 = 1_000;
+
+/// An entry as a protobuf message.
+#[must_use]
+pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
+    pb::Entry {
+        entry_id: e.entry_id,
+        account_id: e.account_id,
+        hold_id: e.hold_id.unwrap_or_default(),
+        kind: e.kind.as_str().to_owned(),
+        available_delta: e.available_delta,
+        held_delta: e.held_delta,
+        reason: e.reason,
+        created_at: Some(ts(e.created_at)),
+    }
+}
+
+/// The CSV header of ExportUsage.
+pub const CSV_HEADER: &str =
+    "entry_id,created_at,account_id,kind,hold_id,available_delta,held_delta,reason\n";
+
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        std::borrow::Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// One entry as a CSV line (RFC 4180 quoting).
+#[must_use]
+pub fn csv_line(e: &EntryRecord) -> String {
+    format!(
+        "{},{},{},{},{},{},{},{}\n",
+        e.entry_id,
+        e.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        csv_field(&e.account_id),
+        e.kind.as_str(),
+        e.hold_id.as_deref().unwrap_or_default(),
+        e.available_delta,
+        e.held_delta,
+        csv_field(&e.reason)
+    )
 }
 
 fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {

@@ -3,8 +3,11 @@
 //! Each handler decodes (convert.rs), calls the service, and encodes; errors become statuses
 //! in status.rs. Nothing here decides a business rule.
 
+mod admin;
 pub mod convert;
 pub mod status;
+
+pub use admin::AdminApi;
 
 use std::sync::Arc;
 
@@ -68,6 +71,8 @@ impl pb::credit_service_server::CreditService for CreditApi {
         let account = convert::account(&req.get_ref().account_id)?;
         let b = self.ledger.check_balance(&account).await?;
         Ok(Response::new(pb::CheckBalanceResponse {
+            low_balance: convert::is_low(&self.catalog, &b.plan, b.available),
+            plan: b.plan,
             account_id: b.account_id,
             available: b.available,
             held: b.held,
@@ -153,7 +158,9 @@ impl pb::credit_service_server::CreditService for CreditApi {
         let holds = self.ledger.list_holds(&query).await?;
         let full = u32::try_from(holds.len()).is_ok_and(|n| n == query.limit);
         let next_page_token = match holds.last() {
-            Some(last) if full => convert::page_token(&query, &last.hold_id),
+            Some(last) if full => {
+                convert::page_token(&convert::holds_binding(&query), &last.hold_id)
+            }
             _ => String::new(),
         };
         Ok(Response::new(pb::ListHoldsResponse {
@@ -171,37 +178,5 @@ impl pb::credit_service_server::CreditService for CreditApi {
         let estimate = convert::price(&self.catalog, &r.operation, &r.params)
             .map_err(crate::service::ServiceError::from)?;
         Ok(Response::new(convert::estimate_to_pb(estimate)))
-    }
-}
-
-/// The AdminService implementation.
-#[derive(Clone, Debug)]
-pub struct AdminApi {
-    ledger: Ledger,
-}
-
-impl AdminApi {
-    /// Handlers over `ledger`.
-    pub fn new(ledger: Ledger) -> Self {
-        Self { ledger }
-    }
-}
-
-#[tonic::async_trait]
-impl pb::admin_service_server::AdminService for AdminApi {
-    #[instrument(name = "tally.v1.AdminService/Grant", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
-    async fn grant(&self, req: Request<pb::GrantRequest>) -> Reply<pb::GrantResponse> {
-        let caller = caller(&req);
-        let (key, cmd) = convert::grant(req.get_ref())?;
-        let a = self.ledger.grant(&caller, key, &cmd).await?;
-        let o = a.outcome;
-        Ok(respond(
-            a.replayed,
-            pb::GrantResponse {
-                account_id: o.account_id,
-                entry_id: o.entry_id,
-                available: o.available,
-            },
-        ))
     }
 }

@@ -9,12 +9,17 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use tracing::{debug, warn};
 
-use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
-use crate::domain::{
-    AccountId, Balance, Caller, CommitOutcome, ExtendOutcome, FieldViolation, GrantOutcome, Hold,
-    HoldId, IdempotencyKey, LedgerError, RefundOutcome, ReserveOutcome,
+use crate::domain::command::{
+    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
 };
-use crate::storage::{Applied, HoldQuery, StorageError, Store};
+use crate::domain::{
+    AccountId, AccountSummary, Balance, Caller, CommitOutcome, EntryRecord, ExtendOutcome,
+    FieldViolation, GrantOutcome, Hold, HoldId, IdempotencyKey, LedgerError, PlanOutcome,
+    RefundOutcome, ReserveOutcome,
+};
+use crate::storage::{
+    AccountQuery, AccountRow, Applied, EntryQuery, HoldQuery, StorageError, Store,
+};
 
 /// Attempts per call when the database reports contention (then ABORTED).
 pub const CONTENTION_ATTEMPTS: u32 = 3;
@@ -232,6 +237,32 @@ impl Ledger {
     /// A page of holds.
     pub async fn list_holds(&self, query: &HoldQuery) -> ServiceResult<Vec<Hold>> {
         with_retry(|| self.store.list_holds(query)).await
+    }
+
+    /// Move an account to another plan.
+    pub async fn set_plan(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &SetPlan,
+    ) -> ServiceResult<Applied<PlanOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.set_plan(&idem, cmd)).await
+    }
+
+    /// An account summary.
+    pub async fn account(&self, account_id: &AccountId) -> ServiceResult<AccountSummary> {
+        with_retry(|| self.store.account(account_id)).await
+    }
+
+    /// A page of accounts.
+    pub async fn list_accounts(&self, query: &AccountQuery) -> ServiceResult<Vec<AccountRow>> {
+        with_retry(|| self.store.list_accounts(query)).await
+    }
+
+    /// A page of entries.
+    pub async fn list_entries(&self, query: &EntryQuery) -> ServiceResult<Vec<EntryRecord>> {
+        with_retry(|| self.store.list_entries(query)).await
     }
 
     /// One sweeper pass: expire overdue holds in batches until none are left.

@@ -13,11 +13,13 @@
 use async_trait::async_trait;
 use chrono::TimeDelta;
 
-use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
+use crate::domain::command::{
+    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+};
 use crate::domain::outcome::Outcome;
 use crate::domain::{
-    AccountId, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, Hold, HoldId, HoldState,
-    LedgerError, RefundOutcome, ReserveOutcome,
+    AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
+    Hold, HoldId, HoldState, LedgerError, PlanOutcome, RefundOutcome, ReserveOutcome,
 };
 
 /// The columns of a hold row, in the order both backends read them.
@@ -90,6 +92,59 @@ pub struct HoldQuery {
     pub limit: u32,
 }
 
+/// A page request over accounts, by id.
+#[derive(Clone, Debug, Default)]
+pub struct AccountQuery {
+    /// Only accounts on this plan.
+    pub plan: Option<String>,
+    /// Only accounts whose available credits are under their plan's threshold
+    /// (plan name → threshold; plans not listed have threshold 0).
+    pub low_balance: Option<Vec<(String, i64)>>,
+    /// Accounts after this id.
+    pub after: Option<String>,
+    /// Most accounts to return.
+    pub limit: u32,
+}
+
+/// Which way an entry listing walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryCursor {
+    /// Newest first, entries older than this id (`None`: from the newest).
+    Before(Option<i64>),
+    /// Oldest first, entries newer than this id (`None`: from the oldest).
+    After(Option<i64>),
+}
+
+/// A page request over ledger entries.
+#[derive(Clone, Debug)]
+pub struct EntryQuery {
+    /// Only this account's entries.
+    pub account_id: Option<AccountId>,
+    /// Only these kinds; empty means all.
+    pub kinds: Vec<crate::domain::rules::EntryKind>,
+    /// Entries at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Entries before this time.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Direction and position.
+    pub cursor: EntryCursor,
+    /// Most entries to return.
+    pub limit: u32,
+}
+
+/// An account row as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRow {
+    /// The account.
+    pub account_id: String,
+    /// Its plan.
+    pub plan: String,
+    /// Available credits (stored column: holds past expiry count once swept).
+    pub available: i64,
+    /// Held credits (stored column).
+    pub held: i64,
+}
+
 /// A broken ledger invariant found by [`Store::audit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -136,6 +191,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_holds(&self, query: &HoldQuery) -> StorageResult<Vec<Hold>>;
     /// Expires up to `limit` overdue open holds; safe to run on many replicas at once.
     async fn expire_due(&self, limit: u32) -> StorageResult<u64>;
+    /// Moves an account to another plan.
+    async fn set_plan(
+        &self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+    ) -> StorageResult<Applied<PlanOutcome>>;
+    /// An account's balance, plan and creation time, as observed now.
+    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary>;
+    /// A page of accounts by id.
+    async fn list_accounts(&self, query: &AccountQuery) -> StorageResult<Vec<AccountRow>>;
+    /// A page of ledger entries.
+    async fn list_entries(&self, query: &EntryQuery) -> StorageResult<Vec<EntryRecord>>;
     /// Deletes up to `limit` idempotency records older than `retention`.
     async fn purge_idempotency(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64>;
     /// Checks every account: entries sum to the balance columns, held equals open holds.
@@ -305,7 +372,7 @@ pub(crate) fn with_available(mut outcome: Outcome, available: i64) -> Outcome {
         Outcome::Commit(o) => o.available = available,
         Outcome::Refund(o) => o.available = available,
         Outcome::Grant(o) => o.available = available,
-        Outcome::Extend(_) => {}
+        Outcome::Extend(_) | Outcome::Plan(_) => {}
     }
     outcome
 }
@@ -348,4 +415,24 @@ pub(crate) fn violation(row: AuditRow) -> Violation {
              held={entries_held}; open holds={open_held}"
         ),
     }
+}
+
+/// Kinds as stored names, for `IN` filters.
+pub(crate) fn kind_names(kinds: &[crate::domain::rules::EntryKind]) -> Vec<String> {
+    kinds.iter().map(|k| k.as_str().to_owned()).collect()
+}
+
+/// Parses a stored entry kind.
+pub(crate) fn entry_kind(s: &str) -> StorageResult<crate::domain::rules::EntryKind> {
+    crate::domain::rules::EntryKind::parse(s)
+        .ok_or_else(|| StorageError::Other(format!("unknown entry kind {s:?}")))
+}
+
+/// Plan thresholds as the JSON both dialects join against.
+pub(crate) fn thresholds_json(t: &[(String, i64)]) -> StorageResult<String> {
+    let rows: Vec<serde_json::Value> = t
+        .iter()
+        .map(|(plan, threshold)| serde_json::json!({"plan": plan, "threshold": threshold}))
+        .collect();
+    serde_json::to_string(&rows).map_err(StorageError::other)
 }

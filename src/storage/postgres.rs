@@ -16,14 +16,18 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use super::{
-    AUDIT_SQL, Applied, AuditRow, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
-    Violation, constraint_rejection, narrow, replay, state_names, to_record, violation,
+    AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
+    HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation, constraint_rejection,
+    entry_kind, kind_names, narrow, replay, state_names, thresholds_json, to_record, violation,
 };
-use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
+use crate::domain::command::{
+    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+};
 use crate::domain::outcome::Outcome;
 use crate::domain::{
-    AccountId, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, Hold, HoldId, HoldState,
-    LedgerError, Metadata, RefundOutcome, ReserveOutcome, rules,
+    AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
+    Hold, HoldId, HoldState, LedgerError, Metadata, PlanOutcome, RefundOutcome, ReserveOutcome,
+    rules,
 };
 
 /// The PostgreSQL store.
@@ -307,6 +311,37 @@ async fn apply_hold_change(
     row.try_get("available").map_err(map_err)
 }
 
+type PgEntryRow = (
+    i64,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    String,
+    DateTime<Utc>,
+);
+
+macro_rules! entries_sql {
+    ($order:literal) => {
+        concat!(
+            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at
+             FROM entry
+             WHERE ($1::text IS NULL OR account_id = $1)
+               AND (cardinality($2::text[]) = 0 OR kind = ANY($2::text[]))
+               AND ($3::timestamptz IS NULL OR created_at >= $3)
+               AND ($4::timestamptz IS NULL OR created_at < $4)
+               AND ($5::bigint IS NULL OR entry_id < $5)
+               AND ($6::bigint IS NULL OR entry_id > $6)
+             ORDER BY entry_id ",
+            $order,
+            " LIMIT $7"
+        )
+    };
+}
+const ENTRIES_NEWEST_FIRST: &str = entries_sql!("DESC");
+const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
+
 #[async_trait]
 impl Store for PgStore {
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
@@ -314,7 +349,7 @@ impl Store for PgStore {
             "SELECT a.available + d.amount AS available, a.held - d.amount AS held,
                     (SELECT count(*) FROM hold o WHERE o.account_id = a.account_id
                        AND o.state = 'open' AND o.expires_at > now()) AS open_holds,
-                    now() AS as_of
+                    now() AS as_of, a.plan
              FROM account a,
                   LATERAL (SELECT COALESCE(sum(amount), 0)::bigint AS amount FROM hold
                            WHERE account_id = a.account_id AND state = 'open'
@@ -332,6 +367,7 @@ impl Store for PgStore {
             held: row.try_get("held").map_err(map_err)?,
             open_holds: row.try_get("open_holds").map_err(map_err)?,
             as_of: row.try_get("as_of").map_err(map_err)?,
+            plan: row.try_get("plan").map_err(map_err)?,
         })
     }
 
@@ -557,6 +593,131 @@ impl Store for PgStore {
             total = total.saturating_add(self.expire_account(&account_id, limit).await?);
         }
         Ok(total)
+    }
+
+    async fn set_plan(
+        &self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+    ) -> StorageResult<Applied<PlanOutcome>> {
+        let mut tx = match self.begin_claimed(idem).await? {
+            Started::New(tx, _) => tx,
+            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        };
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM account WHERE account_id = $1 FOR UPDATE")
+                .bind(cmd.account_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let previous_plan = previous.ok_or(LedgerError::AccountNotFound)?;
+        sqlx::query("UPDATE account SET plan = $2, updated_at = now() WHERE account_id = $1")
+            .bind(cmd.account_id.as_str())
+            .bind(&cmd.plan)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let outcome = PlanOutcome {
+            account_id: cmd.account_id.as_str().to_owned(),
+            previous_plan,
+            plan: cmd.plan.clone(),
+        };
+        sqlx::query(
+            "UPDATE idempotency_record SET response = $3 WHERE caller = $1 AND idempotency_key = $2",
+        )
+        .bind(idem.caller.as_str())
+        .bind(idem.key.as_str())
+        .bind(to_record(outcome.clone())?)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Applied::fresh(outcome))
+    }
+
+    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
+        let balance = self.balance(account_id).await?;
+        let (created_at,): (DateTime<Utc>,) =
+            sqlx::query_as("SELECT created_at FROM account WHERE account_id = $1")
+                .bind(account_id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?
+                .ok_or(LedgerError::AccountNotFound)?;
+        Ok(AccountSummary {
+            balance,
+            created_at,
+        })
+    }
+
+    async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT a.account_id, a.plan, a.available, a.held FROM account a
+             LEFT JOIN jsonb_to_recordset($3::jsonb) AS t(plan text, threshold bigint) ON t.plan = a.plan
+             WHERE ($1::text IS NULL OR a.account_id > $1) AND ($2::text IS NULL OR a.plan = $2)
+               AND (NOT $4 OR a.available < COALESCE(t.threshold, 0))
+             ORDER BY a.account_id LIMIT $5",
+        )
+        .bind(q.after.as_deref())
+        .bind(q.plan.as_deref())
+        .bind(thresholds_json(q.low_balance.as_deref().unwrap_or_default())?)
+        .bind(q.low_balance.is_some())
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(account_id, plan, available, held)| AccountRow {
+                account_id,
+                plan,
+                available,
+                held,
+            })
+            .collect())
+    }
+
+    async fn list_entries(&self, q: &EntryQuery) -> StorageResult<Vec<EntryRecord>> {
+        let (sql, before, after) = match q.cursor {
+            EntryCursor::Before(id) => (ENTRIES_NEWEST_FIRST, id, None),
+            EntryCursor::After(id) => (ENTRIES_OLDEST_FIRST, None, id),
+        };
+        let rows: Vec<PgEntryRow> = sqlx::query_as(sql)
+            .bind(q.account_id.as_ref().map(AccountId::as_str))
+            .bind(kind_names(&q.kinds))
+            .bind(q.since)
+            .bind(q.until)
+            .bind(before)
+            .bind(after)
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.into_iter()
+            .map(
+                |(
+                    entry_id,
+                    account_id,
+                    hold_id,
+                    kind,
+                    available_delta,
+                    held_delta,
+                    reason,
+                    created_at,
+                )| {
+                    Ok(EntryRecord {
+                        entry_id,
+                        account_id,
+                        hold_id,
+                        kind: entry_kind(&kind)?,
+                        available_delta,
+                        held_delta,
+                        reason,
+                        created_at,
+                    })
+                },
+            )
+            .collect()
     }
 
     async fn purge_idempotency(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64> {

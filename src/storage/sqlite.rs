@@ -21,15 +21,19 @@ use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
-    AUDIT_SQL, Applied, AuditRow, Claim, HoldChange, HoldQuery, StorageError, StorageResult, Store,
-    Violation, constraint_rejection, narrow, replay, state_names, to_record, violation,
+    AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
+    HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation, constraint_rejection,
+    entry_kind, kind_names, narrow, replay, state_names, thresholds_json, to_record, violation,
     with_available,
 };
-use crate::domain::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
+use crate::domain::command::{
+    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+};
 use crate::domain::outcome::Outcome;
 use crate::domain::{
-    AccountId, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, Hold, HoldId, HoldState,
-    LedgerError, Metadata, RefundOutcome, ReserveOutcome, rules,
+    AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
+    Hold, HoldId, HoldState, LedgerError, Metadata, PlanOutcome, RefundOutcome, ReserveOutcome,
+    rules,
 };
 
 /// How long a writer waits for the write lock before the call reports contention.
@@ -401,6 +405,28 @@ async fn expire_account(
     Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
 }
 
+type SqliteEntryRow = (i64, String, Option<String>, String, i64, i64, String, i64);
+
+macro_rules! entries_sql {
+    ($order:literal) => {
+        concat!(
+            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at
+             FROM entry
+             WHERE (?1 IS NULL OR account_id = ?1)
+               AND (json_array_length(?2) = 0 OR kind IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR created_at >= ?3)
+               AND (?4 IS NULL OR created_at < ?4)
+               AND (?5 IS NULL OR entry_id < ?5)
+               AND (?6 IS NULL OR entry_id > ?6)
+             ORDER BY entry_id ",
+            $order,
+            " LIMIT ?7"
+        )
+    };
+}
+const ENTRIES_NEWEST_FIRST: &str = entries_sql!("DESC");
+const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
@@ -408,7 +434,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT a.available + COALESCE(d.amount, 0) AS available, a.held - COALESCE(d.amount, 0) AS held,
                     (SELECT count(*) FROM hold o WHERE o.account_id = a.account_id
-                       AND o.state = 'open' AND o.expires_at > ?2) AS open_holds
+                       AND o.state = 'open' AND o.expires_at > ?2) AS open_holds, a.plan
              FROM account a
              LEFT JOIN (SELECT sum(amount) AS amount FROM hold
                         WHERE account_id = ?1 AND state = 'open' AND expires_at <= ?2) d
@@ -426,6 +452,7 @@ impl Store for SqliteStore {
             held: row.try_get("held").map_err(map_err)?,
             open_holds: row.try_get("open_holds").map_err(map_err)?,
             as_of: to_time(now)?,
+            plan: row.try_get("plan").map_err(map_err)?,
         })
     }
 
@@ -620,6 +647,128 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(total)
+    }
+
+    async fn set_plan(
+        &self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+    ) -> StorageResult<Applied<PlanOutcome>> {
+        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
+            Started::New(lock, tx, now) => (lock, tx, now),
+            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        };
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM account WHERE account_id = ?1")
+                .bind(cmd.account_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let previous_plan = previous.ok_or(LedgerError::AccountNotFound)?;
+        sqlx::query("UPDATE account SET plan = ?2, updated_at = ?3 WHERE account_id = ?1")
+            .bind(cmd.account_id.as_str())
+            .bind(&cmd.plan)
+            .bind(now.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let outcome = PlanOutcome {
+            account_id: cmd.account_id.as_str().to_owned(),
+            previous_plan,
+            plan: cmd.plan.clone(),
+        };
+        store_outcome(&mut tx, idem, &outcome.clone().into()).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Applied::fresh(outcome))
+    }
+
+    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
+        let balance = self.balance(account_id).await?;
+        let (created_at,): (i64,) =
+            sqlx::query_as("SELECT created_at FROM account WHERE account_id = ?1")
+                .bind(account_id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?
+                .ok_or(LedgerError::AccountNotFound)?;
+        Ok(AccountSummary {
+            balance,
+            created_at: to_time(created_at)?,
+        })
+    }
+
+    async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT a.account_id, a.plan, a.available, a.held FROM account a
+             LEFT JOIN (SELECT json_extract(value, '$.plan') AS plan,
+                               json_extract(value, '$.threshold') AS threshold
+                        FROM json_each(?3)) t ON t.plan = a.plan
+             WHERE (?1 IS NULL OR a.account_id > ?1) AND (?2 IS NULL OR a.plan = ?2)
+               AND (NOT ?4 OR a.available < COALESCE(t.threshold, 0))
+             ORDER BY a.account_id LIMIT ?5",
+        )
+        .bind(q.after.as_deref())
+        .bind(q.plan.as_deref())
+        .bind(thresholds_json(
+            q.low_balance.as_deref().unwrap_or_default(),
+        )?)
+        .bind(q.low_balance.is_some())
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(account_id, plan, available, held)| AccountRow {
+                account_id,
+                plan,
+                available,
+                held,
+            })
+            .collect())
+    }
+
+    async fn list_entries(&self, q: &EntryQuery) -> StorageResult<Vec<EntryRecord>> {
+        let (sql, before, after) = match q.cursor {
+            EntryCursor::Before(id) => (ENTRIES_NEWEST_FIRST, id, None),
+            EntryCursor::After(id) => (ENTRIES_OLDEST_FIRST, None, id),
+        };
+        let rows: Vec<SqliteEntryRow> = sqlx::query_as(sql)
+            .bind(q.account_id.as_ref().map(AccountId::as_str))
+            .bind(serde_json::to_string(&kind_names(&q.kinds)).map_err(StorageError::other)?)
+            .bind(q.since.map(|t| t.timestamp_micros()))
+            .bind(q.until.map(|t| t.timestamp_micros()))
+            .bind(before)
+            .bind(after)
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.into_iter()
+            .map(
+                |(
+                    entry_id,
+                    account_id,
+                    hold_id,
+                    kind,
+                    available_delta,
+                    held_delta,
+                    reason,
+                    created_at,
+                )| {
+                    Ok(EntryRecord {
+                        entry_id,
+                        account_id,
+                        hold_id,
+                        kind: entry_kind(&kind)?,
+                        available_delta,
+                        held_delta,
+                        reason,
+                        created_at: to_time(created_at)?,
+                    })
+                },
+            )
+            .collect()
     }
 
     async fn purge_idempotency(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64> {

@@ -17,6 +17,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin;
 mod cli;
 mod credit;
 mod ops;

@@ -72,6 +72,9 @@ enum Summary {
     Grant {
         available: i64,
     },
+    Plan {
+        plan: String,
+    },
     Refused(LedgerError),
 }
 
@@ -96,6 +99,7 @@ fn summary(r: Result<Outcome, LedgerError>) -> Summary {
         Ok(Outcome::Extend(o)) => Summary::Extend {
             state: o.hold.state,
         },
+        Ok(Outcome::Plan(o)) => Summary::Plan { plan: o.plan },
         Ok(Outcome::Grant(o)) => Summary::Grant {
             available: o.available,
         },

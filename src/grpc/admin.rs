@@ -1,0 +1,218 @@
+//! `tally.v1.AdminService`: operator and support actions.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert::{self, hold_to_pb};
+use super::{Reply, caller, respond};
+use crate::catalog::Catalog;
+use crate::pb;
+use crate::service::Ledger;
+use crate::storage::{EntryCursor, HoldQuery};
+
+/// Most CSV bytes in one ExportUsage message: 64 KiB (plus at most one line).
+pub const EXPORT_CHUNK_BYTES: usize = 64 * 1024;
+/// Open holds returned by GetAccount.
+pub const ACCOUNT_OPEN_HOLDS: u32 = 50;
+
+/// The AdminService implementation.
+#[derive(Clone, Debug)]
+pub struct AdminApi {
+    ledger: Ledger,
+    catalog: Arc<Catalog>,
+}
+
+impl AdminApi {
+    /// Handlers over `ledger`, with plans from `catalog`.
+    pub fn new(ledger: Ledger, catalog: Arc<Catalog>) -> Self {
+        Self { ledger, catalog }
+    }
+}
+
+type CsvStream = Pin<Box<dyn Stream<Item = Result<pb::ExportUsageResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    #[instrument(name = "tally.v1.AdminService/Grant", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
+    async fn grant(&self, req: Request<pb::GrantRequest>) -> Reply<pb::GrantResponse> {
+        let caller = caller(&req);
+        let (key, cmd) = convert::grant(req.get_ref())?;
+        let a = self.ledger.grant(&caller, key, &cmd).await?;
+        let o = a.outcome;
+        Ok(respond(
+            a.replayed,
+            pb::GrantResponse {
+                account_id: o.account_id,
+                entry_id: o.entry_id,
+                available: o.available,
+            },
+        ))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/SetPlan", skip_all, fields(account_id = %req.get_ref().account_id, plan = %req.get_ref().plan))]
+    async fn set_plan(&self, req: Request<pb::SetPlanRequest>) -> Reply<pb::SetPlanResponse> {
+        let caller = caller(&req);
+        let (key, cmd) = convert::set_plan(req.get_ref(), &self.catalog)?;
+        let a = self.ledger.set_plan(&caller, key, &cmd).await?;
+        let o = a.outcome;
+        Ok(respond(
+            a.replayed,
+            pb::SetPlanResponse {
+                account_id: o.account_id,
+                previous_plan: o.previous_plan,
+                plan: o.plan,
+            },
+        ))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/GetAccount", skip_all, fields(account_id = %req.get_ref().account_id))]
+    async fn get_account(
+        &self,
+        req: Request<pb::GetAccountRequest>,
+    ) -> Reply<pb::GetAccountResponse> {
+        let account_id = convert::account(&req.get_ref().account_id)?;
+        let s = self.ledger.account(&account_id).await?;
+        let holds = self
+            .ledger
+            .list_holds(&HoldQuery {
+                account_id,
+                states: vec![crate::domain::HoldState::Open],
+                before: None,
+                limit: ACCOUNT_OPEN_HOLDS,
+            })
+            .await?;
+        let b = s.balance;
+        let plan = self.catalog.plans.get(&b.plan);
+        let account = pb::Account {
+            low_balance: convert::is_low(&self.catalog, &b.plan, b.available),
+            low_balance_threshold: plan.map_or(0, |p| p.low_balance_threshold),
+            plan_display_name: plan.map(|p| p.display_name.clone()).unwrap_or_default(),
+            entitlements: plan
+                .map(|p| p.entitlements.clone().into_iter().collect())
+                .unwrap_or_default(),
+            account_id: b.account_id,
+            plan: b.plan,
+            available: b.available,
+            held: b.held,
+            open_holds: b.open_holds,
+            created_at: Some(prost_types::Timestamp {
+                seconds: s.created_at.timestamp(),
+                nanos: 0,
+            }),
+        };
+        Ok(Response::new(pb::GetAccountResponse {
+            account: Some(account),
+            open_holds: holds.into_iter().map(hold_to_pb).collect(),
+        }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/ListAccounts", skip_all)]
+    async fn list_accounts(
+        &self,
+        req: Request<pb::ListAccountsRequest>,
+    ) -> Reply<pb::ListAccountsResponse> {
+        let r = req.get_ref();
+        let query = convert::list_accounts(r, &self.catalog)?;
+        let rows = self.ledger.list_accounts(&query).await?;
+        let full = u32::try_from(rows.len()).is_ok_and(|n| n == query.limit);
+        let next_page_token = match rows.last() {
+            Some(last) if full => {
+                convert::page_token(&convert::accounts_binding(r), &last.account_id)
+            }
+            _ => String::new(),
+        };
+        let accounts = rows
+            .into_iter()
+            .map(|a| pb::AccountListing {
+                low_balance: convert::is_low(&self.catalog, &a.plan, a.available),
+                account_id: a.account_id,
+                plan: a.plan,
+                available: a.available,
+                held: a.held,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAccountsResponse {
+            accounts,
+            next_page_token,
+        }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/ListEntries", skip_all)]
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Reply<pb::ListEntriesResponse> {
+        let r = req.get_ref();
+        let query = convert::list_entries(r)?;
+        let entries = self.ledger.list_entries(&query).await?;
+        let full = u32::try_from(entries.len()).is_ok_and(|n| n == query.limit);
+        let next_page_token = match entries.last() {
+            Some(last) if full => {
+                convert::page_token(&convert::entries_binding(r), &last.entry_id.to_string())
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.into_iter().map(convert::entry_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    type ExportUsageStream = CsvStream;
+
+    #[instrument(name = "tally.v1.AdminService/ExportUsage", skip_all)]
+    async fn export_usage(
+        &self,
+        req: Request<pb::ExportUsageRequest>,
+    ) -> Reply<Self::ExportUsageStream> {
+        let mut query = convert::export_usage(req.get_ref())?;
+        let ledger = self.ledger.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut chunk = String::from(convert::CSV_HEADER);
+            loop {
+                let page = match ledger.list_entries(&query).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let done = u32::try_from(page.len()).map_or(true, |n| n < query.limit);
+                query.cursor = EntryCursor::After(page.last().map(|e| e.entry_id));
+                for e in &page {
+                    chunk.push_str(&convert::csv_line(e));
+                    if chunk.len() >= EXPORT_CHUNK_BYTES {
+                        let piece = std::mem::take(&mut chunk);
+                        if tx
+                            .send(Ok(pb::ExportUsageResponse {
+                                csv: piece.into_bytes(),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return; // the client went away
+                        }
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = tx
+                    .send(Ok(pb::ExportUsageResponse {
+                        csv: chunk.into_bytes(),
+                    }))
+                    .await;
+            }
+        });
+        Ok(Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as CsvStream,
+        ))
+    }
+}
