@@ -13,6 +13,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::catalog::Catalog;
+use crate::domain::plan::Policy;
 use crate::grpc::{AdminApi, CreditApi, MAX_MESSAGE_BYTES};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::credit_service_server::CreditServiceServer;
@@ -80,13 +81,17 @@ pub fn redact_url(url: &str) -> String {
 ///
 /// # Errors
 /// `StorageError` when the URL scheme is unknown or the database cannot be opened or migrated.
-pub async fn open_store(url: &str, max_connections: u32) -> Result<Arc<dyn Store>, StorageError> {
+pub async fn open_store(
+    url: &str,
+    max_connections: u32,
+    policy: Arc<Policy>,
+) -> Result<Arc<dyn Store>, StorageError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PgStore::connect(url, max_connections).await?;
+        let store = PgStore::connect(url, max_connections, policy).await?;
         store.migrate().await?;
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
-        let store = SqliteStore::connect(url, max_connections).await?;
+        let store = SqliteStore::connect(url, max_connections, policy).await?;
         store.migrate().await?;
         Ok(Arc::new(store))
     } else {
@@ -110,7 +115,12 @@ impl App {
     /// # Errors
     /// [`AppError`] when the database or the address is unusable.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        let store = open_store(&settings.database_url, settings.db_max_connections).await?;
+        let store = open_store(
+            &settings.database_url,
+            settings.db_max_connections,
+            Arc::new(settings.catalog.policy()),
+        )
+        .await?;
         let listener = TcpListener::bind(settings.listen).await?;
         Ok(Self {
             listener,

@@ -13,40 +13,11 @@ use crate::domain::pricing::{Decimal, MULTIPLIERS_MAX, Price};
 
 /// The built-in catalog, printed by `tally catalog print-default`.
 pub const DEFAULT_TOML: &str = include_str!("catalog.default.toml");
-/// The plan of an account that was given none.
-pub const DEFAULT_PLAN: &str = "free";
+pub use crate::domain::DEFAULT_PLAN;
 /// Longest catalog file read: 1 MiB.
 pub const FILE_MAX_BYTES: u64 = 1024 * 1024;
 
-/// How often an allowance is granted (at UTC boundaries).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Period {
-    /// Every day at 00:00 UTC.
-    Daily,
-    /// On the first of each month at 00:00 UTC.
-    Monthly,
-}
-
-/// What happens to unused allowance at the end of a period.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rollover {
-    /// It expires.
-    None,
-    /// Up to this many credits carry into the next period.
-    Capped(i64),
-}
-
-/// A plan's periodic allowance.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Allowance {
-    /// Credits per period.
-    pub amount: i64,
-    /// The period.
-    pub period: Period,
-    /// Rollover rule.
-    pub rollover: Rollover,
-}
+pub use crate::domain::plan::{Allowance, Period, Rollover};
 
 /// A tier with an allowance and entitlements.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -379,6 +350,18 @@ fn parse_pricing(
 }
 
 impl Catalog {
+    /// The plans' allowances, for storage.
+    #[must_use]
+    pub fn policy(&self) -> crate::domain::plan::Policy {
+        crate::domain::plan::Policy {
+            allowances: self
+                .plans
+                .iter()
+                .filter_map(|(name, p)| p.allowance.clone().map(|a| (name.clone(), a)))
+                .collect(),
+        }
+    }
+
     /// The built-in catalog.
     ///
     /// # Errors

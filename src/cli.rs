@@ -228,6 +228,61 @@ pub enum AccountCommand {
         /// Why (recorded in the ledger).
         #[arg(long)]
         reason: String,
+        /// purchase, subscription, allowance, signup_bonus, promotion, adjustment, refund, transfer.
+        #[arg(long, default_value = "adjustment")]
+        source: String,
+        /// The credits expire after this long (e.g. 30days); never if omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        /// Consumption priority 0..=100 (lower first; default 50).
+        #[arg(long)]
+        priority: Option<i32>,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create an account on a plan with the sign-up bonus.
+    Open {
+        /// Account id.
+        account: String,
+        /// Plan (default free).
+        #[arg(long, default_value = "")]
+        plan: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A signed correction, e.g. `tally account adjust u1 -- -20 --reason "double charge"`.
+    Adjust {
+        /// Account id.
+        account: String,
+        /// Credits to add (positive) or remove (negative).
+        #[arg(allow_negative_numbers = true)]
+        delta: i64,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        /// Who is acting (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Move credits from one account to another.
+    Transfer {
+        /// Debited account.
+        from: String,
+        /// Credited account.
+        to: String,
+        /// Credits.
+        amount: i64,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         key: KeyArgs,
         #[command(flatten)]
@@ -566,11 +621,40 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
-            let v = json!({"account_id": b.account_id, "available": b.available, "held": b.held, "open_holds": b.open_holds});
-            let text = format!(
-                "account     {}\navailable   {}\nheld        {}\nopen holds  {}",
-                b.account_id, b.available, b.held, b.open_holds
+            let next = b
+                .next_expiry
+                .as_ref()
+                .map(|e| json!({"at": time(e.at.as_ref()), "amount": e.amount}));
+            let v = json!({
+                "account_id": b.account_id, "plan": b.plan, "available": b.available, "held": b.held,
+                "open_holds": b.open_holds, "low_balance": b.low_balance, "by_source": b.by_source,
+                "next_expiry": next, "allowance_left": b.allowance_left,
+            });
+            let mut text = format!(
+                "account     {}\nplan        {}\navailable   {}{}\nheld        {}\nopen holds  {}",
+                b.account_id,
+                b.plan,
+                b.available,
+                if b.low_balance { "  (low)" } else { "" },
+                b.held,
+                b.open_holds
             );
+            let mut sources: Vec<_> = b.by_source.iter().collect();
+            sources.sort();
+            for (s, n) in sources {
+                let _ = write!(text, "\n  {s:<14} {n}");
+            }
+            if let Some(left) = b.allowance_left {
+                let _ = write!(text, "\nallowance left this period  {left}");
+            }
+            if let Some(e) = &b.next_expiry {
+                let _ = write!(
+                    text,
+                    "\nnext expiry  {} at {}",
+                    e.amount,
+                    time(e.at.as_ref()).as_str().unwrap_or("?")
+                );
+            }
             print(client.json, &v, &text);
             Ok(())
         }
@@ -786,6 +870,10 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 "low_balance_threshold": a.low_balance_threshold, "entitlements": a.entitlements,
                 "created_at": time(a.created_at.as_ref()),
                 "holds": r.open_holds.iter().map(hold_json).collect::<Vec<_>>(),
+                "grants": r.grants.iter().map(|g| json!({
+                    "grant_id": g.grant_id, "source": g.source, "granted": g.granted, "remaining": g.remaining,
+                    "held": g.held, "expired": g.expired, "expires_at": time(g.expires_at.as_ref()), "priority": g.priority,
+                })).collect::<Vec<_>>(),
             });
             let mut text = format!(
                 "account     {}\nplan        {} ({})\navailable   {}{}\nheld        {}\nopen holds  {}",
@@ -805,6 +893,17 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             ents.sort();
             for (k, v) in ents {
                 let _ = write!(text, "\n  {k} = {v}");
+            }
+            for g in &r.grants {
+                let expiry = g.expires_at.as_ref().map_or_else(
+                    || "never expires".to_owned(),
+                    |t| format!("expires {}", time(Some(t)).as_str().unwrap_or("?")),
+                );
+                let _ = write!(
+                    text,
+                    "\n{}  {:<12} {:>8} of {:<8} held {:<6} priority {:<3} {expiry}",
+                    g.grant_id, g.source, g.remaining, g.granted, g.held, g.priority
+                );
             }
             for h in &r.open_holds {
                 let _ = write!(text, "\n{}", hold_line(h));
@@ -993,27 +1092,138 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     account,
                     amount,
                     reason,
+                    source,
+                    expires_in,
+                    priority,
                     key,
                     client,
                 },
         } => {
             let mut svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
+            let expires_at = expires_in
+                .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+                .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                .map(|t| prost_types::Timestamp {
+                    seconds: t.timestamp(),
+                    nanos: 0,
+                });
             let req = pb::GrantRequest {
                 account_id: account,
                 amount,
                 reason,
                 idempotency_key: k.clone(),
+                source,
+                expires_at,
+                priority,
             };
             let r = svc
                 .grant(request(req, client.timeout))
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
-            let v = json!({"account_id": r.account_id, "entry_id": r.entry_id, "available": r.available});
+            let v = json!({"account_id": r.account_id, "grant_id": r.grant_id, "available": r.available});
             let text = format!(
-                "granted {amount} to {} (entry {}; available now {})",
-                r.account_id, r.entry_id, r.available
+                "granted {amount} to {} ({}; available now {})",
+                r.account_id, r.grant_id, r.available
+            );
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Account {
+            action:
+                AccountCommand::Open {
+                    account,
+                    plan,
+                    key,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::OpenAccountRequest {
+                account_id: account,
+                plan,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .open_account(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
+            let v = json!({"account_id": r.account_id, "plan": r.plan, "bonus": r.bonus, "available": r.available});
+            let text = format!(
+                "opened {} on {} (bonus {}; available now {})",
+                r.account_id, r.plan, r.bonus, r.available
+            );
+            print(client.json, &v, &text);
+            Ok(())
+        }
+        Command::Account {
+            action:
+                AccountCommand::Adjust {
+                    account,
+                    delta,
+                    reason,
+                    operator,
+                    key,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::AdjustRequest {
+                account_id: account,
+                delta,
+                reason,
+                operator,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .adjust(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
+            let v = json!({"account_id": r.account_id, "delta": r.delta, "available": r.available});
+            print(
+                client.json,
+                &v,
+                &format!(
+                    "adjusted {} by {:+} (available now {})",
+                    r.account_id, r.delta, r.available
+                ),
+            );
+            Ok(())
+        }
+        Command::Account {
+            action:
+                AccountCommand::Transfer {
+                    from,
+                    to,
+                    amount,
+                    reason,
+                    key,
+                    client,
+                },
+        } => {
+            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let k = key.key();
+            let req = pb::TransferRequest {
+                from_account_id: from.clone(),
+                to_account_id: to.clone(),
+                amount,
+                reason,
+                idempotency_key: k.clone(),
+            };
+            let r = svc
+                .transfer(request(req, client.timeout))
+                .await
+                .map_err(|s| status_error(&s, Some(&k)))?
+                .into_inner();
+            let v = json!({"from": from, "to": to, "amount": r.amount, "from_available": r.from_available, "to_available": r.to_available});
+            let text = format!(
+                "moved {} from {from} (now {}) to {to} (now {})",
+                r.amount, r.from_available, r.to_available
             );
             print(client.json, &v, &text);
             Ok(())

@@ -64,16 +64,18 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Migrate { database_url } => match tally::app::open_store(&database_url, 2).await {
-            Ok(_) => {
-                eprintln!(
-                    "migrations applied to {}",
-                    tally::app::redact_url(&database_url)
-                );
-                ExitCode::SUCCESS
+        Command::Migrate { database_url } => {
+            match tally::app::open_store(&database_url, 2, std::sync::Arc::default()).await {
+                Ok(_) => {
+                    eprintln!(
+                        "migrations applied to {}",
+                        tally::app::redact_url(&database_url)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             }
-            Err(e) => fail(&e),
-        },
+        }
         Command::Catalog { action } => match tally::cli::run_catalog(&action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

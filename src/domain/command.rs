@@ -1,9 +1,10 @@
 //! Validated commands, and the fingerprint that ties an idempotency key to one request.
 
-use chrono::TimeDelta;
+use chrono::{DateTime, TimeDelta, Utc};
 use sha2::{Digest, Sha256};
 
 use super::amount::Credits;
+use super::book::{PRIORITY_DEFAULT, Source};
 use super::hold::Metadata;
 use super::ids::{AccountId, Caller, HoldId, IdempotencyKey};
 
@@ -138,7 +139,7 @@ impl ExtendHold {
     }
 }
 
-/// Add credits to an account (creating it on its first grant).
+/// Add credits to an account as a new grant (creating the account on its first grant).
 #[derive(Clone, Debug)]
 pub struct Grant {
     /// The account.
@@ -147,9 +148,28 @@ pub struct Grant {
     pub amount: Credits,
     /// Why.
     pub reason: String,
+    /// Where the credits come from.
+    pub source: Source,
+    /// When they expire (never if `None`).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Consumption priority (0..=100, lower first).
+    pub priority: i32,
 }
 
 impl Grant {
+    /// A grant of `amount` from `source` that never expires, at the default priority.
+    #[must_use]
+    pub fn simple(account_id: AccountId, amount: Credits, source: Source, reason: &str) -> Self {
+        Self {
+            account_id,
+            amount,
+            reason: reason.to_owned(),
+            source,
+            expires_at: None,
+            priority: PRIORITY_DEFAULT,
+        }
+    }
+
     /// The request fingerprint.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
@@ -159,8 +179,91 @@ impl Grant {
                 self.account_id.as_str(),
                 &self.amount.to_string(),
                 &self.reason,
+                self.source.as_str(),
+                &self
+                    .expires_at
+                    .map(|t| t.timestamp_micros().to_string())
+                    .unwrap_or_default(),
+                &self.priority.to_string(),
             ],
         )
+    }
+}
+
+/// An operator's signed correction.
+#[derive(Clone, Debug)]
+pub struct Adjust {
+    /// The account.
+    pub account_id: AccountId,
+    /// Credits to add (positive) or remove (negative); never 0, |delta| ≤ `Credits::MAX`.
+    pub delta: i64,
+    /// Why (required).
+    pub reason: String,
+    /// Who did it (the authenticated operator, or the CLI user's name).
+    pub operator: String,
+}
+
+impl Adjust {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(
+            "adjust",
+            &[
+                self.account_id.as_str(),
+                &self.delta.to_string(),
+                &self.reason,
+                &self.operator,
+            ],
+        )
+    }
+}
+
+/// Move credits between two accounts atomically.
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    /// Debited account.
+    pub from: AccountId,
+    /// Credited account (created if new).
+    pub to: AccountId,
+    /// Credits.
+    pub amount: Credits,
+    /// Why.
+    pub reason: String,
+}
+
+impl Transfer {
+    /// The request fingerprint.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(
+            "transfer",
+            &[
+                self.from.as_str(),
+                self.to.as_str(),
+                &self.amount.to_string(),
+                &self.reason,
+            ],
+        )
+    }
+}
+
+/// Create an account on a plan, with the sign-up bonus.
+#[derive(Clone, Debug)]
+pub struct OpenAccount {
+    /// The new account.
+    pub account_id: AccountId,
+    /// Its plan (validated against the catalog).
+    pub plan: String,
+    /// The sign-up bonus and its lifetime, from the catalog.
+    pub bonus: Option<(Credits, Option<TimeDelta>)>,
+}
+
+impl OpenAccount {
+    /// The request fingerprint (the bonus is configuration, not part of the request).
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint("open_account", &[self.account_id.as_str(), &self.plan])
     }
 }
 
@@ -187,11 +290,12 @@ mod tests {
 
     #[test]
     fn fingerprints_differ_when_any_field_differs() {
-        let a = Grant {
-            account_id: AccountId::parse("a", "u1").unwrap(),
-            amount: Credits::new("n", 5).unwrap(),
-            reason: "ab".into(),
-        };
+        let a = Grant::simple(
+            AccountId::parse("a", "u1").unwrap(),
+            Credits::new("n", 5).unwrap(),
+            Source::Adjustment,
+            "ab",
+        );
         let mut b = a.clone();
         b.reason = "a".into();
         assert_ne!(a.fingerprint(), b.fingerprint());

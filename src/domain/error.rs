@@ -39,6 +39,9 @@ pub enum LedgerError {
     /// No account with that id (accounts are created by their first grant).
     #[error("account not found")]
     AccountNotFound,
+    /// OpenAccount for an account that exists already.
+    #[error("the account already exists")]
+    AccountExists,
     /// No hold with that id.
     #[error("hold not found")]
     HoldNotFound,
@@ -85,6 +88,7 @@ impl LedgerError {
         match self {
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::AccountNotFound => "ACCOUNT_NOT_FOUND",
+            Self::AccountExists => "ACCOUNT_EXISTS",
             Self::HoldNotFound => "HOLD_NOT_FOUND",
             Self::HoldAlreadyCommitted => "HOLD_ALREADY_COMMITTED",
             Self::HoldReleased => "HOLD_RELEASED",

@@ -7,12 +7,14 @@
 #![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 pub mod amount;
+pub mod book;
 pub mod command;
 pub mod error;
 pub mod hold;
 pub mod ids;
 pub mod model;
 pub mod outcome;
+pub mod plan;
 pub mod pricing;
 pub mod rules;
 
@@ -21,6 +23,7 @@ pub use error::{FieldViolation, LedgerError};
 pub use hold::{Hold, HoldState, Metadata};
 pub use ids::{AccountId, Caller, HoldId, IdempotencyKey};
 pub use outcome::{
-    AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome, PlanOutcome,
-    RefundOutcome, ReserveOutcome,
+    AccountSummary, AdjustOutcome, Balance, CommitOutcome, EntryRecord, ExtendOutcome,
+    GrantOutcome, OpenOutcome, PlanOutcome, RefundOutcome, ReserveOutcome, TransferOutcome,
 };
+pub use plan::DEFAULT_PLAN;

@@ -1,40 +1,34 @@
-//! The reference ledger: every rule in [`super::rules`] applied to in-memory state.
+//! The reference ledger: whole [`Book`]s in memory, with idempotency, exactly as the storage
+//! backends apply them (settle, then the operation, atomically).
 //!
-//! It is the specification the storage backends are tested against (the conformance suite
-//! replays random command sequences on a backend and on this model and compares them), and the
-//! subject of the property tests below. It is not used to serve requests.
+//! It is the oracle of the storage conformance suite (random command sequences run on a
+//! backend and on this model must agree) and the subject of the property tests below. It is
+//! not used to serve requests.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 
-use super::amount::MAX_BALANCE;
-use super::command::{CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve};
-use super::error::LedgerError;
-use super::hold::{Hold, HoldState};
-use super::outcome::{
-    Balance, CommitOutcome, ExtendOutcome, GrantOutcome, Outcome, RefundOutcome, ReserveOutcome,
+use super::book::{Book, Ids, Source};
+use super::command::{
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, Transfer,
 };
-use super::rules::{self, EntryKind, RefundPlan};
+use super::error::LedgerError;
+use super::hold::Hold;
+use super::outcome::{
+    AdjustOutcome, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, OpenOutcome, Outcome,
+    RefundOutcome, ReserveOutcome, TransferOutcome,
+};
+use super::plan::Allowance;
+use super::rules::EntryKind;
 
-/// Stored balance columns of one account.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AccountState {
-    /// Credits available.
-    pub available: i64,
-    /// Credits held by holds stored as open.
-    pub held: i64,
-}
-
-/// One ledger line.
+/// One ledger line with its sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// Sequence number.
     pub entry_id: i64,
     /// The account changed.
     pub account_id: String,
-    /// The hold involved, if any.
-    pub hold_id: Option<String>,
     /// What happened.
     pub kind: EntryKind,
     /// Change to available.
@@ -43,34 +37,52 @@ pub struct Entry {
     pub held_delta: i64,
 }
 
+struct Counter<'a>(&'a mut u64);
+
+impl Ids for Counter<'_> {
+    fn bucket_id(&mut self) -> String {
+        *self.0 = self.0.saturating_add(1);
+        format!("grt_{:032x}", *self.0)
+    }
+}
+
 /// The whole reference state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ledger {
-    accounts: BTreeMap<String, AccountState>,
-    holds: BTreeMap<String, Hold>,
-    entries: Vec<Entry>,
+    books: BTreeMap<String, Book>,
+    hold_account: BTreeMap<String, String>,
     keys: HashMap<(String, String), ([u8; 32], Outcome)>,
+    entries: Vec<Entry>,
+    /// The allowance every account's plan grants (one plan is enough for the model).
+    allowance: Option<Allowance>,
+    next_id: u64,
 }
 
 type Res<T> = Result<T, LedgerError>;
 
 impl Ledger {
-    /// An empty ledger.
+    /// An empty ledger whose accounts get `allowance` each period.
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(allowance: Option<Allowance>) -> Self {
+        Self {
+            allowance,
+            ..Self::default()
+        }
     }
 
-    /// Stored columns of an account.
+    /// An account's book.
     #[must_use]
-    pub fn account(&self, account_id: &str) -> Option<AccountState> {
-        self.accounts.get(account_id).copied()
+    pub fn book(&self, account_id: &str) -> Option<&Book> {
+        self.books.get(account_id)
     }
 
     /// A hold as stored.
     #[must_use]
     pub fn hold(&self, hold_id: &str) -> Option<&Hold> {
-        self.holds.get(hold_id)
+        self.hold_account
+            .get(hold_id)
+            .and_then(|a| self.books.get(a))
+            .and_then(|b| b.holds.get(hold_id))
     }
 
     /// Every entry, oldest first.
@@ -79,37 +91,44 @@ impl Ledger {
         &self.entries
     }
 
-    /// The balance a caller sees at `now`: overdue open holds count as released.
+    /// A grant id the next grant will not collide with (for tests that build grants).
+    pub fn next_grant_id(&mut self) -> String {
+        Counter(&mut self.next_id).bucket_id()
+    }
+
+    /// The balance a caller sees at `now` (time applied first, as CheckBalance does).
     ///
     /// # Errors
     /// `AccountNotFound`.
     pub fn balance(&self, account_id: &str, now: DateTime<Utc>) -> Res<Balance> {
-        let a = self
-            .account(account_id)
+        let mut book = self
+            .books
+            .get(account_id)
+            .cloned()
             .ok_or(LedgerError::AccountNotFound)?;
-        let (mut due, mut open) = (0i64, 0i64);
-        for h in self
+        let mut n = self.next_id;
+        book.settle(now, self.allowance.as_ref(), &mut Counter(&mut n))?;
+        let open = book
             .holds
             .values()
-            .filter(|h| h.account_id == account_id && h.state == HoldState::Open)
-        {
-            if h.expires_at <= now {
-                due = due.saturating_add(h.amount);
-            } else {
-                open = open.saturating_add(1);
-            }
-        }
+            .filter(|h| h.state == super::hold::HoldState::Open)
+            .count();
+        let (by_source, next_expiry, allowance_left) =
+            super::book::breakdown(book.buckets.values(), book.allowance_period.as_deref(), now);
         Ok(Balance {
+            by_source,
+            next_expiry,
+            allowance_left: self.allowance.as_ref().and(allowance_left),
             account_id: account_id.to_owned(),
-            available: a.available.saturating_add(due),
-            held: a.held.saturating_sub(due),
-            open_holds: open,
-            plan: "free".to_owned(),
+            available: book.available,
+            held: book.held,
+            open_holds: i64::try_from(open).unwrap_or(i64::MAX),
+            plan: book.plan,
             as_of: now,
         })
     }
 
-    /// Applies `op` atomically under an idempotency key: a stored outcome is replayed, a key
+    /// Runs `op` atomically under an idempotency key: a stored outcome is replayed, a key
     /// reused for another request is refused, and a refused command leaves no trace.
     fn idempotent<T>(&mut self, idem: &Idempotency, op: impl FnOnce(&mut Self) -> Res<T>) -> Res<T>
     where
@@ -133,101 +152,140 @@ impl Ledger {
         Ok(out)
     }
 
-    fn push_entry(
+    /// Settles `account`'s book at `now`, runs `op` on it, and files its entries.
+    fn with_book<T>(
         &mut self,
-        account_id: &str,
-        hold_id: Option<&str>,
-        kind: EntryKind,
-        avail: i64,
-        held: i64,
-    ) -> i64 {
-        let entry_id = i64::try_from(self.entries.len())
-            .unwrap_or(i64::MAX)
-            .saturating_add(1);
-        self.entries.push(Entry {
-            entry_id,
-            account_id: account_id.to_owned(),
-            hold_id: hold_id.map(str::to_owned),
-            kind,
-            available_delta: avail,
-            held_delta: held,
-        });
-        entry_id
-    }
-
-    fn account_mut(&mut self, account_id: &str) -> Res<&mut AccountState> {
-        self.accounts
-            .get_mut(account_id)
-            .ok_or(LedgerError::AccountNotFound)
-    }
-
-    /// Moves `amount` between held and available (positive: held → available).
-    fn shift(&mut self, account_id: &str, to_available: i64, from_held: i64) -> Res<AccountState> {
-        let a = self.account_mut(account_id)?;
-        a.available = a.available.saturating_add(to_available);
-        a.held = a.held.saturating_sub(from_held);
-        if a.available.saturating_add(a.held) > MAX_BALANCE {
-            return Err(LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE });
+        account: &str,
+        now: DateTime<Utc>,
+        create: bool,
+        op: impl FnOnce(&mut Book, &mut dyn Ids) -> Res<T>,
+    ) -> Res<T> {
+        if create && !self.books.contains_key(account) {
+            self.books
+                .insert(account.to_owned(), Book::new(account, "free"));
         }
-        Ok(*a)
+        let mut book = self
+            .books
+            .remove(account)
+            .ok_or(LedgerError::AccountNotFound)?;
+        let mut ids = Counter(&mut self.next_id);
+        book.settle(now, self.allowance.as_ref(), &mut ids)?;
+        let out = op(&mut book, &mut ids)?;
+        self.file(&mut book);
+        self.books.insert(account.to_owned(), book);
+        Ok(out)
     }
 
-    fn expire_hold(&mut self, hold_id: &str) {
-        let Some(h) = self.holds.get_mut(hold_id) else {
-            return;
-        };
-        h.state = HoldState::Expired;
-        h.resolved_at = Some(h.expires_at);
-        let (account, amount) = (h.account_id.clone(), h.amount);
-        // The hold was open, so its amount is in `held`: this cannot fail.
-        let _ = self.shift(&account, amount, amount);
-        self.push_entry(
-            &account,
-            Some(hold_id),
-            EntryKind::Expire,
-            amount,
-            amount.saturating_neg(),
-        );
-    }
-
-    fn due_holds(&self, account_id: Option<&str>, now: DateTime<Utc>) -> Vec<String> {
-        self.holds
-            .values()
-            .filter(|h| h.state == HoldState::Open && h.expires_at <= now)
-            .filter(|h| account_id.is_none_or(|a| h.account_id == a))
-            .map(|h| h.hold_id.clone())
-            .collect()
-    }
-
-    /// Expires every overdue open hold (what the sweeper does). Returns how many.
-    pub fn expire_due(&mut self, now: DateTime<Utc>) -> usize {
-        let due = self.due_holds(None, now);
-        for id in &due {
-            self.expire_hold(id);
+    fn file(&mut self, book: &mut Book) {
+        for e in book.entries.drain(..) {
+            let entry_id = i64::try_from(self.entries.len())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1);
+            self.entries.push(Entry {
+                entry_id,
+                account_id: book.account_id.clone(),
+                kind: e.kind,
+                available_delta: e.available_delta,
+                held_delta: e.held_delta,
+            });
         }
-        due.len()
+        for h in &book.dirty.new_holds {
+            self.hold_account.insert(h.clone(), book.account_id.clone());
+        }
+        book.dirty = super::book::Dirty::default();
     }
 
-    /// Adds credits, creating the account.
+    fn account_of(&self, hold_id: &str) -> Res<String> {
+        self.hold_account
+            .get(hold_id)
+            .cloned()
+            .ok_or(LedgerError::HoldNotFound)
+    }
+
+    /// Applies time to one account (what every operation does first).
+    pub fn settle(&mut self, account: &str, now: DateTime<Utc>) {
+        let _ = self.with_book(account, now, false, |_, _| Ok(()));
+    }
+
+    /// Applies time to every account (what the sweeper does).
+    pub fn expire_due(&mut self, now: DateTime<Utc>) {
+        let accounts: Vec<String> = self.books.keys().cloned().collect();
+        for a in accounts {
+            let _ = self.with_book(&a, now, false, |_, _| Ok(()));
+        }
+    }
+
+    /// Adds a grant, creating the account.
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `BalanceLimitExceeded`.
-    pub fn grant(&mut self, idem: &Idempotency, cmd: &Grant) -> Res<GrantOutcome> {
+    pub fn grant(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &Grant,
+        now: DateTime<Utc>,
+    ) -> Res<GrantOutcome> {
         self.idempotent(idem, |l| {
-            let id = cmd.account_id.as_str();
-            let a = l.accounts.entry(id.to_owned()).or_default();
-            rules::check_grant(a.available.saturating_add(a.held), cmd.amount)?;
-            let after = l.shift(id, cmd.amount.get(), 0)?;
-            let entry_id = l.push_entry(id, None, EntryKind::Grant, cmd.amount.get(), 0);
-            Ok(GrantOutcome {
-                account_id: id.to_owned(),
-                entry_id,
-                available: after.available,
+            l.with_book(cmd.account_id.as_str(), now, true, |b, ids| {
+                let id = ids.bucket_id();
+                b.grant(
+                    &id,
+                    cmd.source,
+                    cmd.amount,
+                    cmd.expires_at,
+                    cmd.priority,
+                    &cmd.reason,
+                    now,
+                )
             })
         })
     }
 
-    /// Creates a hold, first expiring the account's overdue holds.
+    /// Opens an account with its bonus.
+    ///
+    /// # Errors
+    /// `IdempotencyKeyReused`, `AccountExists`.
+    pub fn open_account(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &OpenAccount,
+        now: DateTime<Utc>,
+    ) -> Res<OpenOutcome> {
+        self.idempotent(idem, |l| {
+            let id = cmd.account_id.as_str();
+            if l.books.contains_key(id) {
+                return Err(LedgerError::AccountExists);
+            }
+            l.books.insert(id.to_owned(), Book::new(id, &cmd.plan));
+            l.with_book(id, now, false, |b, ids| {
+                let bonus = match cmd.bonus {
+                    Some((amount, ttl)) => {
+                        let gid = ids.bucket_id();
+                        let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
+                        b.grant(
+                            &gid,
+                            Source::SignupBonus,
+                            amount,
+                            expires_at,
+                            super::book::PRIORITY_DEFAULT,
+                            "sign-up bonus",
+                            now,
+                        )?;
+                        amount.get()
+                    }
+                    None => 0,
+                };
+                Ok(OpenOutcome {
+                    account_id: id.to_owned(),
+                    plan: cmd.plan.clone(),
+                    bonus,
+                    available: b.available,
+                })
+            })
+        })
+    }
+
+    /// Creates a hold.
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `AccountNotFound`, `InsufficientCredits`.
@@ -238,54 +296,22 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<ReserveOutcome> {
         self.idempotent(idem, |l| {
-            let id = cmd.account_id.as_str();
-            l.account_mut(id)?;
-            for due in l.due_holds(Some(id), now) {
-                l.expire_hold(&due);
-            }
-            let available = l.account_mut(id)?.available;
-            rules::check_reserve(available, cmd.amount)?;
-            let amount = cmd.amount.get();
-            let after = l.shift(id, amount.saturating_neg(), amount.saturating_neg())?;
-            let hold = Hold {
-                hold_id: cmd.hold_id.as_str().to_owned(),
-                account_id: id.to_owned(),
-                amount,
-                state: HoldState::Open,
-                committed_amount: 0,
-                refunded_amount: 0,
-                created_at: now,
-                expires_at: now.checked_add_signed(cmd.ttl).unwrap_or(now),
-                resolved_at: None,
-                metadata: cmd.metadata.clone(),
-            };
-            l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(
-                id,
-                Some(&hold.hold_id),
-                EntryKind::Reserve,
-                amount.saturating_neg(),
-                amount,
-            );
-            Ok(ReserveOutcome {
-                hold,
-                available: after.available,
+            l.with_book(cmd.account_id.as_str(), now, false, |b, _| {
+                b.reserve(
+                    cmd.hold_id.as_str(),
+                    cmd.amount,
+                    cmd.ttl,
+                    &cmd.metadata,
+                    now,
+                )
             })
         })
-    }
-
-    fn stored_hold(&self, hold_id: &str) -> Res<Hold> {
-        self.holds
-            .get(hold_id)
-            .cloned()
-            .ok_or(LedgerError::HoldNotFound)
     }
 
     /// Settles a hold.
     ///
     /// # Errors
-    /// `IdempotencyKeyReused`, `HoldNotFound`, the not-open refusals, `InsufficientCredits`
-    /// for an extra the account cannot cover.
+    /// `IdempotencyKeyReused`, `HoldNotFound`, the not-open refusals, `InsufficientCredits`.
     pub fn commit_hold(
         &mut self,
         idem: &Idempotency,
@@ -293,32 +319,9 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<CommitOutcome> {
         self.idempotent(idem, |l| {
-            let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
-            let plan = rules::plan_commit(&hold, cmd.amount, now)?;
-            let available = l.account_mut(&hold.account_id)?.available;
-            if available < plan.extra_drawn {
-                return Err(LedgerError::InsufficientCredits {
-                    available,
-                    requested: plan.extra_drawn,
-                });
-            }
-            let after = l.shift(&hold.account_id, plan.available_delta(), plan.held)?;
-            hold.state = HoldState::Committed;
-            hold.committed_amount = plan.committed;
-            hold.resolved_at = Some(now);
-            l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(
-                &hold.account_id,
-                Some(&hold.hold_id),
-                EntryKind::Commit,
-                plan.available_delta(),
-                plan.held.saturating_neg(),
-            );
-            Ok(CommitOutcome {
-                hold,
-                released: plan.released,
-                extra_drawn: plan.extra_drawn,
-                available: after.available,
+            let account = l.account_of(cmd.hold_id.as_str())?;
+            l.with_book(&account, now, false, |b, _| {
+                b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now)
             })
         })
     }
@@ -326,7 +329,7 @@ impl Ledger {
     /// Releases an open hold or returns committed credits.
     ///
     /// # Errors
-    /// `IdempotencyKeyReused`, `HoldNotFound`, and the refusals of [`rules::plan_refund`].
+    /// `IdempotencyKeyReused`, `HoldNotFound`, the refusals of the refund rules.
     pub fn refund(
         &mut self,
         idem: &Idempotency,
@@ -334,40 +337,14 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<RefundOutcome> {
         self.idempotent(idem, |l| {
-            let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
-            let plan = rules::plan_refund(&hold, cmd.amount, now)?;
-            let (after, kind, held_delta) = match plan {
-                RefundPlan::Release { amount } => {
-                    hold.state = HoldState::Released;
-                    hold.resolved_at = Some(now);
-                    (
-                        l.shift(&hold.account_id, amount, amount)?,
-                        EntryKind::Release,
-                        amount.saturating_neg(),
-                    )
-                }
-                RefundPlan::Return { amount } => {
-                    hold.refunded_amount = hold.refunded_amount.saturating_add(amount);
-                    (l.shift(&hold.account_id, amount, 0)?, EntryKind::Refund, 0)
-                }
-            };
-            l.holds.insert(hold.hold_id.clone(), hold.clone());
-            l.push_entry(
-                &hold.account_id,
-                Some(&hold.hold_id),
-                kind,
-                plan.amount(),
-                held_delta,
-            );
-            Ok(RefundOutcome {
-                hold,
-                refunded: plan.amount(),
-                available: after.available,
+            let account = l.account_of(cmd.hold_id.as_str())?;
+            l.with_book(&account, now, false, |b, _| {
+                b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now)
             })
         })
     }
 
-    /// Moves an open hold's expiry to `now + ttl`.
+    /// Moves an open hold's expiry.
     ///
     /// # Errors
     /// `IdempotencyKeyReused`, `HoldNotFound`, the not-open refusals.
@@ -378,53 +355,92 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<ExtendOutcome> {
         self.idempotent(idem, |l| {
-            let mut hold = l.stored_hold(cmd.hold_id.as_str())?;
-            rules::check_extend(&hold, now)?;
-            hold.expires_at = now.checked_add_signed(cmd.ttl).unwrap_or(now);
-            l.holds.insert(hold.hold_id.clone(), hold.clone());
-            Ok(ExtendOutcome { hold })
+            let account = l.account_of(cmd.hold_id.as_str())?;
+            l.with_book(&account, now, false, |b, _| {
+                b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now)
+            })
         })
     }
 
-    /// Checks the ledger's invariants; returns the first broken one.
+    /// A signed correction.
     ///
     /// # Errors
-    /// A description of the violation.
+    /// `IdempotencyKeyReused`, `AccountNotFound`, `InsufficientCredits`, `BalanceLimitExceeded`.
+    pub fn adjust(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &Adjust,
+        now: DateTime<Utc>,
+    ) -> Res<AdjustOutcome> {
+        self.idempotent(idem, |l| {
+            l.with_book(cmd.account_id.as_str(), now, false, |b, ids| {
+                b.adjust(
+                    cmd.delta,
+                    &format!("{} (by {})", cmd.reason, cmd.operator),
+                    now,
+                    ids,
+                )?;
+                Ok(AdjustOutcome {
+                    account_id: b.account_id.clone(),
+                    delta: cmd.delta,
+                    available: b.available,
+                })
+            })
+        })
+    }
+
+    /// Moves credits between accounts.
+    ///
+    /// # Errors
+    /// `IdempotencyKeyReused`, `AccountNotFound` (the debited account), `InsufficientCredits`,
+    /// `BalanceLimitExceeded`.
+    pub fn transfer(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &Transfer,
+        now: DateTime<Utc>,
+    ) -> Res<TransferOutcome> {
+        self.idempotent(idem, |l| {
+            let pieces = l.with_book(cmd.from.as_str(), now, false, |b, _| {
+                b.take(cmd.amount.get(), EntryKind::TransferOut, &cmd.reason, now)
+            })?;
+            let to_available = l.with_book(cmd.to.as_str(), now, true, |b, ids| {
+                b.give(&pieces, EntryKind::TransferIn, &cmd.reason, now, ids)?;
+                Ok(b.available)
+            })?;
+            let from_available = l.books.get(cmd.from.as_str()).map_or(0, |b| b.available);
+            Ok(TransferOutcome {
+                from: (cmd.from.as_str().to_owned(), from_available),
+                to: (cmd.to.as_str().to_owned(), to_available),
+                amount: cmd.amount.get(),
+            })
+        })
+    }
+
+    /// Checks every book, and that entries explain every balance.
+    ///
+    /// # Errors
+    /// A description of the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
-        for (id, a) in &self.accounts {
-            let (mut avail, mut held) = (0i64, 0i64);
-            for e in self.entries.iter().filter(|e| &e.account_id == id) {
-                avail = avail.saturating_add(e.available_delta);
-                held = held.saturating_add(e.held_delta);
-            }
-            let open: i64 = self
-                .holds
-                .values()
-                .filter(|h| &h.account_id == id && h.state == HoldState::Open)
-                .map(|h| h.amount)
-                .sum();
-            if (avail, held) != (a.available, a.held) {
+        for (id, book) in &self.books {
+            book.check()?;
+            let (avail, held) = self.entries.iter().filter(|e| &e.account_id == id).fold(
+                (0i64, 0i64),
+                |(a, h), e| {
+                    (
+                        a.saturating_add(e.available_delta),
+                        h.saturating_add(e.held_delta),
+                    )
+                },
+            );
+            if (avail, held) != (book.available, book.held) {
                 return Err(format!(
                     "{id}: entries say ({avail}, {held}), columns ({}, {})",
-                    a.available, a.held
+                    book.available, book.held
                 ));
             }
-            if open != a.held {
-                return Err(format!(
-                    "{id}: held {} but open holds sum to {open}",
-                    a.held
-                ));
-            }
-            if a.available < 0 || a.held < 0 {
-                return Err(format!("{id}: negative balance {a:?}"));
-            }
-        }
-        for h in self.holds.values() {
-            if h.refunded_amount > h.committed_amount || h.refunded_amount < 0 {
-                return Err(format!(
-                    "{}: refunded {} of {}",
-                    h.hold_id, h.refunded_amount, h.committed_amount
-                ));
+            if book.available < 0 || book.held < 0 {
+                return Err(format!("{id}: negative balance"));
             }
         }
         Ok(())
@@ -438,6 +454,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::domain::book::consumption_order;
+    use crate::domain::hold::HoldState;
+    use crate::domain::plan::{Period, Rollover};
     use crate::domain::{AccountId, Caller, Credits, HoldId, IdempotencyKey, Metadata};
 
     #[derive(Clone, Debug)]
@@ -445,6 +464,8 @@ mod tests {
         Grant {
             account: u8,
             amount: i64,
+            expires_in: Option<i64>,
+            priority: i32,
         },
         Reserve {
             account: u8,
@@ -463,6 +484,15 @@ mod tests {
             hold: usize,
             ttl_secs: i64,
         },
+        Adjust {
+            account: u8,
+            delta: i64,
+        },
+        Transfer {
+            from: u8,
+            to: u8,
+            amount: i64,
+        },
         Advance {
             secs: i64,
         },
@@ -477,12 +507,14 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            2 => (0u8..3, 1i64..200).prop_map(|(account, amount)| Op::Grant { account, amount }),
+            3 => (0u8..3, 1i64..200, proptest::option::of(1i64..200), 0i32..3).prop_map(|(account, amount, expires_in, priority)| Op::Grant { account, amount, expires_in, priority: priority * 25 }),
             4 => (0u8..3, 1i64..120, 1i64..120).prop_map(|(account, amount, ttl_secs)| Op::Reserve { account, amount, ttl_secs }),
             3 => (any::<usize>(), 1i64..150).prop_map(|(hold, amount)| Op::Commit { hold, amount }),
             2 => (any::<usize>(), proptest::option::of(1i64..60)).prop_map(|(hold, amount)| Op::Refund { hold, amount }),
             1 => (any::<usize>(), 1i64..120).prop_map(|(hold, ttl_secs)| Op::Extend { hold, ttl_secs }),
-            2 => (1i64..90).prop_map(|secs| Op::Advance { secs }),
+            1 => (0u8..3, -80i64..80).prop_filter("non-zero", |(_, d)| *d != 0).prop_map(|(account, delta)| Op::Adjust { account, delta }),
+            1 => (0u8..3, 0u8..3, 1i64..80).prop_filter("two accounts", |(f, t, _)| f != t).prop_map(|(from, to, amount)| Op::Transfer { from, to, amount }),
+            2 => (1i64..40_000).prop_map(|secs| Op::Advance { secs }),
             1 => Just(Op::Sweep),
             2 => any::<usize>().prop_map(|back| Op::Retry { back }),
             1 => any::<usize>().prop_map(|back| Op::ReuseKeyWithOtherRequest { back }),
@@ -497,6 +529,8 @@ mod tests {
         Commit(CommitHold),
         Refund(Refund),
         Extend(ExtendHold),
+        Adjust(Adjust),
+        Transfer(Transfer),
     }
 
     #[derive(Debug, PartialEq)]
@@ -515,7 +549,7 @@ mod tests {
 
     fn send(l: &mut Ledger, key: &str, cmd: &Sent, now: DateTime<Utc>) -> Answer {
         let r: Res<Outcome> = match cmd {
-            Sent::Grant(c) => l.grant(&idem(key, c.fingerprint()), c).map(Into::into),
+            Sent::Grant(c) => l.grant(&idem(key, c.fingerprint()), c, now).map(Into::into),
             Sent::Reserve(c) => l
                 .reserve(&idem(key, c.fingerprint()), c, now)
                 .map(Into::into),
@@ -528,6 +562,12 @@ mod tests {
             Sent::Extend(c) => l
                 .extend_hold(&idem(key, c.fingerprint()), c, now)
                 .map(Into::into),
+            Sent::Adjust(c) => l
+                .adjust(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
+            Sent::Transfer(c) => l
+                .transfer(&idem(key, c.fingerprint()), c, now)
+                .map(Into::into),
         };
         match r {
             Ok(o) => Answer::Ok(o),
@@ -539,20 +579,47 @@ mod tests {
         Credits::new("amount", n).unwrap()
     }
 
-    /// Net credits that entered accounts: grants − commits + refunds, from the outcomes alone.
-    fn net_flow(answer: &Answer) -> i64 {
-        match answer {
-            Answer::Ok(Outcome::Commit(c)) => -c.hold.committed_amount,
-            Answer::Ok(Outcome::Refund(r)) if r.hold.state == HoldState::Committed => r.refunded,
-            Answer::Ok(
-                Outcome::Grant(_)
-                | Outcome::Reserve(_)
-                | Outcome::Extend(_)
-                | Outcome::Refund(_)
-                | Outcome::Plan(_),
-            )
-            | Answer::Err(_) => 0,
+    fn acct(n: u8) -> AccountId {
+        AccountId::parse("a", &format!("acct{n}")).unwrap()
+    }
+
+    const ACCOUNTS: [&str; 3] = ["acct0", "acct1", "acct2"];
+
+    /// After a reserve, its draws follow the consumption order: every usable bucket ordered
+    /// before the last one drawn was emptied.
+    fn draws_follow_the_order(
+        l: &Ledger,
+        hold: &Hold,
+        before: &Book,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let book = l.book(&hold.account_id).ok_or("no book")?;
+        let drawn: Vec<&String> = book
+            .draws
+            .values()
+            .filter(|d| d.hold_id == hold.hold_id)
+            .map(|d| &d.bucket_id)
+            .collect();
+        let mut usable: Vec<&crate::domain::book::Bucket> = before
+            .buckets
+            .values()
+            .filter(|b| b.remaining > 0 && !b.expired_at(now))
+            .collect();
+        usable.sort_by(|a, b| consumption_order(a, b));
+        let last = usable
+            .iter()
+            .rposition(|b| drawn.contains(&&b.bucket_id))
+            .ok_or("drew from nothing usable")?;
+        for b in &usable[..last] {
+            let after = &book.buckets[&b.bucket_id];
+            if after.remaining != 0 {
+                return Err(format!(
+                    "bucket {} ordered earlier still has {}",
+                    b.bucket_id, after.remaining
+                ));
+            }
         }
+        Ok(())
     }
 
     proptest! {
@@ -560,25 +627,23 @@ mod tests {
 
         #[test]
         fn random_command_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..80)) {
-            let mut l = Ledger::new();
+            let allowance = Allowance { amount: 5, period: Period::Daily, rollover: Rollover::Capped(3) };
+            let mut l = Ledger::new(Some(allowance));
             let mut now = DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20_000);
             let mut sent: Vec<(String, Sent, Answer)> = Vec::new();
             let mut hold_ids: Vec<String> = Vec::new();
-            let mut granted = 0i64;
-            let mut net = 0i64;
             for (step, op) in ops.into_iter().enumerate() {
                 let key = format!("k{step}");
                 let pick = |i: usize| hold_ids.get(i % hold_ids.len().max(1)).cloned();
                 let cmd = match op {
-                    Op::Grant { account, amount } => Some(Sent::Grant(Grant {
-                        account_id: AccountId::parse("a", &format!("acct{account}")).unwrap(),
-                        amount: credits(amount), reason: "test".into() })),
+                    Op::Grant { account, amount, expires_in, priority } => Some(Sent::Grant(Grant {
+                        account_id: acct(account), amount: credits(amount), reason: "test".into(), source: Source::Promotion,
+                        expires_at: expires_in.map(|s| now + TimeDelta::seconds(s)), priority })),
                     Op::Reserve { account, amount, ttl_secs } => {
                         let mut b = [0u8; 16];
                         b[..8].copy_from_slice(&u64::try_from(step).unwrap().to_be_bytes());
                         Some(Sent::Reserve(Reserve {
-                            account_id: AccountId::parse("a", &format!("acct{account}")).unwrap(),
-                            amount: credits(amount), ttl: TimeDelta::seconds(ttl_secs),
+                            account_id: acct(account), amount: credits(amount), ttl: TimeDelta::seconds(ttl_secs),
                             metadata: Metadata::default(), hold_id: HoldId::from_bytes(b), priced: None }))
                     }
                     Op::Commit { hold, amount } => pick(hold).map(|h| Sent::Commit(CommitHold {
@@ -587,12 +652,23 @@ mod tests {
                         hold_id: HoldId::parse("h", &h).unwrap(), amount: amount.map(credits), reason: String::new() })),
                     Op::Extend { hold, ttl_secs } => pick(hold).map(|h| Sent::Extend(ExtendHold {
                         hold_id: HoldId::parse("h", &h).unwrap(), ttl: TimeDelta::seconds(ttl_secs) })),
+                    Op::Adjust { account, delta } => Some(Sent::Adjust(Adjust {
+                        account_id: acct(account), delta, reason: "fix".into(), operator: "ops".into() })),
+                    Op::Transfer { from, to, amount } => Some(Sent::Transfer(Transfer {
+                        from: acct(from), to: acct(to), amount: credits(amount), reason: "gift".into() })),
                     Op::Advance { secs } => { now += TimeDelta::seconds(secs); None }
                     Op::Sweep => {
-                        let before: Vec<_> = ["acct0", "acct1", "acct2"].iter().map(|a| l.balance(a, now).ok()).collect();
+                        let before: Vec<_> = ACCOUNTS.iter().map(|a| l.balance(a, now).ok().map(|b| (b.available, b.held))).collect();
                         l.expire_due(now);
-                        let after: Vec<_> = ["acct0", "acct1", "acct2"].iter().map(|a| l.balance(a, now).ok()).collect();
+                        let after: Vec<_> = ACCOUNTS.iter().map(|a| l.balance(a, now).ok().map(|b| (b.available, b.held))).collect();
                         prop_assert_eq!(before, after, "sweeping changes no balance a caller sees");
+                        for a in ACCOUNTS {
+                            if let Some(book) = l.book(a) {
+                                for b in book.buckets.values() {
+                                    prop_assert!(!(b.expired_at(now) && b.remaining > 0), "no credit outlives its bucket: {:?}", b);
+                                }
+                            }
+                        }
                         None
                     }
                     Op::Retry { back } if !sent.is_empty() => {
@@ -609,8 +685,7 @@ mod tests {
                         let (k, _, first) = &sent[back % sent.len()];
                         if let Answer::Ok(_) = first {
                             let before = l.clone();
-                            let other = Sent::Grant(Grant { account_id: AccountId::parse("a", "acct0").unwrap(),
-                                amount: credits(1), reason: format!("other {step}") });
+                            let other = Sent::Grant(Grant::simple(acct(0), credits(1), Source::Adjustment, &format!("other {step}")));
                             prop_assert_eq!(send(&mut l, k, &other, now), Answer::Err(LedgerError::IdempotencyKeyReused));
                             prop_assert_eq!(&l, &before, "a reused key changes nothing");
                         }
@@ -623,78 +698,172 @@ mod tests {
                     let answer = send(&mut l, &key, &cmd, now);
                     match &answer {
                         Answer::Err(_) => prop_assert_eq!(&l, &before, "a refused command changes nothing"),
-                        Answer::Ok(Outcome::Reserve(r)) => hold_ids.push(r.hold.hold_id.clone()),
-                        Answer::Ok(Outcome::Grant(_)) => {
-                            if let Sent::Grant(g) = &cmd { granted += g.amount.get(); }
+                        Answer::Ok(Outcome::Reserve(r)) => {
+                            hold_ids.push(r.hold.hold_id.clone());
+                            let mut settled = before.clone();
+                            settled.settle(&r.hold.account_id, now);
+                            if let Some(b) = settled.book(&r.hold.account_id) {
+                                prop_assert_eq!(draws_follow_the_order(&l, &r.hold, b, now), Ok(()));
+                            }
+                        }
+                        Answer::Ok(Outcome::Commit(c)) => {
+                            let prev = before.hold(&c.hold.hold_id).unwrap();
+                            prop_assert_eq!(prev.state_at(now), HoldState::Open, "only an open hold commits");
                         }
                         Answer::Ok(_) => {}
                     }
-                    if let (Answer::Ok(Outcome::Commit(_)), Some(prev)) = (&answer, before.hold(&hold_of(&cmd))) {
-                        prop_assert_eq!(prev.state_at(now), HoldState::Open, "only an open hold commits");
-                    }
-                    net += net_flow(&answer);
                     sent.push((key, cmd, answer));
                 }
                 prop_assert_eq!(l.check_invariants(), Ok(()));
-                let total: i64 = ["acct0", "acct1", "acct2"].iter().filter_map(|a| l.account(a)).map(|a| a.available + a.held).sum();
-                prop_assert_eq!(total, granted + net, "credits are neither lost nor invented");
             }
         }
     }
 
-    fn hold_of(cmd: &Sent) -> String {
-        match cmd {
-            Sent::Commit(c) => c.hold_id.as_str().to_owned(),
-            Sent::Refund(c) => c.hold_id.as_str().to_owned(),
-            Sent::Extend(c) => c.hold_id.as_str().to_owned(),
-            Sent::Grant(_) | Sent::Reserve(_) => String::new(),
-        }
+    fn g(
+        l: &mut Ledger,
+        key: &str,
+        acct_: &str,
+        amount: i64,
+        expires_at: Option<DateTime<Utc>>,
+        priority: i32,
+    ) -> String {
+        let cmd = Grant {
+            account_id: AccountId::parse("a", acct_).unwrap(),
+            amount: credits(amount),
+            reason: String::new(),
+            source: Source::Promotion,
+            expires_at,
+            priority,
+        };
+        l.grant(
+            &idem(key, cmd.fingerprint()),
+            &cmd,
+            DateTime::<Utc>::UNIX_EPOCH,
+        )
+        .unwrap()
+        .grant_id
     }
 
     #[test]
-    fn a_hold_resolves_at_most_once() {
-        let mut l = Ledger::new();
-        let now = DateTime::<Utc>::UNIX_EPOCH;
-        let g = Grant {
-            account_id: AccountId::parse("a", "u").unwrap(),
-            amount: credits(100),
-            reason: String::new(),
-        };
-        l.grant(&idem("g", g.fingerprint()), &g).unwrap();
+    fn buckets_are_consumed_soonest_expiry_then_priority_then_oldest() {
+        let mut l = Ledger::new(None);
+        let t0 = DateTime::<Utc>::UNIX_EPOCH;
+        let never_old = g(&mut l, "g1", "u", 10, None, 50);
+        let never_urgent = g(&mut l, "g2", "u", 10, None, 0);
+        let late = g(&mut l, "g3", "u", 10, Some(t0 + TimeDelta::days(30)), 50);
+        let soon = g(&mut l, "g4", "u", 10, Some(t0 + TimeDelta::days(1)), 90);
         let r = Reserve {
-            account_id: g.account_id.clone(),
-            amount: credits(40),
-            ttl: TimeDelta::seconds(60),
+            account_id: AccountId::parse("a", "u").unwrap(),
+            amount: credits(35),
+            ttl: TimeDelta::hours(1),
+            metadata: Metadata::default(),
+            hold_id: HoldId::from_bytes([7; 16]),
+            priced: None,
+        };
+        l.reserve(&idem("r", r.fingerprint()), &r, t0).unwrap();
+        let book = l.book("u").unwrap();
+        let order: Vec<(&str, i64)> = book
+            .draws
+            .values()
+            .map(|d| (d.bucket_id.as_str(), d.held))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (soon.as_str(), 10),
+                (late.as_str(), 10),
+                (never_urgent.as_str(), 10),
+                (never_old.as_str(), 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refund_after_the_bucket_expired_expires_at_once() {
+        let mut l = Ledger::new(None);
+        let t0 = DateTime::<Utc>::UNIX_EPOCH;
+        g(&mut l, "g", "u", 10, Some(t0 + TimeDelta::hours(1)), 50);
+        let r = Reserve {
+            account_id: AccountId::parse("a", "u").unwrap(),
+            amount: credits(10),
+            ttl: TimeDelta::minutes(10),
             metadata: Metadata::default(),
             hold_id: HoldId::from_bytes([1; 16]),
             priced: None,
         };
-        l.reserve(&idem("r", r.fingerprint()), &r, now).unwrap();
+        l.reserve(&idem("r", r.fingerprint()), &r, t0).unwrap();
         let c = CommitHold {
             hold_id: r.hold_id.clone(),
-            amount: credits(35),
+            amount: credits(10),
         };
-        let out = l.commit_hold(&idem("c", c.fingerprint()), &c, now).unwrap();
-        assert_eq!((out.released, out.available), (5, 65));
-        let again = CommitHold {
-            hold_id: r.hold_id.clone(),
-            amount: credits(35),
-        };
-        assert_eq!(
-            l.commit_hold(&idem("c2", again.fingerprint()), &again, now),
-            Err(LedgerError::HoldAlreadyCommitted)
-        );
-        let rel = Refund {
+        l.commit_hold(&idem("c", c.fingerprint()), &c, t0).unwrap();
+        let f = Refund {
             hold_id: r.hold_id.clone(),
             amount: None,
-            reason: String::new(),
+            reason: "job failed".into(),
+        };
+        let out = l
+            .refund(&idem("f", f.fingerprint()), &f, t0 + TimeDelta::hours(2))
+            .unwrap();
+        assert_eq!(
+            (out.refunded, out.available),
+            (10, 0),
+            "the promo credits went back and expired"
+        );
+        let kinds: Vec<EntryKind> = l.entries().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EntryKind::Grant,
+                EntryKind::Reserve,
+                EntryKind::Commit,
+                EntryKind::Refund,
+                EntryKind::Expiration
+            ]
+        );
+        l.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn allowances_are_granted_once_per_period_and_roll_over_up_to_the_cap() {
+        let allowance = Allowance {
+            amount: 5,
+            period: Period::Daily,
+            rollover: Rollover::Capped(3),
+        };
+        let mut l = Ledger::new(Some(allowance));
+        let day0 = DateTime::<Utc>::UNIX_EPOCH + TimeDelta::hours(10);
+        let o = OpenAccount {
+            account_id: AccountId::parse("a", "u").unwrap(),
+            plan: "free".into(),
+            bonus: Some((credits(100), Some(TimeDelta::days(30)))),
         };
         assert_eq!(
-            l.refund(&idem("f", rel.fingerprint()), &rel, now)
+            l.open_account(&idem("o", o.fingerprint()), &o, day0)
                 .unwrap()
-                .refunded,
-            35
+                .available,
+            105
         );
-        assert_eq!(l.balance("u", now).unwrap().available, 100);
+        assert_eq!(
+            l.open_account(&idem("o2", o.fingerprint()), &o, day0),
+            Err(LedgerError::AccountExists)
+        );
+        assert_eq!(
+            l.balance("u", day0 + TimeDelta::hours(5))
+                .unwrap()
+                .available,
+            105,
+            "same day: no second allowance"
+        );
+        // Next day: yesterday's 5 unused expire, 3 roll over, 5 new.
+        assert_eq!(
+            l.balance("u", day0 + TimeDelta::days(1)).unwrap().available,
+            108
+        );
+        // Three days later: only the period right before rolls over (none was granted then).
+        assert_eq!(
+            l.balance("u", day0 + TimeDelta::days(4)).unwrap().available,
+            105
+        );
     }
 }

@@ -19,6 +19,12 @@ pub struct Balance {
     pub open_holds: i64,
     /// The account's plan.
     pub plan: String,
+    /// Available credits per grant source.
+    pub by_source: std::collections::BTreeMap<super::book::Source, i64>,
+    /// The soonest expiry among available credits, and how many expire then.
+    pub next_expiry: Option<(DateTime<Utc>, i64)>,
+    /// What is left of this period's allowance (`None` when the plan has none).
+    pub allowance_left: Option<i64>,
     /// The instant (database clock) the balance was read at.
     pub as_of: DateTime<Utc>,
 }
@@ -41,6 +47,8 @@ pub struct EntryRecord {
     pub account_id: String,
     /// The hold involved, if any.
     pub hold_id: Option<String>,
+    /// The grant involved, if any.
+    pub bucket_id: Option<String>,
     /// What happened.
     pub kind: super::rules::EntryKind,
     /// Change to available.
@@ -109,9 +117,44 @@ pub struct ExtendOutcome {
 pub struct GrantOutcome {
     /// The account credited (created if new).
     pub account_id: String,
-    /// The ledger entry that records the grant.
-    pub entry_id: i64,
+    /// The grant (bucket) created.
+    pub grant_id: String,
     /// Available credits right after.
+    pub available: i64,
+}
+
+/// Result of an adjustment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustOutcome {
+    /// The account.
+    pub account_id: String,
+    /// The signed change.
+    pub delta: i64,
+    /// Available credits right after.
+    pub available: i64,
+}
+
+/// Result of a transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferOutcome {
+    /// Debited account and its available credits after.
+    pub from: (String, i64),
+    /// Credited account and its available credits after.
+    pub to: (String, i64),
+    /// Credits moved.
+    pub amount: i64,
+}
+
+/// Result of opening an account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenOutcome {
+    /// The account.
+    pub account_id: String,
+    /// Its plan.
+    pub plan: String,
+    /// Sign-up bonus granted.
+    pub bonus: i64,
+    /// Available credits right after (bonus and the first allowance).
     pub available: i64,
 }
 
@@ -131,6 +174,12 @@ pub enum Outcome {
     Grant(GrantOutcome),
     /// A plan change.
     Plan(PlanOutcome),
+    /// An adjustment.
+    Adjust(AdjustOutcome),
+    /// A transfer.
+    Transfer(TransferOutcome),
+    /// An account opening.
+    Open(OpenOutcome),
 }
 
 macro_rules! outcome_conversions {
@@ -159,4 +208,7 @@ outcome_conversions!(
     Extend => ExtendOutcome,
     Grant => GrantOutcome,
     Plan => PlanOutcome,
+    Adjust => AdjustOutcome,
+    Transfer => TransferOutcome,
+    Open => OpenOutcome,
 );

@@ -190,17 +190,29 @@ pub enum EntryKind {
     Expire,
     /// Committed credits returned: available +amount.
     Refund,
+    /// Credits of a grant that expired unused: available −amount.
+    Expiration,
+    /// An operator's signed correction (one entry per grant touched).
+    Adjustment,
+    /// Credits moved out to another account (one entry per grant touched).
+    TransferOut,
+    /// Credits moved in from another account (one entry per new grant).
+    TransferIn,
 }
 
 impl EntryKind {
     /// Every kind, for exhaustive tests.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 10] = [
         Self::Grant,
         Self::Reserve,
         Self::Commit,
         Self::Release,
         Self::Expire,
         Self::Refund,
+        Self::Expiration,
+        Self::Adjustment,
+        Self::TransferOut,
+        Self::TransferIn,
     ];
 
     /// Parses a stored name.
@@ -219,6 +231,10 @@ impl EntryKind {
             Self::Release => "release",
             Self::Expire => "expire",
             Self::Refund => "refund",
+            Self::Expiration => "expiration",
+            Self::Adjustment => "adjustment",
+            Self::TransferOut => "transfer_out",
+            Self::TransferIn => "transfer_in",
         }
     }
 }

@@ -47,7 +47,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             a.replayed,
             pb::GrantResponse {
                 account_id: o.account_id,
-                entry_id: o.entry_id,
+                grant_id: o.grant_id,
                 available: o.available,
             },
         ))
@@ -79,12 +79,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let holds = self
             .ledger
             .list_holds(&HoldQuery {
-                account_id,
+                account_id: account_id.clone(),
                 states: vec![crate::domain::HoldState::Open],
                 before: None,
                 limit: ACCOUNT_OPEN_HOLDS,
             })
             .await?;
+        let grants = self.ledger.grants(&account_id).await?;
         let b = s.balance;
         let plan = self.catalog.plans.get(&b.plan);
         let account = pb::Account {
@@ -107,6 +108,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::GetAccountResponse {
             account: Some(account),
             open_holds: holds.into_iter().map(hold_to_pb).collect(),
+            grants: grants.into_iter().map(convert::grant_to_pb).collect(),
         }))
     }
 
@@ -160,6 +162,58 @@ impl pb::admin_service_server::AdminService for AdminApi {
             entries: entries.into_iter().map(convert::entry_to_pb).collect(),
             next_page_token,
         }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/OpenAccount", skip_all, fields(account_id = %req.get_ref().account_id))]
+    async fn open_account(
+        &self,
+        req: Request<pb::OpenAccountRequest>,
+    ) -> Reply<pb::OpenAccountResponse> {
+        let caller = caller(&req);
+        let (key, cmd) = convert::open_account(req.get_ref(), &self.catalog)?;
+        let a = self.ledger.open_account(&caller, key, &cmd).await?;
+        let o = a.outcome;
+        Ok(respond(
+            a.replayed,
+            pb::OpenAccountResponse {
+                account_id: o.account_id,
+                plan: o.plan,
+                bonus: o.bonus,
+                available: o.available,
+            },
+        ))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/Adjust", skip_all, fields(account_id = %req.get_ref().account_id, delta = req.get_ref().delta))]
+    async fn adjust(&self, req: Request<pb::AdjustRequest>) -> Reply<pb::AdjustResponse> {
+        let caller = caller(&req);
+        let (key, cmd) = convert::adjust(req.get_ref())?;
+        let a = self.ledger.adjust(&caller, key, &cmd).await?;
+        let o = a.outcome;
+        Ok(respond(
+            a.replayed,
+            pb::AdjustResponse {
+                account_id: o.account_id,
+                delta: o.delta,
+                available: o.available,
+            },
+        ))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/Transfer", skip_all, fields(amount = req.get_ref().amount))]
+    async fn transfer(&self, req: Request<pb::TransferRequest>) -> Reply<pb::TransferResponse> {
+        let caller = caller(&req);
+        let (key, cmd) = convert::transfer(req.get_ref())?;
+        let a = self.ledger.transfer(&caller, key, &cmd).await?;
+        let o = a.outcome;
+        Ok(respond(
+            a.replayed,
+            pb::TransferResponse {
+                amount: o.amount,
+                from_available: o.from.1,
+                to_available: o.to.1,
+            },
+        ))
     }
 
     type ExportUsageStream = CsvStream;

@@ -7,8 +7,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::catalog::Catalog;
 use crate::domain::EntryRecord;
+use crate::domain::book::{Bucket, PRIORITY_DEFAULT, PRIORITY_MAX, Source};
 use crate::domain::command::{
-    CommitHold, ExtendHold, Grant, REASON_MAX_LEN, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, Grant, OpenAccount, REASON_MAX_LEN, Refund, Reserve, SetPlan,
+    Transfer,
 };
 use crate::domain::pricing::Estimate;
 use crate::domain::rules::EntryKind;
@@ -187,6 +189,33 @@ pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceErr
     let amount = c.field(Credits::new("amount", r.amount));
     let why = c.field(reason("reason", &r.reason, true));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
+    let src = c.field(if r.source.is_empty() {
+        Ok(Source::Adjustment)
+    } else {
+        Source::parse(&r.source).ok_or_else(|| {
+            let known: Vec<&str> = Source::ALL.iter().map(|s| s.as_str()).collect();
+            FieldViolation::new(
+                "source",
+                format!("unknown source {:?}; known: {}", r.source, known.join(", ")),
+            )
+        })
+    });
+    let expires_at = c.field(
+        time("expires_at", r.expires_at.as_ref()).and_then(|t| match t {
+            Some(t) if t <= Utc::now() => {
+                Err(FieldViolation::new("expires_at", "must be in the future"))
+            }
+            t => Ok(t),
+        }),
+    );
+    let priority = c.field(match r.priority {
+        None => Ok(PRIORITY_DEFAULT),
+        Some(p) if (0..=PRIORITY_MAX).contains(&p) => Ok(p),
+        Some(_) => Err(FieldViolation::new(
+            "priority",
+            format!("must be 0..={PRIORITY_MAX}"),
+        )),
+    });
     let value = (|| {
         Some((
             key?,
@@ -194,10 +223,169 @@ pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceErr
                 account_id: account_id?,
                 amount: amount?,
                 reason: why?,
+                source: src?,
+                expires_at: expires_at?,
+                priority: priority?,
             },
         ))
     })();
     c.done(value)
+}
+
+/// Longest operator name on an adjustment.
+pub const OPERATOR_MAX_LEN: usize = 128;
+
+/// Parses an Adjust request.
+pub fn adjust(r: &pb::AdjustRequest) -> Result<(IdempotencyKey, Adjust), ServiceError> {
+    let mut c = Check::default();
+    let account_id = c.field(AccountId::parse("account_id", &r.account_id));
+    let delta = c.field(
+        if r.delta != 0 && r.delta.unsigned_abs() <= Credits::MAX.unsigned_abs() {
+            Ok(r.delta)
+        } else {
+            Err(FieldViolation::new(
+                "delta",
+                format!(
+                    "must be non-zero and at most {} credits either way",
+                    Credits::MAX
+                ),
+            ))
+        },
+    );
+    let why = c.field(reason("reason", &r.reason, true));
+    let operator = c.field(
+        if r.operator.trim().is_empty() || r.operator.chars().count() > OPERATOR_MAX_LEN {
+            Err(FieldViolation::new(
+                "operator",
+                format!("is required, at most {OPERATOR_MAX_LEN} characters"),
+            ))
+        } else {
+            Ok(r.operator.clone())
+        },
+    );
+    let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
+    let value = (|| {
+        Some((
+            key?,
+            Adjust {
+                account_id: account_id?,
+                delta: delta?,
+                reason: why?,
+                operator: operator?,
+            },
+        ))
+    })();
+    c.done(value)
+}
+
+/// Parses a Transfer request.
+pub fn transfer(r: &pb::TransferRequest) -> Result<(IdempotencyKey, Transfer), ServiceError> {
+    let mut c = Check::default();
+    let from = c.field(AccountId::parse("from_account_id", &r.from_account_id));
+    let to = c.field(
+        AccountId::parse("to_account_id", &r.to_account_id).and_then(|to| {
+            if to.as_str() == r.from_account_id {
+                Err(FieldViolation::new(
+                    "to_account_id",
+                    "must differ from from_account_id",
+                ))
+            } else {
+                Ok(to)
+            }
+        }),
+    );
+    let amount = c.field(Credits::new("amount", r.amount));
+    let why = c.field(reason("reason", &r.reason, false));
+    let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
+    let value = (|| {
+        Some((
+            key?,
+            Transfer {
+                from: from?,
+                to: to?,
+                amount: amount?,
+                reason: why?,
+            },
+        ))
+    })();
+    c.done(value)
+}
+
+/// Parses an OpenAccount request; the plan must be in the catalog, the bonus comes from it.
+pub fn open_account(
+    r: &pb::OpenAccountRequest,
+    catalog: &Catalog,
+) -> Result<(IdempotencyKey, OpenAccount), ServiceError> {
+    let mut c = Check::default();
+    let account_id = c.field(AccountId::parse("account_id", &r.account_id));
+    let plan_name = if r.plan.is_empty() {
+        crate::domain::DEFAULT_PLAN
+    } else {
+        r.plan.as_str()
+    };
+    let plan = c.field(known_plan(catalog, plan_name));
+    let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
+    let bonus = catalog.signup_bonus.as_ref().and_then(|b| {
+        let ttl = b.expires_in.and_then(|d| TimeDelta::from_std(d).ok());
+        Credits::new("amount", b.amount).ok().map(|a| (a, ttl))
+    });
+    let value = (|| {
+        Some((
+            key?,
+            OpenAccount {
+                account_id: account_id?,
+                plan: plan?,
+                bonus,
+            },
+        ))
+    })();
+    c.done(value)
+}
+
+fn known_plan(catalog: &Catalog, plan: &str) -> Result<String, FieldViolation> {
+    if catalog.plans.contains_key(plan) {
+        Ok(plan.to_owned())
+    } else {
+        let known: Vec<&str> = catalog.plans.keys().map(String::as_str).collect();
+        Err(FieldViolation::new(
+            "plan",
+            format!("unknown plan {plan:?}; known: {}", known.join(", ")),
+        ))
+    }
+}
+
+/// A grant as a protobuf message.
+#[must_use]
+pub fn grant_to_pb(b: Bucket) -> pb::CreditGrant {
+    pb::CreditGrant {
+        grant_id: b.bucket_id,
+        source: b.source.as_str().to_owned(),
+        granted: b.granted,
+        remaining: b.remaining,
+        held: b.held,
+        expired: b.expired,
+        expires_at: b.expires_at.map(ts),
+        priority: b.priority,
+        reason: b.reason,
+        created_at: Some(ts(b.created_at)),
+    }
+}
+
+/// A balance's breakdown as protobuf fields.
+#[must_use]
+pub fn breakdown_to_pb(
+    b: &crate::domain::Balance,
+) -> (std::collections::HashMap<String, i64>, Option<pb::Expiry>) {
+    let by_source = b
+        .by_source
+        .iter()
+        .map(|(s, n)| (s.as_str().to_owned(), *n))
+        .collect();
+    let next = b.next_expiry.map(|(at, amount)| pb::Expiry {
+        at: Some(ts(at)),
+        amount,
+    });
+    (by_source, next)
 }
 
 fn state_from_pb(s: i32) -> Result<HoldState, FieldViolation> {
@@ -309,15 +497,7 @@ pub fn set_plan(
 ) -> Result<(IdempotencyKey, SetPlan), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
-    let plan = c.field(if catalog.plans.contains_key(&r.plan) {
-        Ok(r.plan.clone())
-    } else {
-        let known: Vec<&str> = catalog.plans.keys().map(String::as_str).collect();
-        Err(FieldViolation::new(
-            "plan",
-            format!("unknown plan {:?}; known: {}", r.plan, known.join(", ")),
-        ))
-    });
+    let plan = c.field(known_plan(catalog, &r.plan));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
     let value = (|| {
         Some((
@@ -503,6 +683,7 @@ pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
         entry_id: e.entry_id,
         account_id: e.account_id,
         hold_id: e.hold_id.unwrap_or_default(),
+        grant_id: e.bucket_id.unwrap_or_default(),
         kind: e.kind.as_str().to_owned(),
         available_delta: e.available_delta,
         held_delta: e.held_delta,

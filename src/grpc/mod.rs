@@ -70,7 +70,11 @@ impl pb::credit_service_server::CreditService for CreditApi {
     ) -> Reply<pb::CheckBalanceResponse> {
         let account = convert::account(&req.get_ref().account_id)?;
         let b = self.ledger.check_balance(&account).await?;
+        let (by_source, next_expiry) = convert::breakdown_to_pb(&b);
         Ok(Response::new(pb::CheckBalanceResponse {
+            by_source,
+            next_expiry,
+            allowance_left: b.allowance_left,
             low_balance: convert::is_low(&self.catalog, &b.plan, b.available),
             plan: b.plan,
             account_id: b.account_id,

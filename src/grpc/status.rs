@@ -19,7 +19,7 @@ pub const ERROR_DOMAIN: &str = "tally.v1";
 pub const fn ledger_code(e: &LedgerError) -> Code {
     match e {
         LedgerError::AccountNotFound | LedgerError::HoldNotFound => Code::NotFound,
-        LedgerError::IdempotencyKeyReused => Code::AlreadyExists,
+        LedgerError::IdempotencyKeyReused | LedgerError::AccountExists => Code::AlreadyExists,
         LedgerError::HoldAlreadyCommitted
         | LedgerError::HoldReleased
         | LedgerError::HoldExpired

@@ -9,13 +9,15 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use tracing::{debug, warn};
 
+use crate::domain::book::Bucket;
 use crate::domain::command::{
-    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Transfer,
 };
 use crate::domain::{
-    AccountId, AccountSummary, Balance, Caller, CommitOutcome, EntryRecord, ExtendOutcome,
-    FieldViolation, GrantOutcome, Hold, HoldId, IdempotencyKey, LedgerError, PlanOutcome,
-    RefundOutcome, ReserveOutcome,
+    AccountId, AccountSummary, AdjustOutcome, Balance, Caller, CommitOutcome, EntryRecord,
+    ExtendOutcome, FieldViolation, GrantOutcome, Hold, HoldId, IdempotencyKey, LedgerError,
+    OpenOutcome, PlanOutcome, RefundOutcome, ReserveOutcome, TransferOutcome,
 };
 use crate::storage::{
     AccountQuery, AccountRow, Applied, EntryQuery, HoldQuery, StorageError, Store,
@@ -248,6 +250,44 @@ impl Ledger {
     ) -> ServiceResult<Applied<PlanOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.store.set_plan(&idem, cmd)).await
+    }
+
+    /// Open an account with its bonus.
+    pub async fn open_account(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &OpenAccount,
+    ) -> ServiceResult<Applied<OpenOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.open_account(&idem, cmd)).await
+    }
+
+    /// A signed correction.
+    pub async fn adjust(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &Adjust,
+    ) -> ServiceResult<Applied<AdjustOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.adjust(&idem, cmd)).await
+    }
+
+    /// Move credits between accounts.
+    pub async fn transfer(
+        &self,
+        caller: &Caller,
+        key: IdempotencyKey,
+        cmd: &Transfer,
+    ) -> ServiceResult<Applied<TransferOutcome>> {
+        let idem = idem(caller, key, cmd.fingerprint());
+        with_retry(|| self.store.transfer(&idem, cmd)).await
+    }
+
+    /// An account's live grants.
+    pub async fn grants(&self, account_id: &AccountId) -> ServiceResult<Vec<Bucket>> {
+        with_retry(|| self.store.grants(account_id)).await
     }
 
     /// An account summary.

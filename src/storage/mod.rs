@@ -11,12 +11,16 @@
 //! service or the API.
 
 use async_trait::async_trait;
-use chrono::TimeDelta;
+use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::domain::book::{Book, Bucket, Ids};
 use crate::domain::command::{
-    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Transfer,
 };
-use crate::domain::outcome::Outcome;
+use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
+use crate::domain::plan::Policy;
+use crate::domain::rules::EntryKind;
 use crate::domain::{
     AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
     Hold, HoldId, HoldState, LedgerError, PlanOutcome, RefundOutcome, ReserveOutcome,
@@ -157,9 +161,10 @@ pub struct Violation {
 /// The storage port. Implemented by [`postgres::PgStore`] and [`sqlite::SqliteStore`].
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The balance as callers see it now (overdue open holds count as released).
+    /// The balance as callers see it now, with its breakdown. If time has done something
+    /// (an overdue hold or grant, a new allowance period), it is applied first.
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance>;
-    /// Creates a hold after expiring the account's overdue holds.
+    /// Creates a hold drawn from the account's grants in consumption order.
     async fn reserve(
         &self,
         idem: &Idempotency,
@@ -183,29 +188,51 @@ pub trait Store: Send + Sync + 'static {
         idem: &Idempotency,
         cmd: &ExtendHold,
     ) -> StorageResult<Applied<ExtendOutcome>>;
-    /// Adds credits, creating the account.
+    /// Adds a grant, creating the account.
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>>;
-    /// One hold, as observed now.
-    async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold>;
-    /// A page of an account's holds, as observed now.
-    async fn list_holds(&self, query: &HoldQuery) -> StorageResult<Vec<Hold>>;
-    /// Expires up to `limit` overdue open holds; safe to run on many replicas at once.
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64>;
+    /// Creates an account with its sign-up bonus.
+    async fn open_account(
+        &self,
+        idem: &Idempotency,
+        cmd: &OpenAccount,
+    ) -> StorageResult<Applied<OpenOutcome>>;
+    /// An operator's signed correction.
+    async fn adjust(
+        &self,
+        idem: &Idempotency,
+        cmd: &Adjust,
+    ) -> StorageResult<Applied<AdjustOutcome>>;
+    /// Moves credits between two accounts.
+    async fn transfer(
+        &self,
+        idem: &Idempotency,
+        cmd: &Transfer,
+    ) -> StorageResult<Applied<TransferOutcome>>;
     /// Moves an account to another plan.
     async fn set_plan(
         &self,
         idem: &Idempotency,
         cmd: &SetPlan,
     ) -> StorageResult<Applied<PlanOutcome>>;
-    /// An account's balance, plan and creation time, as observed now.
+    /// One hold, as observed now.
+    async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold>;
+    /// A page of an account's holds, as observed now.
+    async fn list_holds(&self, query: &HoldQuery) -> StorageResult<Vec<Hold>>;
+    /// An account's balance, plan and creation time.
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary>;
+    /// An account's grants that still hold credits, in consumption order.
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>>;
     /// A page of accounts by id.
     async fn list_accounts(&self, query: &AccountQuery) -> StorageResult<Vec<AccountRow>>;
     /// A page of ledger entries.
     async fn list_entries(&self, query: &EntryQuery) -> StorageResult<Vec<EntryRecord>>;
+    /// Applies time to up to `limit` accounts with overdue holds or grants; safe to run on many
+    /// replicas at once. Returns the number of expiry entries written.
+    async fn expire_due(&self, limit: u32) -> StorageResult<u64>;
     /// Deletes up to `limit` idempotency records older than `retention`.
     async fn purge_idempotency(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64>;
-    /// Checks every account: entries sum to the balance columns, held equals open holds.
+    /// Checks every account: entries and grants sum to the balance columns, held equals
+    /// open holds.
     async fn audit(&self) -> StorageResult<Vec<Violation>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
@@ -262,157 +289,48 @@ pub(crate) fn constraint_rejection(constraint: &str) -> Option<LedgerError> {
     }
 }
 
-/// A decided change to one hold and its account, ready for a backend to write.
-///
-/// Built from the domain rules by [`HoldChange::commit`], [`HoldChange::refund`] and
-/// [`HoldChange::extend`], so both backends write exactly what the rules decided.
-pub(crate) struct HoldChange {
-    /// Added to the account's available (negative when a commit draws extra).
-    pub available_delta: i64,
-    /// Added to the account's held.
-    pub held_delta: i64,
-    /// The hold as it will be stored.
-    pub hold: Hold,
-    /// The ledger entry to append, if credits move.
-    pub entry: Option<crate::domain::rules::EntryKind>,
-    /// Reason stored on the entry.
-    pub reason: String,
-    /// The outcome to return and store; its `available` is filled in by [`HoldChange::finish`].
-    pub outcome: Outcome,
-}
-
-impl HoldChange {
-    /// A commit of `cmd.amount`.
-    pub fn commit(
-        mut hold: Hold,
-        cmd: &CommitHold,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Self, LedgerError> {
-        use crate::domain::rules::{EntryKind, plan_commit};
-        let plan = plan_commit(&hold, cmd.amount, now)?;
-        hold.state = HoldState::Committed;
-        hold.committed_amount = plan.committed;
-        hold.resolved_at = Some(now);
-        Ok(Self {
-            available_delta: plan.available_delta(),
-            held_delta: plan.held.saturating_neg(),
-            entry: Some(EntryKind::Commit),
-            reason: String::new(),
-            outcome: Outcome::Commit(CommitOutcome {
-                hold: hold.clone(),
-                released: plan.released,
-                extra_drawn: plan.extra_drawn,
-                available: 0,
-            }),
-            hold,
-        })
-    }
-
-    /// A refund: a release of an open hold, or a return of committed credits.
-    pub fn refund(
-        mut hold: Hold,
-        cmd: &Refund,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Self, LedgerError> {
-        use crate::domain::rules::{EntryKind, RefundPlan, plan_refund};
-        let plan = plan_refund(&hold, cmd.amount, now)?;
-        let (held_delta, entry) = match plan {
-            RefundPlan::Release { amount } => {
-                hold.state = HoldState::Released;
-                hold.resolved_at = Some(now);
-                (amount.saturating_neg(), EntryKind::Release)
-            }
-            RefundPlan::Return { amount } => {
-                hold.refunded_amount = hold.refunded_amount.saturating_add(amount);
-                (0, EntryKind::Refund)
-            }
-        };
-        Ok(Self {
-            available_delta: plan.amount(),
-            held_delta,
-            entry: Some(entry),
-            reason: cmd.reason.clone(),
-            outcome: Outcome::Refund(RefundOutcome {
-                hold: hold.clone(),
-                refunded: plan.amount(),
-                available: 0,
-            }),
-            hold,
-        })
-    }
-
-    /// An extension to `now + ttl`.
-    pub fn extend(
-        mut hold: Hold,
-        cmd: &ExtendHold,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Self, LedgerError> {
-        crate::domain::rules::check_extend(&hold, now)?;
-        hold.expires_at = now.checked_add_signed(cmd.ttl).unwrap_or(now);
-        Ok(Self {
-            available_delta: 0,
-            held_delta: 0,
-            entry: None,
-            reason: String::new(),
-            outcome: Outcome::Extend(ExtendOutcome { hold: hold.clone() }),
-            hold,
-        })
-    }
-
-    /// The outcome with the account's available credits after the change.
-    pub fn finish(&self, available: i64) -> Outcome {
-        with_available(self.outcome.clone(), available)
-    }
-}
-
-/// Sets the `available` of an outcome (the one figure only the database knows).
-pub(crate) fn with_available(mut outcome: Outcome, available: i64) -> Outcome {
-    match &mut outcome {
-        Outcome::Reserve(o) => o.available = available,
-        Outcome::Commit(o) => o.available = available,
-        Outcome::Refund(o) => o.available = available,
-        Outcome::Grant(o) => o.available = available,
-        Outcome::Extend(_) | Outcome::Plan(_) => {}
-    }
-    outcome
-}
-
-/// Converts a generic applied outcome into the operation's own type.
-pub(crate) fn narrow<T: TryFrom<Outcome>>(applied: Applied<Outcome>) -> StorageResult<Applied<T>> {
-    let Applied { outcome, replayed } = applied;
-    T::try_from(outcome)
-        .map(|outcome| Applied { outcome, replayed })
-        .map_err(|_| LedgerError::IdempotencyKeyReused.into())
-}
-
 /// Finds accounts whose balance columns disagree with their entries or open holds.
 /// Portable SQL (both dialects).
 pub(crate) const AUDIT_SQL: &str = "
 SELECT a.account_id, a.available, a.held,
        CAST(COALESCE(e.av, 0) AS BIGINT) AS entries_available,
        CAST(COALESCE(e.he, 0) AS BIGINT) AS entries_held,
-       CAST(COALESCE(h.open_amount, 0) AS BIGINT) AS open_held
+       CAST(COALESCE(h.open_amount, 0) AS BIGINT) AS open_held,
+       CAST(COALESCE(g.remaining, 0) AS BIGINT) AS grants_remaining,
+       CAST(COALESCE(g.held, 0) AS BIGINT) AS grants_held
 FROM account a
 LEFT JOIN (SELECT account_id, SUM(available_delta) AS av, SUM(held_delta) AS he
            FROM entry GROUP BY account_id) e ON e.account_id = a.account_id
 LEFT JOIN (SELECT account_id, SUM(amount) AS open_amount
            FROM hold WHERE state = 'open' GROUP BY account_id) h ON h.account_id = a.account_id
+LEFT JOIN (SELECT account_id, SUM(remaining) AS remaining, SUM(held) AS held
+           FROM bucket GROUP BY account_id) g ON g.account_id = a.account_id
 WHERE a.available <> COALESCE(e.av, 0) OR a.held <> COALESCE(e.he, 0)
    OR a.held <> COALESCE(h.open_amount, 0)
+   OR a.available <> COALESCE(g.remaining, 0) OR a.held <> COALESCE(g.held, 0)
 ORDER BY a.account_id";
 
 /// A row of [`AUDIT_SQL`]: account, columns (available, held), entry sums (available, held),
-/// and the sum of open holds.
-pub(crate) type AuditRow = (String, i64, i64, i64, i64, i64);
+/// the sum of open holds, and grant sums (remaining, held).
+pub(crate) type AuditRow = (String, i64, i64, i64, i64, i64, i64, i64);
 
 /// Turns a row of [`AUDIT_SQL`] into a violation.
 pub(crate) fn violation(row: AuditRow) -> Violation {
-    let (account_id, available, held, entries_available, entries_held, open_held) = row;
+    let (
+        account_id,
+        available,
+        held,
+        entries_available,
+        entries_held,
+        open_held,
+        remaining,
+        grants_held,
+    ) = row;
     Violation {
         account_id,
         detail: format!(
             "columns available={available} held={held}; entries available={entries_available} \
-             held={entries_held}; open holds={open_held}"
+             held={entries_held}; open holds={open_held}; grants remaining={remaining} held={grants_held}"
         ),
     }
 }
@@ -435,4 +353,248 @@ pub(crate) fn thresholds_json(t: &[(String, i64)]) -> StorageResult<String> {
         .map(|(plan, threshold)| serde_json::json!({"plan": plan, "threshold": threshold}))
         .collect();
     serde_json::to_string(&rows).map_err(StorageError::other)
+}
+
+/// Random, time-ordered grant ids (`grt_` + a UUIDv7 in hex).
+pub(crate) struct RandomIds;
+
+impl Ids for RandomIds {
+    fn bucket_id(&mut self) -> String {
+        format!("grt_{}", uuid::Uuid::now_v7().simple())
+    }
+}
+
+/// The primitive steps of one write transaction; each backend implements them, and the flows
+/// below compose them the same way for both.
+#[async_trait]
+pub(crate) trait Tx: Send {
+    /// The transaction's clock (PostgreSQL `now()`; SQLite: the process clock).
+    async fn now(&mut self) -> StorageResult<DateTime<Utc>>;
+    /// Claims the idempotency key (a concurrent duplicate waits here), or returns its record.
+    async fn claim(&mut self, idem: &Idempotency, now: DateTime<Utc>) -> StorageResult<Claim<()>>;
+    /// Stores the outcome under the claimed key.
+    async fn store_outcome(&mut self, idem: &Idempotency, outcome: &Outcome) -> StorageResult<()>;
+    /// The account a hold belongs to.
+    async fn hold_account(&mut self, hold_id: &str) -> StorageResult<Option<String>>;
+    /// Locks an account row for the rest of the transaction (creating it on `create` with
+    /// that plan) and returns its header as an empty book, and whether it was created now.
+    async fn lock_book(
+        &mut self,
+        account_id: &str,
+        create: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<Option<(Book, bool)>>;
+    /// Loads what operations on `book` need: live grants, the last allowance grant, open
+    /// holds past expiry, the `hold` operated on, their draws and the grants they name.
+    async fn load(
+        &mut self,
+        book: &mut Book,
+        hold: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()>;
+    /// Writes what the book's operation changed.
+    async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()>;
+    /// Commits.
+    async fn commit(self: Box<Self>) -> StorageResult<()>;
+}
+
+/// What a book operation acts on.
+pub(crate) enum Target<'a> {
+    /// An account, created (on the default plan) if `create`.
+    Account { id: &'a str, create: bool },
+    /// The account of a hold, with that hold loaded.
+    Hold(&'a str),
+}
+
+/// One idempotent operation on one account's book, in one transaction.
+pub(crate) async fn book_op<T>(
+    mut tx: Box<dyn Tx>,
+    idem: &Idempotency,
+    target: Target<'_>,
+    policy: &Policy,
+    op: impl FnOnce(&mut Book, DateTime<Utc>, &mut dyn Ids) -> Result<T, LedgerError> + Send,
+) -> StorageResult<Applied<T>>
+where
+    T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
+{
+    let now = tx.now().await?;
+    if let Claim::Existing {
+        fingerprint,
+        response,
+    } = tx.claim(idem, now).await?
+    {
+        return replay(idem, &fingerprint, response.as_deref());
+    }
+    let (account, hold, create) = match target {
+        Target::Account { id, create } => (id.to_owned(), None, create),
+        Target::Hold(h) => (
+            tx.hold_account(h).await?.ok_or(LedgerError::HoldNotFound)?,
+            Some(h),
+            false,
+        ),
+    };
+    let plan = create.then_some(crate::domain::DEFAULT_PLAN);
+    let (mut book, _) = tx
+        .lock_book(&account, plan, now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    tx.load(&mut book, hold, now).await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    let out = op(&mut book, now, &mut RandomIds)?;
+    tx.write(&book, now).await?;
+    tx.store_outcome(idem, &out.clone().into()).await?;
+    tx.commit().await?;
+    Ok(Applied::fresh(out))
+}
+
+/// Creates an account with its sign-up bonus, once.
+pub(crate) async fn open_account(
+    mut tx: Box<dyn Tx>,
+    idem: &Idempotency,
+    cmd: &OpenAccount,
+    policy: &Policy,
+) -> StorageResult<Applied<OpenOutcome>> {
+    let now = tx.now().await?;
+    if let Claim::Existing {
+        fingerprint,
+        response,
+    } = tx.claim(idem, now).await?
+    {
+        return replay(idem, &fingerprint, response.as_deref());
+    }
+    let (mut book, created) = tx
+        .lock_book(cmd.account_id.as_str(), Some(&cmd.plan), now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    if !created {
+        return Err(LedgerError::AccountExists.into());
+    }
+    let mut bonus = 0;
+    if let Some((amount, ttl)) = cmd.bonus {
+        let id = RandomIds.bucket_id();
+        let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
+        book.grant(
+            &id,
+            crate::domain::book::Source::SignupBonus,
+            amount,
+            expires_at,
+            crate::domain::book::PRIORITY_DEFAULT,
+            "sign-up bonus",
+            now,
+        )?;
+        bonus = amount.get();
+    }
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    let out = OpenOutcome {
+        account_id: book.account_id.clone(),
+        plan: book.plan.clone(),
+        bonus,
+        available: book.available,
+    };
+    tx.write(&book, now).await?;
+    tx.store_outcome(idem, &out.clone().into()).await?;
+    tx.commit().await?;
+    Ok(Applied::fresh(out))
+}
+
+/// Moves credits between two accounts: both rows locked in id order, so concurrent transfers
+/// cannot deadlock; the credits keep their source and expiry.
+pub(crate) async fn transfer(
+    mut tx: Box<dyn Tx>,
+    idem: &Idempotency,
+    cmd: &Transfer,
+    policy: &Policy,
+) -> StorageResult<Applied<TransferOutcome>> {
+    let now = tx.now().await?;
+    if let Claim::Existing {
+        fingerprint,
+        response,
+    } = tx.claim(idem, now).await?
+    {
+        return replay(idem, &fingerprint, response.as_deref());
+    }
+    let (from_id, to_id) = (cmd.from.as_str(), cmd.to.as_str());
+    let mut books = Vec::with_capacity(2);
+    let mut order = [(from_id, false), (to_id, true)];
+    order.sort_by_key(|(id, _)| *id);
+    for (id, create) in order {
+        let plan = create.then_some(crate::domain::DEFAULT_PLAN);
+        let (mut book, _) = tx
+            .lock_book(id, plan, now)
+            .await?
+            .ok_or(LedgerError::AccountNotFound)?;
+        tx.load(&mut book, None, now).await?;
+        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+        books.push(book);
+    }
+    let (mut from, mut to) = match (books.pop(), books.pop()) {
+        (Some(b), Some(a)) if a.account_id == from_id => (a, b),
+        (Some(b), Some(a)) => (b, a),
+        _ => return Err(StorageError::Other("transfer lost a book".into())),
+    };
+    let pieces = from.take(cmd.amount.get(), EntryKind::TransferOut, &cmd.reason, now)?;
+    to.give(
+        &pieces,
+        EntryKind::TransferIn,
+        &cmd.reason,
+        now,
+        &mut RandomIds,
+    )?;
+    let out = TransferOutcome {
+        from: (from.account_id.clone(), from.available),
+        to: (to.account_id.clone(), to.available),
+        amount: cmd.amount.get(),
+    };
+    tx.write(&from, now).await?;
+    tx.write(&to, now).await?;
+    tx.store_outcome(idem, &out.clone().into()).await?;
+    tx.commit().await?;
+    Ok(Applied::fresh(out))
+}
+
+/// Applies time to one account (overdue holds and grants, a new allowance period) without an
+/// idempotency key: what reads and the sweeper do. Returns the expiry entries written.
+pub(crate) async fn settle(
+    mut tx: Box<dyn Tx>,
+    account_id: &str,
+    policy: &Policy,
+) -> StorageResult<u64> {
+    let now = tx.now().await?;
+    let Some((mut book, _)) = tx.lock_book(account_id, None, now).await? else {
+        return Ok(0);
+    };
+    tx.load(&mut book, None, now).await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    let expiries = book
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Expire | EntryKind::Expiration))
+        .count();
+    tx.write(&book, now).await?;
+    tx.commit().await?;
+    Ok(u64::try_from(expiries).unwrap_or(u64::MAX))
+}
+
+/// Ids of the holds a book has loaded, for loading their draws.
+pub(crate) fn loaded_hold_ids(book: &Book) -> Vec<String> {
+    book.holds.keys().cloned().collect()
+}
+
+/// Grant ids named by loaded draws but not loaded yet.
+pub(crate) fn missing_buckets(book: &Book) -> Vec<String> {
+    let mut v: Vec<String> = book
+        .draws
+        .values()
+        .map(|d| d.bucket_id.clone())
+        .filter(|b| !book.buckets.contains_key(b))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Parses a stored grant source.
+pub(crate) fn source(s: &str) -> StorageResult<crate::domain::book::Source> {
+    crate::domain::book::Source::parse(s)
+        .ok_or_else(|| StorageError::Other(format!("unknown grant source {s:?}")))
 }

@@ -1,39 +1,44 @@
 //! PostgreSQL backend: the production store.
 //!
-//! READ COMMITTED throughout. Correctness rests on row locks and guarded statements, never on
+//! READ COMMITTED throughout. Correctness rests on row locks and constraints, never on
 //! SERIALIZABLE: the idempotency claim (`INSERT .. ON CONFLICT DO NOTHING`) makes a concurrent
-//! duplicate wait for the first transaction, holds are locked `FOR UPDATE` before a decision,
-//! and balance updates carry their own guard (`WHERE available + $delta >= 0`), re-checked by
-//! PostgreSQL against the latest row version. Locks are always taken hold(s) first, then the one
-//! account, so transactions cannot deadlock each other. `now()` (the transaction's start time on
-//! the database clock) is the only clock.
+//! duplicate wait for the first transaction, and every operation locks its account row
+//! (`SELECT .. FOR UPDATE`) before it reads the account's grants and holds, so it decides on the
+//! latest committed state. A transaction locks one account (a transfer two, in id order), so
+//! transactions cannot deadlock each other. `CHECK` constraints back the rules up. `now()` (the
+//! transaction's start time on the database clock) is the only clock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
-    HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation, constraint_rejection,
-    entry_kind, kind_names, narrow, replay, state_names, thresholds_json, to_record, violation,
+    HoldQuery, StorageError, StorageResult, Store, Target, Tx, Violation, book_op,
+    constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_buckets, source,
+    state_names, thresholds_json, to_record, violation,
 };
+use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
 use crate::domain::command::{
-    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Transfer,
 };
-use crate::domain::outcome::Outcome;
+use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
+use crate::domain::plan::Policy;
 use crate::domain::{
     AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
     Hold, HoldId, HoldState, LedgerError, Metadata, PlanOutcome, RefundOutcome, ReserveOutcome,
-    rules,
 };
 
 /// The PostgreSQL store.
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    policy: Arc<Policy>,
 }
 
 /// Maps a sqlx error to what the service needs to know. Messages never include the URL.
@@ -83,22 +88,38 @@ fn hold_from_row(row: &PgRow) -> StorageResult<Hold> {
     })
 }
 
+fn bucket_from_row(row: &PgRow) -> StorageResult<Bucket> {
+    let kind: String = row.try_get("source").map_err(map_err)?;
+    Ok(Bucket {
+        bucket_id: row.try_get("bucket_id").map_err(map_err)?,
+        account_id: row.try_get("account_id").map_err(map_err)?,
+        source: source(&kind)?,
+        granted: row.try_get("granted").map_err(map_err)?,
+        remaining: row.try_get("remaining").map_err(map_err)?,
+        held: row.try_get("held").map_err(map_err)?,
+        expired: row.try_get("expired").map_err(map_err)?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        priority: row.try_get("priority").map_err(map_err)?,
+        period: row.try_get("period").map_err(map_err)?,
+        reason: row.try_get("reason").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+    })
+}
+
 fn metadata_json(m: &Metadata) -> StorageResult<String> {
     serde_json::to_string(m).map_err(StorageError::other)
 }
 
-/// A transaction that owns its idempotency key, or the stored answer for that key.
-enum Started {
-    New(Transaction<'static, Postgres>, DateTime<Utc>),
-    Replay(Vec<u8>, Option<String>),
-}
-
 impl PgStore {
-    /// Connects a pool of at most `max_connections`.
+    /// Connects a pool of at most `max_connections`; `policy` gives plans their allowances.
     ///
     /// # Errors
     /// `Unavailable` when the server cannot be reached; `Other` for a malformed URL.
-    pub async fn connect(url: &str, max_connections: u32) -> StorageResult<Self> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        policy: Arc<Policy>,
+    ) -> StorageResult<Self> {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|_| StorageError::Other("the PostgreSQL URL could not be parsed".into()))?;
@@ -108,7 +129,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(Self { pool })
+        Ok(Self { pool, policy })
     }
 
     /// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas may race).
@@ -127,188 +148,379 @@ impl PgStore {
         &self.pool
     }
 
-    async fn begin_claimed(&self, idem: &Idempotency) -> StorageResult<Started> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        match claim(&mut tx, idem).await? {
-            Claim::New(now) => Ok(Started::New(tx, now)),
-            Claim::Existing {
-                fingerprint,
-                response,
-            } => Ok(Started::Replay(fingerprint, response)),
-        }
+    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
+        let tx = self.pool.begin().await.map_err(map_err)?;
+        Ok(Box::new(PgTx { tx }))
     }
 
-    /// Claim, lock the hold, decide with `decide`, write the change: one transaction.
-    async fn hold_op(
-        &self,
-        idem: &Idempotency,
-        hold_id: &HoldId,
-        decide: impl FnOnce(Hold, DateTime<Utc>) -> Result<HoldChange, LedgerError> + Send,
-    ) -> StorageResult<Applied<Outcome>> {
-        let (mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(tx, now) => (tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+    /// Columns of the balance read, and whether time has work to do on the account.
+    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+        let row = sqlx::query(
+            "SELECT a.available, a.held, a.plan, a.allowance_period, now() AS now,
+                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
+                              AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
+                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
+                              AND b.remaining > 0 AND b.expires_at <= now()) AS due_grants,
+                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
+                       AND h.state = 'open') AS open_holds
+             FROM account a WHERE a.account_id = $1",
+        )
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .ok_or(LedgerError::AccountNotFound)?;
+        let now: DateTime<Utc> = row.try_get("now").map_err(map_err)?;
+        let plan: String = row.try_get("plan").map_err(map_err)?;
+        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
+        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
+            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let buckets: Vec<Bucket> = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = $1 AND (remaining > 0 OR period = $2)",
+        )
+        .bind(account_id)
+        .bind(period.as_deref())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(bucket_from_row)
+        .collect::<StorageResult<_>>()?;
+        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
+        let balance = Balance {
+            account_id: account_id.to_owned(),
+            available: row.try_get("available").map_err(map_err)?,
+            held: row.try_get("held").map_err(map_err)?,
+            open_holds: row.try_get("open_holds").map_err(map_err)?,
+            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
+            plan,
+            by_source,
+            next_expiry,
+            as_of: now,
         };
+        Ok((balance, due))
+    }
+}
+
+/// One PostgreSQL write transaction.
+struct PgTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+#[allow(clippy::too_many_lines)] // `write`: one statement per changed row, in foreign-key order
+impl Tx for PgTx {
+    async fn now(&mut self) -> StorageResult<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn claim(&mut self, idem: &Idempotency, _now: DateTime<Utc>) -> StorageResult<Claim<()>> {
+        // A concurrent duplicate blocks here until the first transaction ends, then sees its row.
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING RETURNING 1",
+        )
+        .bind(idem.caller.as_str())
+        .bind(idem.key.as_str())
+        .bind(&idem.fingerprint[..])
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        if claimed.is_some() {
+            return Ok(Claim::New(()));
+        }
+        let row = sqlx::query(
+            "SELECT fingerprint, response FROM idempotency_record WHERE caller = $1 AND idempotency_key = $2",
+        )
+        .bind(idem.caller.as_str())
+        .bind(idem.key.as_str())
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        // Purged between the two statements: let the service retry.
+        let row = row.ok_or(StorageError::Contended)?;
+        Ok(Claim::Existing {
+            fingerprint: row.try_get("fingerprint").map_err(map_err)?,
+            response: row.try_get("response").map_err(map_err)?,
+        })
+    }
+
+    async fn store_outcome(&mut self, idem: &Idempotency, outcome: &Outcome) -> StorageResult<()> {
+        sqlx::query("UPDATE idempotency_record SET response = $3 WHERE caller = $1 AND idempotency_key = $2")
+            .bind(idem.caller.as_str())
+            .bind(idem.key.as_str())
+            .bind(to_record(outcome.clone())?)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn hold_account(&mut self, hold_id: &str) -> StorageResult<Option<String>> {
+        sqlx::query_scalar("SELECT account_id FROM hold WHERE hold_id = $1")
+            .bind(hold_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn lock_book(
+        &mut self,
+        account_id: &str,
+        create: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<Option<(Book, bool)>> {
+        let mut created = false;
+        if let Some(plan) = create {
+            created = sqlx::query(
+                "INSERT INTO account (account_id, plan, created_at, updated_at) VALUES ($1, $2, $3, $3)
+                 ON CONFLICT DO NOTHING RETURNING 1",
+            )
+            .bind(account_id)
+            .bind(plan)
+            .bind(now)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?
+            .is_some();
+        }
+        let row = sqlx::query(
+            "SELECT plan, allowance_period, available, held FROM account WHERE account_id = $1 FOR UPDATE",
+        )
+        .bind(account_id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut book = Book::new(
+            account_id,
+            &row.try_get::<String, _>("plan").map_err(map_err)?,
+        );
+        book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
+        book.available = row.try_get("available").map_err(map_err)?;
+        book.held = row.try_get("held").map_err(map_err)?;
+        Ok(Some((book, created)))
+    }
+
+    async fn load(
+        &mut self,
+        book: &mut Book,
+        hold: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let rows = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = $1
+               AND (remaining > 0 OR held > 0 OR (period IS NOT NULL AND period = $2))",
+        )
+        .bind(&book.account_id)
+        .bind(book.allowance_period.as_deref())
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        for r in &rows {
+            let b = bucket_from_row(r)?;
+            book.buckets.insert(b.bucket_id.clone(), b);
+        }
         let sql = concat!(
             "SELECT ",
             hold_columns!(),
-            " FROM hold WHERE hold_id = $1 FOR UPDATE"
+            " FROM hold WHERE account_id = $1
+               AND ((state = 'open' AND expires_at <= $2) OR hold_id = $3)"
         );
-        let row = sqlx::query(sql)
-            .bind(hold_id.as_str())
-            .fetch_optional(&mut *tx)
+        let rows = sqlx::query(sql)
+            .bind(&book.account_id)
+            .bind(now)
+            .bind(hold)
+            .fetch_all(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        let hold = hold_from_row(&row.ok_or(LedgerError::HoldNotFound)?)?;
-        let account_id = hold.account_id.clone();
-        let change = decide(hold, now)?;
-        let Some(available) = apply_hold_change(&mut tx, idem, &account_id, &change).await? else {
-            return Err(insufficient(
-                &mut tx,
-                &account_id,
-                0,
-                change.available_delta.saturating_neg(),
-            )
-            .await);
-        };
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(change.finish(available)))
-    }
-
-    async fn expire_account(&self, account_id: &str, limit: u32) -> StorageResult<u64> {
-        let row = sqlx::query(
-            "WITH due AS (
-                SELECT hold_id FROM hold
-                WHERE account_id = $1 AND state = 'open' AND expires_at <= now()
-                ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
-             ), expired AS (
-                UPDATE hold h SET state = 'expired', resolved_at = h.expires_at
-                FROM due WHERE h.hold_id = due.hold_id
-                RETURNING h.hold_id, h.amount
-             ), freed AS (
-                SELECT COALESCE(sum(amount), 0)::bigint AS amount, count(*) AS n FROM expired
-             ), acct AS (
-                UPDATE account a SET available = a.available + freed.amount,
-                       held = a.held - freed.amount, updated_at = now()
-                FROM freed WHERE a.account_id = $1 AND freed.n > 0
-             ), entries AS (
-                INSERT INTO entry (account_id, hold_id, kind, available_delta, held_delta)
-                SELECT $1, hold_id, 'expire', amount, -amount FROM expired
-             )
-             SELECT n FROM freed",
-        )
-        .bind(account_id)
-        .bind(i64::from(limit))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
-        let n: i64 = row.try_get("n").map_err(map_err)?;
-        Ok(u64::try_from(n).unwrap_or_default())
-    }
-}
-
-async fn claim(tx: &mut PgConnection, idem: &Idempotency) -> StorageResult<Claim<DateTime<Utc>>> {
-    // A concurrent duplicate blocks here until the first transaction ends, then sees its row.
-    let row = sqlx::query(
-        "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING RETURNING created_at",
-    )
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .bind(&idem.fingerprint[..])
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    if let Some(row) = row {
-        return Ok(Claim::New(row.try_get("created_at").map_err(map_err)?));
-    }
-    let row = sqlx::query(
-        "SELECT fingerprint, response FROM idempotency_record WHERE caller = $1 AND idempotency_key = $2",
-    )
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    // Purged between the two statements: let the service retry.
-    let row = row.ok_or(StorageError::Contended)?;
-    Ok(Claim::Existing {
-        fingerprint: row.try_get("fingerprint").map_err(map_err)?,
-        response: row.try_get("response").map_err(map_err)?,
-    })
-}
-
-/// The refusal for a guarded balance update that matched no row: no account, or too little.
-async fn insufficient(
-    tx: &mut PgConnection,
-    account_id: &str,
-    freed: i64,
-    needed: i64,
-) -> StorageError {
-    let row = sqlx::query("SELECT available FROM account WHERE account_id = $1")
-        .bind(account_id)
-        .fetch_optional(&mut *tx)
-        .await;
-    match row {
-        Ok(None) => LedgerError::AccountNotFound.into(),
-        Ok(Some(row)) => match row.try_get::<i64, _>("available") {
-            Ok(available) => LedgerError::InsufficientCredits {
-                available: available.saturating_add(freed),
-                requested: needed,
+        for r in &rows {
+            let h = hold_from_row(r)?;
+            book.holds.insert(h.hold_id.clone(), h);
+        }
+        let rows = sqlx::query("SELECT * FROM draw WHERE hold_id = ANY($1)")
+            .bind(loaded_hold_ids(book))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        for r in &rows {
+            let d = Draw {
+                hold_id: r.try_get("hold_id").map_err(map_err)?,
+                seq: r.try_get("seq").map_err(map_err)?,
+                bucket_id: r.try_get("bucket_id").map_err(map_err)?,
+                held: r.try_get("held").map_err(map_err)?,
+                consumed: r.try_get("consumed").map_err(map_err)?,
+                refunded: r.try_get("refunded").map_err(map_err)?,
+            };
+            book.draws.insert((d.hold_id.clone(), d.seq), d);
+        }
+        let missing = missing_buckets(book);
+        if !missing.is_empty() {
+            let rows = sqlx::query("SELECT * FROM bucket WHERE bucket_id = ANY($1)")
+                .bind(missing)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+            for r in &rows {
+                let b = bucket_from_row(r)?;
+                book.buckets.insert(b.bucket_id.clone(), b);
             }
-            .into(),
-            Err(e) => map_err(e),
-        },
-        Err(e) => map_err(e),
+        }
+        Ok(())
     }
-}
 
-/// Writes a decided hold change: guarded balance update, hold row, entry and stored outcome in
-/// one statement. `None` when the guard failed (not enough available for a commit's extra).
-async fn apply_hold_change(
-    tx: &mut PgConnection,
-    idem: &Idempotency,
-    account_id: &str,
-    change: &HoldChange,
-) -> StorageResult<Option<i64>> {
-    let h = &change.hold;
-    let row = sqlx::query(
-        "WITH acct AS (
-            UPDATE account SET available = available + $2, held = held + $3, updated_at = now()
-            WHERE account_id = $1 AND available + $2 >= 0
-            RETURNING available
-         ), h AS (
-            UPDATE hold SET state = $5, committed_amount = $6, refunded_amount = $7,
-                   expires_at = $8, resolved_at = $9
-            WHERE hold_id = $4 AND EXISTS (SELECT 1 FROM acct)
-         ), e AS (
-            INSERT INTO entry (account_id, hold_id, kind, available_delta, held_delta, reason)
-            SELECT $1, $4, $10, $2, $3, $11 FROM acct WHERE $10::text IS NOT NULL
-         ), rec AS (
-            UPDATE idempotency_record r
-            SET response = jsonb_set($12::jsonb, '{available}', to_jsonb(acct.available))::text
-            FROM acct WHERE r.caller = $13 AND r.idempotency_key = $14
-         )
-         SELECT (SELECT available FROM acct) AS available",
-    )
-    .bind(account_id)
-    .bind(change.available_delta)
-    .bind(change.held_delta)
-    .bind(&h.hold_id)
-    .bind(h.state.as_str())
-    .bind(h.committed_amount)
-    .bind(h.refunded_amount)
-    .bind(h.expires_at)
-    .bind(h.resolved_at)
-    .bind(change.entry.map(rules::EntryKind::as_str))
-    .bind(&change.reason)
-    .bind(to_record(change.outcome.clone())?)
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    row.try_get("available").map_err(map_err)
+    async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()> {
+        let tx = &mut *self.tx;
+        let d = &book.dirty;
+        for id in &d.new_buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO bucket (bucket_id, account_id, source, granted, remaining, held, expired,
+                                     expires_at, priority, period, reason, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&b.bucket_id)
+            .bind(&b.account_id)
+            .bind(b.source.as_str())
+            .bind(b.granted)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .bind(b.expires_at)
+            .bind(b.priority)
+            .bind(b.period.as_deref())
+            .bind(&b.reason)
+            .bind(b.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE bucket SET remaining = $2, held = $3, expired = $4 WHERE bucket_id = $1",
+            )
+            .bind(&b.bucket_id)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.new_holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&h.hold_id)
+            .bind(&h.account_id)
+            .bind(h.amount)
+            .bind(metadata_json(&h.metadata)?)
+            .bind(h.created_at)
+            .bind(h.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE hold SET state = $2, committed_amount = $3, refunded_amount = $4, expires_at = $5,
+                                 resolved_at = $6 WHERE hold_id = $1",
+            )
+            .bind(&h.hold_id)
+            .bind(h.state.as_str())
+            .bind(h.committed_amount)
+            .bind(h.refunded_amount)
+            .bind(h.expires_at)
+            .bind(h.resolved_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for key in &d.new_draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO draw (hold_id, seq, bucket_id, held, consumed, refunded) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(&w.bucket_id)
+            .bind(w.held)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for key in &d.draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE draw SET consumed = $3, refunded = $4 WHERE hold_id = $1 AND seq = $2",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for e in &book.entries {
+            sqlx::query(
+                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&book.account_id)
+            .bind(e.hold_id.as_deref())
+            .bind(e.bucket_id.as_deref())
+            .bind(e.kind.as_str())
+            .bind(e.available_delta)
+            .bind(e.held_delta)
+            .bind(&e.reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if d.account {
+            sqlx::query(
+                "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6
+                 WHERE account_id = $1",
+            )
+            .bind(&book.account_id)
+            .bind(book.available)
+            .bind(book.held)
+            .bind(&book.plan)
+            .bind(book.allowance_period.as_deref())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> StorageResult<()> {
+        self.tx.commit().await.map_err(map_err)
+    }
 }
 
 type PgEntryRow = (
@@ -320,12 +532,13 @@ type PgEntryRow = (
     i64,
     String,
     DateTime<Utc>,
+    Option<String>,
 );
 
 macro_rules! entries_sql {
     ($order:literal) => {
         concat!(
-            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at
+            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at, bucket_id
              FROM entry
              WHERE ($1::text IS NULL OR account_id = $1)
                AND (cardinality($2::text[]) = 0 OR kind = ANY($2::text[]))
@@ -345,30 +558,12 @@ const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 #[async_trait]
 impl Store for PgStore {
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
-        let row = sqlx::query(
-            "SELECT a.available + d.amount AS available, a.held - d.amount AS held,
-                    (SELECT count(*) FROM hold o WHERE o.account_id = a.account_id
-                       AND o.state = 'open' AND o.expires_at > now()) AS open_holds,
-                    now() AS as_of, a.plan
-             FROM account a,
-                  LATERAL (SELECT COALESCE(sum(amount), 0)::bigint AS amount FROM hold
-                           WHERE account_id = a.account_id AND state = 'open'
-                             AND expires_at <= now()) d
-             WHERE a.account_id = $1",
-        )
-        .bind(account_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?
-        .ok_or(LedgerError::AccountNotFound)?;
-        Ok(Balance {
-            account_id: account_id.as_str().to_owned(),
-            available: row.try_get("available").map_err(map_err)?,
-            held: row.try_get("held").map_err(map_err)?,
-            open_holds: row.try_get("open_holds").map_err(map_err)?,
-            as_of: row.try_get("as_of").map_err(map_err)?,
-            plan: row.try_get("plan").map_err(map_err)?,
-        })
+        let (balance, due) = self.read_balance(account_id.as_str()).await?;
+        if !due {
+            return Ok(balance);
+        }
+        super::settle(self.begin().await?, account_id.as_str(), &self.policy).await?;
+        Ok(self.read_balance(account_id.as_str()).await?.0)
     }
 
     async fn reserve(
@@ -376,83 +571,26 @@ impl Store for PgStore {
         idem: &Idempotency,
         cmd: &Reserve,
     ) -> StorageResult<Applied<ReserveOutcome>> {
-        let (mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(tx, now) => (tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
         };
-        let hold = Hold {
-            hold_id: cmd.hold_id.as_str().to_owned(),
-            account_id: cmd.account_id.as_str().to_owned(),
-            amount: cmd.amount.get(),
-            state: HoldState::Open,
-            committed_amount: 0,
-            refunded_amount: 0,
-            created_at: now,
-            expires_at: now.checked_add_signed(cmd.ttl).unwrap_or(now),
-            resolved_at: None,
-            metadata: cmd.metadata.clone(),
-        };
-        let record = to_record(ReserveOutcome {
-            hold: hold.clone(),
-            available: 0,
-        })?;
-        // Expire the account's overdue holds, then reserve against what that frees: holds are
-        // locked before the account row, as everywhere else.
-        let row = sqlx::query(
-            "WITH due AS (
-                SELECT hold_id FROM hold
-                WHERE account_id = $1 AND state = 'open' AND expires_at <= now()
-                FOR UPDATE SKIP LOCKED
-             ), expired AS (
-                UPDATE hold h SET state = 'expired', resolved_at = h.expires_at
-                FROM due WHERE h.hold_id = due.hold_id
-                RETURNING h.hold_id, h.amount
-             ), freed AS (
-                SELECT COALESCE(sum(amount), 0)::bigint AS amount FROM expired
-             ), acct AS (
-                UPDATE account a
-                SET available = a.available + freed.amount - $2,
-                    held = a.held - freed.amount + $2, updated_at = now()
-                FROM freed
-                WHERE a.account_id = $1 AND a.available + freed.amount >= $2
-                RETURNING a.available
-             ), new_hold AS (
-                INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at)
-                SELECT $3, $1, $2, $4, $5, $6 FROM acct
-                RETURNING hold_id
-             ), entries AS (
-                INSERT INTO entry (account_id, hold_id, kind, available_delta, held_delta)
-                SELECT $1, x.hold_id, 'expire', x.amount, -x.amount FROM expired x, acct
-                UNION ALL
-                SELECT $1, n.hold_id, 'reserve', -$2::bigint, $2::bigint FROM new_hold n
-             ), rec AS (
-                UPDATE idempotency_record r
-                SET response = jsonb_set($7::jsonb, '{available}', to_jsonb(acct.available))::text
-                FROM acct WHERE r.caller = $8 AND r.idempotency_key = $9
-             )
-             SELECT (SELECT available FROM acct) AS available, (SELECT amount FROM freed) AS freed",
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, _| {
+                b.reserve(
+                    cmd.hold_id.as_str(),
+                    cmd.amount,
+                    cmd.ttl,
+                    &cmd.metadata,
+                    now,
+                )
+            },
         )
-        .bind(cmd.account_id.as_str())
-        .bind(cmd.amount.get())
-        .bind(&hold.hold_id)
-        .bind(metadata_json(&hold.metadata)?)
-        .bind(hold.created_at)
-        .bind(hold.expires_at)
-        .bind(record)
-        .bind(idem.caller.as_str())
-        .bind(idem.key.as_str())
-        .fetch_one(&mut *tx)
         .await
-        .map_err(map_err)?;
-        let available: Option<i64> = row.try_get("available").map_err(map_err)?;
-        let Some(available) = available else {
-            let freed: i64 = row.try_get("freed").map_err(map_err)?;
-            return Err(
-                insufficient(&mut tx, cmd.account_id.as_str(), freed, cmd.amount.get()).await,
-            );
-        };
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(ReserveOutcome { hold, available }))
     }
 
     async fn commit_hold(
@@ -460,10 +598,14 @@ impl Store for PgStore {
         idem: &Idempotency,
         cmd: &CommitHold,
     ) -> StorageResult<Applied<CommitOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now),
         )
+        .await
     }
 
     async fn refund(
@@ -471,10 +613,14 @@ impl Store for PgStore {
         idem: &Idempotency,
         cmd: &Refund,
     ) -> StorageResult<Applied<RefundOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now),
         )
+        .await
     }
 
     async fn extend_hold(
@@ -482,57 +628,150 @@ impl Store for PgStore {
         idem: &Idempotency,
         cmd: &ExtendHold,
     ) -> StorageResult<Applied<ExtendOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now),
         )
+        .await
     }
 
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
-        let mut tx = match self.begin_claimed(idem).await? {
-            Started::New(tx, _) => tx,
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: true,
         };
-        let record = to_record(GrantOutcome {
-            account_id: cmd.account_id.as_str().to_owned(),
-            entry_id: 0,
-            available: 0,
-        })?;
-        // The balance limit is the account_balance_limit CHECK: a violation aborts the statement.
-        let row = sqlx::query(
-            "WITH acct AS (
-                INSERT INTO account (account_id, available) VALUES ($1, $2)
-                ON CONFLICT (account_id) DO UPDATE
-                SET available = account.available + EXCLUDED.available, updated_at = now()
-                RETURNING available
-             ), e AS (
-                INSERT INTO entry (account_id, kind, available_delta, held_delta, reason)
-                SELECT $1, 'grant', $2, 0, $3 FROM acct
-                RETURNING entry_id
-             ), rec AS (
-                UPDATE idempotency_record r
-                SET response = jsonb_set(jsonb_set($4::jsonb, '{available}', to_jsonb(acct.available)),
-                                         '{entry_id}', to_jsonb(e.entry_id))::text
-                FROM acct, e WHERE r.caller = $5 AND r.idempotency_key = $6
-             )
-             SELECT (SELECT available FROM acct) AS available, (SELECT entry_id FROM e) AS entry_id",
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                let id = ids.bucket_id();
+                b.grant(
+                    &id,
+                    cmd.source,
+                    cmd.amount,
+                    cmd.expires_at,
+                    cmd.priority,
+                    &cmd.reason,
+                    now,
+                )
+            },
         )
-        .bind(cmd.account_id.as_str())
-        .bind(cmd.amount.get())
-        .bind(&cmd.reason)
-        .bind(record)
-        .bind(idem.caller.as_str())
-        .bind(idem.key.as_str())
-        .fetch_one(&mut *tx)
+        .await
+    }
+
+    async fn open_account(
+        &self,
+        idem: &Idempotency,
+        cmd: &OpenAccount,
+    ) -> StorageResult<Applied<OpenOutcome>> {
+        super::open_account(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn adjust(
+        &self,
+        idem: &Idempotency,
+        cmd: &Adjust,
+    ) -> StorageResult<Applied<AdjustOutcome>> {
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                b.adjust(
+                    cmd.delta,
+                    &format!("{} (by {})", cmd.reason, cmd.operator),
+                    now,
+                    ids,
+                )?;
+                Ok(AdjustOutcome {
+                    account_id: b.account_id.clone(),
+                    delta: cmd.delta,
+                    available: b.available,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn transfer(
+        &self,
+        idem: &Idempotency,
+        cmd: &Transfer,
+    ) -> StorageResult<Applied<TransferOutcome>> {
+        super::transfer(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn set_plan(
+        &self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+    ) -> StorageResult<Applied<PlanOutcome>> {
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, _, _| {
+                let previous_plan = std::mem::replace(&mut b.plan, cmd.plan.clone());
+                b.dirty.account = true;
+                Ok(PlanOutcome {
+                    account_id: b.account_id.clone(),
+                    previous_plan,
+                    plan: cmd.plan.clone(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
+        self.balance(account_id).await?;
+        let mut v: Vec<Bucket> = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = $1 AND (remaining > 0 OR held > 0)",
+        )
+        .bind(account_id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(bucket_from_row)
+        .collect::<StorageResult<_>>()?;
+        v.sort_by(consumption_order);
+        Ok(v)
+    }
+
+    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
+        // One short transaction per account: the same settle every operation does first.
+        let accounts: Vec<String> = sqlx::query_scalar(
+            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= now()
+             UNION
+             SELECT account_id FROM bucket WHERE remaining > 0 AND expires_at <= now()
+             LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        let outcome = GrantOutcome {
-            account_id: cmd.account_id.as_str().to_owned(),
-            entry_id: row.try_get("entry_id").map_err(map_err)?,
-            available: row.try_get("available").map_err(map_err)?,
-        };
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
+        let mut total = 0u64;
+        for account in accounts {
+            total = total
+                .saturating_add(super::settle(self.begin().await?, &account, &self.policy).await?);
+        }
+        Ok(total)
     }
 
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold> {
@@ -576,63 +815,6 @@ impl Store for PgStore {
                 Ok(hold_from_row(row)?.observed_at(now))
             })
             .collect()
-    }
-
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        // One short transaction per account keeps the lock order (holds, then one account).
-        let rows = sqlx::query(
-            "SELECT DISTINCT account_id FROM hold WHERE state = 'open' AND expires_at <= now() LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        let mut total = 0u64;
-        for row in rows {
-            let account_id: String = row.try_get("account_id").map_err(map_err)?;
-            total = total.saturating_add(self.expire_account(&account_id, limit).await?);
-        }
-        Ok(total)
-    }
-
-    async fn set_plan(
-        &self,
-        idem: &Idempotency,
-        cmd: &SetPlan,
-    ) -> StorageResult<Applied<PlanOutcome>> {
-        let mut tx = match self.begin_claimed(idem).await? {
-            Started::New(tx, _) => tx,
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
-        };
-        let previous: Option<String> =
-            sqlx::query_scalar("SELECT plan FROM account WHERE account_id = $1 FOR UPDATE")
-                .bind(cmd.account_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let previous_plan = previous.ok_or(LedgerError::AccountNotFound)?;
-        sqlx::query("UPDATE account SET plan = $2, updated_at = now() WHERE account_id = $1")
-            .bind(cmd.account_id.as_str())
-            .bind(&cmd.plan)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let outcome = PlanOutcome {
-            account_id: cmd.account_id.as_str().to_owned(),
-            previous_plan,
-            plan: cmd.plan.clone(),
-        };
-        sqlx::query(
-            "UPDATE idempotency_record SET response = $3 WHERE caller = $1 AND idempotency_key = $2",
-        )
-        .bind(idem.caller.as_str())
-        .bind(idem.key.as_str())
-        .bind(to_record(outcome.clone())?)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
     }
 
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
@@ -704,11 +886,13 @@ impl Store for PgStore {
                     held_delta,
                     reason,
                     created_at,
+                    bucket_id,
                 )| {
                     Ok(EntryRecord {
                         entry_id,
                         account_id,
                         hold_id,
+                        bucket_id,
                         kind: entry_kind(&kind)?,
                         available_delta,
                         held_delta,

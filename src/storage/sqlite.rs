@@ -2,10 +2,9 @@
 //!
 //! WAL mode, `synchronous = FULL` (an acknowledged write survives power loss), foreign keys on.
 //! Every write transaction starts with `BEGIN IMMEDIATE`, taking the single write lock up front:
-//! writers queue (up to the busy timeout) instead of failing on a lock upgrade, and inside a
-//! write transaction nothing else can change, so reads followed by writes are safe. SQLite runs
-//! inside this process, so its clock is the process clock; times are stored as integer
-//! microseconds since the Unix epoch.
+//! writers queue instead of failing on a lock upgrade, and inside a write transaction nothing
+//! else can change, so reads followed by writes are safe. SQLite runs inside this process, so
+//! its clock is the process clock; times are stored as integer microseconds since the Unix epoch.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,23 +16,25 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
-    HoldChange, HoldQuery, StorageError, StorageResult, Store, Violation, constraint_rejection,
-    entry_kind, kind_names, narrow, replay, state_names, thresholds_json, to_record, violation,
-    with_available,
+    HoldQuery, StorageError, StorageResult, Store, Target, Tx, Violation, book_op,
+    constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_buckets, source,
+    state_names, thresholds_json, to_record, violation,
 };
+use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
 use crate::domain::command::{
-    CommitHold, ExtendHold, Grant, Idempotency, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Transfer,
 };
-use crate::domain::outcome::Outcome;
+use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
+use crate::domain::plan::Policy;
 use crate::domain::{
     AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
     Hold, HoldId, HoldState, LedgerError, Metadata, PlanOutcome, RefundOutcome, ReserveOutcome,
-    rules,
 };
 
 /// How long a writer waits for the write lock before the call reports contention.
@@ -48,6 +49,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SqliteStore {
     pool: SqlitePool,
     write_lock: Arc<Mutex<()>>,
+    policy: Arc<Policy>,
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
@@ -105,12 +107,30 @@ fn hold_from_row(row: &SqliteRow) -> StorageResult<Hold> {
     })
 }
 
-/// This process's write lock, held for the whole write transaction.
-type WriteLock = OwnedMutexGuard<()>;
+fn opt_time(micros: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
+    micros.map(to_time).transpose()
+}
 
-enum Started {
-    New(WriteLock, Transaction<'static, Sqlite>, DateTime<Utc>),
-    Replay(Vec<u8>, Option<String>),
+fn bucket_from_row(row: &SqliteRow) -> StorageResult<Bucket> {
+    let kind: String = row.try_get("source").map_err(map_err)?;
+    Ok(Bucket {
+        bucket_id: row.try_get("bucket_id").map_err(map_err)?,
+        account_id: row.try_get("account_id").map_err(map_err)?,
+        source: source(&kind)?,
+        granted: row.try_get("granted").map_err(map_err)?,
+        remaining: row.try_get("remaining").map_err(map_err)?,
+        held: row.try_get("held").map_err(map_err)?,
+        expired: row.try_get("expired").map_err(map_err)?,
+        expires_at: opt_time(row.try_get("expires_at").map_err(map_err)?)?,
+        priority: row.try_get("priority").map_err(map_err)?,
+        period: row.try_get("period").map_err(map_err)?,
+        reason: row.try_get("reason").map_err(map_err)?,
+        created_at: to_time(row.try_get("created_at").map_err(map_err)?)?,
+    })
+}
+
+fn micros(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(|t| t.timestamp_micros())
 }
 
 impl SqliteStore {
@@ -118,7 +138,11 @@ impl SqliteStore {
     ///
     /// # Errors
     /// `Unavailable` or `Other` when the file cannot be opened.
-    pub async fn connect(url: &str, max_connections: u32) -> StorageResult<Self> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        policy: Arc<Policy>,
+    ) -> StorageResult<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StorageError::Other(format!("bad SQLite URL: {e}")))?
             .create_if_missing(true)
@@ -135,17 +159,8 @@ impl SqliteStore {
         Ok(Self {
             pool,
             write_lock: Arc::new(Mutex::new(())),
+            policy,
         })
-    }
-
-    async fn begin_write(&self) -> StorageResult<(WriteLock, Transaction<'static, Sqlite>)> {
-        let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        Ok((lock, tx))
     }
 
     /// Applies `migrations/sqlite`.
@@ -164,253 +179,406 @@ impl SqliteStore {
         &self.pool
     }
 
-    async fn begin_claimed(&self, idem: &Idempotency) -> StorageResult<Started> {
-        let (lock, mut tx) = self.begin_write().await?;
-        let now = to_time(now_micros())?;
-        match claim(&mut tx, idem, now).await? {
-            Claim::New(now) => Ok(Started::New(lock, tx, now)),
-            Claim::Existing {
-                fingerprint,
-                response,
-            } => Ok(Started::Replay(fingerprint, response)),
-        }
-    }
-
-    async fn hold_op(
-        &self,
-        idem: &Idempotency,
-        hold_id: &HoldId,
-        decide: impl FnOnce(Hold, DateTime<Utc>) -> Result<HoldChange, LedgerError> + Send,
-    ) -> StorageResult<Applied<Outcome>> {
-        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(lock, tx, now) => (lock, tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
-        };
-        let sql = concat!("SELECT ", hold_columns!(), " FROM hold WHERE hold_id = ?1");
-        let row = sqlx::query(sql)
-            .bind(hold_id.as_str())
-            .fetch_optional(&mut *tx)
+    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
+        let lock = Arc::clone(&self.write_lock).lock_owned().await;
+        let tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err)?;
-        let hold = hold_from_row(&row.ok_or(LedgerError::HoldNotFound)?)?;
-        let account_id = hold.account_id.clone();
-        let change = decide(hold, now)?;
-        let Some(available) = update_balance(
-            &mut tx,
-            &account_id,
-            change.available_delta,
-            change.held_delta,
-            now,
+        Ok(Box::new(SqliteTx { tx, _lock: lock }))
+    }
+
+    /// Columns of the balance read, and whether time has work to do on the account.
+    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+        let now = to_time(now_micros())?;
+        let row = sqlx::query(
+            "SELECT a.available, a.held, a.plan, a.allowance_period,
+                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
+                              AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
+                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
+                              AND b.remaining > 0 AND b.expires_at <= ?2) AS due_grants,
+                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
+                       AND h.state = 'open') AS open_holds
+             FROM account a WHERE a.account_id = ?1",
         )
-        .await?
-        else {
-            return Err(insufficient(
-                &mut tx,
-                &account_id,
-                change.available_delta.saturating_neg(),
-            )
-            .await);
+        .bind(account_id)
+        .bind(now.timestamp_micros())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .ok_or(LedgerError::AccountNotFound)?;
+        let plan: String = row.try_get("plan").map_err(map_err)?;
+        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
+        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
+            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let buckets: Vec<Bucket> = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
+        )
+        .bind(account_id)
+        .bind(period.as_deref())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(bucket_from_row)
+        .collect::<StorageResult<_>>()?;
+        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
+        let balance = Balance {
+            account_id: account_id.to_owned(),
+            available: row.try_get("available").map_err(map_err)?,
+            held: row.try_get("held").map_err(map_err)?,
+            open_holds: row.try_get("open_holds").map_err(map_err)?,
+            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
+            plan,
+            by_source,
+            next_expiry,
+            as_of: now,
         };
-        let h = &change.hold;
-        sqlx::query(
-            "UPDATE hold SET state = ?2, committed_amount = ?3, refunded_amount = ?4, expires_at = ?5,
-                    resolved_at = ?6 WHERE hold_id = ?1",
+        Ok((balance, due))
+    }
+}
+
+/// One SQLite write transaction, holding this process's write lock until it ends.
+struct SqliteTx {
+    tx: Transaction<'static, Sqlite>,
+    _lock: OwnedMutexGuard<()>,
+}
+
+#[async_trait]
+#[allow(clippy::too_many_lines)] // `write`: one statement per changed row, in foreign-key order
+impl Tx for SqliteTx {
+    async fn now(&mut self) -> StorageResult<DateTime<Utc>> {
+        to_time(now_micros())
+    }
+
+    async fn claim(&mut self, idem: &Idempotency, now: DateTime<Utc>) -> StorageResult<Claim<()>> {
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, created_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING RETURNING 1",
         )
-        .bind(&h.hold_id)
-        .bind(h.state.as_str())
-        .bind(h.committed_amount)
-        .bind(h.refunded_amount)
-        .bind(h.expires_at.timestamp_micros())
-        .bind(h.resolved_at.map(|t| t.timestamp_micros()))
-        .execute(&mut *tx)
+        .bind(idem.caller.as_str())
+        .bind(idem.key.as_str())
+        .bind(&idem.fingerprint[..])
+        .bind(now.timestamp_micros())
+        .fetch_optional(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        if let Some(kind) = change.entry {
-            insert_entry(
-                &mut tx,
-                &account_id,
-                Some(&h.hold_id),
-                kind,
-                (change.available_delta, change.held_delta),
-                &change.reason,
-                now,
-            )
-            .await?;
+        if claimed.is_some() {
+            return Ok(Claim::New(()));
         }
-        let outcome = change.finish(available);
-        store_outcome(&mut tx, idem, &outcome).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
-    }
-}
-
-async fn claim(
-    tx: &mut SqliteConnection,
-    idem: &Idempotency,
-    now: DateTime<Utc>,
-) -> StorageResult<Claim<DateTime<Utc>>> {
-    let row = sqlx::query(
-        "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, created_at)
-         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING RETURNING created_at",
-    )
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .bind(&idem.fingerprint[..])
-    .bind(now.timestamp_micros())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    if row.is_some() {
-        return Ok(Claim::New(now));
-    }
-    let row = sqlx::query(
-        "SELECT fingerprint, response FROM idempotency_record WHERE caller = ?1 AND idempotency_key = ?2",
-    )
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    Ok(Claim::Existing {
-        fingerprint: row.try_get("fingerprint").map_err(map_err)?,
-        response: row.try_get("response").map_err(map_err)?,
-    })
-}
-
-async fn store_outcome(
-    tx: &mut SqliteConnection,
-    idem: &Idempotency,
-    outcome: &Outcome,
-) -> StorageResult<()> {
-    sqlx::query(
-        "UPDATE idempotency_record SET response = ?3 WHERE caller = ?1 AND idempotency_key = ?2",
-    )
-    .bind(idem.caller.as_str())
-    .bind(idem.key.as_str())
-    .bind(to_record(outcome.clone())?)
-    .execute(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
-}
-
-/// Guarded balance update; `None` when the account is missing or available would go negative.
-async fn update_balance(
-    tx: &mut SqliteConnection,
-    account_id: &str,
-    available_delta: i64,
-    held_delta: i64,
-    now: DateTime<Utc>,
-) -> StorageResult<Option<i64>> {
-    let row = sqlx::query(
-        "UPDATE account SET available = available + ?2, held = held + ?3, updated_at = ?4
-         WHERE account_id = ?1 AND available + ?2 >= 0 RETURNING available",
-    )
-    .bind(account_id)
-    .bind(available_delta)
-    .bind(held_delta)
-    .bind(now.timestamp_micros())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    row.map(|r| r.try_get("available").map_err(map_err))
-        .transpose()
-}
-
-async fn insert_entry(
-    tx: &mut SqliteConnection,
-    account_id: &str,
-    hold_id: Option<&str>,
-    kind: rules::EntryKind,
-    (available_delta, held_delta): (i64, i64),
-    reason: &str,
-    now: DateTime<Utc>,
-) -> StorageResult<i64> {
-    let row = sqlx::query(
-        "INSERT INTO entry (account_id, hold_id, kind, available_delta, held_delta, reason, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING entry_id",
-    )
-    .bind(account_id)
-    .bind(hold_id)
-    .bind(kind.as_str())
-    .bind(available_delta)
-    .bind(held_delta)
-    .bind(reason)
-    .bind(now.timestamp_micros())
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    row.try_get("entry_id").map_err(map_err)
-}
-
-async fn insufficient(tx: &mut SqliteConnection, account_id: &str, needed: i64) -> StorageError {
-    let row = sqlx::query("SELECT available FROM account WHERE account_id = ?1")
-        .bind(account_id)
-        .fetch_optional(&mut *tx)
-        .await;
-    match row {
-        Ok(None) => LedgerError::AccountNotFound.into(),
-        Ok(Some(row)) => match row.try_get::<i64, _>("available") {
-            Ok(available) => LedgerError::InsufficientCredits {
-                available,
-                requested: needed,
-            }
-            .into(),
-            Err(e) => map_err(e),
-        },
-        Err(e) => map_err(e),
-    }
-}
-
-/// Expires up to `limit` overdue open holds of one account inside `tx`. Returns how many.
-async fn expire_account(
-    tx: &mut SqliteConnection,
-    account_id: &str,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> StorageResult<u64> {
-    let rows = sqlx::query(
-        "UPDATE hold SET state = 'expired', resolved_at = expires_at
-         WHERE hold_id IN (SELECT hold_id FROM hold WHERE account_id = ?1 AND state = 'open'
-                           AND expires_at <= ?2 ORDER BY expires_at LIMIT ?3)
-         RETURNING hold_id, amount",
-    )
-    .bind(account_id)
-    .bind(now.timestamp_micros())
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    let mut freed = 0i64;
-    for row in &rows {
-        let hold_id: String = row.try_get("hold_id").map_err(map_err)?;
-        let amount: i64 = row.try_get("amount").map_err(map_err)?;
-        freed = freed.saturating_add(amount);
-        insert_entry(
-            tx,
-            account_id,
-            Some(&hold_id),
-            rules::EntryKind::Expire,
-            (amount, amount.saturating_neg()),
-            "",
-            now,
+        let row = sqlx::query(
+            "SELECT fingerprint, response FROM idempotency_record WHERE caller = ?1 AND idempotency_key = ?2",
         )
-        .await?;
+        .bind(idem.caller.as_str())
+        .bind(idem.key.as_str())
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(Claim::Existing {
+            fingerprint: row.try_get("fingerprint").map_err(map_err)?,
+            response: row.try_get("response").map_err(map_err)?,
+        })
     }
-    if freed > 0 {
-        update_balance(tx, account_id, freed, freed.saturating_neg(), now)
-            .await?
-            .ok_or_else(|| StorageError::Other("expiry found no account row".into()))?;
+
+    async fn store_outcome(&mut self, idem: &Idempotency, outcome: &Outcome) -> StorageResult<()> {
+        sqlx::query("UPDATE idempotency_record SET response = ?3 WHERE caller = ?1 AND idempotency_key = ?2")
+            .bind(idem.caller.as_str())
+            .bind(idem.key.as_str())
+            .bind(to_record(outcome.clone())?)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
     }
-    Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
+
+    async fn hold_account(&mut self, hold_id: &str) -> StorageResult<Option<String>> {
+        sqlx::query_scalar("SELECT account_id FROM hold WHERE hold_id = ?1")
+            .bind(hold_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn lock_book(
+        &mut self,
+        account_id: &str,
+        create: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<Option<(Book, bool)>> {
+        let mut created = false;
+        if let Some(plan) = create {
+            created = sqlx::query(
+                "INSERT INTO account (account_id, plan, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT DO NOTHING RETURNING 1",
+            )
+            .bind(account_id)
+            .bind(plan)
+            .bind(now.timestamp_micros())
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?
+            .is_some();
+        }
+        // The write transaction already excludes every other writer.
+        let row = sqlx::query(
+            "SELECT plan, allowance_period, available, held FROM account WHERE account_id = ?1",
+        )
+        .bind(account_id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut book = Book::new(
+            account_id,
+            &row.try_get::<String, _>("plan").map_err(map_err)?,
+        );
+        book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
+        book.available = row.try_get("available").map_err(map_err)?;
+        book.held = row.try_get("held").map_err(map_err)?;
+        Ok(Some((book, created)))
+    }
+
+    async fn load(
+        &mut self,
+        book: &mut Book,
+        hold: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let rows = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = ?1
+               AND (remaining > 0 OR held > 0 OR (period IS NOT NULL AND period = ?2))",
+        )
+        .bind(&book.account_id)
+        .bind(book.allowance_period.as_deref())
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        for r in &rows {
+            let b = bucket_from_row(r)?;
+            book.buckets.insert(b.bucket_id.clone(), b);
+        }
+        let sql = concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM hold WHERE account_id = ?1
+               AND ((state = 'open' AND expires_at <= ?2) OR hold_id = ?3)"
+        );
+        let rows = sqlx::query(sql)
+            .bind(&book.account_id)
+            .bind(now.timestamp_micros())
+            .bind(hold)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        for r in &rows {
+            let h = hold_from_row(r)?;
+            book.holds.insert(h.hold_id.clone(), h);
+        }
+        let ids = serde_json::to_string(&loaded_hold_ids(book)).map_err(StorageError::other)?;
+        let rows =
+            sqlx::query("SELECT * FROM draw WHERE hold_id IN (SELECT value FROM json_each(?1))")
+                .bind(ids)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        for r in &rows {
+            let d = Draw {
+                hold_id: r.try_get("hold_id").map_err(map_err)?,
+                seq: r.try_get("seq").map_err(map_err)?,
+                bucket_id: r.try_get("bucket_id").map_err(map_err)?,
+                held: r.try_get("held").map_err(map_err)?,
+                consumed: r.try_get("consumed").map_err(map_err)?,
+                refunded: r.try_get("refunded").map_err(map_err)?,
+            };
+            book.draws.insert((d.hold_id.clone(), d.seq), d);
+        }
+        let missing = missing_buckets(book);
+        if !missing.is_empty() {
+            let ids = serde_json::to_string(&missing).map_err(StorageError::other)?;
+            let rows = sqlx::query(
+                "SELECT * FROM bucket WHERE bucket_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+            for r in &rows {
+                let b = bucket_from_row(r)?;
+                book.buckets.insert(b.bucket_id.clone(), b);
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()> {
+        let tx = &mut *self.tx;
+        let d = &book.dirty;
+        for id in &d.new_buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO bucket (bucket_id, account_id, source, granted, remaining, held, expired,
+                                     expires_at, priority, period, reason, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .bind(&b.bucket_id)
+            .bind(&b.account_id)
+            .bind(b.source.as_str())
+            .bind(b.granted)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .bind(micros(b.expires_at))
+            .bind(b.priority)
+            .bind(b.period.as_deref())
+            .bind(&b.reason)
+            .bind(b.created_at.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE bucket SET remaining = ?2, held = ?3, expired = ?4 WHERE bucket_id = ?1",
+            )
+            .bind(&b.bucket_id)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.new_holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(&h.hold_id)
+            .bind(&h.account_id)
+            .bind(h.amount)
+            .bind(serde_json::to_string(&h.metadata).map_err(StorageError::other)?)
+            .bind(h.created_at.timestamp_micros())
+            .bind(h.expires_at.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for id in &d.holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE hold SET state = ?2, committed_amount = ?3, refunded_amount = ?4, expires_at = ?5,
+                                 resolved_at = ?6 WHERE hold_id = ?1",
+            )
+            .bind(&h.hold_id)
+            .bind(h.state.as_str())
+            .bind(h.committed_amount)
+            .bind(h.refunded_amount)
+            .bind(h.expires_at.timestamp_micros())
+            .bind(micros(h.resolved_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for key in &d.new_draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO draw (hold_id, seq, bucket_id, held, consumed, refunded) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(&w.bucket_id)
+            .bind(w.held)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for key in &d.draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE draw SET consumed = ?3, refunded = ?4 WHERE hold_id = ?1 AND seq = ?2",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for e in &book.entries {
+            sqlx::query(
+                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .bind(&book.account_id)
+            .bind(e.hold_id.as_deref())
+            .bind(e.bucket_id.as_deref())
+            .bind(e.kind.as_str())
+            .bind(e.available_delta)
+            .bind(e.held_delta)
+            .bind(&e.reason)
+            .bind(now.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if d.account {
+            sqlx::query(
+                "UPDATE account SET available = ?2, held = ?3, plan = ?4, allowance_period = ?5, updated_at = ?6
+                 WHERE account_id = ?1",
+            )
+            .bind(&book.account_id)
+            .bind(book.available)
+            .bind(book.held)
+            .bind(&book.plan)
+            .bind(book.allowance_period.as_deref())
+            .bind(now.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> StorageResult<()> {
+        self.tx.commit().await.map_err(map_err)
+    }
 }
 
-type SqliteEntryRow = (i64, String, Option<String>, String, i64, i64, String, i64);
+type SqliteEntryRow = (
+    i64,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    String,
+    i64,
+    Option<String>,
+);
 
 macro_rules! entries_sql {
     ($order:literal) => {
         concat!(
-            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at
+            "SELECT entry_id, account_id, hold_id, kind, available_delta, held_delta, reason, created_at, bucket_id
              FROM entry
              WHERE (?1 IS NULL OR account_id = ?1)
                AND (json_array_length(?2) = 0 OR kind IN (SELECT value FROM json_each(?2)))
@@ -430,30 +598,12 @@ const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 #[async_trait]
 impl Store for SqliteStore {
     async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
-        let now = now_micros();
-        let row = sqlx::query(
-            "SELECT a.available + COALESCE(d.amount, 0) AS available, a.held - COALESCE(d.amount, 0) AS held,
-                    (SELECT count(*) FROM hold o WHERE o.account_id = a.account_id
-                       AND o.state = 'open' AND o.expires_at > ?2) AS open_holds, a.plan
-             FROM account a
-             LEFT JOIN (SELECT sum(amount) AS amount FROM hold
-                        WHERE account_id = ?1 AND state = 'open' AND expires_at <= ?2) d
-             WHERE a.account_id = ?1",
-        )
-        .bind(account_id.as_str())
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?
-        .ok_or(LedgerError::AccountNotFound)?;
-        Ok(Balance {
-            account_id: account_id.as_str().to_owned(),
-            available: row.try_get("available").map_err(map_err)?,
-            held: row.try_get("held").map_err(map_err)?,
-            open_holds: row.try_get("open_holds").map_err(map_err)?,
-            as_of: to_time(now)?,
-            plan: row.try_get("plan").map_err(map_err)?,
-        })
+        let (balance, due) = self.read_balance(account_id.as_str()).await?;
+        if !due {
+            return Ok(balance);
+        }
+        super::settle(self.begin().await?, account_id.as_str(), &self.policy).await?;
+        Ok(self.read_balance(account_id.as_str()).await?.0)
     }
 
     async fn reserve(
@@ -461,57 +611,26 @@ impl Store for SqliteStore {
         idem: &Idempotency,
         cmd: &Reserve,
     ) -> StorageResult<Applied<ReserveOutcome>> {
-        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(lock, tx, now) => (lock, tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
         };
-        let account = cmd.account_id.as_str();
-        expire_account(&mut tx, account, now, i64::MAX).await?;
-        let amount = cmd.amount.get();
-        let Some(available) =
-            update_balance(&mut tx, account, amount.saturating_neg(), amount, now).await?
-        else {
-            return Err(insufficient(&mut tx, account, amount).await);
-        };
-        let hold = Hold {
-            hold_id: cmd.hold_id.as_str().to_owned(),
-            account_id: account.to_owned(),
-            amount,
-            state: HoldState::Open,
-            committed_amount: 0,
-            refunded_amount: 0,
-            created_at: now,
-            expires_at: now.checked_add_signed(cmd.ttl).unwrap_or(now),
-            resolved_at: None,
-            metadata: cmd.metadata.clone(),
-        };
-        sqlx::query(
-            "INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, _| {
+                b.reserve(
+                    cmd.hold_id.as_str(),
+                    cmd.amount,
+                    cmd.ttl,
+                    &cmd.metadata,
+                    now,
+                )
+            },
         )
-        .bind(&hold.hold_id)
-        .bind(account)
-        .bind(amount)
-        .bind(serde_json::to_string(&hold.metadata).map_err(StorageError::other)?)
-        .bind(now.timestamp_micros())
-        .bind(hold.expires_at.timestamp_micros())
-        .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
-        insert_entry(
-            &mut tx,
-            account,
-            Some(&hold.hold_id),
-            rules::EntryKind::Reserve,
-            (amount.saturating_neg(), amount),
-            "",
-            now,
-        )
-        .await?;
-        let outcome = ReserveOutcome { hold, available };
-        store_outcome(&mut tx, idem, &outcome.clone().into()).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
     }
 
     async fn commit_hold(
@@ -519,10 +638,14 @@ impl Store for SqliteStore {
         idem: &Idempotency,
         cmd: &CommitHold,
     ) -> StorageResult<Applied<CommitOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::commit(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now),
         )
+        .await
     }
 
     async fn refund(
@@ -530,10 +653,14 @@ impl Store for SqliteStore {
         idem: &Idempotency,
         cmd: &Refund,
     ) -> StorageResult<Applied<RefundOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::refund(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now),
         )
+        .await
     }
 
     async fn extend_hold(
@@ -541,54 +668,151 @@ impl Store for SqliteStore {
         idem: &Idempotency,
         cmd: &ExtendHold,
     ) -> StorageResult<Applied<ExtendOutcome>> {
-        narrow(
-            self.hold_op(idem, &cmd.hold_id, |h, now| HoldChange::extend(h, cmd, now))
-                .await?,
+        book_op(
+            self.begin().await?,
+            idem,
+            Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now),
         )
+        .await
     }
 
     async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
-        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(lock, tx, now) => (lock, tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: true,
         };
-        let account = cmd.account_id.as_str();
-        let row = sqlx::query(
-            "INSERT INTO account (account_id, available, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT (account_id) DO UPDATE
-             SET available = available + excluded.available, updated_at = excluded.updated_at
-             RETURNING available",
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                let id = ids.bucket_id();
+                b.grant(
+                    &id,
+                    cmd.source,
+                    cmd.amount,
+                    cmd.expires_at,
+                    cmd.priority,
+                    &cmd.reason,
+                    now,
+                )
+            },
         )
-        .bind(account)
-        .bind(cmd.amount.get())
-        .bind(now.timestamp_micros())
-        .fetch_one(&mut *tx)
+        .await
+    }
+
+    async fn open_account(
+        &self,
+        idem: &Idempotency,
+        cmd: &OpenAccount,
+    ) -> StorageResult<Applied<OpenOutcome>> {
+        super::open_account(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn adjust(
+        &self,
+        idem: &Idempotency,
+        cmd: &Adjust,
+    ) -> StorageResult<Applied<AdjustOutcome>> {
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                b.adjust(
+                    cmd.delta,
+                    &format!("{} (by {})", cmd.reason, cmd.operator),
+                    now,
+                    ids,
+                )?;
+                Ok(AdjustOutcome {
+                    account_id: b.account_id.clone(),
+                    delta: cmd.delta,
+                    available: b.available,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn transfer(
+        &self,
+        idem: &Idempotency,
+        cmd: &Transfer,
+    ) -> StorageResult<Applied<TransferOutcome>> {
+        super::transfer(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn set_plan(
+        &self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+    ) -> StorageResult<Applied<PlanOutcome>> {
+        let target = Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, _, _| {
+                let previous_plan = std::mem::replace(&mut b.plan, cmd.plan.clone());
+                b.dirty.account = true;
+                Ok(PlanOutcome {
+                    account_id: b.account_id.clone(),
+                    previous_plan,
+                    plan: cmd.plan.clone(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
+        self.balance(account_id).await?;
+        let mut v: Vec<Bucket> = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR held > 0)",
+        )
+        .bind(account_id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(bucket_from_row)
+        .collect::<StorageResult<_>>()?;
+        v.sort_by(consumption_order);
+        Ok(v)
+    }
+
+    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
+        // Look without the write lock first: most sweeps find nothing to do.
+        let accounts: Vec<String> = sqlx::query_scalar(
+            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1
+             UNION
+             SELECT account_id FROM bucket WHERE remaining > 0 AND expires_at <= ?1
+             LIMIT ?2",
+        )
+        .bind(now_micros())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        let available: i64 = row.try_get("available").map_err(map_err)?;
-        let entry_id = insert_entry(
-            &mut tx,
-            account,
-            None,
-            rules::EntryKind::Grant,
-            (cmd.amount.get(), 0),
-            &cmd.reason,
-            now,
-        )
-        .await?;
-        let outcome = GrantOutcome {
-            account_id: account.to_owned(),
-            entry_id,
-            available,
-        };
-        store_outcome(
-            &mut tx,
-            idem,
-            &with_available(outcome.clone().into(), available),
-        )
-        .await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
+        let mut total = 0u64;
+        for account in accounts {
+            total = total
+                .saturating_add(super::settle(self.begin().await?, &account, &self.policy).await?);
+        }
+        Ok(total)
     }
 
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold> {
@@ -627,59 +851,6 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| Ok(hold_from_row(row)?.observed_at(now)))
             .collect()
-    }
-
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        let (_lock, mut tx) = self.begin_write().await?;
-        let now = to_time(now_micros())?;
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1 LIMIT ?2",
-        )
-        .bind(now.timestamp_micros())
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let mut total = 0u64;
-        for account in &accounts {
-            total = total
-                .saturating_add(expire_account(&mut tx, account, now, i64::from(limit)).await?);
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(total)
-    }
-
-    async fn set_plan(
-        &self,
-        idem: &Idempotency,
-        cmd: &SetPlan,
-    ) -> StorageResult<Applied<PlanOutcome>> {
-        let (_lock, mut tx, now) = match self.begin_claimed(idem).await? {
-            Started::New(lock, tx, now) => (lock, tx, now),
-            Started::Replay(fp, response) => return replay(idem, &fp, response.as_deref()),
-        };
-        let previous: Option<String> =
-            sqlx::query_scalar("SELECT plan FROM account WHERE account_id = ?1")
-                .bind(cmd.account_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let previous_plan = previous.ok_or(LedgerError::AccountNotFound)?;
-        sqlx::query("UPDATE account SET plan = ?2, updated_at = ?3 WHERE account_id = ?1")
-            .bind(cmd.account_id.as_str())
-            .bind(&cmd.plan)
-            .bind(now.timestamp_micros())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let outcome = PlanOutcome {
-            account_id: cmd.account_id.as_str().to_owned(),
-            previous_plan,
-            plan: cmd.plan.clone(),
-        };
-        store_outcome(&mut tx, idem, &outcome.clone().into()).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Applied::fresh(outcome))
     }
 
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
@@ -755,11 +926,13 @@ impl Store for SqliteStore {
                     held_delta,
                     reason,
                     created_at,
+                    bucket_id,
                 )| {
                     Ok(EntryRecord {
                         entry_id,
                         account_id,
                         hold_id,
+                        bucket_id,
                         kind: entry_kind(&kind)?,
                         available_delta,
                         held_delta,

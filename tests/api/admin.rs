@@ -275,6 +275,7 @@ async fn usage_export_round_trips_through_a_csv_parser(backend: Backend) {
             amount: 3_000,
             reason: "promo, \"winter\"\nline two".into(),
             idempotency_key: "g".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -342,4 +343,121 @@ crate::on_both_backends!(
     account_listing_pages_by_id,
     entry_pages_have_no_gaps_or_duplicates_under_concurrent_appends,
     usage_export_round_trips_through_a_csv_parser,
+    a_new_user_gets_bonus_allowance_and_a_breakdown,
 );
+
+async fn a_new_user_gets_bonus_allowance_and_a_breakdown(backend: Backend) {
+    let app = TestApp::spawn_with_builtin_catalog(backend).await;
+    let (mut admin, mut credit) = (app.admin().await, app.credit().await);
+    let open = |key: &str| pb::OpenAccountRequest {
+        account_id: "new_user".into(),
+        plan: String::new(),
+        idempotency_key: key.into(),
+    };
+    let o = admin.open_account(open("o1")).await.unwrap().into_inner();
+    assert_eq!(
+        (o.plan.as_str(), o.bonus, o.available),
+        ("free", 100, 105),
+        "bonus plus the first daily allowance"
+    );
+    let e = admin.open_account(open("o2")).await.unwrap_err();
+    expect_error(&e, Code::AlreadyExists, "ACCOUNT_EXISTS");
+    credit
+        .reserve(reserve_req("new_user", 3, "r1"))
+        .await
+        .unwrap();
+    let b = credit
+        .check_balance(pb::CheckBalanceRequest {
+            account_id: "new_user".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (b.available, b.held, b.allowance_left),
+        (102, 3, Some(2)),
+        "the allowance expires first, so it is used first"
+    );
+    assert_eq!(
+        (
+            b.by_source.get("allowance"),
+            b.by_source.get("signup_bonus")
+        ),
+        (Some(&2), Some(&100))
+    );
+    assert_eq!(b.next_expiry.unwrap().amount, 2);
+
+    let a = admin
+        .get_account(pb::GetAccountRequest {
+            account_id: "new_user".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sources: Vec<&str> = a.grants.iter().map(|g| g.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        ["allowance", "signup_bonus"],
+        "in consumption order"
+    );
+
+    let adj = pb::AdjustRequest {
+        account_id: "new_user".into(),
+        delta: -2,
+        reason: "correction".into(),
+        operator: "ops".into(),
+        idempotency_key: "a1".into(),
+    };
+    assert_eq!(admin.adjust(adj).await.unwrap().into_inner().available, 100);
+    let e = admin
+        .adjust(pb::AdjustRequest {
+            account_id: "new_user".into(),
+            delta: 5,
+            reason: String::new(),
+            operator: String::new(),
+            idempotency_key: "a2".into(),
+        })
+        .await
+        .unwrap_err();
+    let fields: HashSet<String> = tonic_types::StatusExt::get_details_bad_request(&e)
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(
+        fields,
+        ["reason", "operator"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    let t = pb::TransferRequest {
+        from_account_id: "new_user".into(),
+        to_account_id: "friend".into(),
+        amount: 40,
+        reason: "gift".into(),
+        idempotency_key: "t1".into(),
+    };
+    let t = admin.transfer(t).await.unwrap().into_inner();
+    // The friend's account is new: it gets the free plan's allowance on its first operation too.
+    assert_eq!((t.from_available, t.to_available), (60, 45));
+    let mut g = grant_req("friend", 10, "g1");
+    g.source = "promotion".into();
+    g.expires_at = Some(ts(chrono::Utc::now() + chrono::TimeDelta::days(7)));
+    g.priority = Some(10);
+    let grant = admin.grant(g).await.unwrap().into_inner();
+    assert!(grant.grant_id.starts_with("grt_"), "{}", grant.grant_id);
+    let mut bad = grant_req("friend", 10, "g2");
+    bad.source = "gift".into();
+    bad.priority = Some(101);
+    let e = admin.grant(bad).await.unwrap_err();
+    assert_eq!(
+        tonic_types::StatusExt::get_details_bad_request(&e)
+            .unwrap()
+            .field_violations
+            .len(),
+        2
+    );
+    app.finish().await;
+}

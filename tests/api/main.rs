@@ -55,5 +55,6 @@ pub fn grant_req(account: &str, amount: i64, key: &str) -> pb::GrantRequest {
         amount,
         reason: "test".into(),
         idempotency_key: key.into(),
+        ..Default::default()
     }
 }

@@ -94,8 +94,11 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
     const WAVE: usize = 50;
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let start = 10 * ROUNDS as i64;
-    grant(store.as_ref(), "acct", start).await;
+    // Ten accounts, so the race is between each commit and the sweeper, not a queue on one row.
+    let start = ROUNDS as i64;
+    for a in 0..10 {
+        grant(store.as_ref(), &format!("acct{a}"), start).await;
+    }
     let ledger = ledger(&store);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,12 +124,12 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
                     .reserve(
                         &Caller::anonymous(),
                         key(&format!("r{n}")),
-                        &reserve_cmd("acct", 5, TimeDelta::milliseconds(40)),
+                        &reserve_cmd(&format!("acct{}", n % 10), 5, TimeDelta::milliseconds(150)),
                     )
                     .await
                     .unwrap();
-                // Commit somewhere around the expiry (40 ms): sometimes before, sometimes after.
-                tokio::time::sleep(Duration::from_millis(20 + (n as u64 * 7) % 45)).await;
+                // Commit somewhere around the expiry (150 ms): sometimes before, sometimes after.
+                tokio::time::sleep(Duration::from_millis(75 + (n as u64 * 7) % 150)).await;
                 let hold_id = r.outcome.hold.hold_id.clone();
                 let c = ledger
                     .commit_hold(
@@ -175,8 +178,16 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
         committed > 0 && expired > 0 && swept > 0,
         "the race was real: {committed} committed, {expired} expired, {swept} swept"
     );
-    let b = store.balance(&crate::account("acct")).await.unwrap();
-    assert_eq!((b.available, b.held, b.open_holds), (start - charged, 0, 0));
+    let mut total = 0;
+    for a in 0..10 {
+        let b = store
+            .balance(&crate::account(&format!("acct{a}")))
+            .await
+            .unwrap();
+        assert_eq!((b.held, b.open_holds), (0, 0));
+        total += b.available;
+    }
+    assert_eq!(total, 10 * start - charged);
     assert_ledger_balances(store.as_ref()).await;
 }
 

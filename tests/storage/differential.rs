@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, TimeDelta, Utc};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use tally::domain::command::{CommitHold, ExtendHold, Grant, Refund, Reserve};
+use tally::domain::book::Source;
+use tally::domain::command::{Adjust, CommitHold, ExtendHold, Grant, Refund, Reserve, Transfer};
 use tally::domain::model::Ledger as Model;
 use tally::domain::outcome::Outcome;
 use tally::domain::{HoldId, HoldState, LedgerError, Metadata};
@@ -19,7 +20,9 @@ use crate::{account, credits, idem};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Grant(u8, i64),
+    Grant(u8, i64, Option<i64>, i32),
+    Adjust(u8, i64),
+    Transfer(u8, u8, i64),
     Reserve(u8, i64),
     Commit(usize, i64),
     Refund(usize, Option<i64>),
@@ -29,7 +32,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => (0u8..3, 1i64..150).prop_map(|(a, n)| Op::Grant(a, n)),
+        2 => (0u8..3, 1i64..150, proptest::option::of(1i64..5), 0i32..3).prop_map(|(a, n, d, p)| Op::Grant(a, n, d, p * 40)),
+        1 => (0u8..3, -60i64..60).prop_filter("non-zero", |(_, d)| *d != 0).prop_map(|(a, d)| Op::Adjust(a, d)),
+        1 => (0u8..3, 0u8..3, 1i64..60).prop_filter("two accounts", |(f, t, _)| f != t).prop_map(|(f, t, n)| Op::Transfer(f, t, n)),
         4 => (0u8..3, 1i64..100).prop_map(|(a, n)| Op::Reserve(a, n)),
         3 => (any::<usize>(), 1i64..130).prop_map(|(h, n)| Op::Commit(h, n)),
         2 => (any::<usize>(), proptest::option::of(1i64..50)).prop_map(|(h, n)| Op::Refund(h, n)),
@@ -41,6 +46,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Clone, Debug)]
 enum Cmd {
     Grant(Grant),
+    Adjust(Adjust),
+    Transfer(Transfer),
     Reserve(Reserve),
     Commit(CommitHold),
     Refund(Refund),
@@ -75,6 +82,9 @@ enum Summary {
     Plan {
         plan: String,
     },
+    Moved {
+        available: (i64, i64),
+    },
     Refused(LedgerError),
 }
 
@@ -100,6 +110,15 @@ fn summary(r: Result<Outcome, LedgerError>) -> Summary {
             state: o.hold.state,
         },
         Ok(Outcome::Plan(o)) => Summary::Plan { plan: o.plan },
+        Ok(Outcome::Adjust(o)) => Summary::Grant {
+            available: o.available,
+        },
+        Ok(Outcome::Open(o)) => Summary::Grant {
+            available: o.available,
+        },
+        Ok(Outcome::Transfer(o)) => Summary::Moved {
+            available: (o.from.1, o.to.1),
+        },
         Ok(Outcome::Grant(o)) => Summary::Grant {
             available: o.available,
         },
@@ -119,6 +138,12 @@ async fn on_store(store: &dyn Store, key: &str, cmd: &Cmd) -> Result<Outcome, Le
     match cmd {
         Cmd::Grant(c) => {
             rejected(store.grant(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Adjust(c) => {
+            rejected(store.adjust(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::Transfer(c) => {
+            rejected(store.transfer(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
         }
         Cmd::Reserve(c) => {
             rejected(store.reserve(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
@@ -143,7 +168,9 @@ fn on_model(
 ) -> Result<Outcome, LedgerError> {
     let i = |fp| idem("diff", key, fp);
     match cmd {
-        Cmd::Grant(c) => model.grant(&i(c.fingerprint()), c).map(Into::into),
+        Cmd::Grant(c) => model.grant(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Adjust(c) => model.adjust(&i(c.fingerprint()), c, now).map(Into::into),
+        Cmd::Transfer(c) => model.transfer(&i(c.fingerprint()), c, now).map(Into::into),
         Cmd::Reserve(c) => model.reserve(&i(c.fingerprint()), c, now).map(Into::into),
         Cmd::Commit(c) => model
             .commit_hold(&i(c.fingerprint()), c, now)
@@ -161,7 +188,7 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
     // Every case (and every shrink step) works on accounts and keys of its own.
     let run = RUN.fetch_add(1, Ordering::Relaxed);
     let acct = |a: u8| format!("r{run}-a{a}");
-    let mut model = Model::new();
+    let mut model = Model::new(None);
     // Holds live an hour: nothing expires during a case, so the model's clock does not matter.
     let now = Utc::now();
     let ttl = TimeDelta::hours(1);
@@ -170,12 +197,33 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
     for (step, op) in ops.into_iter().enumerate() {
         let pick = |i: usize| holds.get(i % holds.len().max(1)).cloned();
         let (key, cmd) = match op {
-            Op::Grant(a, n) => (
+            Op::Grant(a, n, days, priority) => (
                 format!("r{run}-{step}"),
                 Cmd::Grant(Grant {
                     account_id: account(&acct(a)),
                     amount: credits(n),
                     reason: "d".into(),
+                    source: Source::Promotion,
+                    expires_at: days.map(|d| now + TimeDelta::days(d)),
+                    priority,
+                }),
+            ),
+            Op::Adjust(a, d) => (
+                format!("r{run}-{step}"),
+                Cmd::Adjust(Adjust {
+                    account_id: account(&acct(a)),
+                    delta: d,
+                    reason: "fix".into(),
+                    operator: "ops".into(),
+                }),
+            ),
+            Op::Transfer(f, t, n) => (
+                format!("r{run}-{step}"),
+                Cmd::Transfer(Transfer {
+                    from: account(&acct(f)),
+                    to: account(&acct(t)),
+                    amount: credits(n),
+                    reason: "gift".into(),
                 }),
             ),
             Op::Reserve(a, n) => (

@@ -23,11 +23,13 @@ mod support;
 
 mod concurrency;
 mod differential;
+mod grants;
 mod rules;
 
 use std::sync::Arc;
 
 use chrono::TimeDelta;
+use tally::domain::book::Source;
 use tally::domain::command::{CommitHold, Grant, Idempotency, Reserve};
 use tally::domain::{AccountId, Caller, Credits, GrantOutcome, HoldId, IdempotencyKey, Metadata};
 use tally::service::{Ledger, new_hold_id};
@@ -68,11 +70,7 @@ pub fn commit_cmd(hold: &str, amount: i64) -> CommitHold {
 }
 
 pub async fn grant(store: &dyn Store, acct: &str, amount: i64) -> GrantOutcome {
-    let cmd = Grant {
-        account_id: account(acct),
-        amount: credits(amount),
-        reason: "test".into(),
-    };
+    let cmd = Grant::simple(account(acct), credits(amount), Source::Adjustment, "test");
     store
         .grant(
             &idem(

@@ -243,11 +243,12 @@ async fn the_balance_limit_is_a_typed_refusal(backend: Backend) {
     for _ in 0..1_000 {
         grant(store.as_ref(), "rich", tally::domain::Credits::MAX).await;
     }
-    let cmd = tally::domain::command::Grant {
-        account_id: account("rich"),
-        amount: credits(1),
-        reason: "one more".into(),
-    };
+    let cmd = tally::domain::command::Grant::simple(
+        account("rich"),
+        credits(1),
+        tally::domain::book::Source::Adjustment,
+        "one more",
+    );
     let err = store
         .grant(&idem("c", "g", cmd.fingerprint()), &cmd)
         .await

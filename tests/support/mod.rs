@@ -17,6 +17,7 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use sqlx::Connection;
 use tally::app::{App, Settings};
+use tally::domain::plan::Policy;
 use tally::pb::admin_service_client::AdminServiceClient;
 use tally::pb::credit_service_client::CreditServiceClient;
 use tally::service::Limits;
@@ -94,21 +95,32 @@ impl TestDb {
         }
     }
 
-    /// Opens and migrates a store on this database.
+    /// Opens and migrates a store on this database (plans grant no allowance).
     pub async fn store(&self) -> Arc<dyn Store> {
-        tally::app::open_store(&self.url, 32).await.unwrap()
+        self.store_with(Policy::default()).await
+    }
+
+    /// Opens and migrates a store whose plans grant the allowances of `policy`.
+    pub async fn store_with(&self, policy: Policy) -> Arc<dyn Store> {
+        tally::app::open_store(&self.url, 32, Arc::new(policy))
+            .await
+            .unwrap()
     }
 
     /// A typed SQLite store (for SQL-level checks).
     pub async fn sqlite(&self) -> SqliteStore {
-        let s = SqliteStore::connect(&self.url, 4).await.unwrap();
+        let s = SqliteStore::connect(&self.url, 4, Arc::default())
+            .await
+            .unwrap();
         s.migrate().await.unwrap();
         s
     }
 
     /// A typed PostgreSQL store (for SQL-level checks).
     pub async fn postgres(&self) -> PgStore {
-        let s = PgStore::connect(&self.url, 4).await.unwrap();
+        let s = PgStore::connect(&self.url, 4, Arc::default())
+            .await
+            .unwrap();
         s.migrate().await.unwrap();
         s
     }
@@ -139,6 +151,16 @@ pub struct TestApp {
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The built-in catalog with the allowances taken out, so balances in tests are exactly what
+/// the tests grant. Tests of allowances use the built-in catalog as it is.
+pub fn catalog_without_allowances() -> tally::catalog::Catalog {
+    let mut c = tally::catalog::Catalog::builtin().unwrap();
+    for p in c.plans.values_mut() {
+        p.allowance = None;
+    }
+    c
+}
+
 pub fn settings(db: &TestDb) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -149,7 +171,7 @@ pub fn settings(db: &TestDb) -> Settings {
         sweep_interval: Duration::from_millis(50),
         request_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
-        catalog: Arc::new(tally::catalog::Catalog::builtin().unwrap()),
+        catalog: Arc::new(catalog_without_allowances()),
     }
 }
 
@@ -159,9 +181,22 @@ impl TestApp {
         Self::spawn_on(TestDb::new(backend).await).await
     }
 
+    /// Starts a server with the built-in catalog as it is (allowances included).
+    pub async fn spawn_with_builtin_catalog(backend: Backend) -> Self {
+        let db = TestDb::new(backend).await;
+        let mut s = settings(&db);
+        s.catalog = Arc::new(tally::catalog::Catalog::builtin().unwrap());
+        Self::start(db, s).await
+    }
+
     /// Starts a server on an existing database (a "restart").
     pub async fn spawn_on(db: TestDb) -> Self {
-        let app = App::build(settings(&db)).await.unwrap();
+        let s = settings(&db);
+        Self::start(db, s).await
+    }
+
+    async fn start(db: TestDb, settings: Settings) -> Self {
+        let app = App::build(settings).await.unwrap();
         let addr = app.local_addr().unwrap();
         let store = Arc::clone(app.ledger().store());
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -1,0 +1,982 @@
+//! An account's book: its grants (buckets), the holds being worked on, and the rules that move
+//! credits between them.
+//!
+//! A balance is the sum of grants. Each grant (a *bucket*) has a source, an optional expiry
+//! and a priority; `remaining` is its available part and `held` the part reserved by open
+//! holds. Reserves and commits consume buckets in one documented order (see
+//! [`consumption_order`]), and every hold remembers its draws, so commits, releases and
+//! refunds put credits back into the buckets they came from. A credit returned into a bucket
+//! that has expired meanwhile expires at once (an `expiration` entry): credits never outlive
+//! their bucket, and promotional credits cannot be laundered through a hold.
+//!
+//! Storage loads a book under the account's lock, calls these methods, and writes what they
+//! changed (`dirty`, `entries`). The in-memory model keeps whole books. Every change of
+//! `available`/`held` goes through [`Book::entry`], so entries explain the balance by
+//! construction.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::amount::{Credits, MAX_BALANCE};
+use super::error::LedgerError;
+use super::hold::{Hold, HoldState, Metadata};
+use super::outcome::{CommitOutcome, ExtendOutcome, GrantOutcome, RefundOutcome, ReserveOutcome};
+use super::plan::{Allowance, Rollover, period_at, previous_period};
+use super::rules::{self, EntryKind, RefundPlan};
+
+/// Priority of a grant when none is given. Lower values are consumed first (0..=100).
+pub const PRIORITY_DEFAULT: i32 = 50;
+/// Largest priority value.
+pub const PRIORITY_MAX: i32 = 100;
+
+/// Where a grant's credits came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A purchased pack.
+    Purchase,
+    /// A subscription's period credits.
+    Subscription,
+    /// A plan's periodic allowance.
+    Allowance,
+    /// The one-time sign-up bonus.
+    SignupBonus,
+    /// Promotional credits.
+    Promotion,
+    /// An operator's correction.
+    Adjustment,
+    /// Credits given back by support.
+    Refund,
+    /// Credits moved in from another account (source and expiry of the originals are kept
+    /// when known; this is used only when they are not).
+    Transfer,
+}
+
+impl Source {
+    /// Every source.
+    pub const ALL: [Self; 8] = [
+        Self::Purchase,
+        Self::Subscription,
+        Self::Allowance,
+        Self::SignupBonus,
+        Self::Promotion,
+        Self::Adjustment,
+        Self::Refund,
+        Self::Transfer,
+    ];
+
+    /// The stored name.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Purchase => "purchase",
+            Self::Subscription => "subscription",
+            Self::Allowance => "allowance",
+            Self::SignupBonus => "signup_bonus",
+            Self::Promotion => "promotion",
+            Self::Adjustment => "adjustment",
+            Self::Refund => "refund",
+            Self::Transfer => "transfer",
+        }
+    }
+
+    /// Parses a stored name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A grant: credits from one source with one expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    /// Id (`grt_` + 32 hex digits).
+    pub bucket_id: String,
+    /// The account.
+    pub account_id: String,
+    /// Where the credits came from.
+    pub source: Source,
+    /// Credits granted.
+    pub granted: i64,
+    /// Credits available.
+    pub remaining: i64,
+    /// Credits reserved by open holds.
+    pub held: i64,
+    /// Credits that expired unused.
+    pub expired: i64,
+    /// When the remaining credits expire (never if `None`).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Consumption priority among buckets with the same expiry; lower first.
+    pub priority: i32,
+    /// For allowance grants, the period key (one allowance grant per account and period).
+    pub period: Option<String>,
+    /// Free text from the grant request.
+    pub reason: String,
+    /// When granted.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Bucket {
+    /// Whether the bucket's expiry has passed at `now`.
+    #[must_use]
+    pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
+/// The documented consumption order: soonest-expiring first (grants that never expire last),
+/// then lower priority value, then oldest, then by id.
+#[must_use]
+pub fn consumption_order(a: &Bucket, b: &Bucket) -> Ordering {
+    let key = |x: &Bucket| {
+        (
+            x.expires_at.is_none(),
+            x.expires_at,
+            x.priority,
+            x.created_at,
+        )
+    };
+    key(a)
+        .cmp(&key(b))
+        .then_with(|| a.bucket_id.cmp(&b.bucket_id))
+}
+
+/// Available credits per source, the next expiry (time, amount), and the allowance left.
+pub type Breakdown = (
+    BTreeMap<Source, i64>,
+    Option<(DateTime<Utc>, i64)>,
+    Option<i64>,
+);
+
+/// A balance's breakdown from its live buckets: available credits per source, the next expiry
+/// (time and amount), and what is left of the allowance granted for `allowance_period`.
+#[must_use]
+pub fn breakdown<'b>(
+    buckets: impl IntoIterator<Item = &'b Bucket>,
+    allowance_period: Option<&str>,
+    now: DateTime<Utc>,
+) -> Breakdown {
+    let mut by_source = BTreeMap::new();
+    let mut next: Option<(DateTime<Utc>, i64)> = None;
+    let mut allowance = None;
+    for b in buckets {
+        if allowance_period.is_some() && b.period.as_deref() == allowance_period {
+            allowance = Some(if b.expired_at(now) { 0 } else { b.remaining });
+        }
+        if b.remaining <= 0 || b.expired_at(now) {
+            continue;
+        }
+        let e = by_source.entry(b.source).or_insert(0i64);
+        *e = e.saturating_add(b.remaining);
+        if let Some(at) = b.expires_at {
+            next = match next {
+                Some((t, n)) if t == at => Some((t, n.saturating_add(b.remaining))),
+                Some((t, n)) if t < at => Some((t, n)),
+                _ => Some((at, b.remaining)),
+            };
+        }
+    }
+    (by_source, next, allowance)
+}
+
+/// What one hold took from one bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Draw {
+    /// The hold.
+    pub hold_id: String,
+    /// Order of the draw within the hold (consumption order).
+    pub seq: i32,
+    /// The bucket.
+    pub bucket_id: String,
+    /// Credits held from the bucket when the hold was created (0 for a commit's extra draw).
+    pub held: i64,
+    /// Credits of this draw charged by the commit.
+    pub consumed: i64,
+    /// Credits of `consumed` given back by refunds.
+    pub refunded: i64,
+}
+
+/// A ledger line written by an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEntry {
+    /// The hold involved.
+    pub hold_id: Option<String>,
+    /// The bucket involved.
+    pub bucket_id: Option<String>,
+    /// What happened.
+    pub kind: EntryKind,
+    /// Change to available.
+    pub available_delta: i64,
+    /// Change to held.
+    pub held_delta: i64,
+    /// Free text.
+    pub reason: String,
+}
+
+/// What an operation changed, for storage to write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Buckets updated.
+    pub buckets: BTreeSet<String>,
+    /// Buckets created.
+    pub new_buckets: BTreeSet<String>,
+    /// Holds updated.
+    pub holds: BTreeSet<String>,
+    /// Holds created.
+    pub new_holds: BTreeSet<String>,
+    /// Draws updated, by (hold, seq).
+    pub draws: BTreeSet<(String, i32)>,
+    /// Draws created.
+    pub new_draws: BTreeSet<(String, i32)>,
+    /// Account columns changed.
+    pub account: bool,
+}
+
+/// A slice of credits moved between accounts, keeping its source and expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Source of the credits.
+    pub source: Source,
+    /// Their expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// How many.
+    pub amount: i64,
+}
+
+/// Makes ids for rows an operation creates (storage: random UUIDv7; the model: a counter).
+pub trait Ids {
+    /// A new grant id.
+    fn bucket_id(&mut self) -> String;
+}
+
+/// One account's state as an operation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Book {
+    /// The account.
+    pub account_id: String,
+    /// Its plan.
+    pub plan: String,
+    /// The last allowance period granted.
+    pub allowance_period: Option<String>,
+    /// Sum of `remaining` over the buckets.
+    pub available: i64,
+    /// Sum of `held` over the buckets (= amounts of open holds).
+    pub held: i64,
+    /// Buckets with credits in them, and any others an operation needs.
+    pub buckets: BTreeMap<String, Bucket>,
+    /// Holds an operation needs (its target, and open holds past their expiry).
+    pub holds: BTreeMap<String, Hold>,
+    /// Draws of the loaded holds, by (hold, seq).
+    pub draws: BTreeMap<(String, i32), Draw>,
+    /// Entries written by this operation, in order.
+    pub entries: Vec<NewEntry>,
+    /// What this operation changed.
+    pub dirty: Dirty,
+}
+
+type Res<T> = Result<T, LedgerError>;
+
+impl Book {
+    /// A new, empty account.
+    #[must_use]
+    pub fn new(account_id: &str, plan: &str) -> Self {
+        Self {
+            account_id: account_id.to_owned(),
+            plan: plan.to_owned(),
+            allowance_period: None,
+            available: 0,
+            held: 0,
+            buckets: BTreeMap::new(),
+            holds: BTreeMap::new(),
+            draws: BTreeMap::new(),
+            entries: Vec::new(),
+            dirty: Dirty::default(),
+        }
+    }
+
+    /// Appends an entry and applies it to the balance columns: the only way they change.
+    fn entry(
+        &mut self,
+        kind: EntryKind,
+        hold: Option<&str>,
+        bucket: Option<&str>,
+        deltas: (i64, i64),
+        reason: &str,
+    ) {
+        let (available_delta, held_delta) = deltas;
+        if available_delta == 0 && held_delta == 0 {
+            return;
+        }
+        self.available = self.available.saturating_add(available_delta);
+        self.held = self.held.saturating_add(held_delta);
+        self.dirty.account = true;
+        self.entries.push(NewEntry {
+            hold_id: hold.map(str::to_owned),
+            bucket_id: bucket.map(str::to_owned),
+            kind,
+            available_delta,
+            held_delta,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn bucket_mut(&mut self, id: &str) -> Res<&mut Bucket> {
+        if !self.dirty.new_buckets.contains(id) {
+            self.dirty.buckets.insert(id.to_owned());
+        }
+        // A draw always names a loaded bucket; a missing one is a corrupt book.
+        self.buckets.get_mut(id).ok_or(LedgerError::HoldNotFound)
+    }
+
+    fn hold_mut(&mut self, id: &str) -> Res<&mut Hold> {
+        if !self.dirty.new_holds.contains(id) {
+            self.dirty.holds.insert(id.to_owned());
+        }
+        self.holds.get_mut(id).ok_or(LedgerError::HoldNotFound)
+    }
+
+    fn draw_mut(&mut self, key: &(String, i32)) -> Res<&mut Draw> {
+        if !self.dirty.new_draws.contains(key) {
+            self.dirty.draws.insert(key.clone());
+        }
+        self.draws.get_mut(key).ok_or(LedgerError::HoldNotFound)
+    }
+
+    fn draws_of(&self, hold_id: &str) -> Vec<(String, i32)> {
+        self.draws
+            .keys()
+            .filter(|(h, _)| h == hold_id)
+            .cloned()
+            .collect()
+    }
+
+    fn next_seq(&self, hold_id: &str) -> i32 {
+        self.draws
+            .keys()
+            .filter(|(h, _)| h == hold_id)
+            .map(|(_, s)| *s)
+            .max()
+            .map_or(0, |s| s.saturating_add(1))
+    }
+
+    /// Puts credits back into a bucket; if it has expired, they expire at once.
+    fn return_to_bucket(
+        &mut self,
+        bucket_id: &str,
+        amount: i64,
+        hold: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        let b = self.bucket_mut(bucket_id)?;
+        if b.expired_at(now) {
+            b.expired = b.expired.saturating_add(amount);
+            self.entry(
+                EntryKind::Expiration,
+                hold,
+                Some(bucket_id),
+                (amount.saturating_neg(), 0),
+                "",
+            );
+        } else {
+            b.remaining = b.remaining.saturating_add(amount);
+        }
+        Ok(())
+    }
+
+    /// Buckets usable at `now`, in consumption order.
+    fn usable(&self, now: DateTime<Utc>) -> Vec<&Bucket> {
+        let mut v: Vec<&Bucket> = self
+            .buckets
+            .values()
+            .filter(|b| b.remaining > 0 && !b.expired_at(now))
+            .collect();
+        v.sort_by(|a, b| consumption_order(a, b));
+        v
+    }
+
+    /// Which buckets `amount` would come from, in consumption order.
+    ///
+    /// # Errors
+    /// `InsufficientCredits` when the usable buckets hold less.
+    pub fn plan_draw(&self, amount: i64, now: DateTime<Utc>) -> Res<Vec<(String, i64)>> {
+        let mut left = amount;
+        let mut out = Vec::new();
+        for b in self.usable(now) {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(b.remaining);
+            out.push((b.bucket_id.clone(), take));
+            left = left.saturating_sub(take);
+        }
+        if left > 0 {
+            let available = self
+                .usable(now)
+                .iter()
+                .map(|b| b.remaining)
+                .fold(0i64, i64::saturating_add);
+            return Err(LedgerError::InsufficientCredits {
+                available,
+                requested: amount,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies what time has done: open holds past expiry are expired, buckets past expiry
+    /// lose their remaining credits, and a new allowance period grants its allowance (once).
+    ///
+    /// # Errors
+    /// Only on a corrupt book (a draw naming a bucket that was not loaded).
+    pub fn settle(
+        &mut self,
+        now: DateTime<Utc>,
+        allowance: Option<&Allowance>,
+        ids: &mut dyn Ids,
+    ) -> Res<()> {
+        let due: Vec<String> = self
+            .holds
+            .values()
+            .filter(|h| h.state == HoldState::Open && h.expires_at <= now)
+            .map(|h| h.hold_id.clone())
+            .collect();
+        for id in due {
+            self.release(&id, EntryKind::Expire, "", now)?;
+        }
+        let expiring: Vec<String> = self
+            .buckets
+            .values()
+            .filter(|b| b.remaining > 0 && b.expired_at(now))
+            .map(|b| b.bucket_id.clone())
+            .collect();
+        for id in expiring {
+            let b = self.bucket_mut(&id)?;
+            let amount = b.remaining;
+            b.remaining = 0;
+            b.expired = b.expired.saturating_add(amount);
+            self.entry(
+                EntryKind::Expiration,
+                None,
+                Some(&id),
+                (amount.saturating_neg(), 0),
+                "",
+            );
+        }
+        if let Some(a) = allowance {
+            self.grant_allowance(a, now, ids)?;
+        }
+        Ok(())
+    }
+
+    fn grant_allowance(&mut self, a: &Allowance, now: DateTime<Utc>, ids: &mut dyn Ids) -> Res<()> {
+        let (key, end) = period_at(a.period, now);
+        if self.allowance_period.as_deref() == Some(key.as_str()) {
+            return Ok(());
+        }
+        // Only the period right before this one rolls over.
+        let previous = previous_period(a.period, now);
+        let carry = match a.rollover {
+            Rollover::None => 0,
+            Rollover::Capped(cap) => self
+                .buckets
+                .values()
+                .find(|b| {
+                    b.period.as_deref() == Some(previous.as_str())
+                        && self.allowance_period.as_deref() == Some(previous.as_str())
+                })
+                .map_or(0, |b| b.expired.min(cap)),
+        };
+        let amount = a.amount.saturating_add(carry);
+        let reason = if carry > 0 {
+            format!("allowance {key} (+{carry} rolled over)")
+        } else {
+            format!("allowance {key}")
+        };
+        let id = ids.bucket_id();
+        self.add_bucket(
+            &id,
+            Source::Allowance,
+            amount,
+            Some(end),
+            PRIORITY_DEFAULT,
+            Some(key.clone()),
+            &reason,
+            now,
+            EntryKind::Grant,
+        )?;
+        self.allowance_period = Some(key);
+        self.dirty.account = true;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_bucket(
+        &mut self,
+        id: &str,
+        source: Source,
+        amount: i64,
+        expires_at: Option<DateTime<Utc>>,
+        priority: i32,
+        period: Option<String>,
+        reason: &str,
+        now: DateTime<Utc>,
+        kind: EntryKind,
+    ) -> Res<()> {
+        match self.available.saturating_add(self.held).checked_add(amount) {
+            Some(total) if total <= MAX_BALANCE => {}
+            _ => return Err(LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE }),
+        }
+        self.buckets.insert(
+            id.to_owned(),
+            Bucket {
+                bucket_id: id.to_owned(),
+                account_id: self.account_id.clone(),
+                source,
+                granted: amount,
+                remaining: amount,
+                held: 0,
+                expired: 0,
+                expires_at,
+                priority,
+                period,
+                reason: reason.to_owned(),
+                created_at: now,
+            },
+        );
+        self.dirty.new_buckets.insert(id.to_owned());
+        self.entry(kind, None, Some(id), (amount, 0), reason);
+        Ok(())
+    }
+
+    /// Adds a grant.
+    ///
+    /// # Errors
+    /// `BalanceLimitExceeded`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grant(
+        &mut self,
+        bucket_id: &str,
+        source: Source,
+        amount: Credits,
+        expires_at: Option<DateTime<Utc>>,
+        priority: i32,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Res<GrantOutcome> {
+        self.add_bucket(
+            bucket_id,
+            source,
+            amount.get(),
+            expires_at,
+            priority,
+            None,
+            reason,
+            now,
+            EntryKind::Grant,
+        )?;
+        Ok(GrantOutcome {
+            account_id: self.account_id.clone(),
+            grant_id: bucket_id.to_owned(),
+            available: self.available,
+        })
+    }
+
+    /// Creates a hold drawn from the buckets in consumption order.
+    ///
+    /// # Errors
+    /// `InsufficientCredits`.
+    pub fn reserve(
+        &mut self,
+        hold_id: &str,
+        amount: Credits,
+        ttl: TimeDelta,
+        metadata: &Metadata,
+        now: DateTime<Utc>,
+    ) -> Res<ReserveOutcome> {
+        let draws = self.plan_draw(amount.get(), now)?;
+        for (seq, (bucket_id, take)) in draws.into_iter().enumerate() {
+            let b = self.bucket_mut(&bucket_id)?;
+            b.remaining = b.remaining.saturating_sub(take);
+            b.held = b.held.saturating_add(take);
+            let key = (hold_id.to_owned(), i32::try_from(seq).unwrap_or(i32::MAX));
+            self.draws.insert(
+                key.clone(),
+                Draw {
+                    hold_id: hold_id.to_owned(),
+                    seq: key.1,
+                    bucket_id,
+                    held: take,
+                    consumed: 0,
+                    refunded: 0,
+                },
+            );
+            self.dirty.new_draws.insert(key);
+        }
+        let hold = Hold {
+            hold_id: hold_id.to_owned(),
+            account_id: self.account_id.clone(),
+            amount: amount.get(),
+            state: HoldState::Open,
+            committed_amount: 0,
+            refunded_amount: 0,
+            created_at: now,
+            expires_at: now.checked_add_signed(ttl).unwrap_or(now),
+            resolved_at: None,
+            metadata: metadata.clone(),
+        };
+        self.holds.insert(hold_id.to_owned(), hold.clone());
+        self.dirty.new_holds.insert(hold_id.to_owned());
+        self.entry(
+            EntryKind::Reserve,
+            Some(hold_id),
+            None,
+            (amount.get().saturating_neg(), amount.get()),
+            "",
+        );
+        Ok(ReserveOutcome {
+            hold,
+            available: self.available,
+        })
+    }
+
+    fn loaded_hold(&self, hold_id: &str) -> Res<Hold> {
+        self.holds
+            .get(hold_id)
+            .cloned()
+            .ok_or(LedgerError::HoldNotFound)
+    }
+
+    /// Releases an open hold's draws back into their buckets (a refund before commit, or
+    /// expiry), resolving it with `kind`.
+    fn release(
+        &mut self,
+        hold_id: &str,
+        kind: EntryKind,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Res<Hold> {
+        let amount = self.loaded_hold(hold_id)?.amount;
+        self.entry(
+            kind,
+            Some(hold_id),
+            None,
+            (amount, amount.saturating_neg()),
+            reason,
+        );
+        for key in self.draws_of(hold_id) {
+            let (bucket_id, held) = {
+                let d = self.draws.get(&key).ok_or(LedgerError::HoldNotFound)?;
+                (d.bucket_id.clone(), d.held)
+            };
+            let b = self.bucket_mut(&bucket_id)?;
+            b.held = b.held.saturating_sub(held);
+            self.return_to_bucket(&bucket_id, held, Some(hold_id), now)?;
+        }
+        let h = self.hold_mut(hold_id)?;
+        if kind == EntryKind::Expire {
+            h.state = HoldState::Expired;
+            h.resolved_at = Some(h.expires_at);
+        } else {
+            h.state = HoldState::Released;
+            h.resolved_at = Some(now);
+        }
+        Ok(h.clone())
+    }
+
+    /// Settles a hold with what the job cost.
+    ///
+    /// # Errors
+    /// `HoldNotFound`, the not-open refusals, `InsufficientCredits` for an extra the buckets
+    /// cannot cover (nothing changes then).
+    pub fn commit_hold(
+        &mut self,
+        hold_id: &str,
+        amount: Credits,
+        now: DateTime<Utc>,
+    ) -> Res<CommitOutcome> {
+        let hold = self.loaded_hold(hold_id)?;
+        let plan = rules::plan_commit(&hold, amount, now)?;
+        let extra = if plan.extra_drawn > 0 {
+            self.plan_draw(plan.extra_drawn, now).map_err(|e| match e {
+                LedgerError::InsufficientCredits { available, .. } => {
+                    LedgerError::InsufficientCredits {
+                        available,
+                        requested: plan.extra_drawn,
+                    }
+                }
+                other => other,
+            })?
+        } else {
+            Vec::new()
+        };
+        // From here on the commit succeeds.
+        self.entry(
+            EntryKind::Commit,
+            Some(hold_id),
+            None,
+            (plan.available_delta(), plan.held.saturating_neg()),
+            "",
+        );
+        let mut left = plan.committed.min(plan.held);
+        let mut keys = self.draws_of(hold_id);
+        keys.sort_by_key(|(_, s)| *s);
+        for key in keys {
+            let d = self.draw_mut(&key)?;
+            let consumed = left.min(d.held);
+            d.consumed = consumed;
+            left = left.saturating_sub(consumed);
+            let (bucket_id, drawn) = (d.bucket_id.clone(), d.held);
+            let b = self.bucket_mut(&bucket_id)?;
+            b.held = b.held.saturating_sub(drawn);
+            let back = drawn.saturating_sub(consumed);
+            if back > 0 {
+                self.return_to_bucket(&bucket_id, back, Some(hold_id), now)?;
+            }
+        }
+        let mut seq = self.next_seq(hold_id);
+        for (bucket_id, take) in extra {
+            let b = self.bucket_mut(&bucket_id)?;
+            b.remaining = b.remaining.saturating_sub(take);
+            let key = (hold_id.to_owned(), seq);
+            self.draws.insert(
+                key.clone(),
+                Draw {
+                    hold_id: hold_id.to_owned(),
+                    seq,
+                    bucket_id,
+                    held: 0,
+                    consumed: take,
+                    refunded: 0,
+                },
+            );
+            self.dirty.new_draws.insert(key);
+            seq = seq.saturating_add(1);
+        }
+        let h = self.hold_mut(hold_id)?;
+        h.state = HoldState::Committed;
+        h.committed_amount = plan.committed;
+        h.resolved_at = Some(now);
+        let hold = h.clone();
+        Ok(CommitOutcome {
+            hold,
+            released: plan.released,
+            extra_drawn: plan.extra_drawn,
+            available: self.available,
+        })
+    }
+
+    /// Releases an open hold, or returns committed credits to the buckets they came from
+    /// (latest-consumed first).
+    ///
+    /// # Errors
+    /// `HoldNotFound` and the refusals of [`rules::plan_refund`]; `BalanceLimitExceeded`.
+    pub fn refund(
+        &mut self,
+        hold_id: &str,
+        amount: Option<Credits>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Res<RefundOutcome> {
+        let hold = self.loaded_hold(hold_id)?;
+        let plan = rules::plan_refund(&hold, amount, now)?;
+        let hold = match plan {
+            RefundPlan::Release { .. } => self.release(hold_id, EntryKind::Release, reason, now)?,
+            RefundPlan::Return { amount } => {
+                rules::check_grant(
+                    self.available.saturating_add(self.held),
+                    Credits::new("amount", amount).map_err(|_| LedgerError::HoldNotFound)?,
+                )?;
+                self.entry(EntryKind::Refund, Some(hold_id), None, (amount, 0), reason);
+                let mut left = amount;
+                let mut keys = self.draws_of(hold_id);
+                keys.sort_by_key(|(_, s)| std::cmp::Reverse(*s));
+                for key in keys {
+                    if left == 0 {
+                        break;
+                    }
+                    let d = self.draw_mut(&key)?;
+                    let take = left.min(d.consumed.saturating_sub(d.refunded));
+                    if take == 0 {
+                        continue;
+                    }
+                    d.refunded = d.refunded.saturating_add(take);
+                    left = left.saturating_sub(take);
+                    let bucket_id = d.bucket_id.clone();
+                    self.return_to_bucket(&bucket_id, take, Some(hold_id), now)?;
+                }
+                let h = self.hold_mut(hold_id)?;
+                h.refunded_amount = h.refunded_amount.saturating_add(amount);
+                h.clone()
+            }
+        };
+        Ok(RefundOutcome {
+            hold,
+            refunded: plan.amount(),
+            available: self.available,
+        })
+    }
+
+    /// Moves an open hold's expiry to `now + ttl`.
+    ///
+    /// # Errors
+    /// `HoldNotFound` and the not-open refusals.
+    pub fn extend_hold(
+        &mut self,
+        hold_id: &str,
+        ttl: TimeDelta,
+        now: DateTime<Utc>,
+    ) -> Res<ExtendOutcome> {
+        let hold = self.loaded_hold(hold_id)?;
+        rules::check_extend(&hold, now)?;
+        let h = self.hold_mut(hold_id)?;
+        h.expires_at = now.checked_add_signed(ttl).unwrap_or(now);
+        Ok(ExtendOutcome { hold: h.clone() })
+    }
+
+    /// Takes `amount` from the usable buckets in consumption order, one entry of `kind` per
+    /// bucket touched, and returns the pieces (source, expiry, amount) taken.
+    ///
+    /// # Errors
+    /// `InsufficientCredits`.
+    pub fn take(
+        &mut self,
+        amount: i64,
+        kind: EntryKind,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Res<Vec<Piece>> {
+        let draws = self.plan_draw(amount, now)?;
+        let mut pieces = Vec::new();
+        for (bucket_id, take) in draws {
+            let b = self.bucket_mut(&bucket_id)?;
+            b.remaining = b.remaining.saturating_sub(take);
+            pieces.push(Piece {
+                source: b.source,
+                expires_at: b.expires_at,
+                amount: take,
+            });
+            self.entry(
+                kind,
+                None,
+                Some(&bucket_id),
+                (take.saturating_neg(), 0),
+                reason,
+            );
+        }
+        Ok(pieces)
+    }
+
+    /// Adds credits as new buckets (one per piece) with an entry of `kind` each.
+    ///
+    /// # Errors
+    /// `BalanceLimitExceeded`.
+    pub fn give(
+        &mut self,
+        pieces: &[Piece],
+        kind: EntryKind,
+        reason: &str,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Res<()> {
+        for p in pieces {
+            let id = ids.bucket_id();
+            self.add_bucket(
+                &id,
+                p.source,
+                p.amount,
+                p.expires_at,
+                PRIORITY_DEFAULT,
+                None,
+                reason,
+                now,
+                kind,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// An operator's signed correction: a new `adjustment` grant for a positive delta; for a
+    /// negative one, credits taken from the buckets in consumption order.
+    ///
+    /// # Errors
+    /// `InsufficientCredits` (a correction never takes the balance negative),
+    /// `BalanceLimitExceeded`.
+    pub fn adjust(
+        &mut self,
+        delta: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Res<()> {
+        if delta > 0 {
+            let id = ids.bucket_id();
+            self.add_bucket(
+                &id,
+                Source::Adjustment,
+                delta,
+                None,
+                PRIORITY_DEFAULT,
+                None,
+                reason,
+                now,
+                EntryKind::Adjustment,
+            )
+        } else {
+            self.take(delta.saturating_neg(), EntryKind::Adjustment, reason, now)
+                .map(|_| ())
+        }
+    }
+
+    /// Checks the book's own invariants (sums of buckets and draws).
+    ///
+    /// # Errors
+    /// A description of the first violation.
+    pub fn check(&self) -> Result<(), String> {
+        let remaining = self
+            .buckets
+            .values()
+            .map(|b| b.remaining)
+            .fold(0i64, i64::saturating_add);
+        let held = self
+            .buckets
+            .values()
+            .map(|b| b.held)
+            .fold(0i64, i64::saturating_add);
+        if (remaining, held) != (self.available, self.held) {
+            return Err(format!(
+                "{}: buckets hold ({remaining}, {held}), columns say ({}, {})",
+                self.account_id, self.available, self.held
+            ));
+        }
+        for b in self.buckets.values() {
+            if b.remaining < 0 || b.held < 0 || b.expired < 0 {
+                return Err(format!("{}: negative bucket {b:?}", b.bucket_id));
+            }
+        }
+        for h in self.holds.values() {
+            let draws: Vec<&Draw> = self
+                .draws
+                .values()
+                .filter(|d| d.hold_id == h.hold_id)
+                .collect();
+            let held: i64 = draws.iter().map(|d| d.held).sum();
+            let consumed: i64 = draws.iter().map(|d| d.consumed).sum();
+            let refunded: i64 = draws.iter().map(|d| d.refunded).sum();
+            if held != h.amount {
+                return Err(format!("{}: draws hold {held} of {}", h.hold_id, h.amount));
+            }
+            if h.state == HoldState::Committed
+                && (consumed, refunded) != (h.committed_amount, h.refunded_amount)
+            {
+                return Err(format!(
+                    "{}: draws consumed {consumed} refunded {refunded}, hold says {} {}",
+                    h.hold_id, h.committed_amount, h.refunded_amount
+                ));
+            }
+        }
+        Ok(())
+    }
+}
