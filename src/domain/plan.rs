@@ -81,6 +81,19 @@ pub fn period_at(period: Period, now: DateTime<Utc>) -> (String, DateTime<Utc>) 
     (key, end)
 }
 
+/// When the period containing `now` began.
+#[must_use]
+pub fn period_start(period: Period, now: DateTime<Utc>) -> DateTime<Utc> {
+    let day = now.date_naive();
+    let start = match period {
+        Period::Daily => day,
+        Period::Monthly => day.with_day(1).unwrap_or(day),
+    };
+    start
+        .and_hms_opt(0, 0, 0)
+        .map_or(now, |t| Utc.from_utc_datetime(&t))
+}
+
 /// The key of the period just before the one containing `now`.
 #[must_use]
 pub fn previous_period(period: Period, now: DateTime<Utc>) -> String {

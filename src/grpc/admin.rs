@@ -86,6 +86,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
             })
             .await?;
         let grants = self.ledger.grants(&account_id).await?;
+        let period = self
+            .catalog
+            .plans
+            .get(&s.balance.plan)
+            .and_then(|p| p.allowance.as_ref())
+            .map_or(crate::domain::plan::Period::Monthly, |a| a.period);
+        let since = crate::domain::plan::period_start(period, s.balance.as_of);
+        let used_this_period = self.ledger.used_since(&account_id, since).await?;
         let b = s.balance;
         let plan = self.catalog.plans.get(&b.plan);
         let account = pb::Account {
@@ -100,6 +108,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             available: b.available,
             held: b.held,
             open_holds: b.open_holds,
+            allowance_left: b.allowance_left,
+            used_this_period,
             created_at: Some(prost_types::Timestamp {
                 seconds: s.created_at.timestamp(),
                 nanos: 0,

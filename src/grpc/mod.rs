@@ -75,6 +75,12 @@ impl pb::credit_service_server::CreditService for CreditApi {
             by_source,
             next_expiry,
             allowance_left: b.allowance_left,
+            entitlements: self
+                .catalog
+                .plans
+                .get(&b.plan)
+                .map(|p| p.entitlements.clone().into_iter().collect())
+                .unwrap_or_default(),
             low_balance: convert::is_low(&self.catalog, &b.plan, b.available),
             plan: b.plan,
             account_id: b.account_id,

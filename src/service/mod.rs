@@ -285,6 +285,15 @@ impl Ledger {
         with_retry(|| self.store.transfer(&idem, cmd)).await
     }
 
+    /// Credits charged since `since`.
+    pub async fn used_since(
+        &self,
+        account_id: &AccountId,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> ServiceResult<i64> {
+        with_retry(|| self.store.used_since(account_id, since)).await
+    }
+
     /// An account's live grants.
     pub async fn grants(&self, account_id: &AccountId) -> ServiceResult<Vec<Bucket>> {
         with_retry(|| self.store.grants(account_id)).await

@@ -222,6 +222,8 @@ pub trait Store: Send + Sync + 'static {
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary>;
     /// An account's grants that still hold credits, in consumption order.
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>>;
+    /// Credits charged (commits less refunds) to an account since `since`.
+    async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64>;
     /// A page of accounts by id.
     async fn list_accounts(&self, query: &AccountQuery) -> StorageResult<Vec<AccountRow>>;
     /// A page of ledger entries.

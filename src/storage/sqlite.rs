@@ -778,6 +778,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64> {
+        let used: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(-SUM(available_delta + held_delta), 0) AS BIGINT) FROM entry
+             WHERE account_id = ?1 AND created_at >= ?2 AND kind IN ('commit', 'refund')",
+        )
+        .bind(account_id.as_str())
+        .bind(since.timestamp_micros())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(used)
+    }
+
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
         self.balance(account_id).await?;
         let mut v: Vec<Bucket> = sqlx::query(
