@@ -46,6 +46,12 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Plans, packs and prices.
     pub catalog: Arc<Catalog>,
+    /// HTTP sidecar listen address (Stripe webhooks, /healthz, /readyz).
+    pub http_listen: SocketAddr,
+    /// Stripe webhook endpoint secrets (at most two, for rotation). Never logged.
+    pub webhook_secrets: Vec<crate::stripe::WebhookSecret>,
+    /// Whether the Stripe key is live mode (events of the other mode are refused).
+    pub stripe_livemode: bool,
 }
 
 /// Start-up failures.
@@ -102,9 +108,33 @@ pub async fn open_store(
     }
 }
 
+/// Serves the HTTP sidecar until `stop` turns true.
+fn spawn_http(
+    listener: TcpListener,
+    ledger: &Ledger,
+    settings: &Settings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let state = crate::http::HttpState {
+        store: Arc::clone(ledger.store()),
+        catalog: Arc::clone(&settings.catalog),
+        webhook_secrets: Arc::new(settings.webhook_secrets.clone()),
+        livemode: settings.stripe_livemode,
+    };
+    info!(addr = %listener.local_addr()?, "tally serving HTTP (Stripe webhooks, /healthz, /readyz)");
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, crate::http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    }))
+}
+
 /// A built, bound, not yet serving application.
 pub struct App {
     listener: TcpListener,
+    http_listener: TcpListener,
     ledger: Ledger,
     settings: Settings,
 }
@@ -122,11 +152,21 @@ impl App {
         )
         .await?;
         let listener = TcpListener::bind(settings.listen).await?;
+        let http_listener = TcpListener::bind(settings.http_listen).await?;
         Ok(Self {
             listener,
+            http_listener,
             ledger: Ledger::new(store, settings.limits),
             settings,
         })
+    }
+
+    /// The bound HTTP sidecar address.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http_listener.local_addr()
     }
 
     /// The bound address (useful with port 0).
@@ -153,6 +193,7 @@ impl App {
     ) -> Result<(), AppError> {
         let Self {
             listener,
+            http_listener,
             ledger,
             settings,
         } = self;
@@ -202,6 +243,7 @@ impl App {
             }
         };
 
+        let http = spawn_http(http_listener, &ledger, &settings, stop_tx.subscribe())?;
         let addr = listener.local_addr()?;
         info!(%addr, database = %redact_url(&settings.database_url), "tally serving gRPC");
         let server = Server::builder()
@@ -237,6 +279,11 @@ impl App {
         };
         stop_tx.send_replace(true);
         let _ = background.await;
+        match tokio::time::timeout(grace, http).await {
+            Ok(Ok(Err(e))) => warn!(error.message = %e, "HTTP sidecar failed"),
+            Ok(_) => {}
+            Err(_) => warn!("HTTP sidecar did not drain within the grace period"),
+        }
         result
     }
 }

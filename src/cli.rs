@@ -334,6 +334,23 @@ pub struct ServeArgs {
     /// Server-side cap on a call's duration.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// HTTP sidecar listen address (Stripe webhooks, /healthz, /readyz).
+    #[arg(long, env = "TALLY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Stripe webhook signing secret(s), comma-separated (at most two, for rotation).
+    #[arg(
+        long,
+        env = "TALLY_STRIPE_WEBHOOK_SECRET",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub stripe_webhook_secret: Option<String>,
+    /// File holding the webhook secret(s) (for Kubernetes Secrets); preferred over the value.
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET_FILE")]
+    pub stripe_webhook_secret_file: Option<std::path::PathBuf>,
+    /// The Stripe account key is live mode (test-mode events are then refused, and vice versa).
+    #[arg(long, env = "TALLY_STRIPE_LIVEMODE")]
+    pub stripe_livemode: bool,
     /// Catalog file: plans, packs and prices (the built-in default when omitted).
     #[arg(long, env = "TALLY_CATALOG")]
     pub catalog: Option<std::path::PathBuf>,
@@ -352,6 +369,27 @@ fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
 }
 
 impl ServeArgs {
+    fn webhook_secrets(&self) -> Result<Vec<crate::stripe::WebhookSecret>, String> {
+        let raw = match &self.stripe_webhook_secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("--stripe-webhook-secret-file: {e}"))?,
+            None => self.stripe_webhook_secret.clone().unwrap_or_default(),
+        };
+        let secrets: Vec<_> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(crate::stripe::WebhookSecret::new)
+            .collect();
+        if secrets.len() > crate::stripe::signature::SECRETS_MAX {
+            return Err(
+                "--stripe-webhook-secret: at most two secrets (old and new, during rotation)"
+                    .into(),
+            );
+        }
+        Ok(secrets)
+    }
+
     /// Validates the options into [`Settings`].
     ///
     /// # Errors
@@ -385,6 +423,9 @@ impl ServeArgs {
             sweep_interval: self.sweep_interval,
             request_timeout: self.request_timeout,
             shutdown_grace: self.shutdown_grace,
+            http_listen: self.http_listen,
+            webhook_secrets: self.webhook_secrets()?,
+            stripe_livemode: self.stripe_livemode,
             catalog: std::sync::Arc::new(
                 match &self.catalog {
                     Some(path) => Catalog::load(path),

@@ -29,9 +29,11 @@ pub mod catalog;
 pub mod cli;
 pub mod domain;
 pub mod grpc;
+pub mod http;
 pub mod pb;
 pub mod service;
 pub mod storage;
+pub mod stripe;
 
 /// Architecture checks that keep the layers honest (TigerBeetle's "tidy", scaled down).
 #[cfg(test)]

@@ -236,8 +236,72 @@ pub trait Store: Send + Sync + 'static {
     /// Checks every account: entries and grants sum to the balance columns, held equals
     /// open holds.
     async fn audit(&self) -> StorageResult<Vec<Violation>>;
+    /// Records a verified Stripe event and applies its effect, in one transaction: a known
+    /// event id, or a business fact already granted, changes nothing.
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEvent,
+        effect: &StripeEffect,
+    ) -> StorageResult<StripeRecord>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
+}
+
+/// A verified Stripe event as recorded.
+#[derive(Clone, Debug)]
+pub struct StripeEvent {
+    /// `evt_...`.
+    pub event_id: String,
+    /// Its type.
+    pub kind: String,
+    /// Test or live mode.
+    pub livemode: bool,
+    /// Stripe's `created` (unix seconds).
+    pub created: Option<i64>,
+    /// What we did with it (for operators).
+    pub effect: String,
+}
+
+/// A Stripe effect, resolved against the catalog.
+#[derive(Clone, Debug)]
+pub enum StripeEffect {
+    /// Nothing beyond recording the event.
+    None,
+    /// Grant credits once per business key.
+    Grant {
+        /// e.g. `checkout_session:cs_...`.
+        business_key: String,
+        /// The account.
+        account_id: AccountId,
+        /// Credits.
+        amount: crate::domain::Credits,
+        /// Source of the grant.
+        source: crate::domain::book::Source,
+        /// Lifetime of the credits.
+        expires_in: Option<TimeDelta>,
+        /// Reason on the grant.
+        reason: String,
+    },
+    /// Record a fact's state without moving credits (never downgrades a granted fact).
+    Mark {
+        /// e.g. `checkout_session:cs_...`.
+        business_key: String,
+        /// `pending` or `failed`.
+        state: &'static str,
+    },
+}
+
+/// What recording an event did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StripeRecord {
+    /// The event id was recorded before: nothing changed.
+    DuplicateEvent,
+    /// Recorded; `granted` says whether credits moved (false when the fact was already granted
+    /// through another event or the sync path).
+    Recorded {
+        /// Credits granted by this delivery.
+        granted: bool,
+    },
 }
 
 /// The answer of an idempotency claim.
@@ -396,8 +460,94 @@ pub(crate) trait Tx: Send {
     ) -> StorageResult<()>;
     /// Writes what the book's operation changed.
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()>;
+    /// Inserts the event row unless its id exists; true if inserted. A concurrent duplicate
+    /// waits here for the first transaction.
+    async fn insert_stripe_event(
+        &mut self,
+        event: &StripeEvent,
+        now: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+    /// The state of a business fact, locking it.
+    async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>>;
+    /// Creates or updates a business fact.
+    async fn put_fact(
+        &mut self,
+        business_key: &str,
+        account_id: Option<&str>,
+        state: &str,
+        credits: i64,
+        grant_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()>;
     /// Commits.
     async fn commit(self: Box<Self>) -> StorageResult<()>;
+}
+
+/// Records a Stripe event and applies its effect (see [`Store::record_stripe_event`]).
+pub(crate) async fn record_stripe_event(
+    mut tx: Box<dyn Tx>,
+    event: &StripeEvent,
+    effect: &StripeEffect,
+    policy: &Policy,
+) -> StorageResult<StripeRecord> {
+    let now = tx.now().await?;
+    if !tx.insert_stripe_event(event, now).await? {
+        return Ok(StripeRecord::DuplicateEvent);
+    }
+    let mut granted = false;
+    match effect {
+        StripeEffect::None => {}
+        StripeEffect::Mark {
+            business_key,
+            state,
+        } => {
+            // A granted fact stays granted: a late `async_payment_failed` does not undo it.
+            if tx.fact_state(business_key).await?.as_deref() != Some("granted") {
+                tx.put_fact(business_key, None, state, 0, None, now).await?;
+            }
+        }
+        StripeEffect::Grant {
+            business_key,
+            account_id,
+            amount,
+            source,
+            expires_in,
+            reason,
+        } => {
+            if tx.fact_state(business_key).await?.as_deref() != Some("granted") {
+                let (mut book, _) = tx
+                    .lock_book(account_id.as_str(), Some(crate::domain::DEFAULT_PLAN), now)
+                    .await?
+                    .ok_or(LedgerError::AccountNotFound)?;
+                tx.load(&mut book, None, now).await?;
+                book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+                let id = RandomIds.bucket_id();
+                let expires_at = expires_in.and_then(|t| now.checked_add_signed(t));
+                book.grant(
+                    &id,
+                    *source,
+                    *amount,
+                    expires_at,
+                    crate::domain::book::PRIORITY_DEFAULT,
+                    reason,
+                    now,
+                )?;
+                tx.write(&book, now).await?;
+                tx.put_fact(
+                    business_key,
+                    Some(account_id.as_str()),
+                    "granted",
+                    amount.get(),
+                    Some(&id),
+                    now,
+                )
+                .await?;
+                granted = true;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(StripeRecord::Recorded { granted })
 }
 
 /// What a book operation acts on.

@@ -21,9 +21,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
-    HoldQuery, StorageError, StorageResult, Store, Target, Tx, Violation, book_op,
-    constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_buckets, source,
-    state_names, thresholds_json, to_record, violation,
+    HoldQuery, StorageError, StorageResult, Store, StripeEffect, StripeEvent, StripeRecord, Target,
+    Tx, Violation, book_op, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
+    missing_buckets, source, state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
 use crate::domain::command::{
@@ -558,6 +558,62 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
+    async fn insert_stripe_event(
+        &mut self,
+        event: &StripeEvent,
+        now: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO stripe_event (event_id, type, livemode, created, effect, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING RETURNING 1",
+        )
+        .bind(&event.event_id)
+        .bind(&event.kind)
+        .bind(event.livemode)
+        .bind(event.created)
+        .bind(&event.effect)
+        .bind(now.timestamp_micros())
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(inserted.is_some())
+    }
+
+    async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>> {
+        sqlx::query_scalar("SELECT state FROM stripe_fact WHERE business_key = ?1")
+            .bind(business_key)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn put_fact(
+        &mut self,
+        business_key: &str,
+        account_id: Option<&str>,
+        state: &str,
+        credits: i64,
+        grant_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO stripe_fact (business_key, account_id, state, credits, grant_id, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (business_key) DO UPDATE SET account_id = COALESCE(EXCLUDED.account_id, stripe_fact.account_id),
+                 state = EXCLUDED.state, credits = EXCLUDED.credits, grant_id = EXCLUDED.grant_id, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(business_key)
+        .bind(account_id)
+        .bind(state)
+        .bind(credits)
+        .bind(grant_id)
+        .bind(now.timestamp_micros())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> StorageResult<()> {
         self.tx.commit().await.map_err(map_err)
     }
@@ -977,6 +1033,14 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(violation).collect())
+    }
+
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEvent,
+        effect: &StripeEffect,
+    ) -> StorageResult<StripeRecord> {
+        super::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
     }
 
     async fn ping(&self) -> StorageResult<()> {

@@ -22,6 +22,7 @@ mod cli;
 mod credit;
 mod ops;
 mod pricing;
+mod stripe;
 
 use tally::pb;
 use tonic::{Code, Status};

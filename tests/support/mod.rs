@@ -145,11 +145,16 @@ pub fn limits() -> Limits {
 /// A server running in this process on a loopback port.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub http: SocketAddr,
     pub db: TestDb,
     pub store: Arc<dyn Store>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// The webhook secrets every test server accepts (the current one and the one being rotated out).
+pub const WEBHOOK_SECRET: &str = "whsec_test_current";
+pub const WEBHOOK_SECRET_OLD: &str = "whsec_test_previous";
 
 /// The built-in catalog with the allowances taken out, so balances in tests are exactly what
 /// the tests grant. Tests of allowances use the built-in catalog as it is.
@@ -172,6 +177,12 @@ pub fn settings(db: &TestDb) -> Settings {
         request_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
         catalog: Arc::new(catalog_without_allowances()),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        webhook_secrets: vec![
+            tally::stripe::WebhookSecret::new(WEBHOOK_SECRET),
+            tally::stripe::WebhookSecret::new(WEBHOOK_SECRET_OLD),
+        ],
+        stripe_livemode: false,
     }
 }
 
@@ -198,6 +209,7 @@ impl TestApp {
     async fn start(db: TestDb, settings: Settings) -> Self {
         let app = App::build(settings).await.unwrap();
         let addr = app.local_addr().unwrap();
+        let http = app.http_addr().unwrap();
         let store = Arc::clone(app.ledger().store());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(async move {
@@ -209,11 +221,39 @@ impl TestApp {
         });
         Self {
             addr,
+            http,
             db,
             store,
             stop: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// Signs `body` with `secret` at `t` and posts it to the webhook endpoint.
+    pub async fn post_webhook_signed(&self, body: &[u8], header: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/stripe/webhook", self.http))
+            .header("stripe-signature", header)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    /// Posts `body` signed now with the current test secret.
+    pub async fn post_webhook(&self, body: &[u8]) -> (u16, serde_json::Value) {
+        let t = chrono::Utc::now().timestamp();
+        let v1 = tally::stripe::signature::sign(
+            body,
+            &tally::stripe::WebhookSecret::new(WEBHOOK_SECRET),
+            t,
+        );
+        self.post_webhook_signed(body, &format!("t={t},v1={v1}"))
+            .await
     }
 
     pub fn url(&self) -> String {

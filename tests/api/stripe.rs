@@ -1,0 +1,254 @@
+//! The Stripe webhook endpoint: signatures, the shared real fixtures, exactly-once grants.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use tally::pb;
+use tally::stripe::WebhookSecret;
+use tally::stripe::signature::sign;
+use tokio::task::JoinSet;
+
+use crate::support::{Backend, TestApp, WEBHOOK_SECRET, WEBHOOK_SECRET_OLD};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe/events")
+}
+
+/// A `checkout.session.completed` for a session Tally created (its metadata names the account
+/// and the pack), shaped like Stripe's real payloads.
+fn tally_session_event(event_id: &str, kind: &str, session: &str, payment_status: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": event_id, "object": "event", "api_version": "2026-09-30.endive", "created": 1_764_000_000,
+        "livemode": false, "pending_webhooks": 1, "type": kind,
+        "data": {"object": {
+            "id": session, "object": "checkout.session", "mode": "payment", "payment_status": payment_status,
+            "status": "complete", "client_reference_id": "buyer", "customer": "cus_T1",
+            "payment_intent": "pi_T1", "amount_total": 1900, "currency": "usd",
+            "metadata": {"account_id": "buyer", "pack_id": "starter"}
+        }}
+    }))
+    .unwrap()
+}
+
+async fn available(app: &TestApp, account: &str) -> Option<i64> {
+    let mut c = app.credit().await;
+    c.check_balance(pb::CheckBalanceRequest {
+        account_id: account.into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner().available)
+}
+
+async fn refused_deliveries_write_nothing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let body = tally_session_event("evt_sig", "checkout.session.completed", "cs_sig", "paid");
+    let now = chrono::Utc::now().timestamp();
+    let good = sign(&body, &WebhookSecret::new(WEBHOOK_SECRET), now);
+    let old = sign(&body, &WebhookSecret::new(WEBHOOK_SECRET_OLD), now);
+    let wrong = sign(&body, &WebhookSecret::new("whsec_wrong"), now);
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let stale = now - 301;
+    let future = now + 301;
+    let cases: Vec<(Vec<u8>, String, &str)> = vec![
+        (body.clone(), format!("t={now},v1={wrong}"), "wrong secret"),
+        (tampered, format!("t={now},v1={good}"), "tampered body"),
+        (
+            body.clone(),
+            format!(
+                "t={stale},v1={}",
+                sign(&body, &WebhookSecret::new(WEBHOOK_SECRET), stale)
+            ),
+            "stale",
+        ),
+        (
+            body.clone(),
+            format!(
+                "t={future},v1={}",
+                sign(&body, &WebhookSecret::new(WEBHOOK_SECRET), future)
+            ),
+            "future",
+        ),
+        (body.clone(), "v1=abc".to_owned(), "malformed"),
+        (
+            vec![b' '; 300 * 1024],
+            format!("t={now},v1={good}"),
+            "oversized",
+        ),
+    ];
+    for (b, header, what) in cases {
+        let (status, _) = app.post_webhook_signed(&b, &header).await;
+        assert_eq!(status, 400, "{what}");
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/stripe/webhook", app.http))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400, "missing header");
+    assert_eq!(available(&app, "buyer").await, None, "nothing was granted");
+    // Rotation: the old secret alone, and both values in either order, are accepted. The event
+    // was never recorded by the refused deliveries, so the first accepted one grants.
+    let (status, reply) = app
+        .post_webhook_signed(&body, &format!("t={now},v1={old},v1={good}"))
+        .await;
+    assert_eq!((status, reply["granted"].as_bool()), (200, Some(true)));
+    let (status, reply) = app
+        .post_webhook_signed(&body, &format!("t={now},v1={good},v1={old}"))
+        .await;
+    assert_eq!((status, reply["duplicate"].as_bool()), (200, Some(true)));
+    let (status, _) = app
+        .post_webhook_signed(&body, &format!("t={now},v1={old}"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(available(&app, "buyer").await, Some(500));
+    app.finish().await;
+}
+
+async fn a_paid_session_grants_its_pack_exactly_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let completed = tally_session_event("evt_c1", "checkout.session.completed", "cs_once", "paid");
+    for _ in 0..10 {
+        assert_eq!(app.post_webhook(&completed).await.0, 200);
+    }
+    let mut set = JoinSet::new();
+    let app = std::sync::Arc::new(app);
+    for i in 0..10 {
+        let app = std::sync::Arc::clone(&app);
+        // The same fact through other event ids, concurrently: a resend and the async event.
+        let body = if i % 2 == 0 {
+            tally_session_event(
+                &format!("evt_resend{i}"),
+                "checkout.session.completed",
+                "cs_once",
+                "paid",
+            )
+        } else {
+            tally_session_event(
+                &format!("evt_async{i}"),
+                "checkout.session.async_payment_succeeded",
+                "cs_once",
+                "paid",
+            )
+        };
+        set.spawn(async move { app.post_webhook(&body).await.0 });
+    }
+    while let Some(s) = set.join_next().await {
+        assert_eq!(s.unwrap(), 200);
+    }
+    assert_eq!(
+        available(&app, "buyer").await,
+        Some(500),
+        "one starter pack"
+    );
+    // A late failure notice does not take a granted purchase back.
+    let failed = tally_session_event(
+        "evt_f",
+        "checkout.session.async_payment_failed",
+        "cs_once",
+        "unpaid",
+    );
+    assert_eq!(app.post_webhook(&failed).await.0, 200);
+    assert_eq!(available(&app, "buyer").await, Some(500));
+
+    // Delayed payment: unpaid first (pending, nothing granted), then succeeded (granted once).
+    let pending = tally_session_event(
+        "evt_p1",
+        "checkout.session.completed",
+        "cs_delayed",
+        "unpaid",
+    );
+    let (status, reply) = app.post_webhook(&pending).await;
+    assert_eq!((status, reply["granted"].as_bool()), (200, Some(false)));
+    assert_eq!(available(&app, "buyer").await, Some(500));
+    let settled = tally_session_event(
+        "evt_p2",
+        "checkout.session.async_payment_succeeded",
+        "cs_delayed",
+        "paid",
+    );
+    assert_eq!(
+        app.post_webhook(&settled).await.1["granted"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(available(&app, "buyer").await, Some(1000));
+    let app = std::sync::Arc::into_inner(app).unwrap();
+    app.finish().await;
+}
+
+async fn every_shared_fixture_is_accepted_and_grants_nothing_it_should_not(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut seen = 0;
+    for entry in std::fs::read_dir(fixtures()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let raw = std::fs::read(&path).unwrap();
+        let mut event: Value = serde_json::from_slice(&raw).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let body = if event.get("type").is_none() {
+            // The data-only subscription session: wrap it in an envelope (SOURCES.md note 1).
+            event = json!({"id": "evt_wrapped_subscription_session", "type": "checkout.session.completed",
+                           "livemode": false, "data": event});
+            serde_json::to_vec(&event).unwrap()
+        } else {
+            raw
+        };
+        let (status, reply) = app.post_webhook(&body).await;
+        let live = event
+            .get("livemode")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if live {
+            assert_eq!(
+                status, 400,
+                "{name}: a live-mode event is refused by a test-mode server"
+            );
+        } else {
+            assert_eq!(status, 200, "{name}: {reply}");
+            assert_ne!(
+                reply["granted"].as_bool(),
+                Some(true),
+                "{name}: no fixture carries a tally account and pack"
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen >= 12, "read {seen} fixtures");
+    let mut admin = app.admin().await;
+    let accounts = admin
+        .list_accounts(pb::ListAccountsRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
+    assert!(
+        accounts.is_empty(),
+        "no fixture created an account: {accounts:?}"
+    );
+    app.finish().await;
+}
+
+async fn http_health_endpoints_answer(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for path in ["healthz", "readyz"] {
+        let r = reqwest::get(format!("http://{}/{path}", app.http))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+    }
+    app.finish().await;
+}
+
+crate::on_both_backends!(
+    refused_deliveries_write_nothing,
+    a_paid_session_grants_its_pack_exactly_once,
+    every_shared_fixture_is_accepted_and_grants_nothing_it_should_not,
+    http_health_endpoints_answer,
+);
