@@ -52,6 +52,10 @@ pub struct Settings {
     pub webhook_secrets: Vec<crate::stripe::WebhookSecret>,
     /// Whether the Stripe key is live mode (events of the other mode are refused).
     pub stripe_livemode: bool,
+    /// Stripe API client (none: billing endpoints answer 503).
+    pub stripe: Option<crate::stripe::client::StripeApi>,
+    /// Bearer token of the billing endpoints. Never logged.
+    pub billing_token: Option<String>,
 }
 
 /// Start-up failures.
@@ -120,6 +124,8 @@ fn spawn_http(
         catalog: Arc::clone(&settings.catalog),
         webhook_secrets: Arc::new(settings.webhook_secrets.clone()),
         livemode: settings.stripe_livemode,
+        stripe: settings.stripe.clone(),
+        billing_token: settings.billing_token.clone(),
     };
     info!(addr = %listener.local_addr()?, "tally serving HTTP (Stripe webhooks, /healthz, /readyz)");
     Ok(tokio::spawn(async move {

@@ -30,6 +30,10 @@ pub struct Plan {
     pub low_balance_threshold: i64,
     /// Free-form key/value strings returned to callers.
     pub entitlements: BTreeMap<String, String>,
+    /// The Stripe Price of the plan's subscription (plans without one are not sold).
+    pub stripe_price_id: Option<String>,
+    /// Credits granted for each paid subscription invoice.
+    pub subscription_credits: Option<i64>,
 }
 
 /// A purchasable bundle.
@@ -110,6 +114,8 @@ struct RawPlan {
     low_balance_threshold: i64,
     #[serde(default)]
     entitlements: BTreeMap<String, String>,
+    stripe_price_id: Option<String>,
+    subscription_credits: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -240,9 +246,15 @@ fn parse_plans(raw: BTreeMap<String, RawPlan>) -> Result<BTreeMap<String, Plan>,
             ));
         }
         let display_name = p.display_name.unwrap_or_else(|| name.clone());
+        let subscription_credits = p
+            .subscription_credits
+            .map(|n| credits(&at("subscription_credits"), n))
+            .transpose()?;
         plans.insert(
             name,
             Plan {
+                stripe_price_id: p.stripe_price_id.filter(|s| !s.trim().is_empty()),
+                subscription_credits,
                 display_name,
                 allowance,
                 low_balance_threshold: p.low_balance_threshold,

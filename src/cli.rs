@@ -351,6 +351,31 @@ pub struct ServeArgs {
     /// The Stripe account key is live mode (test-mode events are then refused, and vice versa).
     #[arg(long, env = "TALLY_STRIPE_LIVEMODE")]
     pub stripe_livemode: bool,
+    /// Stripe secret API key (billing endpoints answer 503 without one).
+    #[arg(
+        long,
+        env = "TALLY_STRIPE_API_KEY",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub stripe_api_key: Option<String>,
+    /// File holding the Stripe API key; preferred over the value.
+    #[arg(long, env = "TALLY_STRIPE_API_KEY_FILE")]
+    pub stripe_api_key_file: Option<std::path::PathBuf>,
+    /// Stripe API base URL (a local fake or stripe-mock in tests).
+    #[arg(long, env = "TALLY_STRIPE_API_BASE", default_value = crate::stripe::client::DEFAULT_BASE_URL)]
+    pub stripe_api_base: String,
+    /// Deadline of each Stripe call.
+    #[arg(long, env = "TALLY_STRIPE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stripe_timeout: Duration,
+    /// Bearer token the billing endpoints require (open when unset; see the README).
+    #[arg(
+        long,
+        env = "TALLY_BILLING_TOKEN",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub billing_token: Option<String>,
     /// Catalog file: plans, packs and prices (the built-in default when omitted).
     #[arg(long, env = "TALLY_CATALOG")]
     pub catalog: Option<std::path::PathBuf>,
@@ -369,6 +394,24 @@ fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
 }
 
 impl ServeArgs {
+    fn stripe_api(&self) -> Result<Option<crate::stripe::client::StripeApi>, String> {
+        let key = match &self.stripe_api_key_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| format!("--stripe-api-key-file: {e}"))?,
+            ),
+            None => self.stripe_api_key.clone(),
+        };
+        let Some(key) = key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()) else {
+            return Ok(None);
+        };
+        if self.stripe_timeout.is_zero() || self.stripe_timeout > Duration::from_mins(1) {
+            return Err("--stripe-timeout: must be between 1ms and 60s".into());
+        }
+        crate::stripe::client::StripeApi::new(&key, &self.stripe_api_base, self.stripe_timeout)
+            .map(Some)
+            .map_err(|e| format!("--stripe-api-key: {e}"))
+    }
+
     fn webhook_secrets(&self) -> Result<Vec<crate::stripe::WebhookSecret>, String> {
         let raw = match &self.stripe_webhook_secret_file {
             Some(path) => std::fs::read_to_string(path)
@@ -426,6 +469,8 @@ impl ServeArgs {
             http_listen: self.http_listen,
             webhook_secrets: self.webhook_secrets()?,
             stripe_livemode: self.stripe_livemode,
+            stripe: self.stripe_api()?,
+            billing_token: self.billing_token.clone().filter(|t| !t.is_empty()),
             catalog: std::sync::Arc::new(
                 match &self.catalog {
                     Some(path) => Catalog::load(path),

@@ -14,6 +14,8 @@ use axum::{Json, Router};
 use serde_json::json;
 use tracing::{info, warn};
 
+pub mod billing;
+
 use crate::catalog::Catalog;
 use crate::domain::book::Source;
 use crate::domain::{AccountId, Credits};
@@ -34,6 +36,10 @@ pub struct HttpState {
     pub webhook_secrets: Arc<Vec<WebhookSecret>>,
     /// Whether the configured Stripe key is live (events of the other mode are refused).
     pub livemode: bool,
+    /// The Stripe API client (billing endpoints answer 503 without one).
+    pub stripe: Option<crate::stripe::client::StripeApi>,
+    /// The bearer token of the billing endpoints (open when unset).
+    pub billing_token: Option<String>,
 }
 
 /// The sidecar's routes.
@@ -42,6 +48,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/stripe/webhook", post(webhook))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .merge(billing::routes())
         // The webhook reads its body itself, stopping at the limit, so an oversized delivery is
         // a 400 like every other refusal.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -120,17 +127,23 @@ async fn webhook(
     if event.id.is_empty() {
         return refuse("event without an id");
     }
+    apply_event(&s, &event).await
+}
+
+/// Applies a verified event (from the webhook or the success-page sync): the same path for
+/// both, so a purchase is granted once whichever arrives first.
+pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
     let livemode = event.livemode.unwrap_or(false);
     if livemode != s.livemode {
         return refuse("event mode (live/test) differs from the configured Stripe key");
     }
-    let effect = stripe::decide(&event, &s.catalog);
+    let effect = stripe::decide(event, &s.catalog);
     let why = match &effect {
         Effect::Nothing(why) => *why,
         Effect::Record { state, .. } => state,
         Effect::GrantPack { .. } => "grant pack",
     };
-    let resolved = match resolve(&effect, &s.catalog, &event) {
+    let resolved = match resolve(&effect, &s.catalog, event) {
         Ok(r) => r,
         Err(e) => {
             warn!(event_id = %event.id, error = e, "stripe event cannot be applied; recorded only");

@@ -243,6 +243,21 @@ pub trait Store: Send + Sync + 'static {
         event: &StripeEvent,
         effect: &StripeEffect,
     ) -> StorageResult<StripeRecord>;
+    /// The Stripe customer linked to an account.
+    async fn customer_of(&self, account_id: &AccountId) -> StorageResult<Option<String>>;
+    /// Links an account to a Stripe customer (creating the account if new); if another
+    /// customer was linked first, keeps and returns that one.
+    async fn link_customer(
+        &self,
+        account_id: &AccountId,
+        customer_id: &str,
+    ) -> StorageResult<String>;
+    /// The newest purchases granted to an account (business key, credits, when).
+    async fn purchases(
+        &self,
+        account_id: &AccountId,
+        limit: u32,
+    ) -> StorageResult<Vec<(String, i64, DateTime<Utc>)>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
 }

@@ -1002,6 +1002,51 @@ impl Store for PgStore {
         super::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
     }
 
+    async fn customer_of(&self, account_id: &AccountId) -> StorageResult<Option<String>> {
+        sqlx::query_scalar("SELECT customer_id FROM stripe_customer WHERE account_id = $1")
+            .bind(account_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn link_customer(
+        &self,
+        account_id: &AccountId,
+        customer_id: &str,
+    ) -> StorageResult<String> {
+        sqlx::query("INSERT INTO account (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(account_id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("INSERT INTO stripe_customer (account_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(account_id.as_str())
+            .bind(customer_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        self.customer_of(account_id)
+            .await?
+            .ok_or_else(|| StorageError::Other("customer link vanished".into()))
+    }
+
+    async fn purchases(
+        &self,
+        account_id: &AccountId,
+        limit: u32,
+    ) -> StorageResult<Vec<(String, i64, DateTime<Utc>)>> {
+        sqlx::query_as(
+            "SELECT business_key, credits, created_at FROM stripe_fact
+             WHERE account_id = $1 AND state = 'granted' ORDER BY created_at DESC LIMIT $2",
+        )
+        .bind(account_id.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
     async fn ping(&self) -> StorageResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -4,6 +4,7 @@
 //! events whose object does not match its pinned schema; see shared/docs/stripe.md) and read
 //! only the fields we use, every one optional, so old and new API versions both work.
 
+pub mod client;
 pub mod event;
 pub mod signature;
 

@@ -18,6 +18,7 @@
 mod support;
 
 mod admin;
+mod billing;
 mod cli;
 mod credit;
 mod ops;

@@ -183,6 +183,8 @@ pub fn settings(db: &TestDb) -> Settings {
             tally::stripe::WebhookSecret::new(WEBHOOK_SECRET_OLD),
         ],
         stripe_livemode: false,
+        stripe: None,
+        billing_token: None,
     }
 }
 
@@ -190,6 +192,14 @@ impl TestApp {
     /// Starts a server on a fresh database.
     pub async fn spawn(backend: Backend) -> Self {
         Self::spawn_on(TestDb::new(backend).await).await
+    }
+
+    /// Starts a server whose settings `edit` adjusts first.
+    pub async fn spawn_with(backend: Backend, edit: impl FnOnce(&mut Settings)) -> Self {
+        let db = TestDb::new(backend).await;
+        let mut s = settings(&db);
+        edit(&mut s);
+        Self::start(db, s).await
     }
 
     /// Starts a server with the built-in catalog as it is (allowances included).

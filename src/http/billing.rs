@@ -1,0 +1,337 @@
+//! The product backend's billing endpoints: Checkout for packs and plans, the customer portal,
+//! an account's billing view, and the success-page sync.
+//!
+//! Authenticated with a configured bearer token (`--billing-token`) until callers get roles.
+#![allow(clippy::result_large_err)] // a handler step fails with the `Response` to send
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::{HttpState, apply_event};
+use crate::domain::AccountId;
+use crate::stripe::Envelope;
+use crate::stripe::client::{NewCheckout, StripeApi, StripeCallError};
+
+/// Longest URL accepted in a request: 2 KiB.
+pub const URL_MAX_LEN: usize = 2048;
+/// Purchases listed by the billing view.
+pub const RECENT_PURCHASES: u32 = 10;
+
+/// The billing routes (merged into the sidecar's router).
+pub fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/v1/checkout/sessions", post(create_checkout))
+        .route("/v1/checkout/sessions/{id}/sync", post(sync_checkout))
+        .route("/v1/billing/portal", post(portal))
+        .route("/v1/accounts/{id}/billing", get(billing))
+}
+
+fn error(status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"reason": reason, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+fn invalid(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
+}
+
+fn stripe_error(e: &StripeCallError) -> Response {
+    match e {
+        StripeCallError::Refused { status, .. } if *status == 404 => {
+            error(StatusCode::NOT_FOUND, "STRIPE_NOT_FOUND", e.to_string())
+        }
+        StripeCallError::Refused { .. } => {
+            error(StatusCode::BAD_REQUEST, "STRIPE_REFUSED", e.to_string())
+        }
+        StripeCallError::Unavailable(_) => {
+            error(StatusCode::BAD_GATEWAY, "STRIPE_UNAVAILABLE", e.to_string())
+        }
+    }
+}
+
+fn storage_error(e: &crate::storage::StorageError) -> Response {
+    match e {
+        crate::storage::StorageError::Rejected(r) => {
+            error(StatusCode::NOT_FOUND, r.reason(), r.to_string())
+        }
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+            "the database is unavailable",
+        ),
+    }
+}
+
+/// Checks the bearer token (constant time) and that Stripe is configured.
+fn guard<'s>(s: &'s HttpState, headers: &HeaderMap) -> Result<&'s StripeApi, Response> {
+    if let Some(token) = &s.billing_token {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
+                "a valid bearer token is required",
+            ));
+        }
+    }
+    s.stripe.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STRIPE_NOT_CONFIGURED",
+            "no Stripe API key is configured",
+        )
+    })
+}
+
+fn url(field: &str, value: &str) -> Result<String, Response> {
+    let ok = value.len() <= URL_MAX_LEN
+        && (value.starts_with("https://") || value.starts_with("http://"));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(invalid(format!(
+            "{field} must be an http(s) URL of at most {URL_MAX_LEN} characters"
+        )))
+    }
+}
+
+fn account(value: &str) -> Result<AccountId, Response> {
+    AccountId::parse("account_id", value).map_err(|v| invalid(v.to_string()))
+}
+
+/// Request of `POST /v1/checkout/sessions`.
+#[derive(Deserialize)]
+pub struct CheckoutRequest {
+    account_id: String,
+    pack_id: Option<String>,
+    plan_id: Option<String>,
+    success_url: String,
+    cancel_url: String,
+}
+
+async fn customer_for(
+    s: &HttpState,
+    api: &StripeApi,
+    account_id: &AccountId,
+) -> Result<String, Response> {
+    if let Some(c) = s
+        .store
+        .customer_of(account_id)
+        .await
+        .map_err(|e| storage_error(&e))?
+    {
+        return Ok(c);
+    }
+    let created = api
+        .create_customer(account_id.as_str())
+        .await
+        .map_err(|e| stripe_error(&e))?;
+    s.store
+        .link_customer(account_id, &created)
+        .await
+        .map_err(|e| storage_error(&e))
+}
+
+async fn create_checkout(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Json(r): Json<CheckoutRequest>,
+) -> Response {
+    let api = match guard(&s, &headers) {
+        Ok(api) => api,
+        Err(resp) => return resp,
+    };
+    let parsed = (|| {
+        let account_id = account(&r.account_id)?;
+        let (subscription, price, item) = match (&r.pack_id, &r.plan_id) {
+            (Some(pack), None) => {
+                let p = s
+                    .catalog
+                    .packs
+                    .get(pack)
+                    .ok_or_else(|| invalid(format!("unknown pack {pack:?}")))?;
+                (false, p.stripe_price_id.clone(), ("pack_id", pack.clone()))
+            }
+            (None, Some(plan)) => {
+                let p = s
+                    .catalog
+                    .plans
+                    .get(plan)
+                    .ok_or_else(|| invalid(format!("unknown plan {plan:?}")))?;
+                let price = p
+                    .stripe_price_id
+                    .clone()
+                    .ok_or_else(|| invalid(format!("plan {plan:?} is not sold")))?;
+                (true, price, ("plan_id", plan.clone()))
+            }
+            _ => return Err(invalid("give exactly one of pack_id and plan_id")),
+        };
+        Ok((
+            account_id,
+            subscription,
+            price,
+            item,
+            url("success_url", &r.success_url)?,
+            url("cancel_url", &r.cancel_url)?,
+        ))
+    })();
+    let (account_id, subscription, price, item, success_url, cancel_url) = match parsed {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let customer = match customer_for(&s, api, &account_id).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let n = NewCheckout {
+        customer,
+        account_id: account_id.as_str().to_owned(),
+        subscription,
+        price,
+        item,
+        success_url,
+        cancel_url,
+    };
+    match api.create_checkout(&n).await {
+        Ok((id, url)) => (StatusCode::OK, Json(json!({"id": id, "url": url}))).into_response(),
+        Err(e) => stripe_error(&e),
+    }
+}
+
+/// Request of `POST /v1/billing/portal`.
+#[derive(Deserialize)]
+pub struct PortalRequest {
+    account_id: String,
+    return_url: String,
+}
+
+async fn portal(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Json(r): Json<PortalRequest>,
+) -> Response {
+    let api = match guard(&s, &headers) {
+        Ok(api) => api,
+        Err(resp) => return resp,
+    };
+    let (account_id, return_url) = match (account(&r.account_id), url("return_url", &r.return_url))
+    {
+        (Ok(a), Ok(u)) => (a, u),
+        (Err(resp), _) | (_, Err(resp)) => return resp,
+    };
+    let customer = match s.store.customer_of(&account_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "NO_STRIPE_CUSTOMER",
+                "the account has never been to Checkout",
+            );
+        }
+        Err(e) => return storage_error(&e),
+    };
+    match api.portal(&customer, &return_url).await {
+        Ok(url) => (StatusCode::OK, Json(json!({"url": url}))).into_response(),
+        Err(e) => stripe_error(&e),
+    }
+}
+
+async fn sync_checkout(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let api = match guard(&s, &headers) {
+        Ok(api) => api,
+        Err(resp) => return resp,
+    };
+    if id.is_empty()
+        || id.len() > 255
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return invalid("not a Checkout Session id");
+    }
+    // Never trust the redirect: the session is read back from Stripe.
+    let (object, livemode) = match api.checkout_session(&id).await {
+        Ok(x) => x,
+        Err(e) => return stripe_error(&e),
+    };
+    let event = Envelope {
+        id: format!("sync:{id}:{}", uuid::Uuid::now_v7().simple()),
+        kind: "checkout.session.completed".into(),
+        livemode: Some(livemode),
+        created: Some(chrono::Utc::now().timestamp()),
+        api_version: None,
+        data: crate::stripe::event::Data { object },
+    };
+    apply_event(&s, &event).await
+}
+
+async fn billing(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(resp) = guard(&s, &headers).map(|_| ()).or_else(|r| {
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            Ok(())
+        } else {
+            Err(r)
+        }
+    }) {
+        return resp;
+    }
+    let account_id = match account(&id) {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let b = match s.store.balance(&account_id).await {
+        Ok(b) => b,
+        Err(e) => return storage_error(&e),
+    };
+    let period = s
+        .catalog
+        .plans
+        .get(&b.plan)
+        .and_then(|p| p.allowance.as_ref())
+        .map_or(crate::domain::plan::Period::Monthly, |a| a.period);
+    let since = crate::domain::plan::period_start(period, b.as_of);
+    let used = match s.store.used_since(&account_id, since).await {
+        Ok(u) => u,
+        Err(e) => return storage_error(&e),
+    };
+    let purchases = match s.store.purchases(&account_id, RECENT_PURCHASES).await {
+        Ok(p) => p,
+        Err(e) => return storage_error(&e),
+    };
+    let by_source: serde_json::Map<String, serde_json::Value> = b
+        .by_source
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
+        .collect();
+    Json(json!({
+        "account_id": b.account_id,
+        "plan": b.plan,
+        "balance": {
+            "available": b.available, "held": b.held, "by_source": by_source,
+            "next_expiry": b.next_expiry.map(|(at, amount)| json!({"at": at.to_rfc3339(), "amount": amount})),
+            "allowance_left": b.allowance_left,
+        },
+        "used_this_period": used,
+        "recent_purchases": purchases.into_iter().map(|(key, credits, at)| json!({"key": key, "credits": credits, "at": at.to_rfc3339()})).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}

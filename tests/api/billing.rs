@@ -1,0 +1,387 @@
+//! The billing endpoints against a fake Stripe API on a loopback port (async-stripe's requests,
+//! Stripe-shaped JSON responses), and the success-page sync racing the webhook.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde_json::{Value, json};
+use tally::stripe::client::StripeApi;
+use tokio::task::JoinSet;
+
+use crate::support::{Backend, TestApp};
+
+const TOKEN: &str = "billing-token-for-tests";
+
+/// What the fake Stripe saw and holds.
+#[derive(Default)]
+struct Fake {
+    requests: Vec<(String, HashMap<String, String>)>,
+    sessions: HashMap<String, Value>,
+    paid: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+fn session_json(id: &str, form: &HashMap<String, String>, paid: bool) -> Value {
+    let metadata: HashMap<String, String> = form
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+                .map(|k| (k.to_owned(), v.clone()))
+        })
+        .collect();
+    json!({
+        "id": id, "object": "checkout.session", "automatic_tax": {"enabled": false}, "created": 1_764_000_000,
+        "custom_fields": [], "custom_text": {}, "expires_at": 1_764_086_400, "livemode": false,
+        "mode": form.get("mode").cloned().unwrap_or_default(),
+        "payment_method_types": ["card"], "payment_status": if paid { "paid" } else { "unpaid" },
+        "shipping_options": [], "status": if paid { "complete" } else { "open" },
+        "client_reference_id": form.get("client_reference_id"), "customer": form.get("customer"),
+        "metadata": metadata, "url": format!("https://checkout.stripe.test/c/pay/{id}"),
+    })
+}
+
+async fn customers(
+    State(f): State<Shared>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Json<Value> {
+    let mut f = f.lock().unwrap();
+    f.requests.push(("POST /v1/customers".into(), form));
+    let n = f
+        .requests
+        .iter()
+        .filter(|(p, _)| p == "POST /v1/customers")
+        .count();
+    Json(
+        json!({"id": format!("cus_fake{n}"), "object": "customer", "created": 1_764_000_000, "livemode": false}),
+    )
+}
+
+async fn create_session(
+    State(f): State<Shared>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Json<Value> {
+    let mut f = f.lock().unwrap();
+    let id = format!("cs_test_{}", f.sessions.len() + 1);
+    f.requests
+        .push(("POST /v1/checkout/sessions".into(), form.clone()));
+    let body = session_json(&id, &form, false);
+    f.sessions.insert(id, body.clone());
+    Json(body)
+}
+
+async fn get_session(State(f): State<Shared>, Path(id): Path<String>) -> axum::response::Response {
+    let f = f.lock().unwrap();
+    match f.sessions.get(&id) {
+        Some(s) => {
+            let mut s = s.clone();
+            if f.paid.contains(&id) {
+                s["payment_status"] = json!("paid");
+                s["status"] = json!("complete");
+            }
+            Json(s).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"type": "invalid_request_error", "message": format!("No such checkout.session: '{id}'")}})),
+        )
+            .into_response(),
+    }
+}
+
+async fn portal(State(f): State<Shared>, Form(form): Form<HashMap<String, String>>) -> Json<Value> {
+    let mut f = f.lock().unwrap();
+    f.requests
+        .push(("POST /v1/billing_portal/sessions".into(), form.clone()));
+    Json(
+        json!({"id": "bps_1", "object": "billing_portal.session", "configuration": "bpc_1", "created": 1_764_000_000,
+        "customer": form.get("customer"), "livemode": false, "return_url": form.get("return_url"),
+        "url": "https://billing.stripe.test/p/session/bps_1"}),
+    )
+}
+
+async fn fake_stripe() -> (SocketAddr, Shared) {
+    let state: Shared = Arc::default();
+    let app = Router::new()
+        .route("/v1/customers", post(customers))
+        .route("/v1/checkout/sessions", post(create_session))
+        .route("/v1/checkout/sessions/{id}", get(get_session))
+        .route("/v1/billing_portal/sessions", post(portal))
+        .with_state(Arc::clone(&state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, state)
+}
+
+async fn app_with_stripe(backend: Backend, stripe: SocketAddr) -> TestApp {
+    TestApp::spawn_with(backend, |s| {
+        s.stripe = Some(
+            StripeApi::new(
+                "sk_test_fake",
+                &format!("http://{stripe}"),
+                Duration::from_secs(2),
+            )
+            .unwrap(),
+        );
+        s.billing_token = Some(TOKEN.into());
+    })
+    .await
+}
+
+async fn call(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{}{path}", app.http);
+    let req = if method == "GET" {
+        client.get(url)
+    } else {
+        client.post(url)
+    };
+    let req = req.header("authorization", format!("Bearer {TOKEN}"));
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(b.to_string()),
+        None => req,
+    };
+    let resp = req.send().await.unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn checkout(account: &str, item: (&str, &str)) -> Value {
+    json!({"account_id": account, item.0: item.1, "success_url": "https://app.example/ok?s={CHECKOUT_SESSION_ID}",
+           "cancel_url": "https://app.example/cancel"})
+}
+
+async fn checkout_sessions_carry_the_account_and_the_item(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = app_with_stripe(backend, stripe).await;
+    let (status, r) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("buyer", ("pack_id", "starter"))),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        r["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://checkout.stripe.test/")
+    );
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("buyer", ("plan_id", "pro"))),
+    )
+    .await;
+    assert_eq!(status, 200);
+    {
+        let f = fake.lock().unwrap();
+        let customers: Vec<_> = f
+            .requests
+            .iter()
+            .filter(|(p, _)| p == "POST /v1/customers")
+            .collect();
+        assert_eq!(customers.len(), 1, "one Stripe customer per account");
+        assert_eq!(customers[0].1["metadata[account_id]"], "buyer");
+        let sessions: Vec<&HashMap<String, String>> = f
+            .requests
+            .iter()
+            .filter(|(p, _)| p == "POST /v1/checkout/sessions")
+            .map(|(_, f)| f)
+            .collect();
+        let pack = sessions[0];
+        for (k, v) in [
+            ("mode", "payment"),
+            ("customer", "cus_fake1"),
+            ("client_reference_id", "buyer"),
+            ("line_items[0][price]", "price_starter_placeholder"),
+            ("line_items[0][quantity]", "1"),
+            ("metadata[account_id]", "buyer"),
+            ("metadata[pack_id]", "starter"),
+            (
+                "success_url",
+                "https://app.example/ok?s={CHECKOUT_SESSION_ID}",
+            ),
+            ("cancel_url", "https://app.example/cancel"),
+        ] {
+            assert_eq!(pack.get(k).map(String::as_str), Some(v), "{k} in {pack:?}");
+        }
+        let plan = sessions[1];
+        for (k, v) in [
+            ("mode", "subscription"),
+            ("line_items[0][price]", "price_pro_placeholder"),
+            ("metadata[plan_id]", "pro"),
+            ("subscription_data[metadata][account_id]", "buyer"),
+        ] {
+            assert_eq!(plan.get(k).map(String::as_str), Some(v), "{k} in {plan:?}");
+        }
+    }
+    for (body, want) in [
+        (checkout("buyer", ("pack_id", "mystery")), 400),
+        (
+            json!({"account_id": "buyer", "success_url": "https://a/", "cancel_url": "https://a/"}),
+            400,
+        ),
+        (
+            json!({"account_id": "buyer", "pack_id": "starter", "success_url": "javascript:x", "cancel_url": "https://a/"}),
+            400,
+        ),
+        (checkout("bad id!", ("pack_id", "starter")), 400),
+    ] {
+        assert_eq!(
+            call(&app, "POST", "/v1/checkout/sessions", Some(body.clone()))
+                .await
+                .0,
+            want,
+            "{body}"
+        );
+    }
+    let unauthorized = reqwest::Client::new()
+        .post(format!("http://{}/v1/checkout/sessions", app.http))
+        .header("content-type", "application/json")
+        .body(checkout("buyer", ("pack_id", "starter")).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status().as_u16(), 401);
+
+    let (status, r) = call(
+        &app,
+        "POST",
+        "/v1/billing/portal",
+        Some(json!({"account_id": "buyer", "return_url": "https://app.example/account"})),
+    )
+    .await;
+    assert_eq!(
+        (status, r["url"].as_str()),
+        (200, Some("https://billing.stripe.test/p/session/bps_1"))
+    );
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/billing/portal",
+        Some(json!({"account_id": "stranger", "return_url": "https://app.example/"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    app.finish().await;
+}
+
+async fn the_success_page_sync_and_the_webhook_grant_once(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = Arc::new(app_with_stripe(backend, stripe).await);
+    let (_, r) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("buyer", ("pack_id", "starter"))),
+    )
+    .await;
+    let id = r["id"].as_str().unwrap().to_owned();
+    // Before payment: nothing to grant.
+    let (status, r) = call(
+        &app,
+        "POST",
+        &format!("/v1/checkout/sessions/{id}/sync"),
+        None,
+    )
+    .await;
+    assert_eq!((status, r["granted"].as_bool()), (200, Some(false)));
+    // A forged session id grants nothing.
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions/cs_test_forged/sync",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    fake.lock().unwrap().paid.push(id.clone());
+    let webhook_body = {
+        let session = fake.lock().unwrap().sessions[&id].clone();
+        let mut session = session;
+        session["payment_status"] = json!("paid");
+        serde_json::to_vec(
+            &json!({"id": "evt_race", "type": "checkout.session.completed", "livemode": false,
+                                   "data": {"object": session}}),
+        )
+        .unwrap()
+    };
+    let mut set = JoinSet::new();
+    for i in 0..6 {
+        let (app, id, body) = (Arc::clone(&app), id.clone(), webhook_body.clone());
+        set.spawn(async move {
+            if i % 2 == 0 {
+                call(
+                    &app,
+                    "POST",
+                    &format!("/v1/checkout/sessions/{id}/sync"),
+                    None,
+                )
+                .await
+                .0
+            } else {
+                app.post_webhook(&body).await.0
+            }
+        });
+    }
+    while let Some(s) = set.join_next().await {
+        assert_eq!(s.unwrap(), 200);
+    }
+    let (status, b) = call(&app, "GET", "/v1/accounts/buyer/billing", None).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["balance"]["available"], 500, "one starter pack: {b}");
+    assert_eq!(b["balance"]["by_source"]["purchase"], 500);
+    assert_eq!(
+        b["recent_purchases"][0]["key"],
+        format!("checkout_session:{id}")
+    );
+    assert_eq!(b["plan"], "free");
+    let app = Arc::into_inner(app).unwrap();
+    app.finish().await;
+}
+
+async fn stripe_outages_are_clear_errors_not_hangs(backend: Backend) {
+    // A port nobody listens on.
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let app = app_with_stripe(backend, dead).await;
+    let started = std::time::Instant::now();
+    let (status, r) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("buyer", ("pack_id", "starter"))),
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["reason"].as_str()),
+        (502, Some("STRIPE_UNAVAILABLE")),
+        "{r}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    app.finish().await;
+}
+
+crate::on_both_backends!(
+    checkout_sessions_carry_the_account_and_the_item,
+    the_success_page_sync_and_the_webhook_grant_once,
+    stripe_outages_are_clear_errors_not_hangs,
+);
