@@ -313,6 +313,13 @@ async fn billing(
         Ok(u) => u,
         Err(e) => return storage_error(&e),
     };
+    let subscription = match s.store.subscription_of(&account_id).await {
+        Ok(sub) => sub.map(|(id, status, plan, period_end, cancel)| {
+            json!({"id": id, "status": status, "plan": plan, "current_period_end": period_end
+                .and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|t| t.to_rfc3339()), "cancel_at_period_end": cancel})
+        }),
+        Err(e) => return storage_error(&e),
+    };
     let purchases = match s.store.purchases(&account_id, RECENT_PURCHASES).await {
         Ok(p) => p,
         Err(e) => return storage_error(&e),
@@ -331,6 +338,7 @@ async fn billing(
             "allowance_left": b.allowance_left,
         },
         "used_this_period": used,
+        "subscription": subscription,
         "recent_purchases": purchases.into_iter().map(|(key, credits, at)| json!({"key": key, "credits": credits, "at": at.to_rfc3339()})).collect::<Vec<_>>(),
     }))
     .into_response()

@@ -74,6 +74,49 @@ fn resolve(
 ) -> Result<StripeEffect, &'static str> {
     match effect {
         Effect::Nothing(_) => Ok(StripeEffect::None),
+        Effect::Link {
+            account_id,
+            customer,
+        } => Ok(StripeEffect::Link {
+            account_id: AccountId::parse("account_id", account_id)
+                .map_err(|_| "invalid account id in the session")?,
+            customer: customer.clone(),
+        }),
+        Effect::Subscription(state) => {
+            let mut state = state.clone();
+            state.account_hint = state
+                .account_hint
+                .filter(|a| AccountId::parse("account_id", a).is_ok());
+            Ok(StripeEffect::Subscription(state))
+        }
+        Effect::PaymentFailed { customer } => Ok(StripeEffect::PaymentFailed {
+            customer: customer.clone(),
+        }),
+        Effect::InvoicePaid {
+            business_key,
+            customer,
+            account_hint,
+            plan,
+            period_end,
+        } => {
+            let p = catalog.plans.get(plan).ok_or("unknown plan")?;
+            let credits = p
+                .subscription_credits
+                .ok_or("the plan grants no subscription credits")?;
+            Ok(StripeEffect::InvoiceGrant {
+                business_key: business_key.clone(),
+                customer: customer.clone(),
+                account_hint: account_hint
+                    .as_deref()
+                    .and_then(|a| AccountId::parse("account_id", a).ok()),
+                amount: Credits::new("credits", credits).map_err(|_| "invalid plan credits")?,
+                expires_at: period_end.and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
+                reason: format!(
+                    "{} subscription ({}; {})",
+                    p.display_name, business_key, event.id
+                ),
+            })
+        }
         Effect::Record {
             business_key,
             state,
@@ -142,6 +185,10 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         Effect::Nothing(why) => *why,
         Effect::Record { state, .. } => state,
         Effect::GrantPack { .. } => "grant pack",
+        Effect::Link { .. } => "link customer",
+        Effect::Subscription(_) => "mirror subscription",
+        Effect::InvoicePaid { .. } => "grant subscription credits",
+        Effect::PaymentFailed { .. } => "past due",
     };
     let resolved = match resolve(&effect, &s.catalog, event) {
         Ok(r) => r,

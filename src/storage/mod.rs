@@ -258,9 +258,17 @@ pub trait Store: Send + Sync + 'static {
         account_id: &AccountId,
         limit: u32,
     ) -> StorageResult<Vec<(String, i64, DateTime<Utc>)>>;
+    /// The account's mirrored subscription: (id, status, plan, period end, cancel at period end).
+    async fn subscription_of(
+        &self,
+        account_id: &AccountId,
+    ) -> StorageResult<Option<SubscriptionRow>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
 }
+
+/// A mirrored subscription: id, status, plan, current period end (unix s), cancel at period end.
+pub type SubscriptionRow = (String, Option<String>, Option<String>, Option<i64>, bool);
 
 /// A verified Stripe event as recorded.
 #[derive(Clone, Debug)]
@@ -296,6 +304,35 @@ pub enum StripeEffect {
         expires_in: Option<TimeDelta>,
         /// Reason on the grant.
         reason: String,
+    },
+    /// Link an account (created if new) to its Stripe customer.
+    Link {
+        /// The account.
+        account_id: AccountId,
+        /// The customer.
+        customer: String,
+    },
+    /// Mirror a subscription onto its account if newer than what is stored.
+    Subscription(crate::stripe::event::SubscriptionState),
+    /// Grant a paid subscription invoice's credits once.
+    InvoiceGrant {
+        /// `invoice:<id>`.
+        business_key: String,
+        /// The customer billed.
+        customer: String,
+        /// The account named by the invoice, if any.
+        account_hint: Option<AccountId>,
+        /// Credits.
+        amount: crate::domain::Credits,
+        /// When they expire (end of the period paid for).
+        expires_at: Option<DateTime<Utc>>,
+        /// Reason on the grant.
+        reason: String,
+    },
+    /// Mark the customer's subscription past due.
+    PaymentFailed {
+        /// The customer billed.
+        customer: String,
     },
     /// Record a fact's state without moving credits (never downgrades a granted fact).
     Mark {
@@ -484,6 +521,23 @@ pub(crate) trait Tx: Send {
     ) -> StorageResult<bool>;
     /// The state of a business fact, locking it.
     async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>>;
+    /// The account linked to a Stripe customer.
+    async fn account_of_customer(&mut self, customer: &str) -> StorageResult<Option<String>>;
+    /// Links an existing account to a customer unless it has one.
+    async fn link(
+        &mut self,
+        account_id: &str,
+        customer: &str,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()>;
+    /// Stores a subscription state if it is newer than the stored one; true if stored.
+    async fn put_subscription(
+        &mut self,
+        account_id: &str,
+        s: &crate::stripe::event::SubscriptionState,
+    ) -> StorageResult<bool>;
+    /// Sets the subscription status of a customer's account.
+    async fn set_subscription_status(&mut self, customer: &str, status: &str) -> StorageResult<()>;
     /// Creates or updates a business fact.
     async fn put_fact(
         &mut self,
@@ -498,7 +552,70 @@ pub(crate) trait Tx: Send {
     async fn commit(self: Box<Self>) -> StorageResult<()>;
 }
 
+/// The account of a customer: the stored link, else the account the event names (then linked).
+async fn account_for(
+    tx: &mut dyn Tx,
+    customer: &str,
+    hint: Option<&str>,
+    now: DateTime<Utc>,
+) -> StorageResult<Option<String>> {
+    if let Some(a) = tx.account_of_customer(customer).await? {
+        return Ok(Some(a));
+    }
+    let Some(account) = hint else { return Ok(None) };
+    tx.lock_book(account, Some(crate::domain::DEFAULT_PLAN), now)
+        .await?;
+    tx.link(account, customer, now).await?;
+    Ok(Some(account.to_owned()))
+}
+
+/// Grants `amount` for a business fact unless it was granted before; true if granted now.
+#[allow(clippy::too_many_arguments)]
+async fn grant_fact(
+    tx: &mut dyn Tx,
+    business_key: &str,
+    account_id: &str,
+    amount: crate::domain::Credits,
+    source: crate::domain::book::Source,
+    expires_at: Option<DateTime<Utc>>,
+    reason: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<bool> {
+    if tx.fact_state(business_key).await?.as_deref() == Some("granted") {
+        return Ok(false);
+    }
+    let (mut book, _) = tx
+        .lock_book(account_id, Some(crate::domain::DEFAULT_PLAN), now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    tx.load(&mut book, None, now).await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    let id = RandomIds.bucket_id();
+    book.grant(
+        &id,
+        source,
+        amount,
+        expires_at,
+        crate::domain::book::PRIORITY_DEFAULT,
+        reason,
+        now,
+    )?;
+    tx.write(&book, now).await?;
+    tx.put_fact(
+        business_key,
+        Some(account_id),
+        "granted",
+        amount.get(),
+        Some(&id),
+        now,
+    )
+    .await?;
+    Ok(true)
+}
+
 /// Records a Stripe event and applies its effect (see [`Store::record_stripe_event`]).
+#[allow(clippy::too_many_lines)] // one arm per effect
 pub(crate) async fn record_stripe_event(
     mut tx: Box<dyn Tx>,
     event: &StripeEvent,
@@ -529,36 +646,78 @@ pub(crate) async fn record_stripe_event(
             expires_in,
             reason,
         } => {
-            if tx.fact_state(business_key).await?.as_deref() != Some("granted") {
+            let expires_at = expires_in.and_then(|t| now.checked_add_signed(t));
+            granted = grant_fact(
+                tx.as_mut(),
+                business_key,
+                account_id.as_str(),
+                *amount,
+                *source,
+                expires_at,
+                reason,
+                policy,
+                now,
+            )
+            .await?;
+        }
+        StripeEffect::Link {
+            account_id,
+            customer,
+        } => {
+            tx.lock_book(account_id.as_str(), Some(crate::domain::DEFAULT_PLAN), now)
+                .await?;
+            tx.link(account_id.as_str(), customer, now).await?;
+        }
+        StripeEffect::Subscription(state) => {
+            if let Some(account) = account_for(
+                tx.as_mut(),
+                &state.customer,
+                state.account_hint.as_deref(),
+                now,
+            )
+            .await?
+                && tx.put_subscription(&account, state).await?
+            {
                 let (mut book, _) = tx
-                    .lock_book(account_id.as_str(), Some(crate::domain::DEFAULT_PLAN), now)
+                    .lock_book(&account, None, now)
                     .await?
                     .ok_or(LedgerError::AccountNotFound)?;
                 tx.load(&mut book, None, now).await?;
                 book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-                let id = RandomIds.bucket_id();
-                let expires_at = expires_in.and_then(|t| now.checked_add_signed(t));
-                book.grant(
-                    &id,
-                    *source,
-                    *amount,
-                    expires_at,
-                    crate::domain::book::PRIORITY_DEFAULT,
-                    reason,
-                    now,
-                )?;
+                if book.plan != state.plan {
+                    book.plan.clone_from(&state.plan);
+                    book.dirty.account = true;
+                }
                 tx.write(&book, now).await?;
-                tx.put_fact(
+            }
+        }
+        StripeEffect::InvoiceGrant {
+            business_key,
+            customer,
+            account_hint,
+            amount,
+            expires_at,
+            reason,
+        } => {
+            let hint = account_hint.as_ref().map(AccountId::as_str);
+            if let Some(account) = account_for(tx.as_mut(), customer, hint, now).await? {
+                let source = crate::domain::book::Source::Subscription;
+                granted = grant_fact(
+                    tx.as_mut(),
                     business_key,
-                    Some(account_id.as_str()),
-                    "granted",
-                    amount.get(),
-                    Some(&id),
+                    &account,
+                    *amount,
+                    source,
+                    *expires_at,
+                    reason,
+                    policy,
                     now,
                 )
                 .await?;
-                granted = true;
             }
+        }
+        StripeEffect::PaymentFailed { customer } => {
+            tx.set_subscription_status(customer, "past_due").await?;
         }
     }
     tx.commit().await?;

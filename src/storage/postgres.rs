@@ -16,6 +16,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
+use super::SubscriptionRow;
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
     HoldQuery, StorageError, StorageResult, Store, StripeEffect, StripeEvent, StripeRecord, Target,
@@ -538,6 +539,63 @@ impl Tx for PgTx {
         Ok(inserted.is_some())
     }
 
+    async fn account_of_customer(&mut self, customer: &str) -> StorageResult<Option<String>> {
+        sqlx::query_scalar("SELECT account_id FROM stripe_customer WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn link(
+        &mut self,
+        account_id: &str,
+        customer: &str,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        sqlx::query("INSERT INTO stripe_customer (account_id, customer_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(account_id)
+            .bind(customer)
+            .bind(now)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn put_subscription(
+        &mut self,
+        account_id: &str,
+        s: &crate::stripe::event::SubscriptionState,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE stripe_customer SET subscription_id = $2, status = $3, plan = $4, current_period_end = $5,
+                    cancel_at_period_end = $6, state_as_of = $7
+             WHERE account_id = $1 AND state_as_of <= $7",
+        )
+        .bind(account_id)
+        .bind(&s.subscription)
+        .bind(&s.status)
+        .bind(&s.plan)
+        .bind(s.period_end)
+        .bind(s.cancel_at_period_end)
+        .bind(s.as_of)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn set_subscription_status(&mut self, customer: &str, status: &str) -> StorageResult<()> {
+        sqlx::query("UPDATE stripe_customer SET status = $2 WHERE customer_id = $1")
+            .bind(customer)
+            .bind(status)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>> {
         sqlx::query_scalar("SELECT state FROM stripe_fact WHERE business_key = $1 FOR UPDATE")
             .bind(business_key)
@@ -1043,6 +1101,20 @@ impl Store for PgStore {
         .bind(account_id.as_str())
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn subscription_of(
+        &self,
+        account_id: &AccountId,
+    ) -> StorageResult<Option<SubscriptionRow>> {
+        sqlx::query_as(
+            "SELECT subscription_id, status, plan, current_period_end, cancel_at_period_end FROM stripe_customer
+             WHERE account_id = $1 AND subscription_id IS NOT NULL",
+        )
+        .bind(account_id.as_str())
+        .fetch_optional(&self.pool)
         .await
         .map_err(map_err)
     }

@@ -57,8 +57,57 @@ pub enum Effect {
         /// `pending` or `failed`.
         state: &'static str,
     },
+    /// Link an account to its Stripe customer (a subscription Checkout completed).
+    Link {
+        /// The account (from the session).
+        account_id: String,
+        /// The customer.
+        customer: String,
+    },
+    /// Mirror a subscription's state onto the account (plan by price), if newer.
+    Subscription(SubscriptionState),
+    /// Grant a paid subscription invoice's plan credits, once per invoice.
+    InvoicePaid {
+        /// `invoice:<id>`.
+        business_key: String,
+        /// The customer billed.
+        customer: String,
+        /// The account, when the invoice carries it (subscription metadata).
+        account_hint: Option<String>,
+        /// The plan whose price was paid.
+        plan: String,
+        /// End of the period paid for (unix seconds).
+        period_end: Option<i64>,
+    },
+    /// A subscription invoice failed: mark the subscription past due (credits stay).
+    PaymentFailed {
+        /// The customer billed.
+        customer: String,
+    },
     /// Nothing to do (logged with the reason); the event is still recorded as received.
     Nothing(&'static str),
+}
+
+/// A subscription's state as mirrored onto an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionState {
+    /// The customer.
+    pub customer: String,
+    /// The account, when the subscription carries it (metadata from Tally's Checkout).
+    pub account_hint: Option<String>,
+    /// `sub_...`.
+    pub subscription: String,
+    /// Stripe's status (`active`, `past_due`, `canceled`, ...).
+    pub status: String,
+    /// The plan its price maps to (the default plan when the subscription ended or the price
+    /// is not in the catalog).
+    pub plan: String,
+    /// End of the current period (unix seconds).
+    pub period_end: Option<i64>,
+    /// Whether it ends at the period's end.
+    pub cancel_at_period_end: bool,
+    /// The event's `created`, so older states never overwrite newer ones.
+    pub as_of: i64,
 }
 
 /// Decides what an event does. Only Checkout Sessions that Tally created carry the account and
@@ -70,6 +119,16 @@ pub fn decide(event: &Envelope, catalog: &Catalog) -> Effect {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
             checkout_paid(o, catalog)
         }
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => subscription(o, event, catalog),
+        "invoice.paid" => invoice_paid(o, catalog),
+        "invoice.payment_failed" => match (text(o, "customer"), invoice_subscription(o)) {
+            (Some(customer), Some(_)) => Effect::PaymentFailed {
+                customer: customer.to_owned(),
+            },
+            _ => Effect::Nothing("a failed invoice without a subscription"),
+        },
         "checkout.session.async_payment_failed" => match text(o, "id") {
             Some(id) => Effect::Record {
                 business_key: format!("checkout_session:{id}"),
@@ -81,6 +140,115 @@ pub fn decide(event: &Envelope, catalog: &Catalog) -> Effect {
     }
 }
 
+fn metadata_of(o: &Value) -> BTreeMap<String, String> {
+    o.get("metadata")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The plan sold at `price`.
+fn plan_of_price(catalog: &Catalog, price: Option<&str>) -> Option<String> {
+    let price = price?;
+    catalog
+        .plans
+        .iter()
+        .find(|(_, p)| p.stripe_price_id.as_deref() == Some(price))
+        .map(|(name, _)| name.clone())
+}
+
+/// Where the invoice's subscription lives: `subscription` before API 2025-03-31 (basil),
+/// `parent.subscription_details.subscription` after.
+fn invoice_subscription(o: &Value) -> Option<&str> {
+    text(o, "subscription").or_else(|| {
+        o.pointer("/parent/subscription_details/subscription")
+            .and_then(Value::as_str)
+    })
+}
+
+fn subscription(o: &Value, event: &Envelope, catalog: &Catalog) -> Effect {
+    let (Some(id), Some(customer)) = (text(o, "id"), text(o, "customer")) else {
+        return Effect::Nothing("subscription without an id or customer");
+    };
+    let item = o.pointer("/items/data/0");
+    let price = item
+        .and_then(|i| i.pointer("/price/id"))
+        .and_then(Value::as_str);
+    let status = text(o, "status").unwrap_or("unknown").to_owned();
+    let ended = event.kind == "customer.subscription.deleted"
+        || matches!(status.as_str(), "canceled" | "incomplete_expired");
+    let plan = if ended {
+        None
+    } else {
+        plan_of_price(catalog, price)
+    };
+    // The period moved onto the items in API basil; read both.
+    let period_end = o
+        .get("current_period_end")
+        .and_then(Value::as_i64)
+        .or_else(|| {
+            item.and_then(|i| i.get("current_period_end"))
+                .and_then(Value::as_i64)
+        });
+    Effect::Subscription(SubscriptionState {
+        customer: customer.to_owned(),
+        account_hint: metadata_of(o).get("account_id").cloned(),
+        subscription: id.to_owned(),
+        status,
+        plan: plan.unwrap_or_else(|| crate::domain::DEFAULT_PLAN.to_owned()),
+        period_end,
+        cancel_at_period_end: o
+            .get("cancel_at_period_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        as_of: event.created.unwrap_or(0),
+    })
+}
+
+fn invoice_paid(o: &Value, catalog: &Catalog) -> Effect {
+    let (Some(id), Some(customer)) = (text(o, "id"), text(o, "customer")) else {
+        return Effect::Nothing("invoice without an id or customer");
+    };
+    if invoice_subscription(o).is_none() {
+        return Effect::Nothing("not a subscription invoice");
+    }
+    match text(o, "billing_reason") {
+        Some("subscription_create" | "subscription_cycle") => {}
+        // A mid-period plan change is prorated money, not a new period: it grants nothing; the
+        // next cycle grants the new plan's credits.
+        Some("subscription_update") => return Effect::Nothing("proration invoice: no credits"),
+        _ => return Effect::Nothing("not a subscription period invoice"),
+    }
+    let line = o.pointer("/lines/data/0");
+    let price = line
+        .and_then(|l| {
+            l.pointer("/price/id")
+                .or_else(|| l.pointer("/pricing/price_details/price"))
+        })
+        .and_then(Value::as_str);
+    let Some(plan) = plan_of_price(catalog, price) else {
+        return Effect::Nothing("invoice price is not a catalog plan");
+    };
+    let account_hint = o
+        .pointer("/parent/subscription_details/metadata/account_id")
+        .or_else(|| o.pointer("/subscription_details/metadata/account_id"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Effect::InvoicePaid {
+        business_key: format!("invoice:{id}"),
+        customer: customer.to_owned(),
+        account_hint,
+        plan,
+        period_end: line
+            .and_then(|l| l.pointer("/period/end"))
+            .and_then(Value::as_i64),
+    }
+}
+
 fn checkout_paid(o: &Value, catalog: &Catalog) -> Effect {
     let Some(id) = text(o, "id") else {
         return Effect::Nothing("checkout session without an id");
@@ -88,7 +256,18 @@ fn checkout_paid(o: &Value, catalog: &Catalog) -> Effect {
     match text(o, "mode") {
         Some("payment") => {}
         Some("subscription") => {
-            return Effect::Nothing("subscription credits come from paid invoices");
+            // Credits come from paid invoices; the session links account and customer.
+            let account = metadata_of(o)
+                .get("account_id")
+                .cloned()
+                .or_else(|| text(o, "client_reference_id").map(str::to_owned));
+            return match (account, text(o, "customer")) {
+                (Some(account_id), Some(customer)) => Effect::Link {
+                    account_id,
+                    customer: customer.to_owned(),
+                },
+                _ => Effect::Nothing("subscription session without a tally account or customer"),
+            };
         }
         _ => return Effect::Nothing("not a payment-mode session"),
     }

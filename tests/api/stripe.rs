@@ -246,7 +246,154 @@ async fn http_health_endpoints_answer(backend: Backend) {
     app.finish().await;
 }
 
+fn event(id: &str, kind: &str, created: i64, object: &Value) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"id": id, "object": "event", "type": kind, "created": created, "livemode": false,
+                               "data": {"object": object}}),
+    )
+    .unwrap()
+}
+
+/// The end of the period paid for: a month from now (credits expire then).
+fn period_end() -> i64 {
+    chrono::Utc::now().timestamp() + 30 * 86_400
+}
+
+fn subscription(status: &str, cancel: bool) -> Value {
+    json!({"id": "sub_T1", "object": "subscription", "customer": "cus_T9", "status": status,
+           "cancel_at_period_end": cancel, "metadata": {"account_id": "subber"},
+           "items": {"data": [{"price": {"id": "price_pro_placeholder"}, "current_period_end": 1_766_000_000}]}})
+}
+
+async fn billing_view(app: &TestApp) -> Value {
+    reqwest::get(format!("http://{}/v1/accounts/subber/billing", app.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn subscriptions_mirror_state_and_paid_invoices_grant_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let session = json!({"id": "cs_sub", "object": "checkout.session", "mode": "subscription", "payment_status": "paid",
+                         "customer": "cus_T9", "subscription": "sub_T1", "client_reference_id": "subber",
+                         "metadata": {"account_id": "subber", "plan_id": "pro"}});
+    assert_eq!(
+        app.post_webhook(&event(
+            "evt_s0",
+            "checkout.session.completed",
+            100,
+            &session
+        ))
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        available(&app, "subber").await,
+        Some(0),
+        "a subscription checkout links; invoices grant"
+    );
+    assert_eq!(
+        app.post_webhook(&event(
+            "evt_s1",
+            "customer.subscription.created",
+            200,
+            &subscription("active", false)
+        ))
+        .await
+        .0,
+        200
+    );
+    let b = billing_view(&app).await;
+    assert_eq!(
+        (b["plan"].as_str(), b["subscription"]["status"].as_str()),
+        (Some("pro"), Some("active")),
+        "{b}"
+    );
+
+    let invoice = json!({"id": "in_T1", "object": "invoice", "customer": "cus_T9", "subscription": "sub_T1",
+                         "billing_reason": "subscription_create", "amount_paid": 1900, "status": "paid",
+                         "lines": {"data": [{"price": {"id": "price_pro_placeholder"}, "period": {"start": 1_764_000_000, "end": period_end()}}]}});
+    for id in ["evt_i1", "evt_i1", "evt_i1_resend"] {
+        let (status, reply) = app
+            .post_webhook(&event(id, "invoice.paid", 300, &invoice))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    assert_eq!(
+        available(&app, "subber").await,
+        Some(500),
+        "one period's credits"
+    );
+    let mut proration = invoice.clone();
+    proration["id"] = json!("in_T2");
+    proration["billing_reason"] = json!("subscription_update");
+    app.post_webhook(&event("evt_i2", "invoice.paid", 310, &proration))
+        .await;
+    assert_eq!(
+        available(&app, "subber").await,
+        Some(500),
+        "a proration invoice grants nothing"
+    );
+    // The basil shape: subscription and price moved under `parent` and `pricing`.
+    let basil = json!({"id": "in_T3", "object": "invoice", "customer": "cus_T9", "billing_reason": "subscription_cycle",
+                       "parent": {"subscription_details": {"subscription": "sub_T1"}},
+                       "lines": {"data": [{"pricing": {"price_details": {"price": "price_pro_placeholder"}}, "period": {"end": period_end() + 86_400}}]}});
+    app.post_webhook(&event("evt_i3", "invoice.paid", 400, &basil))
+        .await;
+    assert_eq!(available(&app, "subber").await, Some(1000));
+
+    // Out of order: an older state never overwrites a newer one.
+    app.post_webhook(&event(
+        "evt_old",
+        "customer.subscription.updated",
+        150,
+        &subscription("past_due", false),
+    ))
+    .await;
+    assert_eq!(billing_view(&app).await["subscription"]["status"], "active");
+    app.post_webhook(&event(
+        "evt_new",
+        "customer.subscription.updated",
+        500,
+        &subscription("active", true),
+    ))
+    .await;
+    assert_eq!(
+        billing_view(&app).await["subscription"]["cancel_at_period_end"],
+        true
+    );
+    let failed = json!({"id": "in_T4", "customer": "cus_T9", "subscription": "sub_T1", "billing_reason": "subscription_cycle"});
+    app.post_webhook(&event("evt_f1", "invoice.payment_failed", 600, &failed))
+        .await;
+    let b = billing_view(&app).await;
+    assert_eq!(
+        (
+            b["subscription"]["status"].as_str(),
+            b["balance"]["available"].as_i64()
+        ),
+        (Some("past_due"), Some(1000))
+    );
+    app.post_webhook(&event(
+        "evt_d",
+        "customer.subscription.deleted",
+        700,
+        &subscription("canceled", false),
+    ))
+    .await;
+    let b = billing_view(&app).await;
+    assert_eq!(
+        (b["plan"].as_str(), b["balance"]["available"].as_i64()),
+        (Some("free"), Some(1000)),
+        "{b}"
+    );
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    subscriptions_mirror_state_and_paid_invoices_grant_once,
     refused_deliveries_write_nothing,
     a_paid_session_grants_its_pack_exactly_once,
     every_shared_fixture_is_accepted_and_grants_nothing_it_should_not,
