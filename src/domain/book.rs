@@ -212,6 +212,8 @@ pub struct NewEntry {
     pub available_delta: i64,
     /// Change to held.
     pub held_delta: i64,
+    /// Change to debt.
+    pub debt_delta: i64,
     /// Free text.
     pub reason: String,
 }
@@ -265,6 +267,9 @@ pub struct Book {
     pub available: i64,
     /// Sum of `held` over the buckets (= amounts of open holds).
     pub held: i64,
+    /// Credits owed after a claw-back larger than the balance. Incoming credits pay it off
+    /// first, and while it is positive no grant has credits left to reserve.
+    pub debt: i64,
     /// Buckets with credits in them, and any others an operation needs.
     pub buckets: BTreeMap<String, Bucket>,
     /// Holds an operation needs (its target, and open holds past their expiry).
@@ -289,6 +294,7 @@ impl Book {
             allowance_period: None,
             available: 0,
             held: 0,
+            debt: 0,
             buckets: BTreeMap::new(),
             holds: BTreeMap::new(),
             draws: BTreeMap::new(),
@@ -319,8 +325,79 @@ impl Book {
             kind,
             available_delta,
             held_delta,
+            debt_delta: 0,
             reason: reason.to_owned(),
         });
+    }
+
+    /// Available credits net of debt: what callers see (negative while in debt).
+    #[must_use]
+    pub fn net_available(&self) -> i64 {
+        self.available.saturating_sub(self.debt)
+    }
+
+    /// Takes credits back (a refunded or disputed payment): from the grants in consumption
+    /// order, and what they cannot cover becomes debt. Returns the debt added.
+    pub fn claw_back(&mut self, amount: i64, reason: &str, now: DateTime<Utc>) -> i64 {
+        let usable: i64 = self
+            .usable(now)
+            .iter()
+            .map(|b| b.remaining)
+            .fold(0i64, i64::saturating_add);
+        let from_grants = amount.min(usable);
+        if from_grants > 0 {
+            // `take` cannot fail for at most what is usable.
+            let _ = self.take(from_grants, EntryKind::Clawback, reason, now);
+        }
+        let owed = amount.saturating_sub(from_grants);
+        if owed > 0 {
+            self.debt = self.debt.saturating_add(owed);
+            self.dirty.account = true;
+            self.entries.push(NewEntry {
+                hold_id: None,
+                bucket_id: None,
+                kind: EntryKind::Clawback,
+                available_delta: 0,
+                held_delta: 0,
+                debt_delta: owed,
+                reason: reason.to_owned(),
+            });
+        }
+        owed
+    }
+
+    /// Pays debt from the grants' available credits (called after credits come in).
+    fn pay_debt(&mut self, now: DateTime<Utc>) {
+        if self.debt <= 0 {
+            return;
+        }
+        let mut left = self.debt;
+        let mut plan: Vec<(String, i64)> = Vec::new();
+        for b in self.usable(now) {
+            if left == 0 {
+                break;
+            }
+            let x = left.min(b.remaining);
+            left = left.saturating_sub(x);
+            plan.push((b.bucket_id.clone(), x));
+        }
+        for (id, x) in plan {
+            if let Ok(b) = self.bucket_mut(&id) {
+                b.remaining = b.remaining.saturating_sub(x);
+            }
+            self.available = self.available.saturating_sub(x);
+            self.debt = self.debt.saturating_sub(x);
+            self.dirty.account = true;
+            self.entries.push(NewEntry {
+                hold_id: None,
+                bucket_id: Some(id),
+                kind: EntryKind::DebtPayment,
+                available_delta: x.saturating_neg(),
+                held_delta: 0,
+                debt_delta: x.saturating_neg(),
+                reason: String::new(),
+            });
+        }
     }
 
     fn bucket_mut(&mut self, id: &str) -> Res<&mut Bucket> {
@@ -419,7 +496,7 @@ impl Book {
                 .map(|b| b.remaining)
                 .fold(0i64, i64::saturating_add);
             return Err(LedgerError::InsufficientCredits {
-                available,
+                available: available.saturating_sub(self.debt),
                 requested: amount,
             });
         }
@@ -468,6 +545,7 @@ impl Book {
         if let Some(a) = allowance {
             self.grant_allowance(a, now, ids)?;
         }
+        self.pay_debt(now);
         Ok(())
     }
 
@@ -548,6 +626,7 @@ impl Book {
         );
         self.dirty.new_buckets.insert(id.to_owned());
         self.entry(kind, None, Some(id), (amount, 0), reason);
+        self.pay_debt(now);
         Ok(())
     }
 
@@ -580,7 +659,7 @@ impl Book {
         Ok(GrantOutcome {
             account_id: self.account_id.clone(),
             grant_id: bucket_id.to_owned(),
-            available: self.available,
+            available: self.net_available(),
         })
     }
 
@@ -638,7 +717,7 @@ impl Book {
         );
         Ok(ReserveOutcome {
             hold,
-            available: self.available,
+            available: self.net_available(),
         })
     }
 
@@ -755,6 +834,7 @@ impl Book {
             self.dirty.new_draws.insert(key);
             seq = seq.saturating_add(1);
         }
+        self.pay_debt(now);
         let h = self.hold_mut(hold_id)?;
         h.state = HoldState::Committed;
         h.committed_amount = plan.committed;
@@ -764,7 +844,7 @@ impl Book {
             hold,
             released: plan.released,
             extra_drawn: plan.extra_drawn,
-            available: self.available,
+            available: self.net_available(),
         })
     }
 
@@ -812,10 +892,11 @@ impl Book {
                 h.clone()
             }
         };
+        self.pay_debt(now);
         Ok(RefundOutcome {
             hold,
             refunded: plan.amount(),
-            available: self.available,
+            available: self.net_available(),
         })
     }
 
@@ -935,6 +1016,12 @@ impl Book {
     /// # Errors
     /// A description of the first violation.
     pub fn check(&self) -> Result<(), String> {
+        if self.debt < 0 || (self.debt > 0 && self.available > 0) {
+            return Err(format!(
+                "{}: debt {} while {} credits are available",
+                self.account_id, self.debt, self.available
+            ));
+        }
         let remaining = self
             .buckets
             .values()

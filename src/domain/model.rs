@@ -35,6 +35,8 @@ pub struct Entry {
     pub available_delta: i64,
     /// Change to held.
     pub held_delta: i64,
+    /// Change to debt.
+    pub debt_delta: i64,
 }
 
 struct Counter<'a>(&'a mut u64);
@@ -120,7 +122,7 @@ impl Ledger {
             next_expiry,
             allowance_left: self.allowance.as_ref().and(allowance_left),
             account_id: account_id.to_owned(),
-            available: book.available,
+            available: book.net_available(),
             held: book.held,
             open_holds: i64::try_from(open).unwrap_or(i64::MAX),
             plan: book.plan,
@@ -187,6 +189,7 @@ impl Ledger {
                 kind: e.kind,
                 available_delta: e.available_delta,
                 held_delta: e.held_delta,
+                debt_delta: e.debt_delta,
             });
         }
         for h in &book.dirty.new_holds {
@@ -417,6 +420,17 @@ impl Ledger {
         })
     }
 
+    /// Takes credits back from an account (a refunded or disputed payment); what its grants
+    /// cannot cover becomes debt.
+    ///
+    /// # Errors
+    /// `AccountNotFound`.
+    pub fn claw_back(&mut self, account: &str, amount: i64, now: DateTime<Utc>) -> Res<i64> {
+        self.with_book(account, now, false, |b, _| {
+            Ok(b.claw_back(amount, "clawback", now))
+        })
+    }
+
     /// Checks every book, and that entries explain every balance.
     ///
     /// # Errors
@@ -424,15 +438,22 @@ impl Ledger {
     pub fn check_invariants(&self) -> Result<(), String> {
         for (id, book) in &self.books {
             book.check()?;
-            let (avail, held) = self.entries.iter().filter(|e| &e.account_id == id).fold(
-                (0i64, 0i64),
-                |(a, h), e| {
+            let (avail, held, debt) = self.entries.iter().filter(|e| &e.account_id == id).fold(
+                (0i64, 0i64, 0i64),
+                |(a, h, d), e| {
                     (
                         a.saturating_add(e.available_delta),
                         h.saturating_add(e.held_delta),
+                        d.saturating_add(e.debt_delta),
                     )
                 },
             );
+            if debt != book.debt {
+                return Err(format!(
+                    "{id}: entries say debt {debt}, column {}",
+                    book.debt
+                ));
+            }
             if (avail, held) != (book.available, book.held) {
                 return Err(format!(
                     "{id}: entries say ({avail}, {held}), columns ({}, {})",
@@ -461,6 +482,10 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
+        ClawBack {
+            account: u8,
+            amount: i64,
+        },
         Grant {
             account: u8,
             amount: i64,
@@ -516,6 +541,7 @@ mod tests {
             1 => (0u8..3, 0u8..3, 1i64..80).prop_filter("two accounts", |(f, t, _)| f != t).prop_map(|(from, to, amount)| Op::Transfer { from, to, amount }),
             2 => (1i64..40_000).prop_map(|secs| Op::Advance { secs }),
             1 => Just(Op::Sweep),
+            1 => (0u8..3, 1i64..150).prop_map(|(account, amount)| Op::ClawBack { account, amount }),
             2 => any::<usize>().prop_map(|back| Op::Retry { back }),
             1 => any::<usize>().prop_map(|back| Op::ReuseKeyWithOtherRequest { back }),
         ]
@@ -657,6 +683,22 @@ mod tests {
                     Op::Transfer { from, to, amount } => Some(Sent::Transfer(Transfer {
                         from: acct(from), to: acct(to), amount: credits(amount), reason: "gift".into() })),
                     Op::Advance { secs } => { now += TimeDelta::seconds(secs); None }
+                    Op::ClawBack { account, amount } => {
+                        let name = format!("acct{account}");
+                        if l.book(&name).is_some() {
+                            let before = l.balance(&name, now).unwrap();
+                            l.claw_back(&name, amount, now).unwrap();
+                            let after = l.balance(&name, now).unwrap();
+                            prop_assert_eq!(after.available, before.available - amount, "a claw-back takes exactly its amount");
+                            if after.available < 0 {
+                                let r = Reserve { account_id: acct(account), amount: credits(1), ttl: TimeDelta::seconds(60),
+                                    metadata: Metadata::default(), hold_id: HoldId::from_bytes([0xee; 16]), priced: None };
+                                let mut probe = l.clone();
+                                prop_assert!(probe.reserve(&idem("probe", r.fingerprint()), &r, now).is_err(), "debt blocks reserves");
+                            }
+                        }
+                        None
+                    }
                     Op::Sweep => {
                         let before: Vec<_> = ACCOUNTS.iter().map(|a| l.balance(a, now).ok().map(|b| (b.available, b.held))).collect();
                         l.expire_due(now);

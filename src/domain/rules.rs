@@ -198,11 +198,16 @@ pub enum EntryKind {
     TransferOut,
     /// Credits moved in from another account (one entry per new grant).
     TransferIn,
+    /// Credits taken back after a payment was refunded or disputed (one entry per grant
+    /// touched; what no grant could cover becomes debt).
+    Clawback,
+    /// Incoming credits paying off debt (one entry per grant touched).
+    DebtPayment,
 }
 
 impl EntryKind {
     /// Every kind, for exhaustive tests.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::Grant,
         Self::Reserve,
         Self::Commit,
@@ -213,6 +218,8 @@ impl EntryKind {
         Self::Adjustment,
         Self::TransferOut,
         Self::TransferIn,
+        Self::Clawback,
+        Self::DebtPayment,
     ];
 
     /// Parses a stored name.
@@ -235,6 +242,8 @@ impl EntryKind {
             Self::Adjustment => "adjustment",
             Self::TransferOut => "transfer_out",
             Self::TransferIn => "transfer_in",
+            Self::Clawback => "clawback",
+            Self::DebtPayment => "debt_payment",
         }
     }
 }

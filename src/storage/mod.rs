@@ -415,9 +415,10 @@ SELECT a.account_id, a.available, a.held,
        CAST(COALESCE(e.he, 0) AS BIGINT) AS entries_held,
        CAST(COALESCE(h.open_amount, 0) AS BIGINT) AS open_held,
        CAST(COALESCE(g.remaining, 0) AS BIGINT) AS grants_remaining,
-       CAST(COALESCE(g.held, 0) AS BIGINT) AS grants_held
+       CAST(COALESCE(g.held, 0) AS BIGINT) AS grants_held,
+       a.debt, CAST(COALESCE(e.de, 0) AS BIGINT) AS entries_debt
 FROM account a
-LEFT JOIN (SELECT account_id, SUM(available_delta) AS av, SUM(held_delta) AS he
+LEFT JOIN (SELECT account_id, SUM(available_delta) AS av, SUM(held_delta) AS he, SUM(debt_delta) AS de
            FROM entry GROUP BY account_id) e ON e.account_id = a.account_id
 LEFT JOIN (SELECT account_id, SUM(amount) AS open_amount
            FROM hold WHERE state = 'open' GROUP BY account_id) h ON h.account_id = a.account_id
@@ -426,11 +427,12 @@ LEFT JOIN (SELECT account_id, SUM(remaining) AS remaining, SUM(held) AS held
 WHERE a.available <> COALESCE(e.av, 0) OR a.held <> COALESCE(e.he, 0)
    OR a.held <> COALESCE(h.open_amount, 0)
    OR a.available <> COALESCE(g.remaining, 0) OR a.held <> COALESCE(g.held, 0)
+   OR a.debt <> COALESCE(e.de, 0)
 ORDER BY a.account_id";
 
 /// A row of [`AUDIT_SQL`]: account, columns (available, held), entry sums (available, held),
 /// the sum of open holds, and grant sums (remaining, held).
-pub(crate) type AuditRow = (String, i64, i64, i64, i64, i64, i64, i64);
+pub(crate) type AuditRow = (String, i64, i64, i64, i64, i64, i64, i64, i64, i64);
 
 /// Turns a row of [`AUDIT_SQL`] into a violation.
 pub(crate) fn violation(row: AuditRow) -> Violation {
@@ -443,12 +445,15 @@ pub(crate) fn violation(row: AuditRow) -> Violation {
         open_held,
         remaining,
         grants_held,
+        debt,
+        entries_debt,
     ) = row;
     Violation {
         account_id,
         detail: format!(
             "columns available={available} held={held}; entries available={entries_available} \
-             held={entries_held}; open holds={open_held}; grants remaining={remaining} held={grants_held}"
+             held={entries_held}; open holds={open_held}; grants remaining={remaining} held={grants_held}; \
+             debt={debt}, entries debt={entries_debt}"
         ),
     }
 }

@@ -157,7 +157,7 @@ impl PgStore {
     /// Columns of the balance read, and whether time has work to do on the account.
     async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
         let row = sqlx::query(
-            "SELECT a.available, a.held, a.plan, a.allowance_period, now() AS now,
+            "SELECT a.available - a.debt AS available, a.held, a.plan, a.allowance_period, now() AS now,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
@@ -290,7 +290,7 @@ impl Tx for PgTx {
             .is_some();
         }
         let row = sqlx::query(
-            "SELECT plan, allowance_period, available, held FROM account WHERE account_id = $1 FOR UPDATE",
+            "SELECT plan, allowance_period, available, held, debt FROM account WHERE account_id = $1 FOR UPDATE",
         )
         .bind(account_id)
         .fetch_optional(&mut *self.tx)
@@ -304,6 +304,7 @@ impl Tx for PgTx {
         book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
         book.available = row.try_get("available").map_err(map_err)?;
         book.held = row.try_get("held").map_err(map_err)?;
+        book.debt = row.try_get("debt").map_err(map_err)?;
         Ok(Some((book, created)))
     }
 
@@ -487,8 +488,8 @@ impl Tx for PgTx {
         }
         for e in &book.entries {
             sqlx::query(
-                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason, debt_delta)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&book.account_id)
             .bind(e.hold_id.as_deref())
@@ -497,13 +498,15 @@ impl Tx for PgTx {
             .bind(e.available_delta)
             .bind(e.held_delta)
             .bind(&e.reason)
+            .bind(e.debt_delta)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         }
         if d.account {
             sqlx::query(
-                "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6
+                "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6,
+                                    debt = $7
                  WHERE account_id = $1",
             )
             .bind(&book.account_id)
@@ -512,6 +515,7 @@ impl Tx for PgTx {
             .bind(&book.plan)
             .bind(book.allowance_period.as_deref())
             .bind(now)
+            .bind(book.debt)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

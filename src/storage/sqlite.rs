@@ -194,7 +194,7 @@ impl SqliteStore {
     async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
         let now = to_time(now_micros())?;
         let row = sqlx::query(
-            "SELECT a.available, a.held, a.plan, a.allowance_period,
+            "SELECT a.available - a.debt AS available, a.held, a.plan, a.allowance_period,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
@@ -324,7 +324,7 @@ impl Tx for SqliteTx {
         }
         // The write transaction already excludes every other writer.
         let row = sqlx::query(
-            "SELECT plan, allowance_period, available, held FROM account WHERE account_id = ?1",
+            "SELECT plan, allowance_period, available, held, debt FROM account WHERE account_id = ?1",
         )
         .bind(account_id)
         .fetch_optional(&mut *self.tx)
@@ -338,6 +338,7 @@ impl Tx for SqliteTx {
         book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
         book.available = row.try_get("available").map_err(map_err)?;
         book.held = row.try_get("held").map_err(map_err)?;
+        book.debt = row.try_get("debt").map_err(map_err)?;
         Ok(Some((book, created)))
     }
 
@@ -526,8 +527,8 @@ impl Tx for SqliteTx {
         }
         for e in &book.entries {
             sqlx::query(
-                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason, created_at, debt_delta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .bind(&book.account_id)
             .bind(e.hold_id.as_deref())
@@ -537,13 +538,15 @@ impl Tx for SqliteTx {
             .bind(e.held_delta)
             .bind(&e.reason)
             .bind(now.timestamp_micros())
+            .bind(e.debt_delta)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         }
         if d.account {
             sqlx::query(
-                "UPDATE account SET available = ?2, held = ?3, plan = ?4, allowance_period = ?5, updated_at = ?6
+                "UPDATE account SET available = ?2, held = ?3, plan = ?4, allowance_period = ?5, updated_at = ?6,
+                                    debt = ?7
                  WHERE account_id = ?1",
             )
             .bind(&book.account_id)
@@ -552,6 +555,7 @@ impl Tx for SqliteTx {
             .bind(&book.plan)
             .bind(book.allowance_period.as_deref())
             .bind(now.timestamp_micros())
+            .bind(book.debt)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

@@ -406,9 +406,22 @@ crate::on_both_backends!(
 async fn database_down_during_a_webhook_is_a_5xx_and_the_redelivery_applies_once() {
     use sqlx::Connection;
     let app = TestApp::spawn(Backend::Postgres).await;
-    let name = app.db.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL").unwrap()).await.unwrap();
-    let set = |allow: bool| sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"));
+    let name = app
+        .db
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let set = |allow: bool| {
+        sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"))
+    };
     sqlx::query(set(false)).execute(&mut admin).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
@@ -421,7 +434,11 @@ async fn database_down_during_a_webhook_is_a_5xx_and_the_redelivery_applies_once
     assert!((500..600).contains(&status), "{status} {reply}");
     sqlx::query(set(true)).execute(&mut admin).await.unwrap();
     let (status, reply) = app.post_webhook(&body).await;
-    assert_eq!((status, reply["granted"].as_bool()), (200, Some(true)), "{reply}");
+    assert_eq!(
+        (status, reply["granted"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
     let (status, reply) = app.post_webhook(&body).await;
     assert_eq!((status, reply["duplicate"].as_bool()), (200, Some(true)));
     assert_eq!(available(&app, "buyer").await, Some(500));
