@@ -12,3 +12,6 @@ ALTER TABLE entry ADD CONSTRAINT entry_changes_something CHECK (available_delta 
 ALTER TABLE stripe_fact ADD COLUMN payment_intent TEXT;
 ALTER TABLE stripe_fact ADD COLUMN amount_paid BIGINT;
 CREATE INDEX stripe_fact_by_payment_intent ON stripe_fact (payment_intent) WHERE payment_intent IS NOT NULL;
+-- Facts of refunds and disputes: `clawed` (credits = clawed so far), `restored` (a won dispute).
+ALTER TABLE stripe_fact DROP CONSTRAINT stripe_fact_state_known;
+ALTER TABLE stripe_fact ADD CONSTRAINT stripe_fact_state_known CHECK (state IN ('pending', 'failed', 'granted', 'clawed', 'restored'));

@@ -32,6 +32,22 @@ CREATE TRIGGER entry_no_delete BEFORE DELETE ON entry
 BEGIN
     SELECT RAISE(ABORT, 'entry is append-only');
 END;
-ALTER TABLE stripe_fact ADD COLUMN payment_intent TEXT;
-ALTER TABLE stripe_fact ADD COLUMN amount_paid INTEGER;
+-- stripe_fact: new states (`clawed`, `restored`) and what a purchase was paid with.
+CREATE TABLE stripe_fact_new (
+    business_key   TEXT    PRIMARY KEY,
+    account_id     TEXT,
+    state          TEXT    NOT NULL,
+    credits        INTEGER NOT NULL DEFAULT 0,
+    grant_id       TEXT,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL,
+    payment_intent TEXT,
+    amount_paid    INTEGER,
+    CONSTRAINT stripe_fact_state_known CHECK (state IN ('pending', 'failed', 'granted', 'clawed', 'restored'))
+) STRICT;
+INSERT INTO stripe_fact_new (business_key, account_id, state, credits, grant_id, created_at, updated_at)
+SELECT business_key, account_id, state, credits, grant_id, created_at, updated_at FROM stripe_fact;
+DROP TABLE stripe_fact;
+ALTER TABLE stripe_fact_new RENAME TO stripe_fact;
+CREATE INDEX stripe_fact_by_account ON stripe_fact (account_id, created_at);
 CREATE INDEX stripe_fact_by_payment_intent ON stripe_fact (payment_intent) WHERE payment_intent IS NOT NULL;

@@ -128,6 +128,8 @@ fn resolve(
             business_key,
             account_id,
             pack_id,
+            payment_intent,
+            amount_paid,
         } => {
             let pack = catalog.packs.get(pack_id).ok_or("unknown pack")?;
             Ok(StripeEffect::Grant {
@@ -140,8 +142,34 @@ fn resolve(
                     .expires_in
                     .and_then(|d| chrono::TimeDelta::from_std(d).ok()),
                 reason: format!("{} ({}; {})", pack.display_name, business_key, event.id),
+                payment: payment_intent
+                    .clone()
+                    .map(|pi| (pi, amount_paid.unwrap_or(0))),
             })
         }
+        Effect::Refunded {
+            charge,
+            payment_intent,
+            amount,
+            amount_refunded,
+        } => Ok(StripeEffect::ClawRefund {
+            charge: charge.clone(),
+            payment_intent: payment_intent.clone(),
+            amount: *amount,
+            amount_refunded: *amount_refunded,
+        }),
+        Effect::Disputed {
+            dispute,
+            charge,
+            payment_intent,
+        } => Ok(StripeEffect::ClawDispute {
+            dispute: dispute.clone(),
+            charge: charge.clone(),
+            payment_intent: payment_intent.clone(),
+        }),
+        Effect::DisputeWon { dispute } => Ok(StripeEffect::RestoreDispute {
+            dispute: dispute.clone(),
+        }),
     }
 }
 
@@ -189,6 +217,9 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         Effect::Subscription(_) => "mirror subscription",
         Effect::InvoicePaid { .. } => "grant subscription credits",
         Effect::PaymentFailed { .. } => "past due",
+        Effect::Refunded { .. } => "claw back refund",
+        Effect::Disputed { .. } => "claw back dispute",
+        Effect::DisputeWon { .. } => "restore dispute",
     };
     let resolved = match resolve(&effect, &s.catalog, event) {
         Ok(r) => r,

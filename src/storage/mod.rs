@@ -304,6 +304,33 @@ pub enum StripeEffect {
         expires_in: Option<TimeDelta>,
         /// Reason on the grant.
         reason: String,
+        /// The PaymentIntent and amount paid (minor units), for later refunds and disputes.
+        payment: Option<(String, i64)>,
+    },
+    /// Claw back the refunded share of the purchase paid by `payment_intent`.
+    ClawRefund {
+        /// The refunded charge.
+        charge: String,
+        /// The purchase's PaymentIntent.
+        payment_intent: String,
+        /// The charge's amount.
+        amount: i64,
+        /// Refunded so far.
+        amount_refunded: i64,
+    },
+    /// Claw back what is left of a disputed purchase.
+    ClawDispute {
+        /// `dp_...`.
+        dispute: String,
+        /// The disputed charge.
+        charge: String,
+        /// The purchase's PaymentIntent.
+        payment_intent: String,
+    },
+    /// Give back what a won dispute clawed.
+    RestoreDispute {
+        /// `dp_...`.
+        dispute: String,
     },
     /// Link an account (created if new) to its Stripe customer.
     Link {
@@ -543,6 +570,23 @@ pub(crate) trait Tx: Send {
     ) -> StorageResult<bool>;
     /// Sets the subscription status of a customer's account.
     async fn set_subscription_status(&mut self, customer: &str, status: &str) -> StorageResult<()>;
+    /// A business fact: state, credits, account (locked for the rest of the transaction).
+    async fn fact(
+        &mut self,
+        business_key: &str,
+    ) -> StorageResult<Option<(String, i64, Option<String>)>>;
+    /// The granted purchase paid by a PaymentIntent: (account, credits).
+    async fn purchase_by_payment_intent(
+        &mut self,
+        payment_intent: &str,
+    ) -> StorageResult<Option<(String, i64)>>;
+    /// Records what paid a purchase.
+    async fn set_fact_payment(
+        &mut self,
+        business_key: &str,
+        payment_intent: &str,
+        amount_paid: i64,
+    ) -> StorageResult<()>;
     /// Creates or updates a business fact.
     async fn put_fact(
         &mut self,
@@ -572,6 +616,25 @@ async fn account_for(
         .await?;
     tx.link(account, customer, now).await?;
     Ok(Some(account.to_owned()))
+}
+
+/// Claws `amount` back from an account (debt for what its grants cannot cover).
+async fn claw(
+    tx: &mut dyn Tx,
+    account: &str,
+    amount: i64,
+    reason: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<()> {
+    let (mut book, _) = tx
+        .lock_book(account, None, now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    tx.load(&mut book, None, now).await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    book.claw_back(amount, reason, now);
+    tx.write(&book, now).await
 }
 
 /// Grants `amount` for a business fact unless it was granted before; true if granted now.
@@ -650,12 +713,14 @@ pub(crate) async fn record_stripe_event(
             source,
             expires_in,
             reason,
+            payment,
         } => {
             let expires_at = expires_in.and_then(|t| now.checked_add_signed(t));
+            let account = account_id.as_str();
             granted = grant_fact(
                 tx.as_mut(),
                 business_key,
-                account_id.as_str(),
+                account,
                 *amount,
                 *source,
                 expires_at,
@@ -664,6 +729,88 @@ pub(crate) async fn record_stripe_event(
                 now,
             )
             .await?;
+            if let (true, Some((pi, paid))) = (granted, payment) {
+                tx.set_fact_payment(business_key, pi, *paid).await?;
+            }
+        }
+        StripeEffect::ClawRefund {
+            charge,
+            payment_intent,
+            amount,
+            amount_refunded,
+        } => {
+            if let Some((account, credits)) = tx.purchase_by_payment_intent(payment_intent).await? {
+                // The refunded share, rounded down (in the buyer's favour), less earlier refunds.
+                let target = i64::try_from(
+                    i128::from(credits) * i128::from(*amount_refunded)
+                        / i128::from((*amount).max(1)),
+                )
+                .unwrap_or(credits)
+                .min(credits);
+                let key = format!("refund:{charge}");
+                let already = tx.fact(&key).await?.map_or(0, |(_, c, _)| c);
+                if target > already {
+                    claw(
+                        tx.as_mut(),
+                        &account,
+                        target.saturating_sub(already),
+                        &key,
+                        policy,
+                        now,
+                    )
+                    .await?;
+                    tx.put_fact(&key, Some(&account), "clawed", target, None, now)
+                        .await?;
+                }
+            }
+        }
+        StripeEffect::ClawDispute {
+            dispute,
+            charge,
+            payment_intent,
+        } => {
+            let key = format!("dispute:{dispute}");
+            if tx.fact(&key).await?.is_none()
+                && let Some((account, credits)) =
+                    tx.purchase_by_payment_intent(payment_intent).await?
+            {
+                let refunded = tx
+                    .fact(&format!("refund:{charge}"))
+                    .await?
+                    .map_or(0, |(_, c, _)| c);
+                let left = credits.saturating_sub(refunded).max(0);
+                if left > 0 {
+                    claw(tx.as_mut(), &account, left, &key, policy, now).await?;
+                }
+                tx.put_fact(&key, Some(&account), "clawed", left, None, now)
+                    .await?;
+            }
+        }
+        StripeEffect::RestoreDispute { dispute } => {
+            let key = format!("dispute:{dispute}");
+            if let Some((state, credits, Some(account))) = tx.fact(&key).await?
+                && state == "clawed"
+            {
+                if let Ok(amount) = crate::domain::Credits::new("credits", credits) {
+                    let source = crate::domain::book::Source::Refund;
+                    let reason = format!("dispute {dispute} won");
+                    grant_fact(
+                        tx.as_mut(),
+                        &format!("dispute_won:{dispute}"),
+                        &account,
+                        amount,
+                        source,
+                        None,
+                        &reason,
+                        policy,
+                        now,
+                    )
+                    .await?;
+                    granted = true;
+                }
+                tx.put_fact(&key, Some(&account), "restored", credits, None, now)
+                    .await?;
+            }
         }
         StripeEffect::Link {
             account_id,

@@ -641,6 +641,49 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
+    async fn fact(
+        &mut self,
+        business_key: &str,
+    ) -> StorageResult<Option<(String, i64, Option<String>)>> {
+        sqlx::query_as("SELECT state, credits, account_id FROM stripe_fact WHERE business_key = ?1")
+            .bind(business_key)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn purchase_by_payment_intent(
+        &mut self,
+        payment_intent: &str,
+    ) -> StorageResult<Option<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT account_id, credits FROM stripe_fact
+             WHERE payment_intent = ?1 AND state = 'granted' AND account_id IS NOT NULL LIMIT 1",
+        )
+        .bind(payment_intent)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn set_fact_payment(
+        &mut self,
+        business_key: &str,
+        payment_intent: &str,
+        amount_paid: i64,
+    ) -> StorageResult<()> {
+        sqlx::query(
+            "UPDATE stripe_fact SET payment_intent = ?2, amount_paid = ?3 WHERE business_key = ?1",
+        )
+        .bind(business_key)
+        .bind(payment_intent)
+        .bind(amount_paid)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
     async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>> {
         sqlx::query_scalar("SELECT state FROM stripe_fact WHERE business_key = ?1")
             .bind(business_key)

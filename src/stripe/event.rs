@@ -49,6 +49,36 @@ pub enum Effect {
         account_id: String,
         /// The pack bought.
         pack_id: String,
+        /// The PaymentIntent that paid it (refunds and disputes name it).
+        payment_intent: Option<String>,
+        /// What was paid, in the currency's minor units.
+        amount_paid: Option<i64>,
+    },
+    /// A charge was refunded (cumulatively `amount_refunded` of `amount`): claw back that share
+    /// of the purchase, less what earlier refunds of the charge took.
+    Refunded {
+        /// `ch_...`.
+        charge: String,
+        /// The PaymentIntent of the purchase.
+        payment_intent: String,
+        /// The charge's amount.
+        amount: i64,
+        /// Refunded so far (cumulative).
+        amount_refunded: i64,
+    },
+    /// A charge was disputed: claw back what is left of the purchase.
+    Disputed {
+        /// `dp_...`.
+        dispute: String,
+        /// The disputed charge.
+        charge: String,
+        /// The PaymentIntent of the purchase.
+        payment_intent: String,
+    },
+    /// A dispute was won: give back what it clawed.
+    DisputeWon {
+        /// `dp_...`.
+        dispute: String,
     },
     /// Record a fact without moving credits (a pending or failed payment).
     Record {
@@ -123,6 +153,39 @@ pub fn decide(event: &Envelope, catalog: &Catalog) -> Effect {
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => subscription(o, event, catalog),
         "invoice.paid" => invoice_paid(o, catalog),
+        "charge.refunded" => match (
+            text(o, "id"),
+            text(o, "payment_intent"),
+            o.get("amount").and_then(Value::as_i64),
+        ) {
+            (Some(charge), Some(pi), Some(amount)) if amount > 0 => Effect::Refunded {
+                charge: charge.to_owned(),
+                payment_intent: pi.to_owned(),
+                amount,
+                amount_refunded: o
+                    .get("amount_refunded")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+                    .clamp(0, amount),
+            },
+            _ => Effect::Nothing("refund without a charge, payment intent or amount"),
+        },
+        "charge.dispute.created" => {
+            match (text(o, "id"), text(o, "charge"), text(o, "payment_intent")) {
+                (Some(d), Some(c), Some(pi)) => Effect::Disputed {
+                    dispute: d.to_owned(),
+                    charge: c.to_owned(),
+                    payment_intent: pi.to_owned(),
+                },
+                _ => Effect::Nothing("dispute without a charge or payment intent"),
+            }
+        }
+        "charge.dispute.closed" => match (text(o, "id"), text(o, "status")) {
+            (Some(d), Some("won")) => Effect::DisputeWon {
+                dispute: d.to_owned(),
+            },
+            _ => Effect::Nothing("dispute closed without a win: the claw-back stands"),
+        },
         "invoice.payment_failed" => match (text(o, "customer"), invoice_subscription(o)) {
             (Some(customer), Some(_)) => Effect::PaymentFailed {
                 customer: customer.to_owned(),
@@ -305,6 +368,8 @@ fn checkout_paid(o: &Value, catalog: &Catalog) -> Effect {
         business_key,
         account_id: account.to_owned(),
         pack_id: pack.clone(),
+        payment_intent: text(o, "payment_intent").map(str::to_owned),
+        amount_paid: o.get("amount_total").and_then(Value::as_i64),
     }
 }
 
@@ -329,6 +394,8 @@ mod tests {
         let paid = serde_json::json!({"id": "cs_1", "mode": "payment", "payment_status": "paid",
             "client_reference_id": "u1", "metadata": {"pack_id": "starter"}});
         let want = Effect::GrantPack {
+            payment_intent: None,
+            amount_paid: None,
             business_key: "checkout_session:cs_1".into(),
             account_id: "u1".into(),
             pack_id: "starter".into(),

@@ -392,7 +392,134 @@ async fn subscriptions_mirror_state_and_paid_invoices_grant_once(backend: Backen
     app.finish().await;
 }
 
+fn purchase(event_id: &str, session: &str, payment_intent: &str) -> Vec<u8> {
+    let mut e: Value = serde_json::from_slice(&tally_session_event(
+        event_id,
+        "checkout.session.completed",
+        session,
+        "paid",
+    ))
+    .unwrap();
+    e["data"]["object"]["payment_intent"] = json!(payment_intent);
+    serde_json::to_vec(&e).unwrap()
+}
+
+fn refund(event_id: &str, refunded: i64) -> Vec<u8> {
+    event(
+        event_id,
+        "charge.refunded",
+        900,
+        &json!({"id": "ch_T1", "object": "charge", "payment_intent": "pi_T1",
+                                                     "amount": 1900, "amount_refunded": refunded}),
+    )
+}
+
+async fn refunds_and_disputes_claw_back_into_debt_and_wins_restore(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut credit = app.credit().await;
+    assert_eq!(
+        app.post_webhook(&purchase("evt_b1", "cs_T1", "pi_T1"))
+            .await
+            .1["granted"],
+        true
+    );
+    let h = credit
+        .reserve(crate::reserve_req("buyer", 300, "r1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    credit
+        .commit(pb::CommitRequest {
+            hold_id: h.hold_id,
+            amount: 300,
+            idempotency_key: "c1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(available(&app, "buyer").await, Some(200));
+    // Half refunded: 250 credits back, but only 200 are left: 50 become debt.
+    assert_eq!(app.post_webhook(&refund("evt_r1", 950)).await.0, 200);
+    assert_eq!(available(&app, "buyer").await, Some(-50));
+    let e = credit
+        .reserve(crate::reserve_req("buyer", 1, "r2"))
+        .await
+        .unwrap_err();
+    crate::expect_error(&e, tonic::Code::FailedPrecondition, "INSUFFICIENT_CREDITS");
+    // The same refund state again changes nothing; the rest refunded claws only the delta.
+    app.post_webhook(&refund("evt_r1_again", 950)).await;
+    assert_eq!(available(&app, "buyer").await, Some(-50));
+    app.post_webhook(&refund("evt_r2", 1900)).await;
+    assert_eq!(
+        available(&app, "buyer").await,
+        Some(-300),
+        "never more than was bought: 500 in all"
+    );
+    app.post_webhook(&refund("evt_r3", 1900)).await;
+    assert_eq!(available(&app, "buyer").await, Some(-300));
+    // New credits pay the debt first.
+    let mut admin = app.admin().await;
+    admin
+        .grant(crate::grant_req("buyer", 1_000, "g1"))
+        .await
+        .unwrap();
+    assert_eq!(available(&app, "buyer").await, Some(700));
+
+    assert_eq!(
+        app.post_webhook(&purchase("evt_b2", "cs_T2", "pi_T2"))
+            .await
+            .1["granted"],
+        true
+    );
+    assert_eq!(available(&app, "buyer").await, Some(1_200));
+    let dispute = |status: &str| {
+        json!({"id": "dp_T1", "object": "dispute", "charge": "ch_T2", "payment_intent": "pi_T2",
+                                          "amount": 1900, "status": status})
+    };
+    app.post_webhook(&event(
+        "evt_d1",
+        "charge.dispute.created",
+        1000,
+        &dispute("needs_response"),
+    ))
+    .await;
+    app.post_webhook(&event(
+        "evt_d1_again",
+        "charge.dispute.created",
+        1001,
+        &dispute("needs_response"),
+    ))
+    .await;
+    assert_eq!(
+        available(&app, "buyer").await,
+        Some(700),
+        "the disputed purchase is clawed once"
+    );
+    app.post_webhook(&event(
+        "evt_d2",
+        "charge.dispute.closed",
+        1100,
+        &dispute("won"),
+    ))
+    .await;
+    app.post_webhook(&event(
+        "evt_d2_again",
+        "charge.dispute.closed",
+        1101,
+        &dispute("won"),
+    ))
+    .await;
+    assert_eq!(
+        available(&app, "buyer").await,
+        Some(1_200),
+        "a won dispute restores it once"
+    );
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    refunds_and_disputes_claw_back_into_debt_and_wins_restore,
     subscriptions_mirror_state_and_paid_invoices_grant_once,
     refused_deliveries_write_nothing,
     a_paid_session_grants_its_pack_exactly_once,
