@@ -179,6 +179,11 @@ pub enum Command {
         #[command(subcommand)]
         action: CatalogCommand,
     },
+    /// Stripe operator tools (run against the database and Stripe directly).
+    Stripe {
+        #[command(subcommand)]
+        action: StripeCommand,
+    },
     /// Account administration.
     Account {
         #[command(subcommand)]
@@ -287,6 +292,19 @@ pub enum AccountCommand {
         key: KeyArgs,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+/// `tally stripe ...`
+#[derive(Debug, Subcommand)]
+pub enum StripeCommand {
+    /// Re-read an account's subscription from Stripe and apply it (repair after missed events).
+    Sync {
+        /// Account id.
+        account: String,
+        /// The server's options (database, Stripe key, catalog) — the same flags and TALLY_* variables.
+        #[command(flatten)]
+        serve: Box<ServeArgs>,
     },
 }
 
@@ -666,7 +684,10 @@ fn print(json: bool, value: &Value, text: &str) {
 #[allow(clippy::too_many_lines, clippy::many_single_char_names)] // one arm per command: decode → call → print
 pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
-        Command::Serve(_) | Command::Migrate { .. } | Command::Catalog { .. } => Ok(()),
+        Command::Serve(_)
+        | Command::Migrate { .. }
+        | Command::Catalog { .. }
+        | Command::Stripe { .. } => Ok(()),
         Command::Estimate {
             operation,
             params,
@@ -1340,4 +1361,37 @@ pub fn run_catalog(action: &CatalogCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Runs `tally stripe sync ACCOUNT`.
+///
+/// # Errors
+/// A message for people.
+pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
+    let StripeCommand::Sync { account, serve } = action;
+    let settings = serve.settings()?;
+    let api = settings
+        .stripe
+        .clone()
+        .ok_or("no Stripe API key: set TALLY_STRIPE_API_KEY or --stripe-api-key")?;
+    let account_id =
+        crate::domain::AccountId::parse("account", &account).map_err(|e| e.to_string())?;
+    let store = crate::app::open_store(
+        &settings.database_url,
+        2,
+        std::sync::Arc::new(settings.catalog.policy()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let state = crate::http::HttpState {
+        store,
+        catalog: settings.catalog.clone(),
+        webhook_secrets: std::sync::Arc::new(Vec::new()),
+        livemode: settings.stripe_livemode,
+        stripe: Some(api.clone()),
+        billing_token: None,
+    };
+    let v = crate::http::billing::resync_subscription(&state, &api, &account_id).await?;
+    println!("{v:#}");
+    Ok(())
 }

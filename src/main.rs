@@ -76,6 +76,10 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Stripe { action } => match tally::cli::run_stripe(action).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Catalog { action } => match tally::cli::run_catalog(&action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

@@ -30,6 +30,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/v1/checkout/sessions/{id}/sync", post(sync_checkout))
         .route("/v1/billing/portal", post(portal))
         .route("/v1/accounts/{id}/billing", get(billing))
+        .route("/v1/accounts/{id}/billing/sync", post(sync_subscription))
 }
 
 fn error(status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
@@ -342,4 +343,83 @@ async fn billing(
         "recent_purchases": purchases.into_iter().map(|(key, credits, at)| json!({"key": key, "credits": credits, "at": at.to_rfc3339()})).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// Re-reads an account's subscription from Stripe and applies it as the newest state (repair
+/// after missed events). Shared by `POST /v1/accounts/{id}/billing/sync` and `tally stripe sync`.
+///
+/// # Errors
+/// A message for people: no customer, Stripe or the database failed.
+pub async fn resync_subscription(
+    s: &HttpState,
+    api: &StripeApi,
+    account_id: &AccountId,
+) -> Result<serde_json::Value, String> {
+    let customer = s
+        .store
+        .customer_of(account_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            "the account has no Stripe customer (it never went to Checkout)".to_owned()
+        })?;
+    let Some(object) = api
+        .latest_subscription(&customer)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(json!({"account_id": account_id.as_str(), "subscription": null}));
+    };
+    let now = chrono::Utc::now().timestamp();
+    let event = Envelope {
+        id: format!(
+            "resync:{}:{}",
+            account_id.as_str(),
+            uuid::Uuid::now_v7().simple()
+        ),
+        kind: "customer.subscription.updated".into(),
+        livemode: Some(s.livemode),
+        // Read from Stripe just now: newer than any event received so far.
+        created: Some(now),
+        api_version: None,
+        data: crate::stripe::event::Data {
+            object: object.clone(),
+        },
+    };
+    let response = apply_event(s, &event).await;
+    if !response.status().is_success() {
+        return Err(format!(
+            "could not apply the subscription ({})",
+            response.status()
+        ));
+    }
+    let plan = s
+        .store
+        .balance(account_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .plan;
+    Ok(
+        json!({"account_id": account_id.as_str(), "plan": plan, "subscription": {
+        "id": object["id"], "status": object["status"], "cancel_at_period_end": object["cancel_at_period_end"]}}),
+    )
+}
+
+async fn sync_subscription(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let api = match guard(&s, &headers) {
+        Ok(api) => api,
+        Err(resp) => return resp,
+    };
+    let account_id = match account(&id) {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    match resync_subscription(&s, api, &account_id).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, "SYNC_FAILED", e),
+    }
 }

@@ -175,6 +175,37 @@ impl StripeApi {
         Ok(s.url)
     }
 
+    /// The customer's newest subscription (any status) as the JSON object a subscription event
+    /// would carry, or `None` if the customer has none.
+    ///
+    /// # Errors
+    /// [`StripeCallError`].
+    pub async fn latest_subscription(
+        &self,
+        customer: &str,
+    ) -> Result<Option<Value>, StripeCallError> {
+        let list = stripe_billing::subscription::ListSubscription::new()
+            .customer(customer)
+            .status(stripe_billing::subscription::ListSubscriptionStatus::All)
+            .limit(1)
+            .send(&self.client)
+            .await?;
+        Ok(list.data.into_iter().next().map(|s| {
+            let item = s.items.data.first();
+            json!({
+                "id": s.id.as_str(),
+                "customer": s.customer.id().as_str(),
+                "status": s.status.as_str(),
+                "cancel_at_period_end": s.cancel_at_period_end,
+                "metadata": s.metadata,
+                "items": {"data": item.map(|i| vec![json!({
+                    "price": {"id": i.price.id.as_str()},
+                    "current_period_end": i.current_period_end,
+                })]).unwrap_or_default()},
+            })
+        }))
+    }
+
     /// Reads a Checkout Session back as the JSON object a webhook would carry (the fields
     /// Tally reads), with its livemode.
     ///

@@ -22,6 +22,7 @@ const TOKEN: &str = "billing-token-for-tests";
 /// What the fake Stripe saw and holds.
 #[derive(Default)]
 struct Fake {
+    subscription: Option<Value>,
     requests: Vec<(String, HashMap<String, String>)>,
     sessions: HashMap<String, Value>,
     paid: Vec<String>,
@@ -108,6 +109,30 @@ async fn portal(State(f): State<Shared>, Form(form): Form<HashMap<String, String
     )
 }
 
+/// A subscription as Stripe's API renders it (every field async-stripe requires).
+fn subscription_json(status: &str) -> Value {
+    let now = chrono::Utc::now().timestamp();
+    let price = json!({"id": "price_pro_placeholder", "object": "price", "active": true, "billing_scheme": "per_unit",
+        "created": 1, "currency": "usd", "livemode": false, "metadata": {}, "product": "prod_1", "type": "recurring"});
+    let plan = json!({"id": "price_pro_placeholder", "object": "plan", "active": true, "billing_scheme": "per_unit",
+        "created": 1, "currency": "usd", "interval": "month", "interval_count": 1, "livemode": false, "usage_type": "licensed"});
+    json!({"id": "sub_fake1", "object": "subscription", "automatic_tax": {"enabled": false}, "billing_cycle_anchor": now,
+        "billing_mode": {"type": "classic"}, "billing_schedules": [], "cancel_at_period_end": false,
+        "collection_method": "charge_automatically", "created": now, "currency": "usd", "customer": "cus_fake1",
+        "discounts": [], "invoice_settings": {"issuer": {"type": "self"}}, "livemode": false, "metadata": {},
+        "start_date": now, "status": status,
+        "items": {"object": "list", "has_more": false, "url": "/v1/subscription_items", "data": [{
+            "id": "si_1", "object": "subscription_item", "created": now, "current_period_start": now,
+            "current_period_end": now + 30 * 86_400, "discounts": [], "metadata": {}, "plan": plan, "price": price,
+            "subscription": "sub_fake1"}]}})
+}
+
+async fn list_subscriptions(State(f): State<Shared>) -> Json<Value> {
+    let f = f.lock().unwrap();
+    let data: Vec<Value> = f.subscription.iter().cloned().collect();
+    Json(json!({"object": "list", "has_more": false, "url": "/v1/subscriptions", "data": data}))
+}
+
 async fn fake_stripe() -> (SocketAddr, Shared) {
     let state: Shared = Arc::default();
     let app = Router::new()
@@ -115,6 +140,7 @@ async fn fake_stripe() -> (SocketAddr, Shared) {
         .route("/v1/checkout/sessions", post(create_session))
         .route("/v1/checkout/sessions/{id}", get(get_session))
         .route("/v1/billing_portal/sessions", post(portal))
+        .route("/v1/subscriptions", get(list_subscriptions))
         .with_state(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -380,7 +406,60 @@ async fn stripe_outages_are_clear_errors_not_hangs(backend: Backend) {
     app.finish().await;
 }
 
+async fn a_resync_applies_stripes_current_subscription(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = app_with_stripe(backend, stripe).await;
+    call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("buyer", ("plan_id", "pro"))),
+    )
+    .await;
+    let (status, r) = call(&app, "POST", "/v1/accounts/buyer/billing/sync", None).await;
+    assert_eq!(
+        (status, r["subscription"].is_null()),
+        (200, true),
+        "no subscription yet: {r}"
+    );
+    fake.lock().unwrap().subscription = Some(subscription_json("active"));
+    let (status, r) = call(&app, "POST", "/v1/accounts/buyer/billing/sync", None).await;
+    assert_eq!((status, r["plan"].as_str()), (200, Some("pro")), "{r}");
+    let (_, b) = call(&app, "GET", "/v1/accounts/buyer/billing", None).await;
+    assert_eq!(
+        (b["plan"].as_str(), b["subscription"]["status"].as_str()),
+        (Some("pro"), Some("active"))
+    );
+    // The operator tool does the same against the database and Stripe directly.
+    fake.lock().unwrap().subscription = Some(subscription_json("canceled"));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "stripe",
+            "sync",
+            "buyer",
+            "--database-url",
+            &app.db.url,
+            "--stripe-api-key",
+            "sk_test_fake",
+        ])
+        .args(["--stripe-api-base", &format!("http://{stripe}")])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["plan"], "free", "{printed}");
+    let (_, b) = call(&app, "GET", "/v1/accounts/buyer/billing", None).await;
+    assert_eq!(b["subscription"]["status"], "canceled");
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    a_resync_applies_stripes_current_subscription,
     checkout_sessions_carry_the_account_and_the_item,
     the_success_page_sync_and_the_webhook_grant_once,
     stripe_outages_are_clear_errors_not_hangs,
