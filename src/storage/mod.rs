@@ -34,6 +34,207 @@ macro_rules! hold_columns {
     };
 }
 
+/// The Store operations both backends implement the same way, on top of their `Tx`
+/// primitives and reads (`begin`, `policy`, `read_balance`): expanded inside each
+/// `impl Store`, so the logic exists once.
+macro_rules! book_ops {
+    ($ty:ty, { $($rest:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::storage::Store for $ty {
+    async fn balance(&self, account_id: &$crate::domain::AccountId) -> $crate::storage::StorageResult<$crate::domain::Balance> {
+        let (balance, due) = self.read_balance(account_id.as_str()).await?;
+        if !due {
+            return Ok(balance);
+        }
+        $crate::storage::settle(self.begin().await?, account_id.as_str(), &self.policy).await?;
+        Ok(self.read_balance(account_id.as_str()).await?.0)
+    }
+
+    async fn reserve(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::Reserve,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ReserveOutcome>> {
+        let target = $crate::storage::Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, _| {
+                b.reserve(
+                    cmd.hold_id.as_str(),
+                    cmd.amount,
+                    cmd.ttl,
+                    &cmd.metadata,
+                    now,
+                )
+            },
+        )
+        .await
+    }
+
+    async fn commit_hold(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::CommitHold,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::CommitOutcome>> {
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now),
+        )
+        .await
+    }
+
+    async fn refund(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::Refund,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::RefundOutcome>> {
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now),
+        )
+        .await
+    }
+
+    async fn extend_hold(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::ExtendHold,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ExtendOutcome>> {
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
+            &self.policy,
+            |b, now, _| b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now),
+        )
+        .await
+    }
+
+    async fn grant(&self, idem: &$crate::domain::command::Idempotency, cmd: &$crate::domain::command::Grant) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::GrantOutcome>> {
+        let target = $crate::storage::Target::Account {
+            id: cmd.account_id.as_str(),
+            create: true,
+        };
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                let id = ids.bucket_id();
+                b.grant(
+                    &id,
+                    cmd.source,
+                    cmd.amount,
+                    cmd.expires_at,
+                    cmd.priority,
+                    &cmd.reason,
+                    now,
+                )
+            },
+        )
+        .await
+    }
+
+    async fn open_account(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::OpenAccount,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::OpenOutcome>> {
+        $crate::storage::open_account(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn adjust(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::Adjust,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::AdjustOutcome>> {
+        let target = $crate::storage::Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, now, ids| {
+                b.adjust(
+                    cmd.delta,
+                    &format!("{} (by {})", cmd.reason, cmd.operator),
+                    now,
+                    ids,
+                )?;
+                Ok($crate::domain::AdjustOutcome {
+                    account_id: b.account_id.clone(),
+                    delta: cmd.delta,
+                    available: b.available,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn transfer(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::Transfer,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::TransferOutcome>> {
+        $crate::storage::transfer(self.begin().await?, idem, cmd, &self.policy).await
+    }
+
+    async fn set_plan(
+        &self,
+        idem: &$crate::domain::command::Idempotency,
+        cmd: &$crate::domain::command::SetPlan,
+    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::PlanOutcome>> {
+        let target = $crate::storage::Target::Account {
+            id: cmd.account_id.as_str(),
+            create: false,
+        };
+        $crate::storage::book_op(
+            self.begin().await?,
+            idem,
+            target,
+            &self.policy,
+            |b, _, _| {
+                let previous_plan = std::mem::replace(&mut b.plan, cmd.plan.clone());
+                b.dirty.account = true;
+                Ok($crate::domain::PlanOutcome {
+                    account_id: b.account_id.clone(),
+                    previous_plan,
+                    plan: cmd.plan.clone(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn record_stripe_event(
+        &self,
+        event: &$crate::storage::StripeEvent,
+        effect: &$crate::storage::StripeEffect,
+    ) -> $crate::storage::StorageResult<$crate::storage::StripeRecord> {
+        $crate::storage::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
+    }
+            $($rest)*
+        }
+    };
+}
+pub(crate) use book_ops;
+
 pub mod postgres;
 pub mod sqlite;
 

@@ -21,21 +21,17 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::SubscriptionRow;
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, Applied, AuditRow, Claim, EntryCursor, EntryQuery,
-    HoldQuery, StorageError, StorageResult, Store, StripeEffect, StripeEvent, StripeRecord, Target,
-    Tx, Violation, book_op, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
-    missing_buckets, source, state_names, thresholds_json, to_record, violation,
+    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Claim, EntryCursor, EntryQuery, HoldQuery,
+    StorageError, StorageResult, StripeEvent, Tx, Violation, constraint_rejection, entry_kind,
+    kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
+    violation,
 };
 use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
-use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
-    Transfer,
-};
-use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
+use crate::domain::command::Idempotency;
+use crate::domain::outcome::Outcome;
 use crate::domain::plan::Policy;
 use crate::domain::{
-    AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
-    Hold, HoldId, HoldState, LedgerError, Metadata, PlanOutcome, RefundOutcome, ReserveOutcome,
+    AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
 };
 
 /// How long a writer waits for the write lock before the call reports contention.
@@ -756,189 +752,7 @@ macro_rules! entries_sql {
 const ENTRIES_NEWEST_FIRST: &str = entries_sql!("DESC");
 const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
-        let (balance, due) = self.read_balance(account_id.as_str()).await?;
-        if !due {
-            return Ok(balance);
-        }
-        super::settle(self.begin().await?, account_id.as_str(), &self.policy).await?;
-        Ok(self.read_balance(account_id.as_str()).await?.0)
-    }
-
-    async fn reserve(
-        &self,
-        idem: &Idempotency,
-        cmd: &Reserve,
-    ) -> StorageResult<Applied<ReserveOutcome>> {
-        let target = Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, _| {
-                b.reserve(
-                    cmd.hold_id.as_str(),
-                    cmd.amount,
-                    cmd.ttl,
-                    &cmd.metadata,
-                    now,
-                )
-            },
-        )
-        .await
-    }
-
-    async fn commit_hold(
-        &self,
-        idem: &Idempotency,
-        cmd: &CommitHold,
-    ) -> StorageResult<Applied<CommitOutcome>> {
-        book_op(
-            self.begin().await?,
-            idem,
-            Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now),
-        )
-        .await
-    }
-
-    async fn refund(
-        &self,
-        idem: &Idempotency,
-        cmd: &Refund,
-    ) -> StorageResult<Applied<RefundOutcome>> {
-        book_op(
-            self.begin().await?,
-            idem,
-            Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now),
-        )
-        .await
-    }
-
-    async fn extend_hold(
-        &self,
-        idem: &Idempotency,
-        cmd: &ExtendHold,
-    ) -> StorageResult<Applied<ExtendOutcome>> {
-        book_op(
-            self.begin().await?,
-            idem,
-            Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now),
-        )
-        .await
-    }
-
-    async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>> {
-        let target = Target::Account {
-            id: cmd.account_id.as_str(),
-            create: true,
-        };
-        book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, ids| {
-                let id = ids.bucket_id();
-                b.grant(
-                    &id,
-                    cmd.source,
-                    cmd.amount,
-                    cmd.expires_at,
-                    cmd.priority,
-                    &cmd.reason,
-                    now,
-                )
-            },
-        )
-        .await
-    }
-
-    async fn open_account(
-        &self,
-        idem: &Idempotency,
-        cmd: &OpenAccount,
-    ) -> StorageResult<Applied<OpenOutcome>> {
-        super::open_account(self.begin().await?, idem, cmd, &self.policy).await
-    }
-
-    async fn adjust(
-        &self,
-        idem: &Idempotency,
-        cmd: &Adjust,
-    ) -> StorageResult<Applied<AdjustOutcome>> {
-        let target = Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, ids| {
-                b.adjust(
-                    cmd.delta,
-                    &format!("{} (by {})", cmd.reason, cmd.operator),
-                    now,
-                    ids,
-                )?;
-                Ok(AdjustOutcome {
-                    account_id: b.account_id.clone(),
-                    delta: cmd.delta,
-                    available: b.available,
-                })
-            },
-        )
-        .await
-    }
-
-    async fn transfer(
-        &self,
-        idem: &Idempotency,
-        cmd: &Transfer,
-    ) -> StorageResult<Applied<TransferOutcome>> {
-        super::transfer(self.begin().await?, idem, cmd, &self.policy).await
-    }
-
-    async fn set_plan(
-        &self,
-        idem: &Idempotency,
-        cmd: &SetPlan,
-    ) -> StorageResult<Applied<PlanOutcome>> {
-        let target = Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, _, _| {
-                let previous_plan = std::mem::replace(&mut b.plan, cmd.plan.clone());
-                b.dirty.account = true;
-                Ok(PlanOutcome {
-                    account_id: b.account_id.clone(),
-                    previous_plan,
-                    plan: cmd.plan.clone(),
-                })
-            },
-        )
-        .await
-    }
-
+super::book_ops!(SqliteStore, {
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64> {
         let used: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(-SUM(available_delta + held_delta), 0) AS BIGINT) FROM entry
@@ -1140,14 +954,6 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(violation).collect())
     }
 
-    async fn record_stripe_event(
-        &self,
-        event: &StripeEvent,
-        effect: &StripeEffect,
-    ) -> StorageResult<StripeRecord> {
-        super::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
-    }
-
     async fn customer_of(&self, account_id: &AccountId) -> StorageResult<Option<String>> {
         sqlx::query_scalar("SELECT customer_id FROM stripe_customer WHERE account_id = ?1")
             .bind(account_id.as_str())
@@ -1220,4 +1026,4 @@ impl Store for SqliteStore {
             .map_err(map_err)
             .map(|_| ())
     }
-}
+});
