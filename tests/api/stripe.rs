@@ -10,8 +10,19 @@ use tokio::task::JoinSet;
 
 use crate::support::{Backend, TestApp, WEBHOOK_SECRET, WEBHOOK_SECRET_OLD};
 
+/// The shared real Stripe payloads: `../shared/fixtures/stripe/events` beside the checkout
+/// (where CI puts it), or `TALLY_STRIPE_FIXTURES`.
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe/events")
+    let dir = std::env::var_os("TALLY_STRIPE_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe/events"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.is_dir(),
+        "Stripe fixtures not found at {}: check out shared/ beside the repository or set TALLY_STRIPE_FIXTURES",
+        dir.display()
+    );
+    dir
 }
 
 /// A `checkout.session.completed` for a session Tally created (its metadata names the account
