@@ -23,6 +23,7 @@ mod cli;
 mod credit;
 mod ops;
 mod pricing;
+mod process;
 mod stripe;
 
 use tally::pb;
