@@ -54,9 +54,24 @@ pub struct Settings {
     pub stripe_livemode: bool,
     /// Stripe API client (none: billing endpoints answer 503).
     pub stripe: Option<crate::stripe::client::StripeApi>,
-    /// Bearer token of the billing endpoints. Never logged.
-    pub billing_token: Option<String>,
+    /// Who may call what (open, on loopback only, when no callers are configured).
+    pub auth: Arc<crate::auth::Auth>,
+    /// Operator listener: `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Serve gRPC reflection (v1 and v1alpha).
+    pub reflection: bool,
+    /// gRPC calls in flight at once over all connections; more are shed with UNAVAILABLE.
+    pub max_concurrent_requests: usize,
+    /// How often the ledger reconciliation runs (zero: never).
+    pub audit_interval: Duration,
+    /// How often readiness checks the database.
+    pub readiness_interval: Duration,
+    /// Apply migrations at start (off when a migration Job does it).
+    pub auto_migrate: bool,
 }
+
+/// HTTP/2 streams one gRPC connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +111,30 @@ pub async fn open_store(
     max_connections: u32,
     policy: Arc<Policy>,
 ) -> Result<Arc<dyn Store>, StorageError> {
+    open_store_with(url, max_connections, policy, true).await
+}
+
+/// Opens the store named by `url`, applying its migrations when `migrate`.
+///
+/// # Errors
+/// `StorageError` when the URL scheme is unknown or the database cannot be opened or migrated.
+pub async fn open_store_with(
+    url: &str,
+    max_connections: u32,
+    policy: Arc<Policy>,
+    migrate: bool,
+) -> Result<Arc<dyn Store>, StorageError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PgStore::connect(url, max_connections, policy).await?;
-        store.migrate().await?;
+        if migrate {
+            store.migrate().await?;
+        }
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(url, max_connections, policy).await?;
-        store.migrate().await?;
+        if migrate {
+            store.migrate().await?;
+        }
         Ok(Arc::new(store))
     } else {
         Err(StorageError::Other(format!(
@@ -112,24 +144,16 @@ pub async fn open_store(
     }
 }
 
-/// Serves the HTTP sidecar until `stop` turns true.
+/// Serves `router` on `listener` until `stop` turns true.
 fn spawn_http(
     listener: TcpListener,
-    ledger: &Ledger,
-    settings: &Settings,
+    router: axum::Router,
+    what: &'static str,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let state = crate::http::HttpState {
-        store: Arc::clone(ledger.store()),
-        catalog: Arc::clone(&settings.catalog),
-        webhook_secrets: Arc::new(settings.webhook_secrets.clone()),
-        livemode: settings.stripe_livemode,
-        stripe: settings.stripe.clone(),
-        billing_token: settings.billing_token.clone(),
-    };
-    info!(addr = %listener.local_addr()?, "tally serving HTTP (Stripe webhooks, /healthz, /readyz)");
+    info!(addr = %listener.local_addr()?, "tally serving {what}");
     Ok(tokio::spawn(async move {
-        axum::serve(listener, crate::http::router(state))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
@@ -137,10 +161,45 @@ fn spawn_http(
     }))
 }
 
+/// Runs the ledger reconciliation every `every` until `stop`: every violation found counts in
+/// `tally_ledger_invariant_violations_total` (which must stay 0) and is logged.
+async fn run_audit(
+    store: Arc<dyn Store>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match store.audit().await {
+            Ok(v) if v.is_empty() => {
+                metrics::counter!("tally_ledger_audits_total", "result" => "ok").increment(1);
+            }
+            Ok(v) => {
+                metrics::counter!("tally_ledger_audits_total", "result" => "violations")
+                    .increment(1);
+                metrics::counter!("tally_ledger_invariant_violations_total")
+                    .increment(u64::try_from(v.len()).unwrap_or(u64::MAX));
+                tracing::error!(violations = v.len(), first = ?v.first(), "ledger reconciliation found violations");
+            }
+            Err(e) => {
+                metrics::counter!("tally_ledger_audits_total", "result" => "error").increment(1);
+                warn!(error.message = %e, "ledger reconciliation failed");
+            }
+        }
+    }
+}
+
 /// A built, bound, not yet serving application.
 pub struct App {
     listener: TcpListener,
     http_listener: TcpListener,
+    metrics_listener: TcpListener,
     ledger: Ledger,
     settings: Settings,
 }
@@ -151,17 +210,22 @@ impl App {
     /// # Errors
     /// [`AppError`] when the database or the address is unusable.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        let store = open_store(
+        let store = open_store_with(
             &settings.database_url,
             settings.db_max_connections,
             Arc::new(settings.catalog.policy()),
+            settings.auto_migrate,
         )
         .await?;
         let listener = TcpListener::bind(settings.listen).await?;
         let http_listener = TcpListener::bind(settings.http_listen).await?;
+        let metrics_listener = TcpListener::bind(settings.metrics_listen).await?;
+        // Install the recorder before anything counts.
+        let _ = crate::telemetry::metrics();
         Ok(Self {
             listener,
             http_listener,
+            metrics_listener,
             ledger: Ledger::new(store, settings.limits),
             settings,
         })
@@ -173,6 +237,14 @@ impl App {
     /// When the socket has no local address.
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
         self.http_listener.local_addr()
+    }
+
+    /// The bound operator (metrics) address.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics_listener.local_addr()
     }
 
     /// The bound address (useful with port 0).
@@ -200,64 +272,117 @@ impl App {
         let Self {
             listener,
             http_listener,
+            metrics_listener,
             ledger,
             settings,
         } = self;
+        let store = Arc::clone(ledger.store());
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<CreditServiceServer<CreditApi>>().await;
-        health.set_serving::<AdminServiceServer<AdminApi>>().await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let readiness = crate::health::Readiness::default();
+        crate::health::start(store.as_ref(), &readiness, &health).await;
+        let reflection = |v1: bool| {
+            let b = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+            if v1 {
+                b.build_v1().map(|s| (Some(s), None))
+            } else {
+                b.build_v1alpha().map(|s| (None, Some(s)))
+            }
+        };
+        let (reflection_v1, reflection_v1alpha) = if settings.reflection {
+            (reflection(true)?.0, reflection(false)?.1)
+        } else {
+            (None, None)
+        };
 
-        // One stop flag: set when `shutdown` resolves; the sweeper and the grace timer watch it.
+        // One stop flag: set when `shutdown` resolves; background tasks and the grace timer
+        // watch it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
         let background = {
             let ledger = ledger.clone();
-            let mut stop = stop_rx.clone();
+            let stop = until_stopped(stop_rx.clone());
             tokio::spawn(async move {
                 ledger
                     .run_background(
                         settings.sweep_interval,
                         settings.idempotency_retention,
-                        async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        },
+                        stop,
                     )
                     .await;
             })
         };
+        let watcher = tokio::spawn(crate::health::watch(
+            Arc::clone(&store),
+            readiness.clone(),
+            health.clone(),
+            settings.readiness_interval,
+            until_stopped(stop_rx.clone()),
+        ));
+        let audit = tokio::spawn(run_audit(
+            Arc::clone(&store),
+            settings.audit_interval,
+            stop_rx.clone(),
+        ));
         let signal = {
-            let health = health.clone();
             let stop_tx = Arc::clone(&stop_tx);
+            let readiness = readiness.clone();
+            let health = health.clone();
             async move {
                 shutdown.await;
                 info!("shutting down: NOT_SERVING, draining in-flight calls");
+                readiness.drain();
+                crate::health::publish(&health, false).await;
                 stop_tx.send_replace(true);
-                health
-                    .set_not_serving::<CreditServiceServer<CreditApi>>()
-                    .await;
-                health
-                    .set_not_serving::<AdminServiceServer<AdminApi>>()
-                    .await;
             }
         };
 
-        let http = spawn_http(http_listener, &ledger, &settings, stop_tx.subscribe())?;
+        if settings.auth.is_open() {
+            warn!(
+                "no callers configured: authentication is off and every caller has every role (loopback only unless --insecure)"
+            );
+        }
+        let http_state = crate::http::HttpState {
+            store: Arc::clone(&store),
+            catalog: Arc::clone(&settings.catalog),
+            webhook_secrets: Arc::new(settings.webhook_secrets.clone()),
+            livemode: settings.stripe_livemode,
+            stripe: settings.stripe.clone(),
+            auth: Arc::clone(&settings.auth),
+            readiness: readiness.clone(),
+        };
+        let http = spawn_http(
+            http_listener,
+            crate::http::router(http_state.clone()),
+            "HTTP (Stripe webhooks, billing, /healthz, /readyz)",
+            stop_tx.subscribe(),
+        )?;
+        let metrics_http = spawn_http(
+            metrics_listener,
+            crate::http::metrics_router(http_state),
+            "metrics (/metrics, /healthz, /readyz)",
+            stop_tx.subscribe(),
+        )?;
         let addr = listener.local_addr()?;
         info!(%addr, database = %redact_url(&settings.database_url), "tally serving gRPC");
+        let gate = crate::grpc::gate::GateLayer::new(crate::grpc::gate::GateState::new(
+            Arc::clone(&settings.auth),
+            settings.max_concurrent_requests,
+            addr.port(),
+        ));
         let server = Server::builder()
             .timeout(settings.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .layer(gate)
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
             .add_service(
                 CreditServiceServer::new(CreditApi::new(
                     ledger.clone(),
@@ -285,10 +410,14 @@ impl App {
         };
         stop_tx.send_replace(true);
         let _ = background.await;
-        match tokio::time::timeout(grace, http).await {
-            Ok(Ok(Err(e))) => warn!(error.message = %e, "HTTP sidecar failed"),
-            Ok(_) => {}
-            Err(_) => warn!("HTTP sidecar did not drain within the grace period"),
+        let _ = watcher.await;
+        let _ = audit.await;
+        for (what, task) in [("HTTP sidecar", http), ("metrics listener", metrics_http)] {
+            match tokio::time::timeout(grace, task).await {
+                Ok(Ok(Err(e))) => warn!(error.message = %e, "{what} failed"),
+                Ok(_) => {}
+                Err(_) => warn!("{what} did not drain within the grace period"),
+            }
         }
         result
     }

@@ -12,7 +12,9 @@ use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 use crate::app::Settings;
+use crate::auth::{Auth, Callers, Principal, Rate, RateLimits};
 use crate::catalog::Catalog;
+use crate::config::{Secret, secret_from};
 use crate::pb;
 use crate::pb::admin_service_client::AdminServiceClient;
 use crate::pb::credit_service_client::CreditServiceClient;
@@ -39,8 +41,21 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate {
         /// Database to migrate.
-        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "sqlite://tally.db")]
-        database_url: String,
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "sqlite://tally.db", value_parser = Secret::parse, hide_env_values = true)]
+        database_url: Secret,
+        /// File holding the database URL (a mounted Secret); preferred over the value.
+        #[arg(long, env = "TALLY_DATABASE_URL_FILE")]
+        database_url_file: Option<std::path::PathBuf>,
+    },
+    /// The server's configuration file.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
+    /// Caller tokens for the callers file.
+    Auth {
+        #[command(subcommand)]
+        action: AuthCommand,
     },
     /// Show an account's balance.
     Balance {
@@ -308,6 +323,23 @@ pub enum StripeCommand {
     },
 }
 
+/// `tally config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every server option as a commented TOML example with its default.
+    PrintDefault,
+}
+
+/// `tally auth ...`
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Make a new random token; prints the token (give it to the caller) and its hash (put it
+    /// in the callers file).
+    NewToken,
+    /// Print the SHA-256 a callers file stores for a token read from standard input.
+    HashToken,
+}
+
 /// `tally catalog ...`
 #[derive(Debug, Subcommand)]
 pub enum CatalogCommand {
@@ -323,6 +355,10 @@ pub enum CatalogCommand {
 /// Options of `tally serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// TOML file of these options (keys are the option names with `_`); flags and TALLY_*
+    /// variables win over it. `tally config print-default` prints an example.
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// gRPC listen address.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -331,9 +367,50 @@ pub struct ServeArgs {
         long,
         env = "TALLY_DATABASE_URL",
         default_value = "sqlite://tally.db",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = Secret::parse
     )]
-    pub database_url: String,
+    pub database_url: Secret,
+    /// File holding the database URL (a mounted Secret); preferred over the value.
+    #[arg(long, env = "TALLY_DATABASE_URL_FILE")]
+    pub database_url_file: Option<std::path::PathBuf>,
+    /// Apply database migrations at start (turn off when a migration Job runs `tally migrate`).
+    #[arg(long, env = "TALLY_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_migrate: bool,
+    /// Callers file (TOML: names, roles, account prefixes, token hashes). Without one,
+    /// authentication is off and only loopback addresses may be bound (unless --insecure).
+    #[arg(long, env = "TALLY_CALLERS_FILE")]
+    pub callers_file: Option<std::path::PathBuf>,
+    /// Allow serving without callers on non-loopback addresses (never in production).
+    #[arg(long, env = "TALLY_INSECURE")]
+    pub insecure: bool,
+    /// Operator listen address: /metrics (Prometheus), /healthz, /readyz.
+    #[arg(long, env = "TALLY_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Serve gRPC reflection (v1 and v1alpha) to authenticated callers.
+    #[arg(long, env = "TALLY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
+    /// Calls per second per caller (0: unlimited); a caller's `rate_limit_rps` overrides it.
+    #[arg(long, env = "TALLY_RATE_LIMIT_RPS", default_value_t = 5000)]
+    pub rate_limit_rps: u32,
+    /// Calls a caller may make at once above its rate.
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = 10000)]
+    pub rate_limit_burst: u32,
+    /// Calls per second per caller to AdminService and Checkout creation (0: unlimited).
+    #[arg(long, env = "TALLY_ADMIN_RATE_LIMIT_RPS", default_value_t = 20)]
+    pub admin_rate_limit_rps: u32,
+    /// Burst of the admin and Checkout tier.
+    #[arg(long, env = "TALLY_ADMIN_RATE_LIMIT_BURST", default_value_t = 40)]
+    pub admin_rate_limit_burst: u32,
+    /// gRPC calls in flight at once; more are refused at once with UNAVAILABLE (OVERLOADED).
+    #[arg(long, env = "TALLY_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_requests: u32,
+    /// How often the ledger reconciliation checks entries against balances (0s: never).
+    #[arg(long, env = "TALLY_AUDIT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub audit_interval: Duration,
+    /// How often readiness checks the database.
+    #[arg(long, env = "TALLY_READINESS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub readiness_interval: Duration,
     /// Database pool size.
     #[arg(long, env = "TALLY_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub db_max_connections: u32,
@@ -360,9 +437,10 @@ pub struct ServeArgs {
         long,
         env = "TALLY_STRIPE_WEBHOOK_SECRET",
         hide_env_values = true,
-        hide_default_value = true
+        hide_default_value = true,
+        value_parser = Secret::parse
     )]
-    pub stripe_webhook_secret: Option<String>,
+    pub stripe_webhook_secret: Option<Secret>,
     /// File holding the webhook secret(s) (for Kubernetes Secrets); preferred over the value.
     #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET_FILE")]
     pub stripe_webhook_secret_file: Option<std::path::PathBuf>,
@@ -374,9 +452,10 @@ pub struct ServeArgs {
         long,
         env = "TALLY_STRIPE_API_KEY",
         hide_env_values = true,
-        hide_default_value = true
+        hide_default_value = true,
+        value_parser = Secret::parse
     )]
-    pub stripe_api_key: Option<String>,
+    pub stripe_api_key: Option<Secret>,
     /// File holding the Stripe API key; preferred over the value.
     #[arg(long, env = "TALLY_STRIPE_API_KEY_FILE")]
     pub stripe_api_key_file: Option<std::path::PathBuf>,
@@ -386,14 +465,6 @@ pub struct ServeArgs {
     /// Deadline of each Stripe call.
     #[arg(long, env = "TALLY_STRIPE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stripe_timeout: Duration,
-    /// Bearer token the billing endpoints require (open when unset; see the README).
-    #[arg(
-        long,
-        env = "TALLY_BILLING_TOKEN",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    pub billing_token: Option<String>,
     /// Catalog file: plans, packs and prices (the built-in default when omitted).
     #[arg(long, env = "TALLY_CATALOG")]
     pub catalog: Option<std::path::PathBuf>,
@@ -413,13 +484,12 @@ fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
 
 impl ServeArgs {
     fn stripe_api(&self) -> Result<Option<crate::stripe::client::StripeApi>, String> {
-        let key = match &self.stripe_api_key_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path).map_err(|e| format!("--stripe-api-key-file: {e}"))?,
-            ),
-            None => self.stripe_api_key.clone(),
-        };
-        let Some(key) = key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()) else {
+        let Some(key) = secret_from(
+            "--stripe-api-key",
+            self.stripe_api_key_file.as_deref(),
+            self.stripe_api_key.as_ref(),
+        )?
+        else {
             return Ok(None);
         };
         if self.stripe_timeout.is_zero() || self.stripe_timeout > Duration::from_mins(1) {
@@ -431,11 +501,12 @@ impl ServeArgs {
     }
 
     fn webhook_secrets(&self) -> Result<Vec<crate::stripe::WebhookSecret>, String> {
-        let raw = match &self.stripe_webhook_secret_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("--stripe-webhook-secret-file: {e}"))?,
-            None => self.stripe_webhook_secret.clone().unwrap_or_default(),
-        };
+        let raw = secret_from(
+            "--stripe-webhook-secret",
+            self.stripe_webhook_secret_file.as_deref(),
+            self.stripe_webhook_secret.as_ref(),
+        )?
+        .unwrap_or_default();
         let secrets: Vec<_> = raw
             .split(',')
             .map(str::trim)
@@ -449,6 +520,50 @@ impl ServeArgs {
             );
         }
         Ok(secrets)
+    }
+
+    /// The database URL: from `--database-url-file` when given, else `--database-url`.
+    ///
+    /// # Errors
+    /// The file cannot be read, or is empty.
+    pub fn database_url(&self) -> Result<String, String> {
+        secret_from(
+            "--database-url",
+            self.database_url_file.as_deref(),
+            Some(&self.database_url),
+        )?
+        .ok_or_else(|| "--database-url-file: the file is empty".to_owned())
+    }
+
+    fn auth(&self) -> Result<Auth, String> {
+        let limits = RateLimits {
+            normal: Rate {
+                per_second: self.rate_limit_rps,
+                burst: self.rate_limit_burst,
+            },
+            sensitive: Rate {
+                per_second: self.admin_rate_limit_rps,
+                burst: self.admin_rate_limit_burst,
+            },
+        };
+        let auth = match &self.callers_file {
+            Some(path) => Auth::Tokens(Callers::load(path, limits)?),
+            None => Auth::Open(std::sync::Arc::new(Principal::open(limits))),
+        };
+        if auth.is_open() && !self.insecure {
+            for (flag, addr) in [
+                ("--listen", self.listen),
+                ("--http-listen", self.http_listen),
+            ] {
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "{flag} {addr}: refusing to serve without authentication on a non-loopback \
+                         address; configure --callers-file (see the README, \"Callers\") or pass --insecure"
+                    ));
+                }
+            }
+        }
+        Ok(auth)
     }
 
     /// Validates the options into [`Settings`].
@@ -467,6 +582,11 @@ impl ServeArgs {
         if self.idempotency_retention < IDEMPOTENCY_RETENTION_MIN {
             return Err("--idempotency-retention: must be at least 24h".into());
         }
+        if self.readiness_interval < Duration::from_millis(10)
+            || self.readiness_interval > Duration::from_mins(1)
+        {
+            return Err("--readiness-interval: must be between 10ms and 1m".into());
+        }
         if self.sweep_interval < Duration::from_millis(10)
             || self.sweep_interval > Duration::from_hours(1)
         {
@@ -474,7 +594,7 @@ impl ServeArgs {
         }
         Ok(Settings {
             listen: self.listen,
-            database_url: self.database_url.clone(),
+            database_url: self.database_url()?,
             db_max_connections: self.db_max_connections,
             limits: Limits {
                 hold_ttl_default: delta("--hold-ttl-default", self.hold_ttl_default)?,
@@ -488,7 +608,13 @@ impl ServeArgs {
             webhook_secrets: self.webhook_secrets()?,
             stripe_livemode: self.stripe_livemode,
             stripe: self.stripe_api()?,
-            billing_token: self.billing_token.clone().filter(|t| !t.is_empty()),
+            auth: std::sync::Arc::new(self.auth()?),
+            metrics_listen: self.metrics_listen,
+            reflection: self.reflection,
+            max_concurrent_requests: self.max_concurrent_requests as usize,
+            audit_interval: self.audit_interval,
+            readiness_interval: self.readiness_interval,
+            auto_migrate: self.auto_migrate,
             catalog: std::sync::Arc::new(
                 match &self.catalog {
                     Some(path) => Catalog::load(path),
@@ -512,6 +638,9 @@ pub struct ClientArgs {
     /// Deadline of the call.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Bearer token of this caller (when the server has a callers file).
+    #[arg(long, env = "TALLY_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
+    pub token: Option<Secret>,
 }
 
 /// The idempotency key option of mutating commands.
@@ -611,10 +740,20 @@ async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
         .map_err(|e| unreachable(&e))
 }
 
-fn request<T>(message: T, timeout: Duration) -> Request<T> {
+fn request<T>(message: T, client: &ClientArgs) -> Result<Request<T>, ClientError> {
     let mut r = Request::new(message);
-    r.set_timeout(timeout);
-    r
+    r.set_timeout(client.timeout);
+    if let Some(token) = &client.token {
+        let value = format!("Bearer {}", token.expose())
+            .parse()
+            .map_err(|_| ClientError {
+                reason: "INVALID_ARGUMENT".into(),
+                message: "--token: not a valid header value".into(),
+                details: Vec::new(),
+            })?;
+        r.metadata_mut().insert("authorization", value);
+    }
+    Ok(r)
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Value {
@@ -686,6 +825,8 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
         Command::Serve(_)
         | Command::Migrate { .. }
+        | Command::Config { .. }
+        | Command::Auth { .. }
         | Command::Catalog { .. }
         | Command::Stripe { .. } => Ok(()),
         Command::Estimate {
@@ -699,7 +840,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 params: params.into_iter().collect(),
             };
             let e = svc
-                .estimate_cost(request(req, client.timeout))
+                .estimate_cost(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -723,8 +864,8 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     pb::CheckBalanceRequest {
                         account_id: account,
                     },
-                    client.timeout,
-                ))
+                    &client,
+                )?)
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -793,7 +934,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 }),
             };
             let r = svc
-                .reserve(request(req, client.timeout))
+                .reserve(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -824,7 +965,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .commit(request(req, client.timeout))
+                .commit(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -853,7 +994,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .refund(request(req, client.timeout))
+                .refund(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -888,7 +1029,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .extend_hold(request(req, client.timeout))
+                .extend_hold(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -904,10 +1045,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Hold { hold, client } => {
             let mut svc = CreditServiceClient::new(channel(&client).await?);
             let r = svc
-                .get_hold(request(
-                    pb::GetHoldRequest { hold_id: hold },
-                    client.timeout,
-                ))
+                .get_hold(request(pb::GetHoldRequest { hold_id: hold }, &client)?)
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -937,7 +1075,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     page_token,
                 };
                 let r = svc
-                    .list_holds(request(req, client.timeout))
+                    .list_holds(request(req, &client)?)
                     .await
                     .map_err(|s| status_error(&s, None))?
                     .into_inner();
@@ -965,8 +1103,8 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     pb::GetAccountRequest {
                         account_id: account,
                     },
-                    client.timeout,
-                ))
+                    &client,
+                )?)
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -1035,7 +1173,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .set_plan(request(req, client.timeout))
+                .set_plan(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -1066,7 +1204,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     page_token,
                 };
                 let r = svc
-                    .list_accounts(request(req, client.timeout))
+                    .list_accounts(request(req, &client)?)
                     .await
                     .map_err(|s| status_error(&s, None))?
                     .into_inner();
@@ -1124,7 +1262,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     page_token,
                 };
                 let r = svc
-                    .list_entries(request(req, client.timeout))
+                    .list_entries(request(req, &client)?)
                     .await
                     .map_err(|s| status_error(&s, None))?
                     .into_inner();
@@ -1179,7 +1317,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 account_id: account.unwrap_or_default(),
             };
             let mut stream = svc
-                .export_usage(request(req, client.timeout))
+                .export_usage(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, None))?
                 .into_inner();
@@ -1225,7 +1363,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 priority,
             };
             let r = svc
-                .grant(request(req, client.timeout))
+                .grant(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -1254,7 +1392,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .open_account(request(req, client.timeout))
+                .open_account(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -1287,7 +1425,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .adjust(request(req, client.timeout))
+                .adjust(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -1323,7 +1461,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 idempotency_key: k.clone(),
             };
             let r = svc
-                .transfer(request(req, client.timeout))
+                .transfer(request(req, &client)?)
                 .await
                 .map_err(|s| status_error(&s, Some(&k)))?
                 .into_inner();
@@ -1363,6 +1501,43 @@ pub fn run_catalog(action: &CatalogCommand) -> Result<(), String> {
     }
 }
 
+/// Runs `tally config ...`.
+pub fn run_config(action: &ConfigCommand) {
+    match action {
+        ConfigCommand::PrintDefault => {
+            print!(
+                "{}",
+                crate::config::print_default(&<Cli as clap::CommandFactory>::command())
+            );
+        }
+    }
+}
+
+/// Runs `tally auth ...`.
+///
+/// # Errors
+/// Standard input cannot be read or is empty.
+pub fn run_auth(action: &AuthCommand) -> Result<(), String> {
+    match action {
+        AuthCommand::NewToken => {
+            let token = crate::auth::new_token();
+            println!("token        {token}");
+            println!("token_sha256 {}", crate::auth::hash_token(&token));
+        }
+        AuthCommand::HashToken => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .map_err(|e| format!("standard input: {e}"))?;
+            if token.trim().is_empty() {
+                return Err("give the token on standard input".into());
+            }
+            println!("{}", crate::auth::hash_token(&token));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `tally stripe sync ACCOUNT`.
 ///
 /// # Errors
@@ -1389,7 +1564,8 @@ pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
         webhook_secrets: std::sync::Arc::new(Vec::new()),
         livemode: settings.stripe_livemode,
         stripe: Some(api.clone()),
-        billing_token: None,
+        auth: std::sync::Arc::clone(&settings.auth),
+        readiness: crate::health::Readiness::default(),
     };
     let v = crate::http::billing::resync_subscription(&state, &api, &account_id).await?;
     println!("{v:#}");

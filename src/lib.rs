@@ -25,15 +25,19 @@
 )]
 
 pub mod app;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod pb;
 pub mod service;
 pub mod storage;
 pub mod stripe;
+pub mod telemetry;
 
 /// Architecture checks that keep the layers honest (TigerBeetle's "tidy", scaled down).
 #[cfg(test)]

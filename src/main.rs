@@ -2,21 +2,25 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tally::app::App;
 use tally::cli::{Cli, Command};
-use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// Parses the command line, adding the `--config` file's values below flags and TALLY_*.
+fn parse() -> Result<Cli, String> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cmd = Cli::command();
+    let first = cmd.clone().get_matches_from(&argv);
+    let layered = tally::config::layer_file(&cmd, &first, &argv)?;
+    let matches = cmd.try_get_matches_from(layered).map_err(|e| {
+        let text = e.to_string();
+        let first_line = text.lines().next().unwrap_or_default();
+        format!(
+            "in the config file: {}",
+            first_line.trim_start_matches("error: ")
+        )
+    })?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {
@@ -47,10 +51,16 @@ fn fail(message: &dyn std::fmt::Display) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => return fail(&e),
+    };
     match cli.command {
         Command::Serve(args) => {
-            init_logging(&cli.log_format);
+            let _telemetry = match tally::telemetry::init(&cli.log_format) {
+                Ok(t) => t,
+                Err(e) => return fail(&e),
+            };
             let settings = match args.settings() {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
@@ -64,18 +74,35 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Migrate { database_url } => {
-            match tally::app::open_store(&database_url, 2, std::sync::Arc::default()).await {
+        Command::Migrate {
+            database_url,
+            database_url_file,
+        } => {
+            let url = match tally::config::secret_from(
+                "--database-url",
+                database_url_file.as_deref(),
+                Some(&database_url),
+            ) {
+                Ok(Some(u)) => u,
+                Ok(None) => return fail(&"--database-url-file: the file is empty"),
+                Err(e) => return fail(&e),
+            };
+            match tally::app::open_store(&url, 2, std::sync::Arc::default()).await {
                 Ok(_) => {
-                    eprintln!(
-                        "migrations applied to {}",
-                        tally::app::redact_url(&database_url)
-                    );
+                    eprintln!("migrations applied to {}", tally::app::redact_url(&url));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),
             }
         }
+        Command::Config { action } => {
+            tally::cli::run_config(&action);
+            ExitCode::SUCCESS
+        }
+        Command::Auth { action } => match tally::cli::run_auth(&action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Stripe { action } => match tally::cli::run_stripe(action).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

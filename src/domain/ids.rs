@@ -13,7 +13,13 @@ pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
 pub const HOLD_ID_PREFIX: &str = "hold_";
 
 fn is_account_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')
+    u8::try_from(c).is_ok_and(is_account_id_byte)
+}
+
+/// Whether `b` may appear in an account id (`[A-Za-z0-9_.:@-]`).
+#[must_use]
+pub fn is_account_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
 }
 
 /// An account id: 1..=128 characters of `[A-Za-z0-9_.:@-]`, chosen by the product

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{self, hold_to_pb};
-use super::{Reply, caller, respond};
+use super::{Reply, allow_account, allow_all_accounts, caller, respond};
 use crate::catalog::Catalog;
 use crate::pb;
 use crate::service::Ledger;
@@ -39,9 +39,13 @@ type CsvStream = Pin<Box<dyn Stream<Item = Result<pb::ExportUsageResponse, Statu
 impl pb::admin_service_server::AdminService for AdminApi {
     #[instrument(name = "tally.v1.AdminService/Grant", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
     async fn grant(&self, req: Request<pb::GrantRequest>) -> Reply<pb::GrantResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::grant(req.get_ref())?;
         let a = self.ledger.grant(&caller, key, &cmd).await?;
+        if !a.replayed {
+            crate::telemetry::count_grant(cmd.source.as_str(), cmd.amount.get());
+        }
         let o = a.outcome;
         Ok(respond(
             a.replayed,
@@ -55,6 +59,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     #[instrument(name = "tally.v1.AdminService/SetPlan", skip_all, fields(account_id = %req.get_ref().account_id, plan = %req.get_ref().plan))]
     async fn set_plan(&self, req: Request<pb::SetPlanRequest>) -> Reply<pb::SetPlanResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::set_plan(req.get_ref(), &self.catalog)?;
         let a = self.ledger.set_plan(&caller, key, &cmd).await?;
@@ -74,6 +79,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::GetAccountRequest>,
     ) -> Reply<pb::GetAccountResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let account_id = convert::account(&req.get_ref().account_id)?;
         let s = self.ledger.account(&account_id).await?;
         let holds = self
@@ -127,6 +133,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::ListAccountsRequest>,
     ) -> Reply<pb::ListAccountsResponse> {
+        allow_all_accounts(&req)?;
         let r = req.get_ref();
         let query = convert::list_accounts(r, &self.catalog)?;
         let rows = self.ledger.list_accounts(&query).await?;
@@ -158,6 +165,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::ListEntriesRequest>,
     ) -> Reply<pb::ListEntriesResponse> {
+        if req.get_ref().account_id.is_empty() {
+            allow_all_accounts(&req)?;
+        } else {
+            allow_account(&req, &req.get_ref().account_id)?;
+        }
         let r = req.get_ref();
         let query = convert::list_entries(r)?;
         let entries = self.ledger.list_entries(&query).await?;
@@ -179,6 +191,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::OpenAccountRequest>,
     ) -> Reply<pb::OpenAccountResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::open_account(req.get_ref(), &self.catalog)?;
         let a = self.ledger.open_account(&caller, key, &cmd).await?;
@@ -196,6 +209,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     #[instrument(name = "tally.v1.AdminService/Adjust", skip_all, fields(account_id = %req.get_ref().account_id, delta = req.get_ref().delta))]
     async fn adjust(&self, req: Request<pb::AdjustRequest>) -> Reply<pb::AdjustResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::adjust(req.get_ref())?;
         let a = self.ledger.adjust(&caller, key, &cmd).await?;
@@ -212,6 +226,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     #[instrument(name = "tally.v1.AdminService/Transfer", skip_all, fields(amount = req.get_ref().amount))]
     async fn transfer(&self, req: Request<pb::TransferRequest>) -> Reply<pb::TransferResponse> {
+        allow_account(&req, &req.get_ref().from_account_id)?;
+        allow_account(&req, &req.get_ref().to_account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::transfer(req.get_ref())?;
         let a = self.ledger.transfer(&caller, key, &cmd).await?;
@@ -233,6 +249,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::ExportUsageRequest>,
     ) -> Reply<Self::ExportUsageStream> {
+        if req.get_ref().account_id.is_empty() {
+            allow_all_accounts(&req)?;
+        } else {
+            allow_account(&req, &req.get_ref().account_id)?;
+        }
         let mut query = convert::export_usage(req.get_ref())?;
         let ledger = self.ledger.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod convert;
+pub mod gate;
 pub mod status;
 
 pub use admin::AdminApi;
@@ -15,8 +16,9 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::auth::{Denied, Principal};
 use crate::catalog::Catalog;
-use crate::domain::Caller;
+use crate::domain::{Caller, LedgerError};
 use crate::pb;
 use crate::service::Ledger;
 use convert::hold_to_pb;
@@ -34,6 +36,35 @@ fn caller<T>(req: &Request<T>) -> Caller {
         .get::<Caller>()
         .cloned()
         .unwrap_or_else(Caller::anonymous)
+}
+
+/// The authenticated caller the gate attached; a request without one is refused (fail closed).
+fn principal<T>(req: &Request<T>) -> Result<Arc<Principal>, Status> {
+    req.extensions()
+        .get::<Arc<Principal>>()
+        .cloned()
+        .ok_or_else(|| gate::denied_status(&Denied::Unauthenticated))
+}
+
+/// The caller, if it may touch `account` (checked before the request is validated, so a
+/// tenant learns nothing about other tenants' ids).
+fn allow_account<T>(req: &Request<T>, account: &str) -> Result<Arc<Principal>, Status> {
+    let p = principal(req)?;
+    if p.may_access(account) {
+        Ok(p)
+    } else {
+        Err(gate::denied_status(&Denied::Account))
+    }
+}
+
+/// The caller, if it may touch every account (cross-account listings and exports).
+fn allow_all_accounts<T>(req: &Request<T>) -> Result<Arc<Principal>, Status> {
+    let p = principal(req)?;
+    if p.unrestricted() {
+        Ok(p)
+    } else {
+        Err(gate::denied_status(&Denied::Account))
+    }
 }
 
 fn respond<T>(replayed: bool, message: T) -> Response<T> {
@@ -61,6 +92,25 @@ impl CreditApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+impl CreditApi {
+    /// A caller limited to account prefixes may only operate on holds of those accounts. The
+    /// hold's account never changes, so checking before the operation is not a race. An unknown
+    /// hold passes, and the operation itself answers HOLD_NOT_FOUND.
+    async fn allow_hold<T>(&self, req: &Request<T>, hold_id: &str) -> Result<(), Status> {
+        let p = principal(req)?;
+        if p.unrestricted() {
+            return Ok(());
+        }
+        let id = convert::hold_id(hold_id)?;
+        match self.ledger.hold(&id).await {
+            Ok(h) if p.may_access(&h.account_id) => Ok(()),
+            Ok(_) => Err(gate::denied_status(&Denied::Account)),
+            Err(crate::service::ServiceError::Rejected(LedgerError::HoldNotFound)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::credit_service_server::CreditService for CreditApi {
     #[instrument(name = "tally.v1.CreditService/CheckBalance", skip_all, fields(account_id = %req.get_ref().account_id))]
@@ -68,6 +118,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         &self,
         req: Request<pb::CheckBalanceRequest>,
     ) -> Reply<pb::CheckBalanceResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let account = convert::account(&req.get_ref().account_id)?;
         let b = self.ledger.check_balance(&account).await?;
         let (by_source, next_expiry) = convert::breakdown_to_pb(&b);
@@ -92,6 +143,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
 
     #[instrument(name = "tally.v1.CreditService/Reserve", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
     async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Reply<pb::ReserveResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);
         let (key, cmd) = convert::reserve(req.into_inner(), &self.ledger.limits(), &self.catalog)?;
         let a = self.ledger.reserve(&caller, key, &cmd).await?;
@@ -106,6 +158,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
 
     #[instrument(name = "tally.v1.CreditService/Commit", skip_all, fields(hold_id = %req.get_ref().hold_id, amount = req.get_ref().amount))]
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Reply<pb::CommitResponse> {
+        self.allow_hold(&req, &req.get_ref().hold_id).await?;
         let caller = caller(&req);
         let (key, cmd) = convert::commit(req.get_ref())?;
         let a = self.ledger.commit_hold(&caller, key, &cmd).await?;
@@ -123,6 +176,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
 
     #[instrument(name = "tally.v1.CreditService/Refund", skip_all, fields(hold_id = %req.get_ref().hold_id))]
     async fn refund(&self, req: Request<pb::RefundRequest>) -> Reply<pb::RefundResponse> {
+        self.allow_hold(&req, &req.get_ref().hold_id).await?;
         let caller = caller(&req);
         let (key, cmd) = convert::refund(req.get_ref())?;
         let a = self.ledger.refund(&caller, key, &cmd).await?;
@@ -142,6 +196,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         &self,
         req: Request<pb::ExtendHoldRequest>,
     ) -> Reply<pb::ExtendHoldResponse> {
+        self.allow_hold(&req, &req.get_ref().hold_id).await?;
         let caller = caller(&req);
         let (key, cmd) = convert::extend(req.get_ref(), &self.ledger.limits())?;
         let a = self.ledger.extend_hold(&caller, key, &cmd).await?;
@@ -155,6 +210,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
 
     #[instrument(name = "tally.v1.CreditService/GetHold", skip_all, fields(hold_id = %req.get_ref().hold_id))]
     async fn get_hold(&self, req: Request<pb::GetHoldRequest>) -> Reply<pb::GetHoldResponse> {
+        self.allow_hold(&req, &req.get_ref().hold_id).await?;
         let id = convert::hold_id(&req.get_ref().hold_id)?;
         let hold = self.ledger.hold(&id).await?;
         Ok(Response::new(pb::GetHoldResponse {
@@ -164,6 +220,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
 
     #[instrument(name = "tally.v1.CreditService/ListHolds", skip_all, fields(account_id = %req.get_ref().account_id))]
     async fn list_holds(&self, req: Request<pb::ListHoldsRequest>) -> Reply<pb::ListHoldsResponse> {
+        allow_account(&req, &req.get_ref().account_id)?;
         let query = convert::list_holds(req.get_ref())?;
         let holds = self.ledger.list_holds(&query).await?;
         let full = u32::try_from(holds.len()).is_ok_and(|n| n == query.limit);
@@ -184,6 +241,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         &self,
         req: Request<pb::EstimateCostRequest>,
     ) -> Reply<pb::EstimateCostResponse> {
+        principal(&req)?;
         let r = req.get_ref();
         let estimate = convert::price(&self.catalog, &r.operation, &r.params)
             .map_err(crate::service::ServiceError::from)?;

@@ -1,7 +1,8 @@
 //! The product backend's billing endpoints: Checkout for packs and plans, the customer portal,
 //! an account's billing view, and the success-page sync.
 //!
-//! Authenticated with a configured bearer token (`--billing-token`) until callers get roles.
+//! Callers need the `billing` role (a bearer token from the callers file) and may only name
+//! accounts within their prefixes; Checkout creation also counts against the lower rate tier.
 #![allow(clippy::result_large_err)] // a handler step fails with the `Response` to send
 
 use axum::extract::{Path, State};
@@ -11,7 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
+use std::sync::Arc;
+
+use crate::auth::{Principal, Role};
 
 use super::{HttpState, apply_event};
 use crate::domain::AccountId;
@@ -72,22 +75,74 @@ fn storage_error(e: &crate::storage::StorageError) -> Response {
     }
 }
 
-/// Checks the bearer token (constant time) and that Stripe is configured.
-fn guard<'s>(s: &'s HttpState, headers: &HeaderMap) -> Result<&'s StripeApi, Response> {
-    if let Some(token) = &s.billing_token {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHENTICATED",
-                "a valid bearer token is required",
-            ));
+/// The HTTP answer to a refusal: 401 (with `WWW-Authenticate`), 403, or 429 with
+/// `Retry-After` (whole seconds, rounded up).
+pub fn denied_response(d: &crate::auth::Denied) -> Response {
+    use crate::auth::Denied;
+    let (status, reason, reason_label) = match d {
+        Denied::Unauthenticated => (
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "unauthenticated",
+        ),
+        Denied::Role(_) | Denied::Account => {
+            (StatusCode::FORBIDDEN, "PERMISSION_DENIED", "permission")
         }
+        Denied::RateLimited(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            "rate_limited",
+        ),
+    };
+    metrics::counter!("tally_requests_refused_total", "reason" => reason_label).increment(1);
+    let mut resp = error(status, reason, d.to_string());
+    let headers = resp.headers_mut();
+    match d {
+        Denied::Unauthenticated => {
+            headers.insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        Denied::RateLimited(wait) => {
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        Denied::Role(_) | Denied::Account => {}
     }
+    resp
+}
+
+/// Authenticates the caller (billing role), takes from its rate budget (`sensitive`: the lower
+/// tier too) and checks `account` against its prefixes. Nothing is read or written before.
+fn authorize(
+    s: &HttpState,
+    headers: &HeaderMap,
+    account: Option<&str>,
+    sensitive: bool,
+) -> Result<Arc<Principal>, Response> {
+    let p = s
+        .auth
+        .authenticate(
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .map(axum::http::HeaderValue::as_bytes),
+        )
+        .map_err(|d| denied_response(&d))?;
+    p.require(Role::Billing).map_err(|d| denied_response(&d))?;
+    p.admit(sensitive).map_err(|d| denied_response(&d))?;
+    if let Some(a) = account
+        && !p.may_access(a)
+    {
+        return Err(denied_response(&crate::auth::Denied::Account));
+    }
+    Ok(p)
+}
+
+/// The Stripe client, or 503 when none is configured.
+fn stripe_api(s: &HttpState) -> Result<&StripeApi, Response> {
     s.stripe.as_ref().ok_or_else(|| {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -151,7 +206,8 @@ async fn create_checkout(
     headers: HeaderMap,
     Json(r): Json<CheckoutRequest>,
 ) -> Response {
-    let api = match guard(&s, &headers) {
+    let api = match authorize(&s, &headers, Some(&r.account_id), true).and_then(|_| stripe_api(&s))
+    {
         Ok(api) => api,
         Err(resp) => return resp,
     };
@@ -224,7 +280,8 @@ async fn portal(
     headers: HeaderMap,
     Json(r): Json<PortalRequest>,
 ) -> Response {
-    let api = match guard(&s, &headers) {
+    let api = match authorize(&s, &headers, Some(&r.account_id), false).and_then(|_| stripe_api(&s))
+    {
         Ok(api) => api,
         Err(resp) => return resp,
     };
@@ -255,8 +312,10 @@ async fn sync_checkout(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let api = match guard(&s, &headers) {
-        Ok(api) => api,
+    let (principal, api) = match authorize(&s, &headers, None, false)
+        .and_then(|p| stripe_api(&s).map(|api| (p, api)))
+    {
+        Ok(x) => x,
         Err(resp) => return resp,
     };
     if id.is_empty()
@@ -270,6 +329,13 @@ async fn sync_checkout(
         Ok(x) => x,
         Err(e) => return stripe_error(&e),
     };
+    // A tenant may only sync its own accounts' sessions.
+    let owner = object["metadata"]["account_id"]
+        .as_str()
+        .or_else(|| object["client_reference_id"].as_str());
+    if !principal.unrestricted() && !owner.is_some_and(|a| principal.may_access(a)) {
+        return denied_response(&crate::auth::Denied::Account);
+    }
     let event = Envelope {
         id: format!("sync:{id}:{}", uuid::Uuid::now_v7().simple()),
         kind: "checkout.session.completed".into(),
@@ -286,13 +352,7 @@ async fn billing(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(resp) = guard(&s, &headers).map(|_| ()).or_else(|r| {
-        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-            Ok(())
-        } else {
-            Err(r)
-        }
-    }) {
+    if let Err(resp) = authorize(&s, &headers, Some(&id), false) {
         return resp;
     }
     let account_id = match account(&id) {
@@ -410,7 +470,7 @@ async fn sync_subscription(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let api = match guard(&s, &headers) {
+    let api = match authorize(&s, &headers, Some(&id), false).and_then(|_| stripe_api(&s)) {
         Ok(api) => api,
         Err(resp) => return resp,
     };

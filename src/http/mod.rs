@@ -38,32 +38,126 @@ pub struct HttpState {
     pub livemode: bool,
     /// The Stripe API client (billing endpoints answer 503 without one).
     pub stripe: Option<crate::stripe::client::StripeApi>,
-    /// The bearer token of the billing endpoints (open when unset).
-    pub billing_token: Option<String>,
+    /// Who may call the billing endpoints.
+    pub auth: Arc<crate::auth::Auth>,
+    /// Readiness (database reachable, not draining).
+    pub readiness: crate::health::Readiness,
 }
+
+/// Largest JSON body of a billing request: 16 KiB.
+pub const BILLING_BODY_MAX_BYTES: usize = 16 * 1024;
 
 /// The sidecar's routes.
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/stripe/webhook", post(webhook))
+        .route(
+            "/stripe/webhook",
+            // The webhook reads its body itself, stopping at the limit, so an oversized
+            // delivery is a 400 like every other refusal.
+            post(webhook).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .merge(billing::routes())
-        // The webhook reads its body itself, stopping at the limit, so an oversized delivery is
-        // a 400 like every other refusal.
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        .merge(
+            billing::routes().layer(axum::extract::DefaultBodyLimit::max(BILLING_BODY_MAX_BYTES)),
+        )
+        .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
 
-async fn ready(State(s): State<HttpState>) -> Response {
-    match s.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response(),
+/// The operator port: `/metrics` (Prometheus text), `/healthz`, `/readyz`. Unauthenticated:
+/// bind it where only the cluster (Prometheus, the kubelet) can reach it.
+pub fn metrics_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    // Gauges read at scrape time, so they are never staler than the scrape.
+    if let Ok(Ok(st)) = tokio::time::timeout(crate::health::PING_TIMEOUT, s.store.stats()).await {
+        #[allow(clippy::cast_precision_loss)] // gauges; exact below 2^53
+        {
+            metrics::gauge!("tally_holds_open").set(st.open_holds as f64);
+            metrics::gauge!("tally_db_pool_connections", "state" => "idle")
+                .set(f64::from(st.pool_idle));
+            metrics::gauge!("tally_db_pool_connections", "state" => "in_use")
+                .set(f64::from(st.pool_size.saturating_sub(st.pool_idle)));
+            metrics::gauge!("tally_db_pool_max_connections").set(f64::from(st.pool_max));
+        }
     }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::metrics().render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    if s.readiness.ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else if s.readiness.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+    }
+}
+
+/// Per-request telemetry: a SERVER span `{method} {route}` (W3C parent from the headers),
+/// `tally_http_requests_total` and `_duration_seconds` by route template, one log line.
+async fn observe(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let start = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "_OTHER".to_owned(), |p| p.as_str().to_owned());
+    let span = tracing::info_span!(
+        target: "tally::http",
+        "http",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        "http.request.method" = method.as_str(),
+        "http.route" = route.as_str(),
+        "url.scheme" = "http",
+        "http.response.status_code" = tracing::field::Empty,
+    );
+    crate::telemetry::adopt_parent(&span, req.headers());
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    let elapsed = start.elapsed();
+    let status_label = status.to_string();
+    metrics::counter!("tally_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status_label.clone()).increment(1);
+    metrics::histogram!("tally_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone(), "status" => status_label)
+        .record(elapsed.as_secs_f64());
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    if route == "/healthz" || route == "/readyz" {
+        tracing::debug!(target: "tally::request", method, route, status, duration_ms = ms, "http request");
+    } else {
+        info!(target: "tally::request", method, route, status, duration_ms = ms, "http request");
+    }
+    resp
+}
+
+fn webhook_metric(kind: &str, result: &'static str) {
+    metrics::counter!("tally_webhook_events_total", "type" => kind.to_owned(), "result" => result)
+        .increment(1);
 }
 
 fn refuse(why: &str) -> Response {
     warn!(reason = why, "stripe webhook refused");
+    webhook_metric("unverified", "refused");
     (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response()
 }
 
@@ -237,6 +331,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
     };
     match s.store.record_stripe_event(&record, &resolved).await {
         Ok(StripeRecord::DuplicateEvent) => {
+            webhook_metric(&event.kind, "duplicate");
             info!(event_id = %event.id, kind = %event.kind, "stripe event already processed");
             (
                 StatusCode::OK,
@@ -245,6 +340,25 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
                 .into_response()
         }
         Ok(StripeRecord::Recorded { granted }) => {
+            webhook_metric(&event.kind, "processed");
+            if granted {
+                match &resolved {
+                    StripeEffect::Grant { amount, .. } => {
+                        crate::telemetry::count_grant("purchase", amount.get());
+                    }
+                    StripeEffect::InvoiceGrant { amount, .. } => {
+                        crate::telemetry::count_grant("subscription", amount.get());
+                    }
+                    StripeEffect::ClawRefund { .. } => {
+                        metrics::counter!("tally_clawbacks_total", "kind" => "refund").increment(1);
+                    }
+                    StripeEffect::ClawDispute { .. } => {
+                        metrics::counter!("tally_clawbacks_total", "kind" => "dispute")
+                            .increment(1);
+                    }
+                    _ => {}
+                }
+            }
             info!(event_id = %event.id, kind = %event.kind, effect = why, granted, "stripe event processed");
             (
                 StatusCode::OK,
@@ -255,6 +369,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         Err(StorageError::Rejected(r)) => {
             // A business refusal (e.g. the balance limit): retrying will not help; keep the
             // event for redelivery after an operator fixes it.
+            webhook_metric(&event.kind, "rejected");
             warn!(event_id = %event.id, reason = r.reason(), "stripe event refused by the ledger");
             (
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -263,6 +378,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
                 .into_response()
         }
         Err(e) => {
+            webhook_metric(&event.kind, "error");
             warn!(event_id = %event.id, error.message = %e, "stripe event not stored; Stripe will retry");
             (
                 StatusCode::SERVICE_UNAVAILABLE,

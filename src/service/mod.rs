@@ -344,7 +344,10 @@ impl Ledger {
             }
             match self.sweep_once().await {
                 Ok(0) => {}
-                Ok(n) => debug!(expired = n, "sweeper expired holds"),
+                Ok(n) => {
+                    metrics::counter!("tally_hold_expirations_total").increment(n);
+                    debug!(expired = n, "sweeper expired holds");
+                }
                 Err(e) => warn!(error.message = %e, "sweeper pass failed"),
             }
             // Purge about once a minute at the default one-second sweep interval.

@@ -466,6 +466,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> StorageResult<Option<SubscriptionRow>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
+    /// Gauges for metrics: open holds and the connection pool.
+    async fn stats(&self) -> StorageResult<StoreStats>;
+}
+
+/// What `/metrics` reports about the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Holds in state `open` (some may be past expiry and not yet swept).
+    pub open_holds: i64,
+    /// Connections the pool holds now.
+    pub pool_size: u32,
+    /// Of those, idle.
+    pub pool_idle: u32,
+    /// The pool's maximum.
+    pub pool_max: u32,
 }
 
 /// A mirrored subscription: id, status, plan, current period end (unix s), cancel at period end.

@@ -158,7 +158,16 @@ async fn app_with_stripe(backend: Backend, stripe: SocketAddr) -> TestApp {
             )
             .unwrap(),
         );
-        s.billing_token = Some(TOKEN.into());
+        s.auth = crate::support::callers(
+            &[crate::support::TestCaller {
+                name: "shop",
+                roles: &["billing"],
+                prefixes: &[],
+                token: TOKEN,
+                extra: "",
+            }],
+            crate::support::UNLIMITED,
+        );
     })
     .await
 }

@@ -146,6 +146,7 @@ pub fn limits() -> Limits {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub http: SocketAddr,
+    pub metrics: SocketAddr,
     pub db: TestDb,
     pub store: Arc<dyn Store>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -166,6 +167,45 @@ pub fn catalog_without_allowances() -> tally::catalog::Catalog {
     c
 }
 
+/// No rate limits (tests of limits set their own).
+pub const UNLIMITED: tally::auth::RateLimits = tally::auth::RateLimits {
+    normal: tally::auth::Rate {
+        per_second: 0,
+        burst: 0,
+    },
+    sensitive: tally::auth::Rate {
+        per_second: 0,
+        burst: 0,
+    },
+};
+
+/// A caller for [`callers`]: name, roles, account prefixes, token, extra TOML lines.
+pub struct TestCaller<'a> {
+    pub name: &'a str,
+    pub roles: &'a [&'a str],
+    pub prefixes: &'a [&'a str],
+    pub token: &'a str,
+    pub extra: &'a str,
+}
+
+/// Authentication from a callers file made of `list` (tokens hashed as in production).
+pub fn callers(list: &[TestCaller<'_>], limits: tally::auth::RateLimits) -> Arc<tally::auth::Auth> {
+    let mut toml = String::new();
+    for c in list {
+        toml.push_str(&format!(
+            "[callers.{}]\nroles = {:?}\naccount_prefixes = {:?}\ntoken_sha256 = [{:?}]\n{}\n",
+            c.name,
+            c.roles,
+            c.prefixes,
+            tally::auth::hash_token(c.token),
+            c.extra
+        ));
+    }
+    Arc::new(tally::auth::Auth::Tokens(
+        tally::auth::Callers::parse(&toml, limits).unwrap(),
+    ))
+}
+
 pub fn settings(db: &TestDb) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -184,7 +224,15 @@ pub fn settings(db: &TestDb) -> Settings {
         ],
         stripe_livemode: false,
         stripe: None,
-        billing_token: None,
+        auth: Arc::new(tally::auth::Auth::Open(Arc::new(
+            tally::auth::Principal::open(UNLIMITED),
+        ))),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        reflection: true,
+        max_concurrent_requests: 512,
+        audit_interval: Duration::ZERO,
+        readiness_interval: Duration::from_millis(100),
+        auto_migrate: true,
     }
 }
 
@@ -220,6 +268,7 @@ impl TestApp {
         let app = App::build(settings).await.unwrap();
         let addr = app.local_addr().unwrap();
         let http = app.http_addr().unwrap();
+        let metrics = app.metrics_addr().unwrap();
         let store = Arc::clone(app.ledger().store());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(async move {
@@ -232,6 +281,7 @@ impl TestApp {
         Self {
             addr,
             http,
+            metrics,
             db,
             store,
             stop: Some(tx),

@@ -1,0 +1,210 @@
+//! Logs, traces and metrics.
+//!
+//! - Logs: `tracing` to stderr, text or JSON (`--log-format`), filtered by `RUST_LOG`
+//!   (default `info`). One line per request (target `tally::request`): caller, method, code,
+//!   duration.
+//! - Traces: OpenTelemetry over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the SDK
+//!   also reads `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_BSP_*`). W3C trace
+//!   context (`traceparent`) is taken from incoming gRPC metadata and HTTP headers. Span names
+//!   and attributes follow the OpenTelemetry RPC semantic conventions in their current
+//!   (post-v1.37, release-candidate) form — `rpc.system.name`, fully qualified `rpc.method`,
+//!   string `rpc.response.status_code` — and the stable HTTP conventions (`{method} {route}`,
+//!   `http.request.method`, `http.route`, `http.response.status_code`).
+//! - Metrics: Prometheus text on `/metrics` (see [`describe`] for every name). Labels never
+//!   carry account ids, hold ids, keys or tokens.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+/// Histogram buckets of every `_seconds` metric: 0.5 ms to 10 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Keeps the trace exporter alive; dropping it flushes and stops it.
+pub struct TelemetryGuard(Option<SdkTracerProvider>);
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs logging (and OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set).
+/// Call once, inside the Tokio runtime.
+///
+/// # Errors
+/// When the OTLP exporter cannot be built from the environment.
+pub fn init(log_format: &str) -> Result<TelemetryGuard, String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if log_format == "json" {
+        fmt.json().with_current_span(false).boxed()
+    } else {
+        fmt.boxed()
+    };
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty());
+    let Some(_) = endpoint else {
+        tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .init();
+        return Ok(TelemetryGuard(None));
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "tally".into());
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    // Only Tally's own spans are exported (not those of libraries).
+    let spans =
+        tracing_subscriber::filter::Targets::new().with_target("tally", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("tally"))
+                .with_filter(spans),
+        )
+        .init();
+    Ok(TelemetryGuard(Some(provider)))
+}
+
+/// Reads W3C trace context from HTTP headers (gRPC metadata are HTTP/2 headers).
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Makes `span` a child of the trace context in `headers`, if any.
+pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let _ = span.set_parent(cx);
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = || {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+        };
+        let handle = builder()
+            .install_recorder()
+            .unwrap_or_else(|_| builder().build_recorder().handle());
+        describe();
+        handle
+    })
+}
+
+/// Every metric Tally exports, with its help text.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "tally_rpc_requests_total",
+        "gRPC calls by method (rpc) and status code (code)."
+    );
+    describe_histogram!(
+        "tally_rpc_request_duration_seconds",
+        Unit::Seconds,
+        "gRPC call duration by method and code."
+    );
+    describe_counter!(
+        "tally_http_requests_total",
+        "HTTP requests by route template, method and status."
+    );
+    describe_histogram!(
+        "tally_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request duration by route template, method and status."
+    );
+    describe_gauge!(
+        "tally_holds_open",
+        "Holds in state open (some may be past expiry and not yet swept)."
+    );
+    describe_counter!(
+        "tally_hold_expirations_total",
+        "Expiry entries written by the sweeper (holds and grants)."
+    );
+    describe_counter!(
+        "tally_webhook_events_total",
+        "Stripe webhook deliveries by event type and result."
+    );
+    describe_counter!(
+        "tally_grants_total",
+        "Grants made through the API and Stripe, by source."
+    );
+    describe_counter!(
+        "tally_credits_granted_total",
+        "Credits granted through the API and Stripe, by source."
+    );
+    describe_counter!(
+        "tally_clawbacks_total",
+        "Stripe claw-backs applied, by kind (refund, dispute)."
+    );
+    describe_gauge!(
+        "tally_db_pool_connections",
+        "Database pool connections by state (idle, in_use)."
+    );
+    describe_gauge!(
+        "tally_db_pool_max_connections",
+        "The database pool's maximum size."
+    );
+    describe_counter!(
+        "tally_ledger_invariant_violations_total",
+        "Accounts whose entries, grants, balance or holds disagreed in a reconciliation (must stay 0)."
+    );
+    describe_counter!(
+        "tally_ledger_audits_total",
+        "Reconciliation passes by result (ok, violations, error)."
+    );
+    describe_counter!(
+        "tally_requests_refused_total",
+        "Calls refused before a handler, by reason (unauthenticated, permission, rate_limited, overloaded)."
+    );
+    describe_gauge!(
+        "tally_build_info",
+        "Build metadata (version label); always 1."
+    );
+    metrics::gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Counts a grant of `credits` from `source`.
+#[allow(clippy::cast_sign_loss)] // credits are positive (validated)
+pub fn count_grant(source: &'static str, credits: i64) {
+    metrics::counter!("tally_grants_total", "source" => source).increment(1);
+    metrics::counter!("tally_credits_granted_total", "source" => source)
+        .increment(credits.max(0) as u64);
+}
