@@ -199,6 +199,9 @@ pub fn describe() {
         "Build metadata (version label); always 1."
     );
     metrics::gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters an alert watches exist from the start, at 0.
+    metrics::counter!("tally_ledger_invariant_violations_total").absolute(0);
+    metrics::counter!("tally_hold_expirations_total").absolute(0);
 }
 
 /// Counts a grant of `credits` from `source`.
@@ -207,4 +210,19 @@ pub fn count_grant(source: &'static str, credits: i64) {
     metrics::counter!("tally_grants_total", "source" => source).increment(1);
     metrics::counter!("tally_credits_granted_total", "source" => source)
         .increment(credits.max(0) as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn alerting_counters_exist_at_zero_from_the_start() {
+        let text = super::metrics().render();
+        for name in [
+            "tally_ledger_invariant_violations_total 0",
+            "tally_hold_expirations_total 0",
+            "tally_build_info{version=",
+        ] {
+            assert!(text.contains(name), "{name} in\n{text}");
+        }
+    }
 }

@@ -51,8 +51,13 @@ fn map_err(e: sqlx::Error) -> StorageError {
                     || StorageError::Other(db.message().to_owned()),
                     StorageError::Rejected,
                 ),
-                // connection exceptions, admin shutdown, crash shutdown, cannot connect now, too many connections
-                c if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300") => {
+                // connection exceptions, admin shutdown, crash shutdown, cannot connect now, too
+                // many connections, the database refusing connections (55000 at connect:
+                // ALLOW_CONNECTIONS false), authentication failures (a rotated password)
+                c if c.starts_with("08")
+                    || c.starts_with("28")
+                    || matches!(c, "57P01" | "57P02" | "57P03" | "53300" | "55000") =>
+                {
                     StorageError::Unavailable(format!("{} ({c})", db.message()))
                 }
                 c => StorageError::Other(format!("{} ({c})", db.message())),

@@ -24,6 +24,7 @@ mod credit;
 mod ops;
 mod pricing;
 mod process;
+mod production;
 mod stripe;
 
 use tally::pb;
