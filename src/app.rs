@@ -265,6 +265,7 @@ impl App {
     ///
     /// # Errors
     /// [`AppError`] when serving fails.
+    #[allow(clippy::too_many_lines)] // one place wires every server and task, in shutdown order
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,

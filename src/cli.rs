@@ -37,7 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server (SQLite file ./tally.db by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate {
         /// Database to migrate.
@@ -353,6 +353,7 @@ pub enum CatalogCommand {
 }
 
 /// Options of `tally serve`.
+#[allow(clippy::struct_excessive_bools)] // independent on/off options, as the command line has them
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file of these options (keys are the option names with `_`); flags and TALLY_*

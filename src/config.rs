@@ -223,7 +223,7 @@ mod tests {
 
     fn serve(cli: Cli) -> crate::cli::ServeArgs {
         match cli.command {
-            Sub::Serve(a) => a,
+            Sub::Serve(a) => *a,
             _ => panic!("not serve"),
         }
     }
@@ -264,8 +264,11 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| !l.ends_with("(no default)"))
             .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
-            .map(|l| format!("{l}\n"))
-            .collect();
+            .fold(String::new(), |mut acc, l| {
+                acc.push_str(l);
+                acc.push('\n');
+                acc
+            });
         assert!(
             uncommented.contains("db_max_connections = 16"),
             "{uncommented}"

@@ -579,17 +579,14 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
             .status()
             .as_u16()
     };
-    let wait_for = |want: ServingStatus| {
-        let status = status.clone();
-        async move {
-            for _ in 0..100 {
-                if status("readiness").await == want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let wait_for = |want: ServingStatus| async move {
+        for _ in 0..100 {
+            if status("readiness").await == want {
+                return;
             }
-            panic!("readiness never became {want:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        panic!("readiness never became {want:?}");
     };
     assert_eq!(status("readiness").await, ServingStatus::Serving);
     assert_eq!(status("").await, ServingStatus::Serving);

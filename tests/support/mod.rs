@@ -10,6 +10,7 @@
     clippy::missing_panics_doc
 )]
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,14 +193,15 @@ pub struct TestCaller<'a> {
 pub fn callers(list: &[TestCaller<'_>], limits: tally::auth::RateLimits) -> Arc<tally::auth::Auth> {
     let mut toml = String::new();
     for c in list {
-        toml.push_str(&format!(
-            "[callers.{}]\nroles = {:?}\naccount_prefixes = {:?}\ntoken_sha256 = [{:?}]\n{}\n",
+        let _ = writeln!(
+            toml,
+            "[callers.{}]\nroles = {:?}\naccount_prefixes = {:?}\ntoken_sha256 = [{:?}]\n{}",
             c.name,
             c.roles,
             c.prefixes,
             tally::auth::hash_token(c.token),
             c.extra
-        ));
+        );
     }
     Arc::new(tally::auth::Auth::Tokens(
         tally::auth::Callers::parse(&toml, limits).unwrap(),
