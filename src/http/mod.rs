@@ -113,7 +113,11 @@ async fn ready(State(s): State<HttpState>) -> Response {
 async fn observe(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument as _;
     let start = std::time::Instant::now();
-    let method = req.method().as_str().to_owned();
+    // Bounded labels: the route template (never the raw path) and the standard methods.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "_OTHER".to_owned(),
+    };
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
