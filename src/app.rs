@@ -68,6 +68,40 @@ pub struct Settings {
     pub readiness_interval: Duration,
     /// Apply migrations at start (off when a migration Job does it).
     pub auto_migrate: bool,
+    /// TLS (and, with a client CA, mutual TLS) on the gRPC listener.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM material of the gRPC listener's TLS. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: Vec<u8>,
+    /// Private key.
+    pub key: Vec<u8>,
+    /// CA bundle client certificates must chain to (mutual TLS); none: server TLS only.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert_bytes", &self.cert.len())
+            .field("key", &"***")
+            .field("mutual", &self.client_ca.is_some())
+            .finish()
+    }
+}
+
+impl TlsFiles {
+    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let mut c = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key));
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        c
+    }
 }
 
 /// HTTP/2 streams one gRPC connection may have open at once.
@@ -376,7 +410,12 @@ impl App {
             settings.max_concurrent_requests,
             addr.port(),
         ));
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = &settings.tls {
+            builder = builder.tls_config(tls.server_config())?;
+            info!(mutual = tls.client_ca.is_some(), "gRPC listener uses TLS");
+        }
+        let server = builder
             .timeout(settings.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)

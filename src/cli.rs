@@ -385,6 +385,15 @@ pub struct ServeArgs {
     /// Allow serving without callers on non-loopback addresses (never in production).
     #[arg(long, env = "TALLY_INSECURE")]
     pub insecure: bool,
+    /// PEM certificate chain of the gRPC listener (TLS; with --tls-key).
+    #[arg(long, env = "TALLY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the gRPC listener.
+    #[arg(long, env = "TALLY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA bundle: clients must present a certificate signed by it (mutual TLS).
+    #[arg(long, env = "TALLY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
     /// Operator listen address: /metrics (Prometheus), /healthz, /readyz.
     #[arg(long, env = "TALLY_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
@@ -536,6 +545,24 @@ impl ServeArgs {
         .ok_or_else(|| "--database-url-file: the file is empty".to_owned())
     }
 
+    fn tls(&self) -> Result<Option<crate::app::TlsFiles>, String> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+        };
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::app::TlsFiles {
+            cert: read("--tls-cert", cert)?,
+            key: read("--tls-key", key)?,
+            client_ca: self
+                .tls_client_ca
+                .as_deref()
+                .map(|p| read("--tls-client-ca", p))
+                .transpose()?,
+        }))
+    }
+
     fn auth(&self) -> Result<Auth, String> {
         let limits = RateLimits {
             normal: Rate {
@@ -616,6 +643,7 @@ impl ServeArgs {
             audit_interval: self.audit_interval,
             readiness_interval: self.readiness_interval,
             auto_migrate: self.auto_migrate,
+            tls: self.tls()?,
             catalog: std::sync::Arc::new(
                 match &self.catalog {
                     Some(path) => Catalog::load(path),
@@ -639,6 +667,15 @@ pub struct ClientArgs {
     /// Deadline of the call.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// PEM CA bundle to verify an https:// server with.
+    #[arg(long, env = "TALLY_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a server that requires mutual TLS (with --tls-client-key).
+    #[arg(long, env = "TALLY_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, env = "TALLY_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<std::path::PathBuf>,
     /// Bearer token of this caller (when the server has a callers file).
     #[arg(long, env = "TALLY_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
     pub token: Option<Secret>,
@@ -733,12 +770,30 @@ async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
         message: format!("cannot reach tally at {}: {e}", c.server),
         details: vec!["start one with `tally serve`, or pass --server".into()],
     };
-    Endpoint::from_shared(c.server.clone())
+    let mut endpoint = Endpoint::from_shared(c.server.clone())
         .map_err(|e| unreachable(&e))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| unreachable(&e))
+        .connect_timeout(Duration::from_secs(5));
+    if c.server.starts_with("https://") {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError {
+                reason: "INVALID_ARGUMENT".into(),
+                message: format!("{}: {e}", p.display()),
+                details: Vec::new(),
+            })
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &c.tls_ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&c.tls_client_cert, &c.tls_client_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| unreachable(&e))?;
+    }
+    endpoint.connect().await.map_err(|e| unreachable(&e))
 }
 
 fn request<T>(message: T, client: &ClientArgs) -> Result<Request<T>, ClientError> {

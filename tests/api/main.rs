@@ -26,6 +26,7 @@ mod pricing;
 mod process;
 mod production;
 mod stripe;
+mod tls;
 
 use tally::pb;
 use tonic::{Code, Status};

@@ -365,6 +365,8 @@ async fn traces_request_logs_and_no_secrets_in_a_real_process() {
         Some("OK")
     );
     let spans = collector.0.lock().unwrap().clone();
+    let exported = format!("{spans:?}");
+    assert!(!exported.contains("SECRET"), "no secret in any span");
     assert!(
         spans.iter().any(|s| s.name == "POST /stripe/webhook"
             && attr(s, "http.response.status_code").as_deref() == Some("400")),

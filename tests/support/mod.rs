@@ -235,6 +235,7 @@ pub fn settings(db: &TestDb) -> Settings {
         audit_interval: Duration::ZERO,
         readiness_interval: Duration::from_millis(100),
         auto_migrate: true,
+        tls: None,
     }
 }
 
