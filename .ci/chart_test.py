@@ -45,6 +45,8 @@ STANDARD_LABELS = (
     "helm.sh/chart",
 )
 SELECTOR = {"app.kubernetes.io/name": "tally", "app.kubernetes.io/instance": RELEASE}
+# gRPC TLS variables: paths of files in mounted Secrets (like the *_FILE variables).
+TLS_ENV = ("TALLY_TLS_CERT", "TALLY_TLS_KEY", "TALLY_TLS_CLIENT_CA")
 
 passed = 0
 failures: list[str] = []
@@ -241,9 +243,9 @@ def common_checks(r: Rendered, values: dict[str, Any]) -> None:
                 check("secretKeyRef" not in vf, f"{cw}: env {e['name']} uses secretKeyRef (secrets must be files)")
             for ef in c.get("envFrom", []):
                 check("secretRef" not in ef, f"{cw}: envFrom secretRef (secrets must be files)")
-            # Every *_FILE variable names a file inside a mounted Secret, under its item path.
+            # Every *_FILE (and TLS) variable names a file inside a mounted Secret, under its item path.
             for name, e in env_of(c).items():
-                if not name.endswith("_FILE"):
+                if not (name.endswith("_FILE") or name in TLS_ENV):
                     continue
                 path = e.get("value", "")
                 d, base = os.path.dirname(path), os.path.basename(path)
@@ -269,8 +271,9 @@ def common_checks(r: Rendered, values: dict[str, Any]) -> None:
         for sv in secret_values:
             check(sv not in blob, f"{L}: a Secret value appears in ConfigMap {cm['metadata']['name']}")
         check("postgres://" not in blob and "postgresql://" not in blob, f"{L}: a database URL in ConfigMap {cm['metadata']['name']}")
-        for k in ("database_url", "stripe_api_key", "stripe_webhook_secret"):
+        for k in ("database_url", "stripe_api_key", "stripe_webhook_secret", "tls_cert", "tls_key", "tls_client_ca"):
             check(not re.search(rf"(?m)^\s*{k}\s*=", blob.replace("\\n", "\n")), f"{L}: {k} in ConfigMap")
+        check("-----BEGIN" not in blob, f"{L}: PEM material in ConfigMap {cm['metadata']['name']}")
     for s in r.of("Secret"):
         check(s["type"] == "Opaque", f"{L}: Secret type")
 
@@ -279,12 +282,32 @@ def common_checks(r: Rendered, values: dict[str, Any]) -> None:
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     check(ports == {"grpc": 50051, "http": 8080, "metrics": 9090}, f"{L}: container ports {ports}")
     check(c.get("args") == ["serve"], f"{L}: container runs `tally serve`")
-    for probe, svc in (("livenessProbe", "liveness"), ("readinessProbe", "readiness"), ("startupProbe", "liveness")):
-        p = c.get(probe, {})
-        g = p.get("grpc", {})
-        check(isinstance(g.get("port"), int) and g.get("port") == ports["grpc"], f"{L}: {probe} is grpc on the numeric grpc port: {p}")
-        check(g.get("service") == svc, f"{L}: {probe} service {svc}")
-        check(set(p) & {"httpGet", "tcpSocket", "exec"} == set(), f"{L}: {probe} only grpc")
+    tls = values.get("tls", {})
+    tls_on = bool(tls.get("enabled"))
+    mtls_on = tls_on and bool(tls.get("clientCa", {}).get("enabled"))
+    if tls_on:
+        # Kubelet gRPC probes cannot speak TLS: plaintext httpGet on the numeric metrics port.
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+            p = c.get(probe, {})
+            h = p.get("httpGet", {})
+            check(isinstance(h.get("port"), int) and h.get("port") == ports["metrics"], f"{L}: {probe} is httpGet on the numeric metrics port: {p}")
+            check(h.get("path") == path, f"{L}: {probe} path {path}: {p}")
+            check(h.get("scheme", "HTTP") == "HTTP", f"{L}: {probe} plaintext HTTP")
+            check(set(p) & {"grpc", "tcpSocket", "exec"} == set(), f"{L}: {probe} only httpGet (no gRPC probe with TLS)")
+    else:
+        for probe, svc in (("livenessProbe", "liveness"), ("readinessProbe", "readiness"), ("startupProbe", "liveness")):
+            p = c.get(probe, {})
+            g = p.get("grpc", {})
+            check(isinstance(g.get("port"), int) and g.get("port") == ports["grpc"], f"{L}: {probe} is grpc on the numeric grpc port: {p}")
+            check(g.get("service") == svc, f"{L}: {probe} service {svc}")
+            check(set(p) & {"httpGet", "tcpSocket", "exec"} == set(), f"{L}: {probe} only grpc")
+    tls_env = {k for k in TLS_ENV if k in env_of(c)}
+    want_tls_env = set(TLS_ENV[:2]) | ({TLS_ENV[2]} if mtls_on else set()) if tls_on else set()
+    check(tls_env == want_tls_env, f"{L}: TLS variables {sorted(tls_env)}, want {sorted(want_tls_env)}")
+    for np in r.of("NetworkPolicy"):
+        probe_ports = {pp for probe in ("livenessProbe", "readinessProbe", "startupProbe") for pp in [(c[probe].get("grpc") or c[probe].get("httpGet") or {}).get("port")]}
+        rule_ports = {p["port"] for rule in np["spec"]["ingress"] for p in rule.get("ports", [])}
+        check(probe_ports <= rule_ports, f"{L}: NetworkPolicy has an ingress rule for the probe port(s) {probe_ports}")
     sp = c["startupProbe"]
     check(sp["periodSeconds"] * sp["failureThreshold"] >= 60, f"{L}: startupProbe tolerates >= 60 s of slow start")
     env = {k: v.get("value") for k, v in env_of(c).items()}
@@ -492,11 +515,43 @@ def expect_inline(r: Rendered, values: dict[str, Any]) -> None:
     check("inline" in r.notes, f"{L}: NOTES warns about the inline URL")
 
 
+def expect_tls(r: Rendered, values: dict[str, Any]) -> None:
+    L = r.label
+    c = dep_container(r)
+    dep = r.one("Deployment")
+    env = {k: v.get("value") for k, v in env_of(c).items()}
+    check(env.get("TALLY_TLS_CERT") == "/var/run/secrets/tally-tls/tls.crt", f"{L}: TALLY_TLS_CERT {env.get('TALLY_TLS_CERT')}")
+    check(env.get("TALLY_TLS_KEY") == "/var/run/secrets/tally-tls/tls.key", f"{L}: TALLY_TLS_KEY {env.get('TALLY_TLS_KEY')}")
+    check(env.get("TALLY_TLS_CLIENT_CA") == "/var/run/secrets/tally-tls-client-ca/ca.crt", f"{L}: TALLY_TLS_CLIENT_CA {env.get('TALLY_TLS_CLIENT_CA')}")
+    check(env.get("TALLY_LISTEN") == "0.0.0.0:50051" and env.get("TALLY_METRICS_LISTEN") == "0.0.0.0:9090", f"{L}: listen addresses unchanged")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    m = mounts.get("/var/run/secrets/tally-tls")
+    check(m is not None and m.get("readOnly") is True and "subPath" not in m, f"{L}: TLS Secret mounted read-only without subPath: {m}")
+    check(vols.get("tls", {}).get("secret") == {"secretName": "tally-grpc-tls", "defaultMode": 0o440, "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}, f"{L}: tls volume: {vols.get('tls')}")
+    m = mounts.get("/var/run/secrets/tally-tls-client-ca")
+    check(m is not None and m.get("readOnly") is True, f"{L}: client CA Secret mounted read-only: {m}")
+    check(vols.get("tls-client-ca", {}).get("secret") == {"secretName": "tally-client-ca", "defaultMode": 0o440, "items": [{"key": "ca.crt", "path": "ca.crt"}]}, f"{L}: tls-client-ca volume: {vols.get('tls-client-ca')}")
+    probes = {p: c[p] for p in ("livenessProbe", "readinessProbe", "startupProbe")}
+    check(all("grpc" not in p for p in probes.values()), f"{L}: no gRPC probe remains with TLS")
+    check({k: (p["httpGet"]["port"], p["httpGet"]["path"]) for k, p in probes.items()} == {"livenessProbe": (9090, "/healthz"), "readinessProbe": (9090, "/readyz"), "startupProbe": (9090, "/healthz")}, f"{L}: probes httpGet 9090 /healthz, /readyz")
+    # The Job migrates only; it serves nothing, so it gets no TLS material.
+    job = r.one("Job")
+    jc = job["spec"]["template"]["spec"]["containers"][0]
+    check(not any(k in env_of(jc) for k in TLS_ENV) and all(v["name"] not in ("tls", "tls-client-ca") for v in job["spec"]["template"]["spec"]["volumes"]), f"{L}: migration Job has no TLS material")
+    grpc_port = next(p for p in r.one("Service", "tally")["spec"]["ports"] if p["name"] == "grpc")
+    check(grpc_port.get("appProtocol") == "grpc", f"{L}: appProtocol grpc with TLS")
+    check(r.one("NetworkPolicy")["spec"]["ingress"][2]["ports"][0]["port"] == 9090, f"{L}: NetworkPolicy keeps the metrics (probe) port rule")
+    check(not r.of("Secret"), f"{L}: only existing Secrets referenced")
+    check("over TLS" in r.notes and "mTLS" in r.notes and "-plaintext" not in r.notes, f"{L}: NOTES describe TLS/mTLS")
+
+
 EXPECT: dict[str, Callable[[Rendered, dict[str, Any]], None]] = {
     "default-values.yaml": expect_default,
     "postgres-values.yaml": expect_postgres,
     "full-values.yaml": expect_full,
     "inline-db-values.yaml": expect_inline,
+    "tls-values.yaml": expect_tls,
 }
 
 
@@ -548,8 +603,9 @@ def static_checks(chart: helm.Chart, defaults: dict[str, Any], schema: dict[str,
     # The schema is a valid draft-07 schema, accepts the defaults and rejects typos.
     jsonschema.Draft7Validator.check_schema(schema)
     check(schema.get("additionalProperties") is False, "schema: additionalProperties false at the top level")
-    for group in ("image", "database", "stripe", "auth", "migrations", "service", "ingress", "autoscaling", "networkPolicy", "serviceMonitor", "podDisruptionBudget", "otel", "persistence"):
+    for group in ("image", "database", "stripe", "auth", "migrations", "service", "ingress", "autoscaling", "networkPolicy", "serviceMonitor", "podDisruptionBudget", "otel", "persistence", "tls"):
         check(schema["properties"][group].get("additionalProperties") is False, f"schema: additionalProperties false in {group}")
+    check(schema["properties"]["tls"]["properties"]["clientCa"].get("additionalProperties") is False, "schema: additionalProperties false in tls.clientCa")
     validator = jsonschema.Draft7Validator(schema)
     errs = list(validator.iter_errors(defaults))
     check(not errs, f"values.yaml does not validate against values.schema.json: {[e.message for e in errs]}")
@@ -562,6 +618,11 @@ def static_checks(chart: helm.Chart, defaults: dict[str, Any], schema: dict[str,
         ({"config": {"nested_option": {"a": 1}}}, "a nested config value"),
         ({"replicaCount": "3"}, "a string replicaCount"),
         ({"logFormat": "xml"}, "an unknown logFormat"),
+        ({"tls": {"enable": True}}, "typo in tls"),
+        ({"tls": {"clientCa": {"secret": "x"}}}, "typo in tls.clientCa"),
+        ({"tls": {"enabled": "true"}}, "a string tls.enabled"),
+        ({"tls": {"keyKey": ""}}, "an empty tls.keyKey"),
+        ({"config": {"tls_key": "/k.pem"}}, "a chart-managed TLS option in config"),
     ):
         merged = deep_merge(defaults, bad)
         check(any(True for _ in validator.iter_errors(merged)), f"jsonschema accepts {what}")
@@ -620,6 +681,8 @@ def main() -> int:
             expect_render_failure(chart, deep_merge(dev, {"terminationGracePeriodSeconds": 15}), "terminationGracePeriodSeconds", "grace period <= preStop + shutdownGrace")
             expect_render_failure(chart, deep_merge(dev, {"database": {"existingSecret": "a", "url": "postgres://u:p@h/d"}}), "not both", "existingSecret and url together")
             expect_render_failure(chart, deep_merge(dev, {"ingress": {"enabled": True, "tls": {"enabled": True}}}), "secretName", "TLS without a secret")
+            expect_render_failure(chart, deep_merge(dev, {"tls": {"enabled": True}}), "tls.enabled needs tls.existingSecret", "gRPC TLS without tls.existingSecret")
+            expect_render_failure(chart, deep_merge(dev, {"tls": {"clientCa": {"enabled": True, "existingSecret": "ca"}}}), "tls.clientCa.enabled (mTLS) needs tls.enabled", "mTLS without tls.enabled")
 
             pg = {"auth": {"insecure": True}, "database": {"existingSecret": "foo"}}
             r = render(chart, deep_merge(pg, {"migrations": {"enabled": False}}), "postgres without the Job")
@@ -639,6 +702,20 @@ def main() -> int:
             r = render(chart, deep_merge(pg, {"stripe": {"existingSecret": "s", "apiKeyKey": ""}}), "stripe webhook only")
             env = env_of(dep_container(r))
             check("TALLY_STRIPE_WEBHOOK_SECRET_FILE" in env and "TALLY_STRIPE_API_KEY_FILE" not in env, "stripe.apiKeyKey empty → only the webhook secret file")
+            r = render(chart, deep_merge(dev, {"tls": {"enabled": True, "existingSecret": "srv", "certKey": "chain.pem", "keyKey": "key.pem", "clientCa": {"enabled": True}}}), "mTLS, CA from the server Secret")
+            vols = {v["name"]: v for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+            check(vols["tls"]["secret"]["items"] == [{"key": "chain.pem", "path": "tls.crt"}, {"key": "key.pem", "path": "tls.key"}], f"tls.certKey/keyKey → items: {vols['tls']}")
+            check(vols["tls-client-ca"]["secret"]["secretName"] == "srv" and vols["tls-client-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], f"tls.clientCa.existingSecret empty → tls.existingSecret: {vols['tls-client-ca']}")
+            common_checks(r, deep_merge(defaults, deep_merge(dev, {"tls": {"enabled": True, "existingSecret": "srv", "clientCa": {"enabled": True}}})))
+            r = render(chart, deep_merge(dev, {"tls": {"enabled": True, "existingSecret": "srv"}}), "TLS without mTLS")
+            c = dep_container(r)
+            vols = {v["name"] for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+            check("TALLY_TLS_CERT" in env_of(c) and "TALLY_TLS_CLIENT_CA" not in env_of(c) and "tls" in vols and "tls-client-ca" not in vols, "tls without clientCa → no client CA variable or volume")
+            check(c["readinessProbe"].get("httpGet", {}).get("path") == "/readyz" and "grpc" not in c["livenessProbe"], "tls without clientCa → httpGet probes")
+            r = render(chart, deep_merge(dev, {"tls": {"existingSecret": "srv"}}), "TLS secret set, TLS off")
+            c = dep_container(r)
+            check(not any(k in env_of(c) for k in TLS_ENV) and all(v["name"] != "tls" for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]), "tls.enabled=false → no TLS variables or volume even with existingSecret")
+            check(all(c[p].get("grpc", {}).get("port") == 50051 and "httpGet" not in c[p] for p in ("livenessProbe", "readinessProbe", "startupProbe")), "tls.enabled=false → grpc probes on the numeric grpc port")
             r = render(chart, {**dev, "fullnameOverride": "credits"}, "fullnameOverride")
             check(r.one("Deployment")["metadata"]["name"] == "credits" and r.one("ConfigMap")["metadata"]["name"] == "credits-config", "fullnameOverride names objects")
     except helm.HelmError as e:

@@ -122,6 +122,13 @@ Whether more than one pod may run (a PDB is then useful).
 {{- end }}
 
 {{/*
+Secret holding the client CA bundle (mTLS): tls.clientCa.existingSecret, else tls.existingSecret.
+*/}}
+{{- define "tally.tlsClientCaSecretName" -}}
+{{- .Values.tls.clientCa.existingSecret | default .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
 Render-time checks. Included by the Deployment so every render runs them.
 */}}
 {{- define "tally.validate" -}}
@@ -149,6 +156,12 @@ Render-time checks. Included by the Deployment so every render runs them.
 {{- end }}
 {{- if and .Values.ingress.enabled (not (or .Values.ingress.paths.webhook .Values.ingress.paths.billing)) }}
 {{- fail "ingress.enabled needs ingress.paths.webhook and/or ingress.paths.billing" }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
+{{- fail "tls.enabled needs tls.existingSecret: the name of a kubernetes.io/tls-style Secret holding the gRPC server certificate chain (tls.certKey) and private key (tls.keyKey)" }}
+{{- end }}
+{{- if and .Values.tls.clientCa.enabled (not .Values.tls.enabled) }}
+{{- fail "tls.clientCa.enabled (mTLS) needs tls.enabled=true and tls.existingSecret: client certificates can only be verified over TLS" }}
 {{- end }}
 {{- if and .Values.ingress.tls.enabled (not .Values.ingress.tls.secretName) }}
 {{- fail "ingress.tls.enabled needs ingress.tls.secretName" }}
