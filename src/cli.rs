@@ -52,6 +52,8 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigCommand,
     },
+    /// Load-test a running server (throughput, latency percentiles, errors by code).
+    Bench(Box<crate::bench::BenchArgs>),
     /// Caller tokens for the callers file.
     Auth {
         #[command(subcommand)]
@@ -882,6 +884,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Serve(_)
         | Command::Migrate { .. }
         | Command::Config { .. }
+        | Command::Bench(_)
         | Command::Auth { .. }
         | Command::Catalog { .. }
         | Command::Stripe { .. } => Ok(()),

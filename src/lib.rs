@@ -31,8 +31,10 @@
 
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod grpc;
@@ -43,6 +45,9 @@ pub mod service;
 pub mod storage;
 pub mod stripe;
 pub mod telemetry;
+
+#[cfg(test)]
+mod fuzz;
 
 /// Architecture checks that keep the layers honest (TigerBeetle's "tidy", scaled down).
 #[cfg(test)]

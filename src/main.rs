@@ -99,6 +99,10 @@ async fn main() -> ExitCode {
             tally::cli::run_config(&action);
             ExitCode::SUCCESS
         }
+        Command::Bench(args) => match tally::bench::run(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Auth { action } => match tally::cli::run_auth(&action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

@@ -200,6 +200,14 @@ fn admit(
     principal
         .admit(kind == Kind::Admin)
         .map_err(|d| refuse("rate_limited", &d))?;
+    if kind == Kind::Unknown {
+        // Answered here so that it, too, carries ErrorInfo.
+        return Err(Status::with_error_details(
+            Code::Unimplemented,
+            "no such method",
+            ErrorDetails::with_error_info("UNIMPLEMENTED", ERROR_DOMAIN, HashMap::new()),
+        ));
+    }
     let permit = Arc::clone(&state.permits)
         .try_acquire_owned()
         .map_err(|_| {

@@ -20,6 +20,7 @@ mod support;
 mod admin;
 mod billing;
 mod cli;
+mod client;
 mod credit;
 mod ops;
 mod pricing;
