@@ -408,6 +408,7 @@ impl App {
         let gate = crate::grpc::gate::GateLayer::new(crate::grpc::gate::GateState::new(
             Arc::clone(&settings.auth),
             settings.max_concurrent_requests,
+            readiness.clone(),
             addr.port(),
         ));
         let mut builder = Server::builder();

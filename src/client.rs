@@ -144,7 +144,10 @@ impl Error {
 /// Whether an attempt's failure is worth another attempt.
 fn retryable(s: &Status) -> bool {
     match s.code() {
-        Code::Unavailable | Code::Aborted => true,
+        // UNKNOWN and CANCELLED: Tally never sends them; they are a connection broken mid-call
+        // (a server killed, a proxy restarted). The outcome is unknown and a retry with the
+        // same key is safe. (Our own caller cancelling drops this future: nothing retries.)
+        Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled => true,
         // Rate limited (not an empty wallet: that is FAILED_PRECONDITION).
         Code::ResourceExhausted => s.get_details_retry_info().is_some(),
         _ => false,

@@ -47,6 +47,12 @@ impl Readiness {
         self.0.database.load(Ordering::Acquire) && !self.0.draining.load(Ordering::Acquire)
     }
 
+    /// Whether the last database check succeeded.
+    #[must_use]
+    pub fn database(&self) -> bool {
+        self.0.database.load(Ordering::Acquire)
+    }
+
     /// Whether shutdown has begun.
     #[must_use]
     pub fn draining(&self) -> bool {

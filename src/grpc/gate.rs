@@ -120,20 +120,40 @@ fn overloaded() -> Status {
 pub struct GateState {
     auth: Arc<Auth>,
     permits: Arc<Semaphore>,
-    /// Whether reflection needs an authenticated caller (it does whenever auth is on).
+    readiness: crate::health::Readiness,
+    /// The listener's port (a span attribute).
     port: u16,
 }
 
 impl GateState {
-    /// `max_in_flight` calls at once over all connections (health excluded).
+    /// `max_in_flight` calls at once over all connections (health excluded). While
+    /// `readiness` knows the database is unreachable, calls that need it fail at once with
+    /// UNAVAILABLE instead of waiting for a connection.
     #[must_use]
-    pub fn new(auth: Arc<Auth>, max_in_flight: usize, port: u16) -> Self {
+    pub fn new(
+        auth: Arc<Auth>,
+        max_in_flight: usize,
+        readiness: crate::health::Readiness,
+        port: u16,
+    ) -> Self {
         Self {
             auth,
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            readiness,
             port,
         }
     }
+}
+
+fn database_down() -> Status {
+    let mut details =
+        ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(Duration::from_millis(200)));
+    Status::with_error_details(
+        Code::Unavailable,
+        "the database is unavailable; retry with the same idempotency key",
+        details,
+    )
 }
 
 /// The layer (`Server::builder().layer(GateLayer::new(..))`).
@@ -207,6 +227,10 @@ fn admit(
             "no such method",
             ErrorDetails::with_error_info("UNIMPLEMENTED", ERROR_DOMAIN, HashMap::new()),
         ));
+    }
+    if matches!(kind, Kind::Credit | Kind::Admin) && !state.readiness.database() {
+        metrics::counter!("tally_requests_refused_total", "reason" => "database_down").increment(1);
+        return Err(database_down());
     }
     let permit = Arc::clone(&state.permits)
         .try_acquire_owned()

@@ -36,6 +36,9 @@ use crate::domain::{
 pub struct PgStore {
     pool: PgPool,
     policy: Arc<Policy>,
+    /// For readiness pings on their own connection, so a busy pool never looks like a dead
+    /// database.
+    options: PgConnectOptions,
 }
 
 /// Maps a sqlx error to what the service needs to know. Messages never include the URL.
@@ -128,10 +131,14 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(map_err)?;
-        Ok(Self { pool, policy })
+        Ok(Self {
+            pool,
+            policy,
+            options,
+        })
     }
 
     /// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas may race).
@@ -980,11 +987,18 @@ super::book_ops!(PgStore, {
     }
 
     async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        use sqlx::Connection as _;
+        // A connection of its own: under load every pooled connection may be busy, which is
+        // not the database being down.
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
             .await
-            .map_err(map_err)
-            .map(|_| ())
+            .map_err(map_err)?;
+        sqlx::query("SELECT 1")
+            .execute(&mut conn)
+            .await
+            .map_err(map_err)?;
+        let _ = conn.close().await;
+        Ok(())
     }
 
     async fn stats(&self) -> StorageResult<super::StoreStats> {

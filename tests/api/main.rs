@@ -22,6 +22,7 @@ mod billing;
 mod cli;
 mod client;
 mod credit;
+mod faults;
 mod ops;
 mod pricing;
 mod process;

@@ -67,6 +67,11 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 impl TestDb {
+    /// A database at `url` that the caller owns (nothing is removed on drop).
+    pub fn from_url(url: String) -> Self {
+        Self { url, _dir: None }
+    }
+
     pub async fn new(backend: Backend) -> Self {
         match backend {
             Backend::Sqlite => {
