@@ -209,7 +209,11 @@ async fn client_loop(
 ) -> Tally {
     let mut t = Tally::default();
     let mut x = seed | 1;
-    let mut next_send = Instant::now();
+    // Open loop: stagger the clients over one interval so their sends do not arrive in bursts.
+    let mut next_send = Instant::now()
+        + interval.map_or(Duration::ZERO, |every| {
+            every.mul_f64((seed % 1024) as f64 / 1024.0)
+        });
     while !shared.stop.load(Ordering::Relaxed) {
         // xorshift: cheap uniform account choice
         x ^= x << 13;
@@ -225,6 +229,9 @@ async fn client_loop(
             }
             None => Instant::now(),
         };
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
         let measuring = shared.measuring.load(Ordering::Relaxed);
         let key = uuid::Uuid::now_v7().simple().to_string();
         let result: Result<(), Code> = async {
