@@ -84,10 +84,13 @@ pub async fn publish(health: &HealthReporter, ready: bool) {
 /// One readiness check: a database round trip, published to `health` when it changed (or
 /// always, when `force`).
 pub async fn check(store: &dyn Store, readiness: &Readiness, health: &HealthReporter, force: bool) {
-    let ok = matches!(
-        tokio::time::timeout(PING_TIMEOUT, store.ping()).await,
-        Ok(Ok(()))
-    );
+    let ok = match tokio::time::timeout(PING_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => true,
+        // No answer in time is not a refusal: under load the check may queue behind busy
+        // connections. Keep the last state (a refused connection answers at once).
+        Err(_) if !force => return,
+        Ok(Err(_)) | Err(_) => false,
+    };
     if readiness.draining() {
         return;
     }

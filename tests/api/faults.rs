@@ -172,15 +172,7 @@ async fn crash_campaign(backend: Backend) {
     );
     let mut stored = HashSet::new();
     for a in 0..4 {
-        let holds = store
-            .list_holds(&tally::storage::HoldQuery {
-                account_id: tally::domain::AccountId::parse("a", &format!("acct-{a}")).unwrap(),
-                states: vec![],
-                before: None,
-                limit: 100_000,
-            })
-            .await
-            .unwrap();
+        let holds = crate::support::holds_of(store.as_ref(), &format!("acct-{a}")).await;
         for h in holds {
             if let Some(amount) = acked.commits.get(&h.hold_id) {
                 assert_eq!(
@@ -233,16 +225,7 @@ async fn cancelled_reserves_resolve_to_one_hold_each(backend: Backend) {
         ids.insert(r.hold.unwrap().hold_id);
     }
     assert_eq!(ids.len(), 500);
-    let holds = app
-        .store
-        .list_holds(&tally::storage::HoldQuery {
-            account_id: tally::domain::AccountId::parse("a", "acct").unwrap(),
-            states: vec![],
-            before: None,
-            limit: 1000,
-        })
-        .await
-        .unwrap();
+    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
     assert_eq!(holds.len(), 500, "no key made two holds, and none was lost");
     assert_eq!(
         c.check_balance(pb::CheckBalanceRequest {
@@ -412,8 +395,11 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     let mut recovered = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let o = std::mem::take(&mut *outcomes.lock().unwrap());
-        if o.iter().rev().take(8).filter(|x| x.1.is_ok()).count() >= 8 {
+        let ok_tail = {
+            let o = outcomes.lock().unwrap();
+            o.iter().rev().take(8).filter(|x| x.1.is_ok()).count()
+        };
+        if ok_tail >= 8 {
             recovered = true;
             break;
         }
@@ -450,16 +436,7 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     );
     // Nothing acknowledged was lost; nothing failed was stored.
     let acked: HashSet<&String> = o.iter().filter_map(|x| x.1.as_ref().ok()).collect();
-    let holds = app
-        .store
-        .list_holds(&tally::storage::HoldQuery {
-            account_id: tally::domain::AccountId::parse("a", "acct").unwrap(),
-            states: vec![],
-            before: None,
-            limit: 100_000,
-        })
-        .await
-        .unwrap();
+    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
     let stored: HashSet<&String> = holds.iter().map(|h| &h.hold_id).collect();
     assert!(
         acked.is_subset(&stored),

@@ -13,44 +13,9 @@ use tonic_health::pb::health_client::HealthClient;
 async fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--database-url", &db, "--shutdown-grace", "5s"])
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut grpc, mut http) = (None, None);
-    let mut log = Vec::new();
-    while grpc.is_none() || http.is_none() {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        let addr = v["fields"]["addr"].as_str().map(str::to_owned);
-        match v["fields"]["message"].as_str() {
-            Some("tally serving gRPC") => grpc = addr,
-            Some(m) if m.starts_with("tally serving HTTP") => http = addr,
-            _ => {}
-        }
-        log.push(line);
-    }
-    let (grpc, http) = (grpc.unwrap(), http.unwrap());
+    let p = Process::start(&["--database-url", &db, "--shutdown-grace", "5s"], &[]).await;
     let mut health = HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        tonic::transport::Channel::from_shared(format!("http://{}", p.grpc))
             .unwrap()
             .connect()
             .await
@@ -65,14 +30,13 @@ async fn sigterm_drains_and_exits_zero() {
         .into_inner();
     assert_eq!(r.status(), ServingStatus::Serving);
     assert_eq!(
-        reqwest::get(format!("http://{http}/readyz"))
+        reqwest::get(format!("http://{}/readyz", p.http))
             .await
             .unwrap()
             .status()
             .as_u16(),
         200
     );
-
     // A Watch stream on readiness: SERVING now, NOT_SERVING as soon as shutdown begins.
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -84,13 +48,7 @@ async fn sigterm_drains_and_exits_zero() {
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
 
-    let pid = child.id().unwrap().to_string();
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(kill.success());
+    p.sigterm().await;
     let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
         .expect("the watch hears of the shutdown");
@@ -99,16 +57,9 @@ async fn sigterm_drains_and_exits_zero() {
     } else {
         panic!("the stream ended before NOT_SERVING: {next:?}");
     }
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let log = tokio::time::timeout(Duration::from_secs(20), p.finish())
         .await
-        .expect("exits within the grace period")
-        .unwrap();
-    while let Ok(Ok(Some(line))) =
-        tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await
-    {
-        log.push(line);
-    }
-    assert_eq!(status.code(), Some(0), "{log:#?}");
+        .expect("exits within the grace period");
     assert!(log.iter().any(|l| l.contains("shutting down")), "{log:#?}");
 }
 
@@ -163,8 +114,7 @@ impl Process {
         }
     }
 
-    /// SIGTERM, then the rest of the log; asserts exit 0.
-    async fn stop(mut self) -> Vec<String> {
+    async fn sigterm(&self) {
         let pid = self.child.id().unwrap().to_string();
         assert!(
             tokio::process::Command::new("kill")
@@ -174,6 +124,16 @@ impl Process {
                 .unwrap()
                 .success()
         );
+    }
+
+    /// SIGTERM, then the rest of the log; asserts exit 0 within the grace period.
+    async fn stop(self) -> Vec<String> {
+        self.sigterm().await;
+        self.finish().await
+    }
+
+    /// The rest of the log once the process exits; asserts exit 0.
+    async fn finish(mut self) -> Vec<String> {
         while let Ok(Ok(Some(line))) =
             tokio::time::timeout(Duration::from_secs(20), self.lines.next_line()).await
         {

@@ -300,16 +300,7 @@ async fn rate_limits_refuse_with_retry_info_and_write_nothing(backend: Backend) 
     // 3 from the burst, plus one per second the loop took (a slow machine).
     assert!((3..=5).contains(&ok) && limited >= 5, "{ok} passed");
     assert_eq!(ok + limited, 10);
-    let holds = app
-        .store
-        .list_holds(&tally::storage::HoldQuery {
-            account_id: tally::domain::AccountId::parse("a", "acct").unwrap(),
-            states: vec![],
-            before: None,
-            limit: 100,
-        })
-        .await
-        .unwrap();
+    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
     assert_eq!(holds.len(), ok, "a refused call writes nothing");
     assert_eq!(
         balance(&app, "acct").await,
@@ -546,21 +537,7 @@ async fn the_reconciliation_counts_an_injected_imbalance() {
 /// /readyz) while liveness stays SERVING; when it comes back, readiness returns by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_follows_the_database_and_liveness_does_not() {
-    use sqlx::Connection;
     let app = TestApp::spawn(Backend::Postgres).await;
-    let name = app
-        .db
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let mut pg = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL").unwrap())
-        .await
-        .unwrap();
     let health = HealthClient::new(app.channel().await);
     let status = |service: &'static str| {
         let mut h = health.clone();
@@ -594,18 +571,7 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
     assert_eq!(status("").await, ServingStatus::Serving);
     assert_eq!(readyz().await, 200);
 
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
-    )))
-    .execute(&mut pg)
-    .await
-    .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-    )))
-    .execute(&mut pg)
-    .await
-    .unwrap();
+    crate::support::set_database_reachable(&app.db, false).await;
     wait_for(ServingStatus::NotServing).await;
     assert_eq!(status("").await, ServingStatus::NotServing);
     assert_eq!(status("liveness").await, ServingStatus::Serving);
@@ -627,12 +593,7 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
-    )))
-    .execute(&mut pg)
-    .await
-    .unwrap();
+    crate::support::set_database_reachable(&app.db, true).await;
     wait_for(ServingStatus::Serving).await;
     assert_eq!(readyz().await, 200);
     app.admin()

@@ -543,35 +543,12 @@ crate::on_both_backends!(
 /// answers 5xx so Stripe retries, and the redelivery after recovery applies exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_down_during_a_webhook_is_a_5xx_and_the_redelivery_applies_once() {
-    use sqlx::Connection;
     let app = TestApp::spawn(Backend::Postgres).await;
-    let name = app
-        .db
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL").unwrap())
-        .await
-        .unwrap();
-    let set = |allow: bool| {
-        sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"))
-    };
-    sqlx::query(set(false)).execute(&mut admin).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    crate::support::set_database_reachable(&app.db, false).await;
     let body = tally_session_event("evt_down", "checkout.session.completed", "cs_down", "paid");
     let (status, reply) = app.post_webhook(&body).await;
     assert!((500..600).contains(&status), "{status} {reply}");
-    sqlx::query(set(true)).execute(&mut admin).await.unwrap();
+    crate::support::set_database_reachable(&app.db, true).await;
     let (status, reply) = app.post_webhook(&body).await;
     assert_eq!(
         (status, reply["granted"].as_bool()),

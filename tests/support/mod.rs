@@ -132,6 +132,47 @@ impl TestDb {
     }
 }
 
+/// Every hold of `account` (any state, newest first).
+pub async fn holds_of(store: &dyn Store, account: &str) -> Vec<tally::domain::Hold> {
+    store
+        .list_holds(&tally::storage::HoldQuery {
+            account_id: tally::domain::AccountId::parse("account", account).unwrap(),
+            states: vec![],
+            before: None,
+            limit: 100_000,
+        })
+        .await
+        .unwrap()
+}
+
+/// Makes this test's PostgreSQL database refuse (`false`: and drops its connections) or accept
+/// connections again: the database "goes down" for this app only, not for other tests.
+pub async fn set_database_reachable(db: &TestDb, reachable: bool) {
+    let name = db
+        .url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.split('?').next())
+        .unwrap()
+        .to_owned();
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS {reachable}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    if !reachable {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+    admin.close().await.unwrap();
+}
+
 /// Fails the test if any account's entries, balance columns and open holds disagree.
 pub async fn assert_ledger_balances(store: &dyn Store) {
     let violations = store.audit().await.unwrap();
