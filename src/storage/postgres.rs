@@ -74,143 +74,6 @@ fn map_err(e: sqlx::Error) -> StorageError {
     }
 }
 
-/// One statement writes a book's changes: `$1..$12` new buckets, `$13..$16` bucket updates,
-/// `$17..$26` new holds, `$27..$32` hold updates, `$33..$38` new draws, `$39..$42` draw
-/// updates, `$43` the account, `$44..$50` entries (inserted in order), `$51..$56` the account
-/// columns, written when `$57`.
-const WRITE_BOOK_SQL: &str = "
-WITH
-nb AS (
-  INSERT INTO bucket (bucket_id, account_id, source, granted, remaining, held, expired, expires_at,
-                      priority, period, reason, created_at)
-  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
-                       $7::int8[], $8::timestamptz[], $9::int4[], $10::text[], $11::text[],
-                       $12::timestamptz[])),
-ub AS (
-  UPDATE bucket b SET remaining = u.remaining, held = u.held, expired = u.expired
-  FROM UNNEST($13::text[], $14::int8[], $15::int8[], $16::int8[]) AS u(id, remaining, held, expired)
-  WHERE b.bucket_id = u.id),
-nh AS (
-  INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at, state,
-                    committed_amount, refunded_amount, resolved_at)
-  SELECT * FROM UNNEST($17::text[], $18::text[], $19::int8[], $20::text[], $21::timestamptz[],
-                       $22::timestamptz[], $23::text[], $24::int8[], $25::int8[],
-                       $26::timestamptz[])),
-uh AS (
-  UPDATE hold h SET state = u.state, committed_amount = u.committed, refunded_amount = u.refunded,
-                    expires_at = u.expires_at, resolved_at = u.resolved_at
-  FROM UNNEST($27::text[], $28::text[], $29::int8[], $30::int8[], $31::timestamptz[],
-              $32::timestamptz[]) AS u(id, state, committed, refunded, expires_at, resolved_at)
-  WHERE h.hold_id = u.id),
-nd AS (
-  INSERT INTO draw (hold_id, seq, bucket_id, held, consumed, refunded)
-  SELECT * FROM UNNEST($33::text[], $34::int4[], $35::text[], $36::int8[], $37::int8[],
-                       $38::int8[])),
-ud AS (
-  UPDATE draw w SET consumed = u.consumed, refunded = u.refunded
-  FROM UNNEST($39::text[], $40::int4[], $41::int8[], $42::int8[]) AS u(hold_id, seq, consumed, refunded)
-  WHERE w.hold_id = u.hold_id AND w.seq = u.seq),
-ne AS (
-  INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason,
-                     debt_delta)
-  SELECT $43, e.hold_id, e.bucket_id, e.kind, e.available_delta, e.held_delta, e.reason, e.debt_delta
-  FROM UNNEST($44::text[], $45::text[], $46::text[], $47::int8[], $48::int8[], $49::text[],
-              $50::int8[]) WITH ORDINALITY
-       AS e(hold_id, bucket_id, kind, available_delta, held_delta, reason, debt_delta, ord)
-  ORDER BY e.ord),
-ua AS (
-  UPDATE account SET available = $51, held = $52, plan = $53, allowance_period = $54,
-                     updated_at = $55, debt = $56
-  WHERE account_id = $43 AND $57)
-SELECT 1";
-
-/// Columns of new buckets, as arrays for [`WRITE_BOOK_SQL`].
-#[derive(Default)]
-struct BucketRows<'a> {
-    id: Vec<&'a str>,
-    account: Vec<&'a str>,
-    source: Vec<&'static str>,
-    granted: Vec<i64>,
-    remaining: Vec<i64>,
-    held: Vec<i64>,
-    expired: Vec<i64>,
-    expires_at: Vec<Option<DateTime<Utc>>>,
-    priority: Vec<i32>,
-    period: Vec<Option<&'a str>>,
-    reason: Vec<&'a str>,
-    created_at: Vec<DateTime<Utc>>,
-}
-
-impl<'a> BucketRows<'a> {
-    fn push(&mut self, b: &'a Bucket) {
-        self.id.push(&b.bucket_id);
-        self.account.push(&b.account_id);
-        self.source.push(b.source.as_str());
-        self.granted.push(b.granted);
-        self.remaining.push(b.remaining);
-        self.held.push(b.held);
-        self.expired.push(b.expired);
-        self.expires_at.push(b.expires_at);
-        self.priority.push(b.priority);
-        self.period.push(b.period.as_deref());
-        self.reason.push(&b.reason);
-        self.created_at.push(b.created_at);
-    }
-}
-
-/// Columns of holds, as arrays for [`WRITE_BOOK_SQL`].
-#[derive(Default)]
-struct HoldRows<'a> {
-    id: Vec<&'a str>,
-    account: Vec<&'a str>,
-    amount: Vec<i64>,
-    metadata: Vec<String>,
-    created_at: Vec<DateTime<Utc>>,
-    expires_at: Vec<DateTime<Utc>>,
-    state: Vec<&'static str>,
-    committed: Vec<i64>,
-    refunded: Vec<i64>,
-    resolved_at: Vec<Option<DateTime<Utc>>>,
-}
-
-impl<'a> HoldRows<'a> {
-    fn push(&mut self, h: &'a Hold) -> StorageResult<()> {
-        self.id.push(&h.hold_id);
-        self.account.push(&h.account_id);
-        self.amount.push(h.amount);
-        self.metadata.push(metadata_json(&h.metadata)?);
-        self.created_at.push(h.created_at);
-        self.expires_at.push(h.expires_at);
-        self.state.push(h.state.as_str());
-        self.committed.push(h.committed_amount);
-        self.refunded.push(h.refunded_amount);
-        self.resolved_at.push(h.resolved_at);
-        Ok(())
-    }
-}
-
-/// Columns of draws, as arrays for [`WRITE_BOOK_SQL`].
-#[derive(Default)]
-struct DrawRows<'a> {
-    hold: Vec<&'a str>,
-    seq: Vec<i32>,
-    bucket: Vec<&'a str>,
-    held: Vec<i64>,
-    consumed: Vec<i64>,
-    refunded: Vec<i64>,
-}
-
-impl<'a> DrawRows<'a> {
-    fn push(&mut self, w: &'a Draw) {
-        self.hold.push(&w.hold_id);
-        self.seq.push(w.seq);
-        self.bucket.push(&w.bucket_id);
-        self.held.push(w.held);
-        self.consumed.push(w.consumed);
-        self.refunded.push(w.refunded);
-    }
-}
-
 fn hold_from_row(row: &PgRow) -> StorageResult<Hold> {
     let get = |e: sqlx::Error| StorageError::Other(format!("unreadable hold row: {e}"));
     let state: String = row.try_get("state").map_err(get)?;
@@ -521,132 +384,150 @@ impl Tx for PgTx {
     }
 
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()> {
-        // Every changed row in one statement (a data-modifying CTE over UNNEST arrays): one
-        // round trip instead of one per row. New rows are inserted with their final values and
-        // left out of the updates (sibling CTEs share one snapshot, so an update would not see
-        // them). Foreign keys are checked at the end of the statement, when all rows exist.
+        let tx = &mut *self.tx;
         let d = &book.dirty;
-        let mut nb = BucketRows::default();
-        for b in d.new_buckets.iter().filter_map(|id| book.buckets.get(id)) {
-            nb.push(b);
+        for id in &d.new_buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO bucket (bucket_id, account_id, source, granted, remaining, held, expired,
+                                     expires_at, priority, period, reason, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&b.bucket_id)
+            .bind(&b.account_id)
+            .bind(b.source.as_str())
+            .bind(b.granted)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .bind(b.expires_at)
+            .bind(b.priority)
+            .bind(b.period.as_deref())
+            .bind(&b.reason)
+            .bind(b.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let (mut ub_id, mut ub_rem, mut ub_held, mut ub_exp) = (vec![], vec![], vec![], vec![]);
-        for b in d
-            .buckets
-            .iter()
-            .filter(|id| !d.new_buckets.contains(*id))
-            .filter_map(|id| book.buckets.get(id))
-        {
-            ub_id.push(b.bucket_id.as_str());
-            ub_rem.push(b.remaining);
-            ub_held.push(b.held);
-            ub_exp.push(b.expired);
+        for id in &d.buckets {
+            let Some(b) = book.buckets.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE bucket SET remaining = $2, held = $3, expired = $4 WHERE bucket_id = $1",
+            )
+            .bind(&b.bucket_id)
+            .bind(b.remaining)
+            .bind(b.held)
+            .bind(b.expired)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let mut nh = HoldRows::default();
-        for h in d.new_holds.iter().filter_map(|id| book.holds.get(id)) {
-            nh.push(h)?;
+        for id in &d.new_holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO hold (hold_id, account_id, amount, metadata, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&h.hold_id)
+            .bind(&h.account_id)
+            .bind(h.amount)
+            .bind(metadata_json(&h.metadata)?)
+            .bind(h.created_at)
+            .bind(h.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let mut uh = HoldRows::default();
-        for h in d
-            .holds
-            .iter()
-            .filter(|id| !d.new_holds.contains(*id))
-            .filter_map(|id| book.holds.get(id))
-        {
-            uh.push(h)?;
+        for id in &d.holds {
+            let Some(h) = book.holds.get(id) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE hold SET state = $2, committed_amount = $3, refunded_amount = $4, expires_at = $5,
+                                 resolved_at = $6 WHERE hold_id = $1",
+            )
+            .bind(&h.hold_id)
+            .bind(h.state.as_str())
+            .bind(h.committed_amount)
+            .bind(h.refunded_amount)
+            .bind(h.expires_at)
+            .bind(h.resolved_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let mut nd = DrawRows::default();
-        for w in d.new_draws.iter().filter_map(|k| book.draws.get(k)) {
-            nd.push(w);
+        for key in &d.new_draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO draw (hold_id, seq, bucket_id, held, consumed, refunded) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(&w.bucket_id)
+            .bind(w.held)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let mut ud = DrawRows::default();
-        for w in d
-            .draws
-            .iter()
-            .filter(|k| !d.new_draws.contains(*k))
-            .filter_map(|k| book.draws.get(k))
-        {
-            ud.push(w);
+        for key in &d.draws {
+            let Some(w) = book.draws.get(key) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE draw SET consumed = $3, refunded = $4 WHERE hold_id = $1 AND seq = $2",
+            )
+            .bind(&w.hold_id)
+            .bind(w.seq)
+            .bind(w.consumed)
+            .bind(w.refunded)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        let (
-            mut e_hold_id,
-            mut e_bucket,
-            mut e_kind,
-            mut e_avail,
-            mut e_held_delta,
-            mut e_reason,
-            mut e_debt,
-        ) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         for e in &book.entries {
-            e_hold_id.push(e.hold_id.as_deref());
-            e_bucket.push(e.bucket_id.as_deref());
-            e_kind.push(e.kind.as_str());
-            e_avail.push(e.available_delta);
-            e_held_delta.push(e.held_delta);
-            e_reason.push(e.reason.as_str());
-            e_debt.push(e.debt_delta);
-        }
-        sqlx::query(WRITE_BOOK_SQL)
-            .bind(nb.id)
-            .bind(nb.account)
-            .bind(nb.source)
-            .bind(nb.granted)
-            .bind(nb.remaining)
-            .bind(nb.held)
-            .bind(nb.expired)
-            .bind(nb.expires_at)
-            .bind(nb.priority)
-            .bind(nb.period)
-            .bind(nb.reason)
-            .bind(nb.created_at)
-            .bind(ub_id)
-            .bind(ub_rem)
-            .bind(ub_held)
-            .bind(ub_exp)
-            .bind(nh.id)
-            .bind(nh.account)
-            .bind(nh.amount)
-            .bind(nh.metadata)
-            .bind(nh.created_at)
-            .bind(nh.expires_at)
-            .bind(nh.state)
-            .bind(nh.committed)
-            .bind(nh.refunded)
-            .bind(nh.resolved_at)
-            .bind(uh.id)
-            .bind(uh.state)
-            .bind(uh.committed)
-            .bind(uh.refunded)
-            .bind(uh.expires_at)
-            .bind(uh.resolved_at)
-            .bind(nd.hold)
-            .bind(nd.seq)
-            .bind(nd.bucket)
-            .bind(nd.held)
-            .bind(nd.consumed)
-            .bind(nd.refunded)
-            .bind(ud.hold)
-            .bind(ud.seq)
-            .bind(ud.consumed)
-            .bind(ud.refunded)
+            sqlx::query(
+                "INSERT INTO entry (account_id, hold_id, bucket_id, kind, available_delta, held_delta, reason, debt_delta)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
             .bind(&book.account_id)
-            .bind(e_hold_id)
-            .bind(e_bucket)
-            .bind(e_kind)
-            .bind(e_avail)
-            .bind(e_held_delta)
-            .bind(e_reason)
-            .bind(e_debt)
+            .bind(e.hold_id.as_deref())
+            .bind(e.bucket_id.as_deref())
+            .bind(e.kind.as_str())
+            .bind(e.available_delta)
+            .bind(e.held_delta)
+            .bind(&e.reason)
+            .bind(e.debt_delta)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if d.account {
+            sqlx::query(
+                "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6,
+                                    debt = $7
+                 WHERE account_id = $1",
+            )
+            .bind(&book.account_id)
             .bind(book.available)
             .bind(book.held)
             .bind(&book.plan)
             .bind(book.allowance_period.as_deref())
             .bind(now)
             .bind(book.debt)
-            .bind(d.account)
-            .execute(&mut *self.tx)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        }
         Ok(())
     }
 
