@@ -616,3 +616,42 @@ crate::on_both_backends!(
 async fn an_injected_imbalance_is_counted_by_the_reconciliation() {
     the_reconciliation_counts_an_injected_imbalance().await;
 }
+
+async fn list_services(app: &TestApp) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(app.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let reply = stream.message().await?.unwrap();
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Reflection lists our services when on, and is not served when turned off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_is_switchable() {
+    let on = TestApp::spawn(Backend::Sqlite).await;
+    let services = list_services(&on).await.unwrap();
+    assert!(
+        services.iter().any(|s| s == "tally.v1.CreditService"),
+        "{services:?}"
+    );
+    on.finish().await;
+    let off = TestApp::spawn_with(Backend::Sqlite, |s| s.reflection = false).await;
+    let e = list_services(&off).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    off.finish().await;
+}
