@@ -26,7 +26,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::domain::{AccountId, Caller};
+use crate::domain::Caller;
 
 /// Largest callers file: 1 MiB.
 pub const CALLERS_FILE_MAX_BYTES: u64 = 1024 * 1024;
@@ -181,18 +181,6 @@ impl Principal {
                 .any(|p| account.starts_with(p.as_str()))
     }
 
-    /// `Ok` when the caller may touch `account`.
-    ///
-    /// # Errors
-    /// [`Denied::Account`].
-    pub fn check_account(&self, account: &AccountId) -> Result<(), Denied> {
-        if self.may_access(account.as_str()) {
-            Ok(())
-        } else {
-            Err(Denied::Account)
-        }
-    }
-
     /// `Ok` when the caller holds `role`.
     ///
     /// # Errors
@@ -287,19 +275,6 @@ impl Callers {
             }
         }
         found
-    }
-
-    /// The caller names, sorted.
-    #[must_use]
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .entries
-            .iter()
-            .map(|(_, p)| p.caller.as_str().to_owned())
-            .collect();
-        names.sort();
-        names.dedup();
-        names
     }
 
     /// Reads and validates a callers file.

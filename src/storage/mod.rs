@@ -229,6 +229,19 @@ macro_rules! book_ops {
     ) -> $crate::storage::StorageResult<$crate::storage::StripeRecord> {
         $crate::storage::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
     }
+
+    async fn stats(&self) -> $crate::storage::StorageResult<$crate::storage::StoreStats> {
+        let open_holds: i64 = sqlx::query_scalar("SELECT count(*) FROM hold WHERE state = 'open'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok($crate::storage::StoreStats {
+            open_holds,
+            pool_size: self.pool.size(),
+            pool_idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            pool_max: self.pool.options().get_max_connections(),
+        })
+    }
             $($rest)*
         }
     };

@@ -1000,18 +1000,4 @@ super::book_ops!(PgStore, {
         let _ = conn.close().await;
         Ok(())
     }
-
-    async fn stats(&self) -> StorageResult<super::StoreStats> {
-        let open_holds: i64 = sqlx::query_scalar("SELECT count(*) FROM hold WHERE state = 'open'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_err)?;
-        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
-        Ok(super::StoreStats {
-            open_holds,
-            pool_size: self.pool.size(),
-            pool_idle: idle,
-            pool_max: self.pool.options().get_max_connections(),
-        })
-    }
 });

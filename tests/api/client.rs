@@ -8,7 +8,6 @@ use tally::client::{Client, Config, Error};
 use tally::pb;
 use tokio::task::JoinSet;
 
-use crate::grant_req;
 use crate::support::{Backend, TestApp};
 
 async fn client(app: &TestApp, config: Config) -> Client {
@@ -17,11 +16,7 @@ async fn client(app: &TestApp, config: Config) -> Client {
 
 async fn a_job_outlives_its_ttl_by_heartbeats_and_a_dropped_one_is_refunded(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    app.admin()
-        .await
-        .grant(grant_req("acct", 100, "g"))
-        .await
-        .unwrap();
+    app.fund("acct", 100).await;
     let c = client(
         &app,
         Config {
@@ -78,11 +73,7 @@ async fn a_job_outlives_its_ttl_by_heartbeats_and_a_dropped_one_is_refunded(back
 
 async fn retries_ride_out_shedding_without_reserving_twice(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.max_concurrent_requests = 1).await;
-    app.admin()
-        .await
-        .grant(grant_req("acct", 1000, "g"))
-        .await
-        .unwrap();
+    app.fund("acct", 1000).await;
     let c = client(
         &app,
         Config {

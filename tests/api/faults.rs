@@ -198,11 +198,7 @@ async fn crash_campaign(backend: Backend) {
 /// each resolves to exactly one hold.
 async fn cancelled_reserves_resolve_to_one_hold_each(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    app.admin()
-        .await
-        .grant(grant_req("acct", 10_000, "g"))
-        .await
-        .unwrap();
+    app.fund("acct", 10_000).await;
     let mut set = JoinSet::new();
     for i in 0..500u32 {
         let mut c = app.credit().await;
@@ -353,11 +349,7 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     let pg = OwnCluster::start();
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
     let app = TestApp::spawn_on(TestDb::from_url(url)).await;
-    app.admin()
-        .await
-        .grant(grant_req("acct", 1_000_000, "g"))
-        .await
-        .unwrap();
+    app.fund("acct", 1_000_000).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(
         Vec::<(String, Result<String, Code>, Duration)>::new(),

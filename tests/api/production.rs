@@ -507,11 +507,7 @@ async fn the_reconciliation_counts_an_injected_imbalance() {
         s.audit_interval = Duration::from_millis(100);
     })
     .await;
-    app.admin()
-        .await
-        .grant(grant_req("acct", 5, "g"))
-        .await
-        .unwrap();
+    app.fund("acct", 5).await;
     let forged = "INSERT INTO entry (account_id, kind, available_delta, held_delta, reason, created_at) \
                   VALUES ('acct', 'grant', 7, 0, 'forged', 0)";
     sqlx::query(forged)
@@ -596,11 +592,7 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
     crate::support::set_database_reachable(&app.db, true).await;
     wait_for(ServingStatus::Serving).await;
     assert_eq!(readyz().await, 200);
-    app.admin()
-        .await
-        .grant(grant_req("a", 5, "g"))
-        .await
-        .unwrap();
+    app.fund("a", 5).await;
     app.finish().await;
 }
 

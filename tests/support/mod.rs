@@ -381,6 +381,21 @@ impl TestApp {
         CreditServiceClient::new(self.channel().await)
     }
 
+    /// Grants `amount` credits to `account` (creating it), as an operator would.
+    pub async fn fund(&self, account: &str, amount: i64) {
+        self.admin()
+            .await
+            .grant(tally::pb::GrantRequest {
+                account_id: account.into(),
+                amount,
+                reason: "test funding".into(),
+                idempotency_key: format!("fund-{}", uuid::Uuid::now_v7().simple()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.channel().await)
     }
