@@ -18,7 +18,7 @@ use crate::grpc::{AdminApi, CreditApi, MAX_MESSAGE_BYTES};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::credit_service_server::CreditServiceServer;
 use crate::service::{Ledger, Limits};
-use crate::storage::postgres::PgStore;
+use crate::storage::postgres::{Batching, PgStore};
 use crate::storage::sqlite::SqliteStore;
 use crate::storage::{StorageError, Store};
 
@@ -34,6 +34,8 @@ pub struct Settings {
     pub database_url: String,
     /// Pool size.
     pub db_max_connections: u32,
+    /// PostgreSQL group commit of job-path calls.
+    pub db_group: crate::storage::postgres::Batching,
     /// TTL limits.
     pub limits: Limits,
     /// How long idempotency records are kept (at least 24 h).
@@ -158,14 +160,28 @@ pub async fn open_store_with(
     policy: Arc<Policy>,
     migrate: bool,
 ) -> Result<Arc<dyn Store>, StorageError> {
+    open_store_tuned(url, max_connections, policy, migrate, Batching::default()).await
+}
+
+/// [`open_store_with`] with PostgreSQL's group-commit settings.
+///
+/// # Errors
+/// `StorageError` when the URL scheme is unknown or the database cannot be opened or migrated.
+pub async fn open_store_tuned(
+    url: &str,
+    max_connections: u32,
+    policy: Arc<Policy>,
+    migrate: bool,
+    group: Batching,
+) -> Result<Arc<dyn Store>, StorageError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PgStore::connect(url, max_connections, policy).await?;
+        let store = PgStore::connect_with(url, max_connections, policy, group).await?;
         if migrate {
             store.migrate().await?;
         }
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
-        let store = SqliteStore::connect(url, max_connections, policy).await?;
+        let store = SqliteStore::connect_with(url, max_connections, policy, group).await?;
         if migrate {
             store.migrate().await?;
         }
@@ -244,11 +260,12 @@ impl App {
     /// # Errors
     /// [`AppError`] when the database or the address is unusable.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        let store = open_store_with(
+        let store = open_store_tuned(
             &settings.database_url,
             settings.db_max_connections,
             Arc::new(settings.catalog.policy()),
             settings.auto_migrate,
+            settings.db_group,
         )
         .await?;
         let listener = TcpListener::bind(settings.listen).await?;

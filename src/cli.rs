@@ -426,6 +426,14 @@ pub struct ServeArgs {
     /// Database pool size.
     #[arg(long, env = "TALLY_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub db_max_connections: u32,
+    /// Group commit: most Reserve/Commit/Refund/ExtendHold calls that share one transaction
+    /// (1 = each call alone). Calls never wait to fill a group.
+    #[arg(long, env = "TALLY_DB_GROUP_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub db_group_max: u16,
+    /// Group commit on PostgreSQL: group transactions in flight at once (each holds a pooled
+    /// connection; keep it below --db-max-connections). SQLite runs one.
+    #[arg(long, env = "TALLY_DB_GROUP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub db_group_workers: u16,
     /// Hold TTL when a Reserve gives none.
     #[arg(long, env = "TALLY_HOLD_TTL_DEFAULT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub hold_ttl_default: Duration,
@@ -626,6 +634,10 @@ impl ServeArgs {
             listen: self.listen,
             database_url: self.database_url()?,
             db_max_connections: self.db_max_connections,
+            db_group: crate::storage::postgres::Batching {
+                max: usize::from(self.db_group_max),
+                workers: usize::from(self.db_group_workers),
+            },
             limits: Limits {
                 hold_ttl_default: delta("--hold-ttl-default", self.hold_ttl_default)?,
                 hold_ttl_max: delta("--hold-ttl-max", self.hold_ttl_max)?,

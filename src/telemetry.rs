@@ -112,6 +112,9 @@ pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let _ = span.set_parent(cx);
 }
 
+/// Histogram buckets of `tally_db_group_commands`: commands per group transaction.
+pub const GROUP_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -119,6 +122,12 @@ pub fn metrics() -> &'static PrometheusHandle {
         let builder = || {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("tally_db_group_commands".into()),
+                        &GROUP_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new())
         };
         let handle = builder()
@@ -135,6 +144,10 @@ pub fn describe() {
     describe_counter!(
         "tally_rpc_requests_total",
         "gRPC calls by method (rpc) and status code (code)."
+    );
+    describe_histogram!(
+        "tally_db_group_commands",
+        "Job-path commands (Reserve, Commit, Refund, ExtendHold) per group transaction."
     );
     describe_histogram!(
         "tally_rpc_request_duration_seconds",

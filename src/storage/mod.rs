@@ -55,26 +55,7 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::Reserve,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ReserveOutcome>> {
-        let target = $crate::storage::Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, _| {
-                b.reserve(
-                    cmd.hold_id.as_str(),
-                    cmd.amount,
-                    cmd.ttl,
-                    &cmd.metadata,
-                    now,
-                )
-            },
-        )
-        .await
+        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Reserve(cmd.clone())).await?)
     }
 
     async fn commit_hold(
@@ -82,14 +63,7 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::CommitHold,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::CommitOutcome>> {
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.commit_hold(cmd.hold_id.as_str(), cmd.amount, now),
-        )
-        .await
+        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Commit(cmd.clone())).await?)
     }
 
     async fn refund(
@@ -97,14 +71,7 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::Refund,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::RefundOutcome>> {
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.refund(cmd.hold_id.as_str(), cmd.amount, &cmd.reason, now),
-        )
-        .await
+        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Refund(cmd.clone())).await?)
     }
 
     async fn extend_hold(
@@ -112,14 +79,7 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::ExtendHold,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ExtendOutcome>> {
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            $crate::storage::Target::Hold(cmd.hold_id.as_str()),
-            &self.policy,
-            |b, now, _| b.extend_hold(cmd.hold_id.as_str(), cmd.ttl, now),
-        )
-        .await
+        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Extend(cmd.clone())).await?)
     }
 
     async fn grant(&self, idem: &$crate::domain::command::Idempotency, cmd: &$crate::domain::command::Grant) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::GrantOutcome>> {
@@ -248,6 +208,7 @@ macro_rules! book_ops {
 }
 pub(crate) use book_ops;
 
+pub mod batch;
 pub mod postgres;
 pub mod sqlite;
 
@@ -826,6 +787,12 @@ pub(crate) trait Tx: Send {
         grant_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> StorageResult<()>;
+    /// Marks a point a later [`Tx::rollback_to_savepoint`] returns to (one at a time).
+    async fn savepoint(&mut self) -> StorageResult<()>;
+    /// Undoes everything since the savepoint, and forgets it.
+    async fn rollback_to_savepoint(&mut self) -> StorageResult<()>;
+    /// Keeps everything since the savepoint, and forgets it.
+    async fn release_savepoint(&mut self) -> StorageResult<()>;
     /// Commits.
     async fn commit(self: Box<Self>) -> StorageResult<()>;
 }
@@ -1124,6 +1091,24 @@ pub(crate) async fn book_op<T>(
 where
     T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
 {
+    let applied = book_steps(tx.as_mut(), idem, target, policy, op).await?;
+    if !applied.replayed {
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// The steps of [`book_op`] inside a transaction the caller ends.
+async fn book_steps<T>(
+    tx: &mut dyn Tx,
+    idem: &Idempotency,
+    target: Target<'_>,
+    policy: &Policy,
+    op: impl FnOnce(&mut Book, DateTime<Utc>, &mut dyn Ids) -> Result<T, LedgerError> + Send,
+) -> StorageResult<Applied<T>>
+where
+    T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
+{
     let now = tx.now().await?;
     if let Claim::Existing {
         fingerprint,
@@ -1150,8 +1135,104 @@ where
     let out = op(&mut book, now, &mut RandomIds)?;
     tx.write(&book, now).await?;
     tx.store_outcome(idem, &out.clone().into()).await?;
-    tx.commit().await?;
     Ok(Applied::fresh(out))
+}
+
+/// Job-path commands in one transaction, one savepoint each: a command the rules reject is
+/// rolled back to its savepoint (nothing of it stays, not even its key's claim) while the others
+/// commit together. Answers in job order; an error means nothing was committed.
+pub(crate) async fn run_group(
+    mut tx: Box<dyn Tx>,
+    jobs: &[batch::Job],
+    policy: &Policy,
+) -> StorageResult<Vec<StorageResult<Applied<Outcome>>>> {
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        tx.savepoint().await?;
+        let cmd = &job.cmd;
+        match book_steps(tx.as_mut(), &job.idem, cmd.target(), policy, |b, now, _| {
+            cmd.apply(b, now)
+        })
+        .await
+        {
+            Ok(applied) => {
+                tx.release_savepoint().await?;
+                answers.push(Ok(applied));
+            }
+            Err(StorageError::Rejected(e)) => {
+                tx.rollback_to_savepoint().await?;
+                answers.push(Err(StorageError::Rejected(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// A job-path command: what generation services send around every job, and what the
+/// PostgreSQL backend coalesces into group transactions (see [`batch`]).
+#[derive(Clone, Debug)]
+pub(crate) enum Cmd {
+    /// Reserve credits (a new hold).
+    Reserve(Reserve),
+    /// Settle a hold.
+    Commit(CommitHold),
+    /// Release or refund a hold.
+    Refund(Refund),
+    /// Move a hold's expiry.
+    Extend(ExtendHold),
+}
+
+impl Cmd {
+    /// The book the command acts on.
+    pub(crate) fn target(&self) -> Target<'_> {
+        match self {
+            Self::Reserve(c) => Target::Account {
+                id: c.account_id.as_str(),
+                create: false,
+            },
+            Self::Commit(c) => Target::Hold(c.hold_id.as_str()),
+            Self::Refund(c) => Target::Hold(c.hold_id.as_str()),
+            Self::Extend(c) => Target::Hold(c.hold_id.as_str()),
+        }
+    }
+
+    /// Applies the command to a loaded, settled book (pure: the domain's rules decide).
+    pub(crate) fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
+        Ok(match self {
+            Self::Reserve(c) => b
+                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.metadata, now)?
+                .into(),
+            Self::Commit(c) => b.commit_hold(c.hold_id.as_str(), c.amount, now)?.into(),
+            Self::Refund(c) => b
+                .refund(c.hold_id.as_str(), c.amount, &c.reason, now)?
+                .into(),
+            Self::Extend(c) => b.extend_hold(c.hold_id.as_str(), c.ttl, now)?.into(),
+        })
+    }
+}
+
+/// One command in a transaction of its own.
+pub(crate) async fn cmd_op(
+    tx: Box<dyn Tx>,
+    idem: &Idempotency,
+    cmd: &Cmd,
+    policy: &Policy,
+) -> StorageResult<Applied<Outcome>> {
+    book_op(tx, idem, cmd.target(), policy, |b, now, _| {
+        cmd.apply(b, now)
+    })
+    .await
+}
+
+/// An outcome as the operation's own type; another operation's outcome means the key was
+/// used for a different request.
+pub(crate) fn narrow<T: TryFrom<Outcome>>(a: Applied<Outcome>) -> StorageResult<Applied<T>> {
+    let replayed = a.replayed;
+    T::try_from(a.outcome)
+        .map(|outcome| Applied { outcome, replayed })
+        .map_err(|_| LedgerError::IdempotencyKeyReused.into())
 }
 
 /// Creates an account with its sign-up bonus, once.

@@ -17,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::SubscriptionRow;
+use super::batch::Batcher;
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Claim, EntryCursor, EntryQuery, HoldQuery,
     StorageError, StorageResult, StripeEvent, Tx, Violation, constraint_rejection, entry_kind,
@@ -39,7 +40,13 @@ pub struct PgStore {
     /// For readiness pings on their own connection, so a busy pool never looks like a dead
     /// database.
     options: PgConnectOptions,
+    /// Group commit for the job path (None: one transaction per command).
+    batcher: Option<Arc<Batcher>>,
 }
+
+mod group;
+
+pub use super::batch::Batching;
 
 /// Maps a sqlx error to what the service needs to know. Messages never include the URL.
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
@@ -125,6 +132,19 @@ impl PgStore {
         max_connections: u32,
         policy: Arc<Policy>,
     ) -> StorageResult<Self> {
+        Self::connect_with(url, max_connections, policy, Batching::default()).await
+    }
+
+    /// [`PgStore::connect`] with the group-commit settings.
+    ///
+    /// # Errors
+    /// `Unavailable` when the server cannot be reached; `Other` for a malformed URL.
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        policy: Arc<Policy>,
+        batching: Batching,
+    ) -> StorageResult<Self> {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|_| StorageError::Other("the PostgreSQL URL could not be parsed".into()))?;
@@ -134,11 +154,40 @@ impl PgStore {
             .connect_with(options.clone())
             .await
             .map_err(map_err)?;
-        Ok(Self {
+        let mut store = Self {
             pool,
             policy,
             options,
-        })
+            batcher: None,
+        };
+        if batching.max > 1 {
+            // The workers hold a copy without the batcher, so dropping the last store stops them.
+            let core = store.clone();
+            let core: Arc<dyn super::batch::Executor> = Arc::new(core);
+            store.batcher = Some(Arc::new(Batcher::spawn(
+                &core,
+                batching.workers,
+                batching.max,
+            )));
+        }
+        Ok(store)
+    }
+
+    /// What group commit has done (None when it is off).
+    pub fn group_stats(&self) -> Option<super::batch::GroupStats> {
+        self.batcher.as_ref().map(|b| b.stats())
+    }
+
+    /// A job-path command: coalesced with concurrent ones into one transaction.
+    async fn hold_cmd(
+        &self,
+        idem: &Idempotency,
+        cmd: super::Cmd,
+    ) -> StorageResult<super::Applied<Outcome>> {
+        match &self.batcher {
+            Some(b) => b.submit(idem, cmd).await,
+            None => super::cmd_op(self.begin().await?, idem, &cmd, &self.policy).await,
+        }
     }
 
     /// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas may race).
@@ -685,6 +734,30 @@ impl Tx for PgTx {
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("SAVEPOINT job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn release_savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("RELEASE SAVEPOINT job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 

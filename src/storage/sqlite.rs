@@ -47,6 +47,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     write_lock: Arc<Mutex<()>>,
     policy: Arc<Policy>,
+    /// Group commit for the job path (None: one transaction per command).
+    batcher: Option<Arc<super::batch::Batcher>>,
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
@@ -140,6 +142,26 @@ impl SqliteStore {
         max_connections: u32,
         policy: Arc<Policy>,
     ) -> StorageResult<Self> {
+        Self::connect_with(
+            url,
+            max_connections,
+            policy,
+            super::batch::Batching::default(),
+        )
+        .await
+    }
+
+    /// [`SqliteStore::connect`] with group commit settings (`max`; SQLite has one writer, so
+    /// one group transaction runs at a time whatever `workers` says).
+    ///
+    /// # Errors
+    /// `Unavailable` or `Other` when the file cannot be opened.
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        policy: Arc<Policy>,
+        batching: super::batch::Batching,
+    ) -> StorageResult<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StorageError::Other(format!("bad SQLite URL: {e}")))?
             .create_if_missing(true)
@@ -153,11 +175,27 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(Self {
+        let mut store = Self {
             pool,
             write_lock: Arc::new(Mutex::new(())),
             policy,
-        })
+            batcher: None,
+        };
+        if batching.max > 1 {
+            // The worker holds a copy without the batcher, so dropping the last store stops it.
+            let core: Arc<dyn super::batch::Executor> = Arc::new(store.clone());
+            store.batcher = Some(Arc::new(super::batch::Batcher::spawn(
+                &core,
+                1,
+                batching.max,
+            )));
+        }
+        Ok(store)
+    }
+
+    /// What group commit has done (None when it is off).
+    pub fn group_stats(&self) -> Option<super::batch::GroupStats> {
+        self.batcher.as_ref().map(|b| b.stats())
     }
 
     /// Applies `migrations/sqlite`.
@@ -174,6 +212,19 @@ impl SqliteStore {
     /// The pool (for tests and tooling).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// A job-path command: coalesced with concurrent ones into one transaction (one
+    /// synchronous commit for the lot).
+    async fn hold_cmd(
+        &self,
+        idem: &Idempotency,
+        cmd: super::Cmd,
+    ) -> StorageResult<super::Applied<Outcome>> {
+        match &self.batcher {
+            Some(b) => b.submit(idem, cmd).await,
+            None => super::cmd_op(self.begin().await?, idem, &cmd, &self.policy).await,
+        }
     }
 
     async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
@@ -715,6 +766,30 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
+    async fn savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("SAVEPOINT job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("ROLLBACK TO job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        self.release_savepoint().await
+    }
+
+    async fn release_savepoint(&mut self) -> StorageResult<()> {
+        sqlx::query("RELEASE job")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> StorageResult<()> {
         self.tx.commit().await.map_err(map_err)
     }
@@ -751,6 +826,38 @@ macro_rules! entries_sql {
 }
 const ENTRIES_NEWEST_FIRST: &str = entries_sql!("DESC");
 const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
+
+#[async_trait]
+impl super::batch::Executor for SqliteStore {
+    async fn execute(&self, jobs: Vec<super::batch::Job>) {
+        let result = match self.begin().await {
+            Ok(tx) => super::run_group(tx, &jobs, &self.policy).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(answers) => {
+                for (job, answer) in jobs.into_iter().zip(answers) {
+                    let _ = job.reply.send(answer);
+                }
+            }
+            Err(StorageError::Unavailable(why)) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
+                }
+            }
+            Err(_) => {
+                // Each on its own: keys that did commit replay their outcome.
+                for job in jobs {
+                    let answer = match self.begin().await {
+                        Ok(tx) => super::cmd_op(tx, &job.idem, &job.cmd, &self.policy).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = job.reply.send(answer);
+                }
+            }
+        }
+    }
+}
 
 super::book_ops!(SqliteStore, {
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64> {

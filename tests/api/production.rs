@@ -456,6 +456,7 @@ async fn metrics_have_the_documented_names_and_no_account_labels(backend: Backen
         "tally_credits_granted_total",
         "tally_db_pool_connections",
         "tally_db_pool_max_connections",
+        "tally_db_group_commands_bucket",
         "tally_ledger_invariant_violations_total",
         "tally_ledger_audits_total",
         "tally_build_info",

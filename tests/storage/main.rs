@@ -24,6 +24,7 @@ mod support;
 mod concurrency;
 mod differential;
 mod grants;
+mod group;
 mod rules;
 
 use std::sync::Arc;

@@ -259,6 +259,7 @@ pub fn settings(db: &TestDb) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: db.url.clone(),
         db_max_connections: 16,
+        db_group: tally::storage::postgres::Batching::default(),
         limits: limits(),
         idempotency_retention: TimeDelta::hours(24),
         sweep_interval: Duration::from_millis(50),

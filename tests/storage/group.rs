@@ -1,0 +1,232 @@
+//! Group commit: commands coalesced into one transaction keep their own outcomes.
+//! A rejected command changes nothing and leaves no idempotency record while its neighbours
+//! commit; duplicates replay; the books balance.
+
+use std::sync::Arc;
+
+use chrono::TimeDelta;
+use tally::domain::command::Refund;
+use tally::domain::{HoldId, LedgerError};
+use tally::storage::batch::GroupStats;
+use tally::storage::postgres::{Batching, PgStore};
+use tally::storage::sqlite::SqliteStore;
+use tally::storage::{StorageError, Store};
+use tokio::task::JoinSet;
+
+use crate::support::{Backend, TestDb, assert_ledger_balances};
+use crate::{commit_cmd, grant, idem, reserve_cmd};
+
+#[derive(Debug)]
+enum Got {
+    Fresh(String),
+    Replayed,
+    Refused(LedgerError),
+}
+
+fn got<T>(r: Result<tally::storage::Applied<T>, StorageError>, hold: impl Fn(&T) -> String) -> Got {
+    match r {
+        Ok(a) if a.replayed => Got::Replayed,
+        Ok(a) => Got::Fresh(hold(&a.outcome)),
+        Err(StorageError::Rejected(e)) => Got::Refused(e),
+        Err(e) => panic!("unexpected storage error: {e:?}"),
+    }
+}
+
+/// A store with one group worker: while it runs a transaction, everything else queues and
+/// goes in the next. Also returns how to read its counters.
+async fn grouped(db: &TestDb, backend: Backend) -> (Arc<dyn Store>, Box<dyn Fn() -> GroupStats>) {
+    let batching = Batching {
+        max: 64,
+        workers: 1,
+    };
+    match backend {
+        Backend::Postgres => {
+            let pg = PgStore::connect_with(&db.url, 8, Arc::default(), batching)
+                .await
+                .unwrap();
+            pg.migrate().await.unwrap();
+            let stats = pg.clone();
+            (Arc::new(pg), Box::new(move || stats.group_stats().unwrap()))
+        }
+        Backend::Sqlite => {
+            let lite = SqliteStore::connect_with(&db.url, 8, Arc::default(), batching)
+                .await
+                .unwrap();
+            lite.migrate().await.unwrap();
+            let stats = lite.clone();
+            (
+                Arc::new(lite),
+                Box::new(move || stats.group_stats().unwrap()),
+            )
+        }
+    }
+}
+
+async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (store, stats) = grouped(&db, backend).await;
+    for a in 0..4 {
+        grant(store.as_ref(), &format!("a{a}"), 1_000).await;
+    }
+    let ttl = TimeDelta::minutes(5);
+
+    // Wave 1: 40 affordable reserves (the first 10 sent twice), 4 too large, 2 on no account.
+    let mut set = JoinSet::new();
+    for i in 0..46 {
+        let (acct, amount) = match i {
+            0..40 => (format!("a{}", i % 4), 50),
+            40..44 => (format!("a{}", i % 4), 5_000),
+            _ => ("ghost".to_owned(), 1),
+        };
+        let cmd = reserve_cmd(&acct, amount, ttl);
+        let id = idem("svc", &format!("r{i}"), cmd.fingerprint());
+        for _ in 0..if i < 10 { 2 } else { 1 } {
+            let (store, cmd, id) = (Arc::clone(&store), cmd.clone(), id.clone());
+            set.spawn(async move {
+                let r = store.reserve(&id, &cmd).await;
+                (i, got(r, |o| o.hold.hold_id.clone()))
+            });
+        }
+    }
+    let mut holds: Vec<Option<String>> = vec![None; 40];
+    let mut replays = 0;
+    while let Some(r) = set.join_next().await {
+        match r.unwrap() {
+            (i @ 0..40, Got::Fresh(h)) => {
+                assert!(
+                    holds[i].replace(h).is_none(),
+                    "reserve {i} did the work twice"
+                );
+            }
+            (0..10, Got::Replayed) => replays += 1,
+            (40..44, Got::Refused(LedgerError::InsufficientCredits { requested, .. })) => {
+                assert_eq!(requested, 5_000);
+            }
+            (44..46, Got::Refused(LedgerError::AccountNotFound)) => {}
+            other => panic!("unexpected outcome: {other:?}"),
+        }
+    }
+    assert_eq!(replays, 10, "each duplicate replayed its first attempt");
+    let holds: Vec<String> = holds.into_iter().map(Option::unwrap).collect();
+
+    // Wave 2: commit even holds (30 of 50), release odd ones, a commit of no hold, a key reused
+    // for another request, and the refused reserves' keys again with affordable requests: a
+    // refusal left no record, so they run fresh.
+    let mut set = JoinSet::new();
+    for (i, h) in holds.iter().enumerate() {
+        let store = Arc::clone(&store);
+        let h = h.clone();
+        set.spawn(async move {
+            if i % 2 == 0 {
+                let cmd = commit_cmd(&h, 30);
+                let r = store
+                    .commit_hold(&idem("svc", &format!("c{i}"), cmd.fingerprint()), &cmd)
+                    .await;
+                (format!("commit {i}"), got(r, |o| o.hold.hold_id.clone()))
+            } else {
+                let cmd = Refund {
+                    hold_id: HoldId::parse("h", &h).unwrap(),
+                    amount: None,
+                    reason: "job failed".into(),
+                };
+                let r = store
+                    .refund(&idem("svc", &format!("f{i}"), cmd.fingerprint()), &cmd)
+                    .await;
+                (format!("refund {i}"), got(r, |o| o.hold.hold_id.clone()))
+            }
+        });
+    }
+    {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            let cmd = commit_cmd(tally::service::new_hold_id().as_str(), 1);
+            let r = store
+                .commit_hold(&idem("svc", "c-none", cmd.fingerprint()), &cmd)
+                .await;
+            (
+                "commit of no hold".to_owned(),
+                got(r, |o| o.hold.hold_id.clone()),
+            )
+        });
+    }
+    {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            let cmd = reserve_cmd("a0", 1, ttl);
+            let r = store
+                .reserve(&idem("svc", "r0", cmd.fingerprint()), &cmd)
+                .await;
+            ("key reused".to_owned(), got(r, |o| o.hold.hold_id.clone()))
+        });
+    }
+    for i in 40..44 {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            let cmd = reserve_cmd(&format!("a{}", i % 4), 10, ttl);
+            let r = store
+                .reserve(&idem("svc", &format!("r{i}"), cmd.fingerprint()), &cmd)
+                .await;
+            (
+                format!("retried reserve {i}"),
+                got(r, |o| o.hold.hold_id.clone()),
+            )
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        match r.unwrap() {
+            (what, Got::Fresh(_)) if !what.starts_with("commit of") && what != "key reused" => {}
+            (what, Got::Refused(LedgerError::HoldNotFound)) if what == "commit of no hold" => {}
+            (what, Got::Refused(LedgerError::IdempotencyKeyReused)) if what == "key reused" => {}
+            other => panic!("unexpected outcome: {other:?}"),
+        }
+    }
+
+    // Each account: 10 holds of 50 (all committed at 30 on a0 and a2, all released on a1 and
+    // a3), and one open hold of 10 from the retried key.
+    for a in 0..4 {
+        let b = store
+            .balance(&crate::account(&format!("a{a}")))
+            .await
+            .unwrap();
+        let charged = if a % 2 == 0 { 300 } else { 0 };
+        assert_eq!(
+            (b.available, b.held, b.open_holds),
+            (1_000 - charged - 10, 10, 1),
+            "a{a}"
+        );
+    }
+    assert_ledger_balances(store.as_ref()).await;
+    let stats = stats();
+    assert!(
+        stats.largest > 1 && stats.transactions < stats.commands,
+        "commands shared transactions: {stats:?}"
+    );
+}
+
+/// With coalescing off, the same store runs each command alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_can_be_turned_off() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let batching = Batching { max: 1, workers: 1 };
+    let pg = PgStore::connect_with(&db.url, 4, Arc::default(), batching)
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    assert_eq!(pg.group_stats(), None);
+    let lite_db = TestDb::new(Backend::Sqlite).await;
+    let lite = SqliteStore::connect_with(&lite_db.url, 4, Arc::default(), batching)
+        .await
+        .unwrap();
+    assert_eq!(lite.group_stats(), None);
+    let store: Arc<dyn Store> = Arc::new(pg);
+    grant(store.as_ref(), "a", 100).await;
+    let cmd = reserve_cmd("a", 60, TimeDelta::minutes(1));
+    store
+        .reserve(&idem("svc", "k", cmd.fingerprint()), &cmd)
+        .await
+        .unwrap();
+    let b = store.balance(&crate::account("a")).await.unwrap();
+    assert_eq!((b.available, b.held), (40, 60));
+}
+
+crate::on_both_backends!(coalesced_commands_keep_their_own_outcomes);
