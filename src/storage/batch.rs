@@ -53,10 +53,44 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<StorageResult<Applied<Outcome>>>,
 }
 
-/// What a backend does with a batch: answer every job.
+/// A job's answer.
+pub(crate) type Answer = StorageResult<Applied<Outcome>>;
+
+/// What a backend provides: a batch in one transaction, and one job alone.
 #[async_trait]
 pub(crate) trait Executor: Send + Sync + 'static {
-    async fn execute(&self, jobs: Vec<Job>);
+    /// The jobs in one transaction: answers in job order, or an error and nothing committed.
+    async fn group(&self, jobs: &[Job]) -> StorageResult<Vec<Answer>>;
+    /// One job in a transaction of its own.
+    async fn alone(&self, job: &Job) -> Answer;
+}
+
+/// Runs a batch and answers every job: a lone job alone; a group that fails as a whole (a
+/// constraint, a deadlock, a failed COMMIT) job by job, where keys that did commit replay.
+async fn execute(executor: &dyn Executor, jobs: Vec<Job>) {
+    if jobs.len() > 1 {
+        match executor.group(&jobs).await {
+            Ok(answers) => {
+                for (job, answer) in jobs.into_iter().zip(answers) {
+                    let _ = job.reply.send(answer);
+                }
+                return;
+            }
+            Err(StorageError::Unavailable(why)) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, commands = jobs.len(), "group transaction failed; one by one");
+            }
+        }
+    }
+    for job in jobs {
+        let answer = executor.alone(&job).await;
+        let _ = job.reply.send(answer);
+    }
 }
 
 /// The queue in front of the workers.
@@ -109,7 +143,7 @@ impl Batcher {
                         stats.largest.fetch_max(n, Ordering::Relaxed);
                         #[allow(clippy::cast_precision_loss)] // at most BATCH_MAX
                         metrics::histogram!("tally_db_group_commands").record(n as f64);
-                        executor.execute(now).await;
+                        execute(executor.as_ref(), now).await;
                         jobs = later;
                     }
                 }

@@ -787,12 +787,21 @@ pub(crate) trait Tx: Send {
         grant_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> StorageResult<()>;
+    /// Runs one statement without parameters or rows (both dialects' spelling).
+    async fn run(&mut self, sql: &'static str) -> StorageResult<()>;
     /// Marks a point a later [`Tx::rollback_to_savepoint`] returns to (one at a time).
-    async fn savepoint(&mut self) -> StorageResult<()>;
+    async fn savepoint(&mut self) -> StorageResult<()> {
+        self.run("SAVEPOINT job").await
+    }
     /// Undoes everything since the savepoint, and forgets it.
-    async fn rollback_to_savepoint(&mut self) -> StorageResult<()>;
+    async fn rollback_to_savepoint(&mut self) -> StorageResult<()> {
+        self.run("ROLLBACK TO SAVEPOINT job").await?;
+        self.release_savepoint().await
+    }
     /// Keeps everything since the savepoint, and forgets it.
-    async fn release_savepoint(&mut self) -> StorageResult<()>;
+    async fn release_savepoint(&mut self) -> StorageResult<()> {
+        self.run("RELEASE SAVEPOINT job").await
+    }
     /// Commits.
     async fn commit(self: Box<Self>) -> StorageResult<()>;
 }

@@ -118,6 +118,17 @@ fn bucket_from_row(row: &PgRow) -> StorageResult<Bucket> {
     })
 }
 
+fn draw_from_row(r: &PgRow) -> StorageResult<Draw> {
+    Ok(Draw {
+        hold_id: r.try_get("hold_id").map_err(map_err)?,
+        seq: r.try_get("seq").map_err(map_err)?,
+        bucket_id: r.try_get("bucket_id").map_err(map_err)?,
+        held: r.try_get("held").map_err(map_err)?,
+        consumed: r.try_get("consumed").map_err(map_err)?,
+        refunded: r.try_get("refunded").map_err(map_err)?,
+    })
+}
+
 fn metadata_json(m: &Metadata) -> StorageResult<String> {
     serde_json::to_string(m).map_err(StorageError::other)
 }
@@ -407,14 +418,7 @@ impl Tx for PgTx {
             .await
             .map_err(map_err)?;
         for r in &rows {
-            let d = Draw {
-                hold_id: r.try_get("hold_id").map_err(map_err)?,
-                seq: r.try_get("seq").map_err(map_err)?,
-                bucket_id: r.try_get("bucket_id").map_err(map_err)?,
-                held: r.try_get("held").map_err(map_err)?,
-                consumed: r.try_get("consumed").map_err(map_err)?,
-                refunded: r.try_get("refunded").map_err(map_err)?,
-            };
+            let d = draw_from_row(r)?;
             book.draws.insert((d.hold_id.clone(), d.seq), d);
         }
         let missing = missing_buckets(book);
@@ -737,24 +741,8 @@ impl Tx for PgTx {
         Ok(())
     }
 
-    async fn savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("SAVEPOINT job")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn rollback_to_savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn release_savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("RELEASE SAVEPOINT job")
+    async fn run(&mut self, sql: &'static str) -> StorageResult<()> {
+        sqlx::query(sql)
             .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;

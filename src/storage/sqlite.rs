@@ -766,24 +766,8 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
-    async fn savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("SAVEPOINT job")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn rollback_to_savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("ROLLBACK TO job")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        self.release_savepoint().await
-    }
-
-    async fn release_savepoint(&mut self) -> StorageResult<()> {
-        sqlx::query("RELEASE job")
+    async fn run(&mut self, sql: &'static str) -> StorageResult<()> {
+        sqlx::query(sql)
             .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;
@@ -829,33 +813,12 @@ const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 
 #[async_trait]
 impl super::batch::Executor for SqliteStore {
-    async fn execute(&self, jobs: Vec<super::batch::Job>) {
-        let result = match self.begin().await {
-            Ok(tx) => super::run_group(tx, &jobs, &self.policy).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(answers) => {
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    let _ = job.reply.send(answer);
-                }
-            }
-            Err(StorageError::Unavailable(why)) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
-                }
-            }
-            Err(_) => {
-                // Each on its own: keys that did commit replay their outcome.
-                for job in jobs {
-                    let answer = match self.begin().await {
-                        Ok(tx) => super::cmd_op(tx, &job.idem, &job.cmd, &self.policy).await,
-                        Err(e) => Err(e),
-                    };
-                    let _ = job.reply.send(answer);
-                }
-            }
-        }
+    async fn group(&self, jobs: &[super::batch::Job]) -> StorageResult<Vec<super::batch::Answer>> {
+        super::run_group(self.begin().await?, jobs, &self.policy).await
+    }
+
+    async fn alone(&self, job: &super::batch::Job) -> super::batch::Answer {
+        super::cmd_op(self.begin().await?, &job.idem, &job.cmd, &self.policy).await
     }
 }
 
