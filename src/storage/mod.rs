@@ -55,7 +55,9 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::Reserve,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ReserveOutcome>> {
-        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Reserve(cmd.clone())).await?)
+        $crate::storage::narrow(
+            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Reserve(cmd.clone()), &self.policy).await?,
+        )
     }
 
     async fn commit_hold(
@@ -63,7 +65,9 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::CommitHold,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::CommitOutcome>> {
-        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Commit(cmd.clone())).await?)
+        $crate::storage::narrow(
+            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Commit(cmd.clone()), &self.policy).await?,
+        )
     }
 
     async fn refund(
@@ -71,7 +75,9 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::Refund,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::RefundOutcome>> {
-        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Refund(cmd.clone())).await?)
+        $crate::storage::narrow(
+            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Refund(cmd.clone()), &self.policy).await?,
+        )
     }
 
     async fn extend_hold(
@@ -79,7 +85,9 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::ExtendHold,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ExtendOutcome>> {
-        $crate::storage::narrow(self.hold_cmd(idem, $crate::storage::Cmd::Extend(cmd.clone())).await?)
+        $crate::storage::narrow(
+            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Extend(cmd.clone()), &self.policy).await?,
+        )
     }
 
     async fn grant(&self, idem: &$crate::domain::command::Idempotency, cmd: &$crate::domain::command::Grant) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::GrantOutcome>> {
@@ -1219,6 +1227,21 @@ impl Cmd {
                 .into(),
             Self::Extend(c) => b.extend_hold(c.hold_id.as_str(), c.ttl, now)?.into(),
         })
+    }
+}
+
+/// A job-path command through the backend's group commit, or (turned off) in a transaction of
+/// its own; `begin` is only awaited then.
+pub(crate) async fn hold_cmd(
+    batcher: Option<&batch::Batcher>,
+    begin: impl std::future::Future<Output = StorageResult<Box<dyn Tx>>> + Send,
+    idem: &Idempotency,
+    cmd: Cmd,
+    policy: &Policy,
+) -> StorageResult<Applied<Outcome>> {
+    match batcher {
+        Some(b) => b.submit(idem, cmd).await,
+        None => cmd_op(begin.await?, idem, &cmd, policy).await,
     }
 }
 

@@ -189,18 +189,6 @@ impl PgStore {
         self.batcher.as_ref().map(|b| b.stats())
     }
 
-    /// A job-path command: coalesced with concurrent ones into one transaction.
-    async fn hold_cmd(
-        &self,
-        idem: &Idempotency,
-        cmd: super::Cmd,
-    ) -> StorageResult<super::Applied<Outcome>> {
-        match &self.batcher {
-            Some(b) => b.submit(idem, cmd).await,
-            None => super::cmd_op(self.begin().await?, idem, &cmd, &self.policy).await,
-        }
-    }
-
     /// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas may race).
     ///
     /// # Errors

@@ -214,19 +214,6 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// A job-path command: coalesced with concurrent ones into one transaction (one
-    /// synchronous commit for the lot).
-    async fn hold_cmd(
-        &self,
-        idem: &Idempotency,
-        cmd: super::Cmd,
-    ) -> StorageResult<super::Applied<Outcome>> {
-        match &self.batcher {
-            Some(b) => b.submit(idem, cmd).await,
-            None => super::cmd_op(self.begin().await?, idem, &cmd, &self.policy).await,
-        }
-    }
-
     async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
         let lock = Arc::clone(&self.write_lock).lock_owned().await;
         let tx = self
