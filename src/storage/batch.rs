@@ -4,8 +4,7 @@
 //! whatever is queued (at most `max` commands, never waiting for more: a lone command goes at
 //! once) and hand it to the backend's [`Executor`], which runs the lot in one transaction with
 //! set-based statements: one claim of all idempotency keys, one lock of all accounts (in id
-//! order), one load per table, the domain's rules per command in arrival order, one write per
-//! table, one COMMIT. A command the rules reject is undone in memory and its key released, so
+//! order), one load, the domain's rules per command in arrival order, one write, one COMMIT. A command the rules reject is undone in memory and its key released, so
 //! it changes nothing while its neighbours commit. If the transaction as a whole fails, each
 //! command is retried on its own (idempotency keys make that safe even when the failure was at
 //! COMMIT). Commands on one hot account then cost one row lock and one WAL flush per batch
@@ -56,20 +55,21 @@ pub(crate) struct Job {
 /// A job's answer.
 pub(crate) type Answer = StorageResult<Applied<Outcome>>;
 
-/// What a backend provides: a batch in one transaction, and one job alone.
+/// What a backend provides: a batch in one transaction, and one job alone. `worker` (below
+/// the worker count) names the calling worker, so a backend may keep a connection per worker.
 #[async_trait]
 pub(crate) trait Executor: Send + Sync + 'static {
     /// The jobs in one transaction: answers in job order, or an error and nothing committed.
-    async fn group(&self, jobs: &[Job]) -> StorageResult<Vec<Answer>>;
+    async fn group(&self, worker: usize, jobs: &[Job]) -> StorageResult<Vec<Answer>>;
     /// One job in a transaction of its own.
-    async fn alone(&self, job: &Job) -> Answer;
+    async fn alone(&self, worker: usize, job: &Job) -> Answer;
 }
 
 /// Runs a batch and answers every job: a lone job alone; a group that fails as a whole (a
 /// constraint, a deadlock, a failed COMMIT) job by job, where keys that did commit replay.
-async fn execute(executor: &dyn Executor, jobs: Vec<Job>) {
+async fn execute(executor: &dyn Executor, worker: usize, jobs: Vec<Job>) {
     if jobs.len() > 1 {
-        match executor.group(&jobs).await {
+        match executor.group(worker, &jobs).await {
             Ok(answers) => {
                 for (job, answer) in jobs.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
@@ -88,7 +88,7 @@ async fn execute(executor: &dyn Executor, jobs: Vec<Job>) {
         }
     }
     for job in jobs {
-        let answer = executor.alone(&job).await;
+        let answer = executor.alone(worker, &job).await;
         let _ = job.reply.send(answer);
     }
 }
@@ -126,7 +126,7 @@ impl Batcher {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(Counters::default());
-        for _ in 0..workers.max(1) {
+        for worker in 0..workers.max(1) {
             let rx = Arc::clone(&rx);
             let executor = Arc::clone(executor);
             let stats = Arc::clone(&stats);
@@ -143,7 +143,7 @@ impl Batcher {
                         stats.largest.fetch_max(n, Ordering::Relaxed);
                         #[allow(clippy::cast_precision_loss)] // at most BATCH_MAX
                         metrics::histogram!("tally_db_group_commands").record(n as f64);
-                        execute(executor.as_ref(), now).await;
+                        execute(executor.as_ref(), worker, now).await;
                         jobs = later;
                     }
                 }

@@ -1099,7 +1099,7 @@ pub(crate) enum Target<'a> {
 
 /// One idempotent operation on one account's book, in one transaction.
 pub(crate) async fn book_op<T>(
-    mut tx: Box<dyn Tx>,
+    mut tx: Box<dyn Tx + '_>,
     idem: &Idempotency,
     target: Target<'_>,
     policy: &Policy,
@@ -1247,7 +1247,7 @@ pub(crate) async fn hold_cmd(
 
 /// One command in a transaction of its own.
 pub(crate) async fn cmd_op(
-    tx: Box<dyn Tx>,
+    tx: Box<dyn Tx + '_>,
     idem: &Idempotency,
     cmd: &Cmd,
     policy: &Policy,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -42,6 +43,10 @@ pub struct PgStore {
     options: PgConnectOptions,
     /// Group commit for the job path (None: one transaction per command).
     batcher: Option<Arc<Batcher>>,
+    /// One connection per group-commit worker, checked out of the pool once and kept: a
+    /// pooled checkout costs two round trips (sqlx pings a connection when it is taken and
+    /// when it is given back). Dropped after an error, so a broken one is replaced.
+    sessions: Arc<[tokio::sync::Mutex<Option<PoolConnection<Postgres>>>]>,
 }
 
 mod group;
@@ -162,6 +167,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before each checkout (a round trip per query on the read path): a
+            // connection broken by a database restart fails its next statement, which maps to
+            // UNAVAILABLE (callers retry), and sqlx's ping when it is given back then closes it.
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(map_err)?;
@@ -170,6 +179,9 @@ impl PgStore {
             policy,
             options,
             batcher: None,
+            sessions: (0..batching.workers.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
         };
         if batching.max > 1 {
             // The workers hold a copy without the batcher, so dropping the last store stops them.
@@ -217,7 +229,7 @@ impl PgStore {
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
-                              AND b.remaining > 0 AND b.expires_at <= now()) AS due_grants,
+                              AND b.live AND b.remaining > 0 AND b.expires_at <= now()) AS due_grants,
                     (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
                        AND h.state = 'open') AS open_holds
              FROM account a WHERE a.account_id = $1",
@@ -234,7 +246,7 @@ impl PgStore {
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?
             || self.policy.allowance_due(&plan, period.as_deref(), now);
         let buckets: Vec<Bucket> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = $1 AND (remaining > 0 OR period = $2)",
+            "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
         )
         .bind(account_id)
         .bind(period.as_deref())
@@ -261,13 +273,13 @@ impl PgStore {
 }
 
 /// One PostgreSQL write transaction.
-struct PgTx {
-    tx: Transaction<'static, Postgres>,
+struct PgTx<'c> {
+    tx: Transaction<'c, Postgres>,
 }
 
 #[async_trait]
 #[allow(clippy::too_many_lines)] // `write`: one statement per changed row, in foreign-key order
-impl Tx for PgTx {
+impl Tx for PgTx<'_> {
     async fn now(&mut self) -> StorageResult<DateTime<Utc>> {
         sqlx::query_scalar("SELECT now()")
             .fetch_one(&mut *self.tx)
@@ -372,7 +384,7 @@ impl Tx for PgTx {
     ) -> StorageResult<()> {
         let rows = sqlx::query(
             "SELECT * FROM bucket WHERE account_id = $1
-               AND (remaining > 0 OR held > 0 OR (period IS NOT NULL AND period = $2))",
+               AND (live OR (period IS NOT NULL AND period = $2))",
         )
         .bind(&book.account_id)
         .bind(book.allowance_period.as_deref())
@@ -790,16 +802,14 @@ super::book_ops!(PgStore, {
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
         self.balance(account_id).await?;
-        let mut v: Vec<Bucket> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = $1 AND (remaining > 0 OR held > 0)",
-        )
-        .bind(account_id.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?
-        .iter()
-        .map(bucket_from_row)
-        .collect::<StorageResult<_>>()?;
+        let mut v: Vec<Bucket> = sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
+            .bind(account_id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(bucket_from_row)
+            .collect::<StorageResult<_>>()?;
         v.sort_by(consumption_order);
         Ok(v)
     }
@@ -809,7 +819,7 @@ super::book_ops!(PgStore, {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= now()
              UNION
-             SELECT account_id FROM bucket WHERE remaining > 0 AND expires_at <= now()
+             SELECT account_id FROM bucket WHERE live AND remaining > 0 AND expires_at <= now()
              LIMIT $1",
         )
         .bind(i64::from(limit))

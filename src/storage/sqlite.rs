@@ -800,11 +800,15 @@ const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 
 #[async_trait]
 impl super::batch::Executor for SqliteStore {
-    async fn group(&self, jobs: &[super::batch::Job]) -> StorageResult<Vec<super::batch::Answer>> {
+    async fn group(
+        &self,
+        _worker: usize,
+        jobs: &[super::batch::Job],
+    ) -> StorageResult<Vec<super::batch::Answer>> {
         super::run_group(self.begin().await?, jobs, &self.policy).await
     }
 
-    async fn alone(&self, job: &super::batch::Job) -> super::batch::Answer {
+    async fn alone(&self, _worker: usize, job: &super::batch::Job) -> super::batch::Answer {
         super::cmd_op(self.begin().await?, &job.idem, &job.cmd, &self.policy).await
     }
 }
