@@ -222,6 +222,19 @@ impl PgStore {
         Ok(Box::new(PgTx { tx }))
     }
 
+    /// The grants a query selects.
+    async fn buckets(
+        &self,
+        q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> StorageResult<Vec<Bucket>> {
+        q.fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(bucket_from_row)
+            .collect()
+    }
+
     /// Columns of the balance read, and whether time has work to do on the account.
     async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
         let row = sqlx::query(
@@ -245,17 +258,15 @@ impl PgStore {
         let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?
             || self.policy.allowance_due(&plan, period.as_deref(), now);
-        let buckets: Vec<Bucket> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
-        )
-        .bind(account_id)
-        .bind(period.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?
-        .iter()
-        .map(bucket_from_row)
-        .collect::<StorageResult<_>>()?;
+        let buckets = self
+            .buckets(
+                sqlx::query(
+                    "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
+                )
+                .bind(account_id)
+                .bind(period.as_deref()),
+            )
+            .await?;
         let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
         let balance = Balance {
             account_id: account_id.to_owned(),
@@ -802,14 +813,12 @@ super::book_ops!(PgStore, {
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
         self.balance(account_id).await?;
-        let mut v: Vec<Bucket> = sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
-            .bind(account_id.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-            .iter()
-            .map(bucket_from_row)
-            .collect::<StorageResult<_>>()?;
+        let mut v = self
+            .buckets(
+                sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
+                    .bind(account_id.as_str()),
+            )
+            .await?;
         v.sort_by(consumption_order);
         Ok(v)
     }
