@@ -6,7 +6,7 @@
 //! statement in id order (so two batches cannot deadlock on accounts), then the loads. The
 //! domain's rules run per command, in arrival order, on the locked books.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -453,7 +453,6 @@ fn loaded_draw(r: &sqlx::postgres::PgRow) -> StorageResult<Draw> {
 /// Writes what the books' commands changed: each table's new rows in one INSERT and changed
 /// rows in one UPDATE, in foreign-key order. New rows go in with their final values and are
 /// left out of the updates.
-#[allow(clippy::too_many_lines)] // rows for every table, then one statement
 async fn write_books(
     tx: &mut sqlx::PgConnection,
     books: &BTreeMap<String, Book>,
@@ -470,38 +469,14 @@ async fn write_books(
     let mut ua = Rows::default();
     for book in books.values() {
         let d = &book.dirty;
-        for b in d.new_buckets.iter().filter_map(|id| book.buckets.get(id)) {
-            nb.bucket(b);
+        for (b, new) in created_or_changed(&d.new_buckets, &d.buckets, &book.buckets) {
+            if new { nb.bucket(b) } else { ub.bucket(b) }
         }
-        for b in d
-            .buckets
-            .iter()
-            .filter(|id| !d.new_buckets.contains(*id))
-            .filter_map(|id| book.buckets.get(id))
-        {
-            ub.bucket(b);
+        for (h, new) in created_or_changed(&d.new_holds, &d.holds, &book.holds) {
+            if new { nh.hold(h)? } else { uh.hold(h)? }
         }
-        for h in d.new_holds.iter().filter_map(|id| book.holds.get(id)) {
-            nh.hold(h)?;
-        }
-        for h in d
-            .holds
-            .iter()
-            .filter(|id| !d.new_holds.contains(*id))
-            .filter_map(|id| book.holds.get(id))
-        {
-            uh.hold(h)?;
-        }
-        for w in d.new_draws.iter().filter_map(|k| book.draws.get(k)) {
-            nd.draw(w);
-        }
-        for w in d
-            .draws
-            .iter()
-            .filter(|k| !d.new_draws.contains(*k))
-            .filter_map(|k| book.draws.get(k))
-        {
-            ud.draw(w);
+        for (w, new) in created_or_changed(&d.new_draws, &d.draws, &book.draws) {
+            if new { nd.draw(w) } else { ud.draw(w) }
         }
         for e in &book.entries {
             ne.text[0].push(Some(book.account_id.clone()));
@@ -540,6 +515,22 @@ async fn write_books(
         .await
         .map_err(map_err)?;
     Ok(())
+}
+
+/// A table's dirty rows, each once: the created ones (`true`, inserted with their final values)
+/// and the changed ones that were not created (`false`, updated).
+fn created_or_changed<'a, K: Ord, V>(
+    created: &'a BTreeSet<K>,
+    changed: &'a BTreeSet<K>,
+    rows: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a V, bool)> + 'a {
+    let new = created.iter().map(|k| (k, true));
+    let old = changed
+        .iter()
+        .filter(|k| !created.contains(*k))
+        .map(|k| (k, false));
+    new.chain(old)
+        .filter_map(|(k, n)| rows.get(k).map(|v| (v, n)))
 }
 
 type Q<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
