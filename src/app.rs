@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
@@ -452,7 +451,12 @@ impl App {
                 AdminServiceServer::new(AdminApi::new(ledger, Arc::clone(&settings.catalog)))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            // tonic's own TCP settings apply only to listeners it binds: without TCP_NODELAY a
+            // response written while an earlier one is unacknowledged waits for the ACK.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            );
         // tonic waits for every connection to close; bound that by the grace period.
         let grace = settings.shutdown_grace;
         let mut stopped = stop_rx;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -43,10 +42,12 @@ pub struct PgStore {
     options: PgConnectOptions,
     /// Group commit for the job path (None: one transaction per command).
     batcher: Option<Arc<Batcher>>,
-    /// One connection per group-commit worker, checked out of the pool once and kept: a
-    /// pooled checkout costs two round trips (sqlx pings a connection when it is taken and
-    /// when it is given back). Dropped after an error, so a broken one is replaced.
-    sessions: Arc<[tokio::sync::Mutex<Option<PoolConnection<Postgres>>>]>,
+    /// One connection per group-commit worker, taken from the pool once and detached from it
+    /// (the pool opens another in its place): a pooled checkout costs two round trips (sqlx
+    /// pings a connection when it is taken and when it is given back), and the worker's
+    /// planner settings must never reach a pooled connection. Closed after an error, so a
+    /// broken one is replaced.
+    sessions: Arc<[tokio::sync::Mutex<Option<sqlx::PgConnection>>]>,
 }
 
 mod group;
