@@ -1,10 +1,11 @@
 //! Group commit: job-path commands arriving together share one database transaction.
 //!
-//! Callers hand a command to [`Batcher::submit`] and wait for its own answer. A few workers take
-//! whatever is queued (at most `max` commands, never waiting for more: a lone command goes at
-//! once) and hand it to the backend's [`Executor`], which runs the lot in one transaction with
-//! set-based statements: one claim of all idempotency keys, one lock of all accounts (in id
-//! order), one load, the domain's rules per command in arrival order, one write, one COMMIT. A command the rules reject is undone in memory and its key released, so
+//! Callers hand a command to [`Batcher::submit`] and wait for its own answer. A few workers
+//! take whatever is queued (at most `max` commands, never waiting for more: a lone command goes
+//! at once, as a group of one) and hand it to the backend's [`Executor`], which runs the lot in
+//! one transaction with set-based statements: one claim of all idempotency keys, one lock of
+//! all accounts (in id order), one load, the domain's rules per command in arrival order, one
+//! write, one COMMIT. A command the rules reject is undone in memory and its key released, so
 //! it changes nothing while its neighbours commit. If the transaction as a whole fails, each
 //! command is retried on its own (idempotency keys make that safe even when the failure was at
 //! COMMIT). Commands on one hot account then cost one row lock and one WAL flush per batch
@@ -65,26 +66,26 @@ pub(crate) trait Executor: Send + Sync + 'static {
     async fn alone(&self, worker: usize, job: &Job) -> Answer;
 }
 
-/// Runs a batch and answers every job: a lone job alone; a group that fails as a whole (a
-/// constraint, a deadlock, a failed COMMIT) job by job, where keys that did commit replay.
+/// Runs a batch and answers every job: in one group transaction, even a lone job (its five
+/// round trips beat the fifteen of the one-call path: 80-121 against 48-81 pairs/s at one
+/// client, three alternating runs); a group that fails as a whole (a constraint, a deadlock,
+/// a failed COMMIT) job by job, where keys that did commit replay.
 async fn execute(executor: &dyn Executor, worker: usize, jobs: Vec<Job>) {
-    if jobs.len() > 1 {
-        match executor.group(worker, &jobs).await {
-            Ok(answers) => {
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    let _ = job.reply.send(answer);
-                }
-                return;
+    match executor.group(worker, &jobs).await {
+        Ok(answers) => {
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.reply.send(answer);
             }
-            Err(StorageError::Unavailable(why)) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
-                }
-                return;
+            return;
+        }
+        Err(StorageError::Unavailable(why)) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
             }
-            Err(e) => {
-                tracing::debug!(error = %e, commands = jobs.len(), "group transaction failed; one by one");
-            }
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, commands = jobs.len(), "group transaction failed; one by one");
         }
     }
     for job in jobs {

@@ -69,9 +69,8 @@ impl Executor for PgStore {
         result
     }
 
-    /// A lone call takes the one-call path: its simple statements plan cheaper than the
-    /// set-based ones (PostgreSQL plans those per call for short arrays): 86 against 63
-    /// pairs/s at one client.
+    /// The fallback when a group fails as a whole: the one-call path, each job in its own
+    /// transaction.
     async fn alone(&self, worker: usize, job: &Job) -> Answer {
         let mut session = self.session(worker).await?;
         let conn = session.as_mut().ok_or_else(no_session)?;
