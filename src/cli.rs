@@ -430,8 +430,9 @@ pub struct ServeArgs {
     /// (1 = each call alone). Calls never wait to fill a group.
     #[arg(long, env = "TALLY_DB_GROUP_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub db_group_max: u16,
-    /// Group commit on PostgreSQL: group transactions in flight at once (each holds a pooled
-    /// connection; keep it below --db-max-connections). SQLite runs one.
+    /// Group commit on PostgreSQL: group transactions in flight at once, each on a connection
+    /// of its own outside the pool (PostgreSQL sees up to --db-max-connections plus this many).
+    /// SQLite runs one.
     #[arg(long, env = "TALLY_DB_GROUP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub db_group_workers: u16,
     /// Hold TTL when a Reserve gives none.
