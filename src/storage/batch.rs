@@ -200,16 +200,13 @@ async fn take(rx: &Mutex<mpsc::UnboundedReceiver<Job>>, max: usize) -> Option<Ve
 /// Splits off jobs whose (caller, key) already appears earlier in the batch.
 fn split_repeated(jobs: Vec<Job>) -> (Vec<Job>, Vec<Job>) {
     let mut seen = HashSet::with_capacity(jobs.len());
+    let first: Vec<bool> = jobs
+        .iter()
+        .map(|j| seen.insert((j.idem.caller.as_str(), j.idem.key.as_str())))
+        .collect();
     let (mut now, mut later) = (Vec::with_capacity(jobs.len()), Vec::new());
-    for j in jobs {
-        if seen.insert((
-            j.idem.caller.as_str().to_owned(),
-            j.idem.key.as_str().to_owned(),
-        )) {
-            now.push(j);
-        } else {
-            later.push(j);
-        }
+    for (j, first) in jobs.into_iter().zip(first) {
+        if first { now.push(j) } else { later.push(j) }
     }
     (now, later)
 }

@@ -147,32 +147,29 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        let mut claimed: HashSet<(String, String)> = HashSet::with_capacity(jobs.len());
+        // Keys as (caller, key), borrowed from the rows and the jobs.
+        let mut claimed: HashSet<(&str, &str)> = HashSet::with_capacity(jobs.len());
         let mut books: BTreeMap<String, Book> = BTreeMap::new();
         let mut now: Option<DateTime<Utc>> = None;
         for row in &rows {
             now = Some(row.try_get("now").map_err(map_err)?);
-            let id: String = row.try_get("id").map_err(map_err)?;
-            let plan: String = row.try_get("plan").map_err(map_err)?;
+            let id: &str = row.try_get("id").map_err(map_err)?;
+            let plan: &str = row.try_get("plan").map_err(map_err)?;
             if row.try_get::<bool, _>("is_key").map_err(map_err)? {
                 claimed.insert((id, plan));
                 continue;
             }
-            let mut book = Book::new(&id, &plan);
+            let mut book = Book::new(id, plan);
             book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
             book.available = row.try_get("available").map_err(map_err)?;
             book.held = row.try_get("held").map_err(map_err)?;
             book.debt = row.try_get("debt").map_err(map_err)?;
-            books.insert(id, book);
+            books.insert(id.to_owned(), book);
         }
         let mut claims: Vec<Claimed> = jobs
             .iter()
             .map(|j| {
-                let k = (
-                    j.idem.caller.as_str().to_owned(),
-                    j.idem.key.as_str().to_owned(),
-                );
-                if claimed.contains(&k) {
+                if claimed.contains(&(j.idem.caller.as_str(), j.idem.key.as_str())) {
                     Claimed::New
                 } else {
                     Claimed::Gone
@@ -196,20 +193,16 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-            let mut found: HashMap<(String, String), (Vec<u8>, Option<String>)> = rows
-                .into_iter()
-                .map(|(c, k, f, r)| ((c, k), (f, r)))
+            let found: HashMap<_, _> = rows
+                .iter()
+                .map(|(c, k, f, r)| ((c.as_str(), k.as_str()), (&f[..], r.as_deref())))
                 .collect();
             for (j, c) in jobs.iter().zip(claims.iter_mut()) {
                 if matches!(c, Claimed::New) {
                     continue;
                 }
-                let k = (
-                    j.idem.caller.as_str().to_owned(),
-                    j.idem.key.as_str().to_owned(),
-                );
-                if let Some((f, r)) = found.remove(&k) {
-                    *c = Claimed::Existing(f, r);
+                if let Some((f, r)) = found.get(&(j.idem.caller.as_str(), j.idem.key.as_str())) {
+                    *c = Claimed::Existing(f.to_vec(), r.map(str::to_owned));
                 }
             }
         }
