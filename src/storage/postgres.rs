@@ -47,7 +47,7 @@ pub struct PgStore {
     /// pings a connection when it is taken and when it is given back), and the worker's
     /// planner settings must never reach a pooled connection. Closed after an error, so a
     /// broken one is replaced.
-    sessions: Arc<[tokio::sync::Mutex<Option<sqlx::PgConnection>>]>,
+    sessions: Arc<[tokio::sync::Mutex<Option<group::Session>>]>,
 }
 
 mod group;

@@ -230,3 +230,72 @@ async fn coalescing_can_be_turned_off() {
 }
 
 crate::on_both_backends!(coalesced_commands_keep_their_own_outcomes);
+
+/// Index and heap tuples read from `hold` so far, as far as the statistics have been flushed.
+async fn hold_tuples_read(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(idx_tup_read), 0)::int8 + (SELECT coalesce(seq_tup_read, 0)
+                FROM pg_stat_user_tables WHERE relname = 'hold')
+         FROM pg_stat_user_indexes WHERE relname = 'hold'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A group worker plans its statements once and keeps them; made while the tables were empty,
+/// those plans scanned every hold for what is one key lookup. The worker plans again as the
+/// tables grow: after 30,000 holds appear, a Reserve and Commit on another account read a
+/// handful of them, not all (a stale plan reads every one, in each of several statements).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_plans_are_made_again_as_the_tables_grow() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (store, _) = grouped(&db, Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    grant(store.as_ref(), "a", 1_000_000).await;
+    // Statistics of the new tables, as autovacuum takes them on a new database: no holds.
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    let pair = |n: u32| {
+        let store = Arc::clone(&store);
+        async move {
+            let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
+            let held = store
+                .reserve(&idem("svc", &format!("r{n}"), cmd.fingerprint()), &cmd)
+                .await
+                .unwrap();
+            let cmd = commit_cmd(&held.outcome.hold.hold_id, 7);
+            store
+                .commit_hold(&idem("svc", &format!("c{n}"), cmd.fingerprint()), &cmd)
+                .await
+                .unwrap();
+        }
+    };
+    pair(0).await; // the worker's statements are planned on (nearly) empty tables
+
+    sqlx::query("INSERT INTO account (account_id) VALUES ('bulk')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO hold (hold_id, account_id, amount, state, created_at, expires_at, resolved_at)
+         SELECT 'hld_bulk_' || i, 'bulk', 1, 'released', now(), now(), now()
+         FROM generate_series(1, 30000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let before = hold_tuples_read(&pool).await;
+
+    pair(1).await;
+    // A backend flushes its statistics at a transaction's end once a second has passed since
+    // its last flush: wait, and run one more pair to carry the first one's counts out.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    pair(2).await;
+    let read = hold_tuples_read(&pool).await - before;
+    assert!(
+        read < 3_000,
+        "two Reserve+Commit pairs read {read} hold tuples among 30,000 holds"
+    );
+    assert_ledger_balances(store.as_ref()).await;
+}
