@@ -54,12 +54,26 @@ fn fail(message: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => return fail(&e),
     };
+    // The load generator runs on one thread: it then never hands a socket's readiness or a
+    // reply from one worker thread to another, and takes less of the CPU it shares with the
+    // server it measures (on one machine, like pgbench beside PostgreSQL).
+    let mut runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    match runtime.enable_all().build() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => fail(&e),
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             let _telemetry = match tally::telemetry::init(&cli.log_format) {
