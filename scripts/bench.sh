@@ -141,9 +141,14 @@ BIN_INFO="$("$TALLY" --version) (binary built $(date -r "$BIN_SRC" '+%Y-%m-%d %H
 
 # ---- helpers --------------------------------------------------------------------------------
 USED_PORTS=" "
-free_port() { # VAR START: first port >= START that nothing listens on and we did not hand out
+port_busy() { # PORT: something listens there, or a socket still holds it as its local port (a
+    # client's ephemeral port, a TIME-WAIT left by the previous case: PostgreSQL cannot bind it)
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    command -v ss >/dev/null && [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
+}
+free_port() { # VAR START: first port >= START that is not busy and we did not hand out
     local p=$2
-    while [[ $USED_PORTS == *" $p "* ]] || (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
+    while [[ $USED_PORTS == *" $p "* ]] || port_busy "$p"; do p=$((p + 1)); done
     USED_PORTS+="$p "
     printf -v "$1" %s "$p"
 }
