@@ -59,10 +59,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return fail(&e),
     };
-    // The load generator runs on one thread: it then never hands a socket's readiness or a
-    // reply from one worker thread to another, and takes less of the CPU it shares with the
-    // server it measures (on one machine, like pgbench beside PostgreSQL).
-    let mut runtime = if matches!(cli.command, Command::Bench(_)) {
+    // The closed-loop load generator runs on one thread: it then never hands a socket's
+    // readiness or a reply from one worker thread to another, and takes less of the CPU it
+    // shares with the server it measures (0.053-0.062 against 0.077-0.080 ms per pair). Paced
+    // (`--rate`) it keeps both threads: its latency counts from each call's scheduled send, and
+    // one thread descheduled on a busy machine sends late (half-load Reserve p99 12.8-326 ms
+    // in five runs, against 9.0-17.5 ms with two threads).
+    let mut runtime = if matches!(&cli.command, Command::Bench(b) if b.rate <= 0.0) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
