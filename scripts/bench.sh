@@ -30,6 +30,10 @@
 #   QUIET_WAIT=30      before each case wait up to this many seconds for the machine to be idle
 #                      (<15% busy); the "other" CPU column shows what still ran beside the case
 #   NICE=0             run PostgreSQL, tally and the load generators under `nice -n NICE`
+#   PIN=0              1: PostgreSQL on CPU 0 only, tally serve and the load generators (pgbench's
+#                      client too) on CPU 1 only (taskset): the database gets one core of its
+#                      own, as if the callers ran on other machines; needs 2+ CPUs. SQLite
+#                      cases then run the server and its load on one core.
 #   RESULTS=<file>     TSV of all cases (default ${TMPDIR:-/tmp}/tally-bench.<time>.tsv)
 #   KEEP=1             keep the scratch dir (data dirs, logs, per-case output) and print it
 #   BASE=<dir>         scratch dir (default: mktemp -d); PGBIN=<dir> PostgreSQL binaries
@@ -60,6 +64,7 @@ DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 QUIET_WAIT=${QUIET_WAIT:-30}
 NICE=${NICE:-0}
+PIN=${PIN:-0}
 KEEP=${KEEP:-0}
 RESULTS=${RESULTS:-${TMPDIR:-/tmp}/tally-bench.$(date +%Y%m%d-%H%M%S).tsv}
 BIN_SRC=${TALLY_BIN:-$ROOT/target/release/tally}
@@ -67,6 +72,13 @@ BIN_SRC=${TALLY_BIN:-$ROOT/target/release/tally}
 for v in $(compgen -e); do case $v in TALLY_*) unset "$v" ;; esac; done
 
 die() { echo "bench.sh: $*" >&2; exit 2; }
+# How each side runs: PostgreSQL (ON_DB) and everything that calls it (ON_APP).
+ON_DB=(nice -n "$NICE") ON_APP=(nice -n "$NICE")
+if [ "$PIN" = 1 ]; then
+    [ "$(nproc)" -ge 2 ] || die "PIN=1 needs at least 2 CPUs"
+    command -v taskset >/dev/null || die "PIN=1 needs taskset (util-linux)"
+    ON_DB=(taskset -c 0 nice -n "$NICE") ON_APP=(taskset -c 1 nice -n "$NICE")
+fi
 note() { echo "$*" >&2; }
 
 # ---- prerequisites --------------------------------------------------------------------------
@@ -248,7 +260,7 @@ max_wal_size = 8GB
 checkpoint_timeout = 30min
 # durability left at defaults: fsync=on, synchronous_commit=on, full_page_writes=on
 EOF
-    nice -n "$NICE" "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$BASE/postgres.log" -w -t 60 start >/dev/null \
+    "${ON_DB[@]}" "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$BASE/postgres.log" -w -t 60 start >/dev/null \
         || { tail -20 "$BASE/postgres.log" >&2; die "PostgreSQL did not start"; }
     PG_SETTINGS=$("${PSQL[@]}" -d postgres -Atc "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync','synchronous_commit','full_page_writes','wal_sync_method')")
     "${PSQL[@]}" -d postgres -f "$SQLDIR/schema.sql" >/dev/null 2>&1
@@ -272,7 +284,7 @@ raw_case() { # dist clients
     wait_quiet
     local n0; n0=$(pg_nchildren)
     snap_begin
-    ( TIMEFORMAT='%U %S'; time nice -n "$NICE" "$PGBENCH" -h 127.0.0.1 -p "$PGPORT" -U postgres -n -M prepared \
+    ( TIMEFORMAT='%U %S'; time "${ON_APP[@]}" "$PGBENCH" -h 127.0.0.1 -p "$PGPORT" -U postgres -n -M prepared \
         -f "$SQLDIR/pair_cte.sql" -D naccounts="$nacc" -D n=0 -c "$c" -j 2 -T "$DURATION" \
         --log --log-prefix="$run/tx" postgres >"$run/pgbench.out" 2>&1 ) 2>"$run/cpu" &
     CHILD=$!; wait "$CHILD" || rc=$?; CHILD=""
@@ -307,7 +319,7 @@ tally_start() { # backend database-url -> STARTUP_MS
     free_port p1 50051; free_port p2 58080; free_port p3 59090
     SRV_URL=http://127.0.0.1:$p1 SRV_METRICS=http://127.0.0.1:$p3
     t0=$(now_ns)
-    RUST_LOG=$SERVER_RUST_LOG nice -n "$NICE" "$TALLY" serve --database-url "$url" \
+    RUST_LOG=$SERVER_RUST_LOG "${ON_APP[@]}" "$TALLY" serve --database-url "$url" \
         --listen "127.0.0.1:$p1" --http-listen "127.0.0.1:$p2" --metrics-listen "127.0.0.1:$p3" \
         --rate-limit-rps 0 --admin-rate-limit-rps 0 --max-concurrent-requests 4096 \
         --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json >>"$BASE/tally-$backend.log" 2>&1 &
@@ -358,7 +370,7 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
           done ) &
         SAMPLER_PID=$!
     fi
-    ( TIMEFORMAT='%U %S'; time timeout $((DURATION + WARMUP + 60)) nice -n "$NICE" "$TALLY" "${args[@]}" \
+    ( TIMEFORMAT='%U %S'; time timeout $((DURATION + WARMUP + 60)) "${ON_APP[@]}" "$TALLY" "${args[@]}" \
         >"$run/out.json" 2>"$run/stderr" ) 2>"$run/cpu" &
     CHILD=$!; wait "$CHILD" || rc=$?; CHILD=""
     if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""; fi
@@ -453,6 +465,7 @@ echo "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') ${PG_SETTINGS
 echo "each case: ${DURATION}s measured; tally bench: +${WARMUP}s warm-up, clients over $CONNECTIONS HTTP/2 connections, closed loop"
 echo "  unless @rate; pgbench -M prepared -j 2, no warm-up; uniform = $ACCOUNTS accounts, hot = 1 account"
 echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
+if [ "$PIN" = 1 ]; then echo "pinned (PIN=1): PostgreSQL on CPU 0; tally serve, tally bench and pgbench's client on CPU 1"; fi
 echo
 printf '%-42s %8s %-5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s\n' case ops/s unit ratio p50ms p99ms errors cpu% tally pg client other RSSMiB
 for r in "${ROWS[@]}"; do echo "$r"; done

@@ -149,6 +149,15 @@ pub fn describe() {
         "tally_db_group_commands",
         "Job-path commands (Reserve, Commit, Refund, ExtendHold) per group transaction."
     );
+    describe_counter!(
+        "tally_db_group_fallbacks_total",
+        "Group transactions that failed as a whole; their commands then ran one by one."
+    );
+    describe_counter!(
+        "tally_db_group_reloads_total",
+        "PostgreSQL group transactions that loaded their accounts again: another transaction \
+         changed one while the group waited for its lock."
+    );
     describe_histogram!(
         "tally_rpc_request_duration_seconds",
         Unit::Seconds,

@@ -237,6 +237,22 @@ pub struct Dirty {
     pub account: bool,
 }
 
+impl Dirty {
+    /// Whether anything of the book changed: its account row must then be written too, even
+    /// with the same values, so that a concurrent reader can tell from that row alone that the
+    /// account's grants or holds moved (an ExtendHold changes a hold and no balance).
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.account
+            || !self.buckets.is_empty()
+            || !self.new_buckets.is_empty()
+            || !self.holds.is_empty()
+            || !self.new_holds.is_empty()
+            || !self.draws.is_empty()
+            || !self.new_draws.is_empty()
+    }
+}
+
 /// A slice of credits moved between accounts, keeping its source and expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Piece {

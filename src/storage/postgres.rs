@@ -576,7 +576,9 @@ impl Tx for PgTx<'_> {
             .await
             .map_err(map_err)?;
         }
-        if d.account {
+        // Any change, even one that moves no balance (ExtendHold), writes the account row: a
+        // group's claim-lock-load statement tells a stale read by that row (see group.rs).
+        if d.any() {
             sqlx::query(
                 "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6,
                                     debt = $7

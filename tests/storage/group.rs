@@ -201,6 +201,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
         stats.largest > 1 && stats.transactions < stats.commands,
         "commands shared transactions: {stats:?}"
     );
+    assert_eq!(stats.fallbacks, 0, "no group failed as a whole: {stats:?}");
 }
 
 /// With coalescing off, the same store runs each command alone.
@@ -298,4 +299,132 @@ async fn group_plans_are_made_again_as_the_tables_grow() {
         "two Reserve+Commit pairs read {read} hold tuples among 30,000 holds"
     );
     assert_ledger_balances(store.as_ref()).await;
+}
+
+/// A group claims, locks and loads in one statement, whose reads see the database as it was
+/// when the statement began. A writer that held an account's lock and committed while the
+/// group waited for it changed what those reads saw, so the group loads again. Here the writer
+/// (raw SQL shaped as Tally's own: lock, grant, entry, account row) adds 500 to an account of
+/// 100 while a Reserve of 400 waits; the Reserve must see the new grant and draw on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (store, stats) = grouped(&db, Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    grant(store.as_ref(), "a", 100).await;
+
+    let mut tx = pool.begin().await.unwrap();
+    for sql in [
+        "SELECT 1 FROM account WHERE account_id = 'a' FOR UPDATE",
+        "INSERT INTO bucket (bucket_id, account_id, source, granted, remaining, held, expired,
+                             priority, reason, created_at)
+         VALUES ('bkt_late', 'a', 'adjustment', 500, 500, 0, 0, 0, 'late', now())",
+        "INSERT INTO entry (account_id, bucket_id, kind, available_delta, held_delta, debt_delta,
+                            reason)
+         VALUES ('a', 'bkt_late', 'grant', 500, 0, 0, 'late')",
+        "UPDATE account SET available = available + 500, updated_at = now()
+         WHERE account_id = 'a'",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    let reserve = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let cmd = reserve_cmd("a", 400, TimeDelta::minutes(5));
+            store
+                .reserve(&idem("svc", "late", cmd.fingerprint()), &cmd)
+                .await
+        })
+    };
+    // Commit only once the group is waiting for the account's lock.
+    let mut waited = false;
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(waited, "the Reserve never waited for the account's lock");
+    tx.commit().await.unwrap();
+
+    let held = reserve
+        .await
+        .unwrap()
+        .expect("the Reserve sees the new grant");
+    let hold = held.outcome.hold.hold_id;
+    let (all, late): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(held), 0)::int8,
+                COALESCE(sum(held) FILTER (WHERE bucket_id = 'bkt_late'), 0)::int8
+         FROM draw WHERE hold_id = $1",
+    )
+    .bind(&hold)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(all, 400);
+    assert!(
+        late >= 300,
+        "the first grant has 100: {late} came from the new one"
+    );
+    let (available, on_hold): (i64, i64) =
+        sqlx::query_as("SELECT available, held FROM account WHERE account_id = 'a'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((available, on_hold), (200, 400));
+    assert_eq!(
+        stats().fallbacks,
+        0,
+        "the group itself answered, not the one-call path"
+    );
+    assert_ledger_balances(store.as_ref()).await;
+}
+
+/// ExtendHold moves a hold and no balance, yet writes its account row, grouped or alone: that
+/// row is how a group's one-statement load knows whether what it read is still current (the
+/// test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_hold_writes_its_account_row() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (grouped_store, stats) = grouped(&db, Backend::Postgres).await;
+    let alone = PgStore::connect_with(&db.url, 4, Arc::default(), Batching { max: 1, workers: 1 })
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    grant(grouped_store.as_ref(), "a", 100).await;
+    let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
+    let held = grouped_store
+        .reserve(&idem("svc", "r", cmd.fingerprint()), &cmd)
+        .await
+        .unwrap();
+    let hold = HoldId::parse("h", &held.outcome.hold.hold_id).unwrap();
+    let version = || async {
+        sqlx::query_scalar::<_, String>("SELECT ctid::text FROM account WHERE account_id = 'a'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let stores: [&dyn Store; 2] = [grouped_store.as_ref(), &alone];
+    for (n, store) in stores.into_iter().enumerate() {
+        let before = version().await;
+        let x = tally::domain::command::ExtendHold {
+            hold_id: hold.clone(),
+            ttl: TimeDelta::minutes(10 + i64::try_from(n).unwrap()),
+        };
+        store
+            .extend_hold(&idem("svc", &format!("x{n}"), x.fingerprint()), &x)
+            .await
+            .unwrap();
+        assert_ne!(
+            version().await,
+            before,
+            "ExtendHold {n} left the account row as it was"
+        );
+    }
+    assert_eq!(stats().fallbacks, 0);
 }

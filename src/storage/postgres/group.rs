@@ -20,23 +20,97 @@ use crate::domain::book::{Book, Bucket, Draw};
 use crate::storage::batch::{Answer, Executor, Job};
 use crate::storage::{Applied, RandomIds, StorageError, StorageResult, Target, replay};
 
-/// Claims the keys (`$1..$3`) and locks the accounts (`$4`, and those of the holds `$5`), in id
-/// order. Rows: one per claimed key (`is_key`, caller in `id`, key in `plan`), one per locked
-/// account; each with the transaction's clock.
-const CLAIM_AND_LOCK: &str = "
+/// The loads' common expressions: live grants of the accounts in `accounts`, open holds past
+/// expiry and the holds in `named`, their draws, the grants those name, and each account's
+/// current allowance grant (`periods`). (`= ANY(ARRAY(...))` rather than `IN (SELECT ...)`:
+/// the planner cannot estimate a CTE's rows and chose sequential scans of `draw` and `bucket`
+/// for the latter.)
+macro_rules! load_ctes {
+    () => {
+        "
+h AS (
+  SELECT * FROM hold WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])
+    AND state = 'open' AND expires_at <= now()
+  UNION ALL
+  SELECT * FROM hold WHERE hold_id = ANY((SELECT hold_ids FROM named)::text[])),
+d AS (SELECT * FROM draw WHERE hold_id = ANY(ARRAY(SELECT hold_id FROM h))),
+b AS (
+  SELECT * FROM bucket WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[]) AND live
+  UNION ALL
+  SELECT b.* FROM bucket b JOIN periods p ON b.account_id = p.account_id AND b.period = p.period
+  WHERE NOT b.live
+  UNION ALL
+  SELECT * FROM bucket WHERE bucket_id = ANY(ARRAY(SELECT bucket_id FROM d)) AND NOT live)"
+    };
+}
+
+/// The loaded rows, one per grant (`t` = 'b'), hold ('h') and draw ('d'), in one layout: five
+/// text, four bigint, one integer and three timestamp columns, used as [`Rows`] uses them for
+/// writes. A hold can come twice, and so can a grant.
+macro_rules! load_rows {
+    () => {
+        "
+SELECT 'b', bucket_id, account_id, source, period, reason, granted, remaining, held, expired,
+       priority, expires_at, created_at, NULL
+  FROM b
+UNION ALL
+SELECT 'h', hold_id, account_id, metadata, state, NULL, amount, committed_amount,
+       refunded_amount, NULL, NULL, created_at, expires_at, resolved_at
+  FROM h
+UNION ALL
+SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL, seq, NULL,
+       NULL, NULL
+  FROM d"
+    };
+}
+
+/// Claims the keys (`$1..$3`), locks the accounts (`$4`, and those of the holds `$5`) in id
+/// order and loads what their commands need, in one statement and one round trip. The claim
+/// runs to completion first (the lock's condition counts its rows), so a concurrent duplicate
+/// waits before this batch locks anything. Rows (layout of [`LOAD_ROWS`]): one per claimed key
+/// (`t` = 'k', caller in `s1`, key in `s2`), one per locked account ('a': id, plan and
+/// allowance period in `s1..s3`, available, held and debt in `i1..i3`), each with the
+/// transaction's clock in `t1`, then the loaded grants, holds and draws.
+///
+/// The loads read the statement's snapshot, taken before the locks were granted: if another
+/// transaction changed an account and committed in between (this one waited for its lock),
+/// they are stale. The lock returns the account row's newest version, the snapshot its
+/// version then; `n` = 1 says they are the same tuple (same `ctid`). Every writer of an
+/// account's grants, holds or draws also writes its account row ([`Dirty::any`]), so the
+/// same tuple means nothing the loads read has moved; otherwise the caller loads again
+/// ([`LOAD_BOOKS`], a new snapshot under the locks now held).
+///
+/// [`Dirty::any`]: crate::domain::book::Dirty::any
+const CLAIM_LOCK_LOAD: &str = concat!(
+    "
 WITH claimed AS (
   INSERT INTO idempotency_record (caller, idempotency_key, fingerprint)
   SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
   ON CONFLICT DO NOTHING RETURNING caller, idempotency_key),
-locked AS (
-  SELECT account_id, plan, allowance_period, available, held, debt FROM account
-  WHERE account_id = ANY($4::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($5)))
+named AS (SELECT $5::text[] AS hold_ids),
+accounts AS MATERIALIZED (
+  SELECT $4::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($5)) AS account_ids),
+locked AS MATERIALIZED (
+  SELECT account_id, plan, allowance_period, available, held, debt, ctid AS c FROM account
+  WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])
     AND (SELECT count(*) FROM claimed) >= 0
-  ORDER BY account_id FOR UPDATE)
-SELECT true AS is_key, caller AS id, idempotency_key AS plan, NULL::text AS allowance_period,
-       0::int8 AS available, 0::int8 AS held, 0::int8 AS debt, now() AS now FROM claimed
+  ORDER BY account_id FOR UPDATE),
+periods AS MATERIALIZED (
+  SELECT account_id, allowance_period AS period, ctid AS c FROM account
+  WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])),",
+    load_ctes!(),
+    "
+SELECT 'k' AS t, caller AS s1, idempotency_key AS s2, NULL::text AS s3, NULL::text AS s4,
+       NULL::text AS s5, NULL::int8 AS i1, NULL::int8 AS i2, NULL::int8 AS i3, NULL::int8 AS i4,
+       NULL::int4 AS n, now() AS t1, NULL::timestamptz AS t2, NULL::timestamptz AS t3
+  FROM claimed
 UNION ALL
-SELECT false, account_id, plan, allowance_period, available, held, debt, now() FROM locked";
+SELECT 'a', l.account_id, l.plan, l.allowance_period, NULL, NULL, l.available, l.held, l.debt,
+       NULL, COALESCE(p.c = l.c, false)::int4, now(), NULL, NULL
+  FROM locked l LEFT JOIN periods p ON p.account_id = l.account_id
+UNION ALL",
+    load_rows!()
+);
 
 /// How a worker's connection plans. The job path's statements look rows up by key, so an
 /// index scan and a nested loop are right for them at any table size; planning them anew on
@@ -164,9 +238,8 @@ impl PgStore {
     ) -> StorageResult<Vec<Answer>> {
         let mut tx = sqlx::Connection::begin(conn).await.map_err(map_err)?;
 
-        // 1. Claim every key and lock every account named, or owning a hold named, in one
-        // statement: the claim runs to completion first (the lock's condition counts its
-        // rows), so a concurrent duplicate waits before this batch locks anything.
+        // 1. Claim every key, lock every account named or owning a hold named, and load
+        // their books, in one statement ([`CLAIM_LOCK_LOAD`]).
         let callers: Vec<&str> = jobs.iter().map(|j| j.idem.caller.as_str()).collect();
         let keys: Vec<&str> = jobs.iter().map(|j| j.idem.key.as_str()).collect();
         let prints: Vec<&[u8]> = jobs.iter().map(|j| &j.idem.fingerprint[..]).collect();
@@ -178,7 +251,7 @@ impl PgStore {
                 Target::Hold(h) => holds.push(h),
             }
         }
-        let rows = sqlx::query(CLAIM_AND_LOCK)
+        let rows = sqlx::query(CLAIM_LOCK_LOAD)
             .bind(&callers)
             .bind(&keys)
             .bind(&prints)
@@ -191,19 +264,24 @@ impl PgStore {
         let mut claimed: HashSet<(&str, &str)> = HashSet::with_capacity(jobs.len());
         let mut books: BTreeMap<String, Book> = BTreeMap::new();
         let mut now: Option<DateTime<Utc>> = None;
+        let mut stale = false;
         for row in &rows {
-            now = Some(row.try_get("now").map_err(map_err)?);
-            let id: &str = row.try_get("id").map_err(map_err)?;
-            let plan: &str = row.try_get("plan").map_err(map_err)?;
-            if row.try_get::<bool, _>("is_key").map_err(map_err)? {
-                claimed.insert((id, plan));
+            let k = kind(row);
+            if k != b'k' && k != b'a' {
                 continue;
             }
-            let mut book = Book::new(id, plan);
-            book.allowance_period = row.try_get("allowance_period").map_err(map_err)?;
-            book.available = row.try_get("available").map_err(map_err)?;
-            book.held = row.try_get("held").map_err(map_err)?;
-            book.debt = row.try_get("debt").map_err(map_err)?;
+            now = Some(col(row, "t1")?);
+            let id: &str = col(row, "s1")?;
+            if k == b'k' {
+                claimed.insert((id, col(row, "s2")?));
+                continue;
+            }
+            let mut book = Book::new(id, col(row, "s2")?);
+            book.allowance_period = col(row, "s3")?;
+            book.available = col(row, "i1")?;
+            book.held = col(row, "i2")?;
+            book.debt = col(row, "i3")?;
+            stale |= col::<i32>(row, "n")? == 0;
             books.insert(id.to_owned(), book);
         }
         let mut claims: Vec<Claimed> = jobs
@@ -247,7 +325,7 @@ impl PgStore {
             }
         }
 
-        // 3. Load what the commands need, for every book at once.
+        // 3. What the commands need: loaded with the locks, or again if that was stale.
         let now = match now {
             Some(n) => n,
             None => sqlx::query_scalar("SELECT now()")
@@ -255,8 +333,11 @@ impl PgStore {
                 .await
                 .map_err(map_err)?,
         };
-        if !books.is_empty() {
-            self.load_books(&mut tx, &mut books, &holds, now).await?;
+        if stale {
+            metrics::counter!("tally_db_group_reloads_total").increment(1);
+            self.load_books(&mut tx, &mut books, &holds).await?;
+        } else {
+            place_loaded(&mut books, &rows)?;
         }
         let hold_accounts: HashMap<String, String> = books
             .values()
@@ -331,15 +412,12 @@ impl PgStore {
         Ok(answers)
     }
 
-    /// Live grants, the last allowance grant, open holds past expiry, the holds named, their
-    /// draws and the grants those name: the same as one command's load, for all books, in one
-    /// statement ([`LOAD_BOOKS`]).
+    /// Loads the books again, under the locks this transaction holds ([`LOAD_BOOKS`]).
     async fn load_books(
         &self,
         tx: &mut sqlx::PgConnection,
         books: &mut BTreeMap<String, Book>,
         named: &[&str],
-        now: DateTime<Utc>,
     ) -> StorageResult<()> {
         let ids: Vec<&str> = books.keys().map(String::as_str).collect();
         let (pa, pp): (Vec<&str>, Vec<&str>) = books
@@ -352,77 +430,67 @@ impl PgStore {
             .unzip();
         let rows = sqlx::query(LOAD_BOOKS)
             .bind(&ids)
-            .bind(now)
             .bind(named)
             .bind(&pa)
             .bind(&pp)
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        // Holds first: a draw belongs to a book through its hold.
-        let mut hold_account: HashMap<String, String> = HashMap::new();
-        for r in rows.iter().filter(|r| kind(r) == b'h') {
-            let h = loaded_hold(r)?;
-            if let Some(book) = books.get_mut(&h.account_id) {
-                hold_account.insert(h.hold_id.clone(), h.account_id.clone());
-                book.holds.entry(h.hold_id.clone()).or_insert(h);
-            }
-        }
-        for r in &rows {
-            match kind(r) {
-                b'b' => {
-                    let b = loaded_bucket(r)?;
-                    if let Some(book) = books.get_mut(&b.account_id) {
-                        book.buckets.insert(b.bucket_id.clone(), b);
-                    }
-                }
-                b'd' => {
-                    let d = loaded_draw(r)?;
-                    if let Some(book) = hold_account.get(&d.hold_id).and_then(|a| books.get_mut(a))
-                    {
-                        book.draws.insert((d.hold_id.clone(), d.seq), d);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        place_loaded(books, &rows)
     }
 }
 
-/// Everything a batch's books need, one row per grant (`t` = 'b'), hold ('h') and draw ('d'),
-/// in one layout: five text, four bigint, one integer and three timestamp columns, used as
-/// [`Rows`] uses them for writes. Grants: the books' live ones (`$1`), their current
-/// allowance grants (`$4`, `$5`) and the ones the loaded draws name. Holds: open ones past
-/// expiry (`$2`) and the ones named (`$3`); a hold can come twice, and so can a grant.
-/// (`= ANY(ARRAY(...))` rather than `IN (SELECT ...)`: the planner cannot estimate a CTE's
-/// rows and chose sequential scans of `draw` and `bucket` for the latter.)
-const LOAD_BOOKS: &str = "
-WITH h AS (
-  SELECT * FROM hold WHERE account_id = ANY($1) AND state = 'open' AND expires_at <= $2
-  UNION ALL
-  SELECT * FROM hold WHERE hold_id = ANY($3)),
-d AS (SELECT * FROM draw WHERE hold_id = ANY(ARRAY(SELECT hold_id FROM h))),
-b AS (
-  SELECT * FROM bucket WHERE account_id = ANY($1) AND live
-  UNION ALL
-  SELECT b.* FROM bucket b JOIN UNNEST($4::text[], $5::text[]) AS p(account_id, period)
-    ON b.account_id = p.account_id AND b.period = p.period
-  WHERE NOT b.live
-  UNION ALL
-  SELECT * FROM bucket WHERE bucket_id = ANY(ARRAY(SELECT bucket_id FROM d)) AND NOT live)
-SELECT 'b' AS t, bucket_id AS s1, account_id AS s2, source AS s3, period AS s4, reason AS s5,
-       granted AS i1, remaining AS i2, held AS i3, expired AS i4, priority AS n,
-       expires_at AS t1, created_at AS t2, NULL::timestamptz AS t3
-  FROM b
-UNION ALL
-SELECT 'h', hold_id, account_id, metadata, state, NULL, amount, committed_amount,
-       refunded_amount, NULL, NULL, created_at, expires_at, resolved_at
-  FROM h
-UNION ALL
-SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL, seq, NULL,
-       NULL, NULL
-  FROM d";
+/// Puts loaded grants, holds and draws ([`load_rows`]) into their books; other rows and rows
+/// of accounts not locked are passed over.
+fn place_loaded(
+    books: &mut BTreeMap<String, Book>,
+    rows: &[sqlx::postgres::PgRow],
+) -> StorageResult<()> {
+    // Holds first: a draw belongs to a book through its hold.
+    let mut hold_account: HashMap<String, String> = HashMap::new();
+    for r in rows.iter().filter(|r| kind(r) == b'h') {
+        let h = loaded_hold(r)?;
+        if let Some(book) = books.get_mut(&h.account_id) {
+            hold_account.insert(h.hold_id.clone(), h.account_id.clone());
+            book.holds.entry(h.hold_id.clone()).or_insert(h);
+        }
+    }
+    for r in rows {
+        match kind(r) {
+            b'b' => {
+                let b = loaded_bucket(r)?;
+                if let Some(book) = books.get_mut(&b.account_id) {
+                    book.buckets.insert(b.bucket_id.clone(), b);
+                }
+            }
+            b'd' => {
+                let d = loaded_draw(r)?;
+                if let Some(book) = hold_account.get(&d.hold_id).and_then(|a| books.get_mut(a)) {
+                    book.draws.insert((d.hold_id.clone(), d.seq), d);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The loads alone, for books already locked ([`CLAIM_LOCK_LOAD`] found them stale): accounts
+/// `$1`, named holds `$2`, allowance periods `$3` (accounts) and `$4` (periods).
+const LOAD_BOOKS: &str = concat!(
+    "
+WITH accounts AS (SELECT $1::text[] AS account_ids),
+named AS (SELECT $2::text[] AS hold_ids),
+periods AS (SELECT * FROM UNNEST($3::text[], $4::text[]) AS p(account_id, period)),",
+    load_ctes!(),
+    "
+SELECT 'x' AS t, NULL::text AS s1, NULL::text AS s2, NULL::text AS s3, NULL::text AS s4,
+       NULL::text AS s5, NULL::int8 AS i1, NULL::int8 AS i2, NULL::int8 AS i3, NULL::int8 AS i4,
+       NULL::int4 AS n, NULL::timestamptz AS t1, NULL::timestamptz AS t2, NULL::timestamptz AS t3
+  WHERE false
+UNION ALL",
+    load_rows!()
+);
 
 fn kind(r: &sqlx::postgres::PgRow) -> u8 {
     r.try_get::<&str, _>("t")
@@ -524,7 +592,8 @@ async fn write_books(
             ne.int[1].push(e.held_delta);
             ne.int[2].push(e.debt_delta);
         }
-        if d.account {
+        if d.any() {
+            // Also when only a hold moved: see [`CLAIM_LOCK_LOAD`].
             ua.text[0].push(Some(book.account_id.clone()));
             ua.text[1].push(Some(book.plan.clone()));
             ua.text[2].push(book.allowance_period.clone());
