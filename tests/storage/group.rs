@@ -352,11 +352,11 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
     assert!(waited, "the Reserve never waited for the account's lock");
     tx.commit().await.unwrap();
 
-    let held = reserve
+    let reserved = reserve
         .await
         .unwrap()
         .expect("the Reserve sees the new grant");
-    let hold = held.outcome.hold.hold_id;
+    let hold = reserved.outcome.hold.hold_id;
     let (all, late): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(held), 0)::int8,
                 COALESCE(sum(held) FILTER (WHERE bucket_id = 'bkt_late'), 0)::int8
@@ -398,11 +398,11 @@ async fn extend_hold_writes_its_account_row() {
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     grant(grouped_store.as_ref(), "a", 100).await;
     let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
-    let held = grouped_store
+    let reserved = grouped_store
         .reserve(&idem("svc", "r", cmd.fingerprint()), &cmd)
         .await
         .unwrap();
-    let hold = HoldId::parse("h", &held.outcome.hold.hold_id).unwrap();
+    let hold = HoldId::parse("h", &reserved.outcome.hold.hold_id).unwrap();
     let version = || async {
         sqlx::query_scalar::<_, String>("SELECT ctid::text FROM account WHERE account_id = 'a'")
             .fetch_one(&pool)

@@ -2,9 +2,11 @@
 //! commands in one transaction, with one statement per step for the whole batch.
 //!
 //! Locking is the same as one command's: the idempotency claim first (a concurrent duplicate
-//! waits for the first transaction), then every account row the batch touches, locked in one
-//! statement in id order (so two batches cannot deadlock on accounts), then the loads. The
-//! domain's rules run per command, in arrival order, on the locked books.
+//! waits for the first transaction), then every account row the batch touches, locked in id
+//! order (so two batches cannot deadlock on accounts), then the loads, all in one statement
+//! ([`CLAIM_LOCK_LOAD`], which tells when its loads are stale). The domain's rules run per
+//! command, in arrival order, on the locked books. Four round trips: BEGIN, that statement,
+//! the write ([`WRITE_ALL`]), COMMIT.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::LazyLock;
