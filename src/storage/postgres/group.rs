@@ -69,7 +69,7 @@ SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL
 /// Claims the keys (`$1..$3`), locks the accounts (`$4`, and those of the holds `$5`) in id
 /// order and loads what their commands need, in one statement and one round trip. The claim
 /// runs to completion first (the lock's condition counts its rows), so a concurrent duplicate
-/// waits before this batch locks anything. Rows (layout of [`LOAD_ROWS`]): one per claimed key
+/// waits before this batch locks anything. Rows (the layout of `load_rows!`): one per claimed key
 /// (`t` = 'k', caller in `s1`, key in `s2`), one per locked account ('a': id, plan and
 /// allowance period in `s1..s3`, available, held and debt in `i1..i3`), each with the
 /// transaction's clock in `t1`, then the loaded grants, holds and draws.
@@ -442,7 +442,7 @@ impl PgStore {
     }
 }
 
-/// Puts loaded grants, holds and draws ([`load_rows`]) into their books; other rows and rows
+/// Puts loaded grants, holds and draws (rows of `load_rows!`) into their books; other rows and rows
 /// of accounts not locked are passed over.
 fn place_loaded(
     books: &mut BTreeMap<String, Book>,
