@@ -68,8 +68,9 @@ pub(crate) trait Executor: Send + Sync + 'static {
 
 /// Runs a batch and answers every job: in one group transaction, even a lone job (its round
 /// trips, five then and four now on PostgreSQL, beat the fifteen of the one-call path: 80-121
-/// against 48-81 pairs/s at one client, three alternating runs); a group that fails as a whole (a constraint, a deadlock,
-/// a failed COMMIT) job by job, where keys that did commit replay.
+/// against 48-81 pairs/s at one client, three alternating runs); a group that fails as a
+/// whole (a constraint, a deadlock, a failed COMMIT) job by job, where keys that did commit
+/// replay.
 async fn execute(executor: &dyn Executor, stats: &Counters, worker: usize, jobs: Vec<Job>) {
     match executor.group(worker, &jobs).await {
         Ok(answers) => {

@@ -48,12 +48,14 @@ b AS (
 
 /// The loaded rows, one per grant (`t` = 'b'), hold ('h') and draw ('d'), in one layout: five
 /// text, four bigint, one integer and three timestamp columns, used as [`Rows`] uses them for
-/// writes. A hold can come twice, and so can a grant.
+/// writes. A hold can come twice, and so can a grant. (The names count where these rows come
+/// first; after [`CLAIM_LOCK_LOAD`]'s own rows they are ignored.)
 macro_rules! load_rows {
     () => {
         "
-SELECT 'b', bucket_id, account_id, source, period, reason, granted, remaining, held, expired,
-       priority, expires_at, created_at, NULL
+SELECT 'b' AS t, bucket_id AS s1, account_id AS s2, source AS s3, period AS s4, reason AS s5,
+       granted AS i1, remaining AS i2, held AS i3, expired AS i4, priority AS n,
+       expires_at AS t1, created_at AS t2, NULL::timestamptz AS t3
   FROM b
 UNION ALL
 SELECT 'h', hold_id, account_id, metadata, state, NULL, amount, committed_amount,
@@ -485,12 +487,6 @@ WITH accounts AS (SELECT $1::text[] AS account_ids),
 named AS (SELECT $2::text[] AS hold_ids),
 periods AS (SELECT * FROM UNNEST($3::text[], $4::text[]) AS p(account_id, period)),",
     load_ctes!(),
-    "
-SELECT 'x' AS t, NULL::text AS s1, NULL::text AS s2, NULL::text AS s3, NULL::text AS s4,
-       NULL::text AS s5, NULL::int8 AS i1, NULL::int8 AS i2, NULL::int8 AS i3, NULL::int8 AS i4,
-       NULL::int4 AS n, NULL::timestamptz AS t1, NULL::timestamptz AS t2, NULL::timestamptz AS t3
-  WHERE false
-UNION ALL",
     load_rows!()
 );
 
