@@ -63,6 +63,11 @@ fn map_err(e: sqlx::Error) -> StorageError {
             match &*code {
                 // serialization failure, deadlock, lock not available
                 "40001" | "40P01" | "55P03" => StorageError::Contended,
+                // Another transaction recorded this key first (a group races a retry of one of
+                // its calls): run again, the record then replays.
+                "23505" if db.constraint() == Some("idempotency_record_pkey") => {
+                    StorageError::Contended
+                }
                 "23514" => db.constraint().and_then(constraint_rejection).map_or_else(
                     || StorageError::Other(db.message().to_owned()),
                     StorageError::Rejected,
@@ -577,7 +582,7 @@ impl Tx for PgTx<'_> {
             .map_err(map_err)?;
         }
         // Any change, even one that moves no balance (ExtendHold), writes the account row: a
-        // group's claim-lock-load statement tells a stale read by that row (see group.rs).
+        // group's lookup-lock-load statement tells a stale read by that row (see group.rs).
         if d.any() {
             sqlx::query(
                 "UPDATE account SET available = $2, held = $3, plan = $4, allowance_period = $5, updated_at = $6,

@@ -385,6 +385,88 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
     assert_ledger_balances(store.as_ref()).await;
 }
 
+/// A group does not claim its keys up front: it looks them up, and its write inserts the
+/// records. A key that another transaction records after that lookup (a client's retry that
+/// went to another group and committed first) makes the insert fail: the group must then run
+/// again and replay that record, not commit a second hold. Here the other transaction (raw
+/// SQL) holds the account's lock and records the key, with a first Reserve's outcome, while
+/// the Reserve under that key waits for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_recorded_while_its_group_waited_replays_that_record() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (store, stats) = grouped(&db, Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    grant(store.as_ref(), "a", 100).await;
+    let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
+    let first = store
+        .reserve(&idem("svc", "first", cmd.fingerprint()), &cmd)
+        .await
+        .unwrap();
+    assert!(!first.replayed);
+
+    let mut tx = pool.begin().await.unwrap();
+    for sql in [
+        "SELECT 1 FROM account WHERE account_id = 'a' FOR UPDATE",
+        "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, response)
+         SELECT caller, 'retry', fingerprint, response FROM idempotency_record
+         WHERE idempotency_key = 'first'",
+    ] {
+        assert_eq!(
+            sqlx::query(sql)
+                .execute(&mut *tx)
+                .await
+                .unwrap()
+                .rows_affected(),
+            1
+        );
+    }
+    let retry = {
+        let (store, cmd) = (Arc::clone(&store), cmd.clone());
+        tokio::spawn(async move {
+            store
+                .reserve(&idem("svc", "retry", cmd.fingerprint()), &cmd)
+                .await
+        })
+    };
+    let mut waited = false;
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(waited, "the Reserve never waited for the account's lock");
+    tx.commit().await.unwrap();
+
+    let retried = retry.await.unwrap().expect("the retry replays");
+    assert!(retried.replayed, "the key's record answers");
+    assert_eq!(retried.outcome.hold.hold_id, first.outcome.hold.hold_id);
+    let (holds, available, on_hold): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM hold WHERE account_id = 'a'), available, held
+         FROM account WHERE account_id = 'a'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (holds, available, on_hold),
+        (1, 90, 10),
+        "one hold, reserved once"
+    );
+    let s = stats();
+    assert_eq!(
+        (s.retries, s.fallbacks),
+        (1, 0),
+        "the group ran again as a group"
+    );
+    assert_ledger_balances(store.as_ref()).await;
+}
+
 /// ExtendHold moves a hold and no balance, yet writes its account row, grouped or alone: that
 /// row is how a group's one-statement load knows whether what it read is still current (the
 /// test above).

@@ -1,14 +1,16 @@
 //! The PostgreSQL side of group commit ([`crate::storage::batch`]): a batch of job-path
 //! commands in one transaction, with one statement per step for the whole batch.
 //!
-//! Locking is the same as one command's: the idempotency claim first (a concurrent duplicate
-//! waits for the first transaction), then every account row the batch touches, locked in id
-//! order (so two batches cannot deadlock on accounts), then the loads, all in one statement
-//! ([`CLAIM_LOCK_LOAD`], which tells when its loads are stale). The domain's rules run per
-//! command, in arrival order, on the locked books. Four round trips: BEGIN, that statement,
-//! the write ([`WRITE_ALL`]), COMMIT.
+//! One statement looks the idempotency keys up, locks every account row the batch touches, in
+//! id order (so two batches cannot deadlock on accounts), and loads the books
+//! ([`LOOKUP_LOCK_LOAD`], which tells when its loads are stale). The domain's rules run per
+//! command, in arrival order, on the locked books. The write ([`WRITE_ALL`]) inserts the
+//! records of the keys with their outcomes: unlike one command's claim-then-update, a key
+//! gets one row version, and a duplicate in flight elsewhere is caught by the primary key
+//! there (the group then runs again). Four round trips: BEGIN, the first statement, the
+//! write, COMMIT.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,7 @@ b AS (
 /// The loaded rows, one per grant (`t` = 'b'), hold ('h') and draw ('d'), in one layout: five
 /// text, four bigint, one integer and three timestamp columns, used as [`Rows`] uses them for
 /// writes. A hold can come twice, and so can a grant. (The names count where these rows come
-/// first; after [`CLAIM_LOCK_LOAD`]'s own rows they are ignored.)
+/// first; after [`LOOKUP_LOCK_LOAD`]'s own rows they are ignored.)
 macro_rules! load_rows {
     () => {
         "
@@ -68,13 +70,18 @@ SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL
     };
 }
 
-/// Claims the keys (`$1..$3`), locks the accounts (`$4`, and those of the holds `$5`) in id
-/// order and loads what their commands need, in one statement and one round trip. The claim
-/// runs to completion first (the lock's condition counts its rows), so a concurrent duplicate
-/// waits before this batch locks anything. Rows (the layout of `load_rows!`): one per claimed key
-/// (`t` = 'k', caller in `s1`, key in `s2`), one per locked account ('a': id, plan and
-/// allowance period in `s1..s3`, available, held and debt in `i1..i3`), each with the
-/// transaction's clock in `t1`, then the loaded grants, holds and draws.
+/// Looks the keys up (`$1`, `$2`), locks the accounts (`$3`, and those of the holds `$4`) in
+/// id order and loads what their commands need, in one statement and one round trip. Rows (the
+/// layout of `load_rows!`): one per key already recorded (`t` = 'k': caller, key, response and
+/// the fingerprint in hex in `s1..s4`), one per locked account ('a': id, plan and allowance
+/// period in `s1..s3`, available, held and debt in `i1..i3`), each with the transaction's clock
+/// in `t1`, then the loaded grants, holds and draws.
+///
+/// A key is not claimed here: the write inserts its record, with the response, once the
+/// command has run (one row version instead of an insert and an update). A key that another
+/// transaction records meanwhile (a client's retry racing its first try in another group)
+/// makes that insert fail on the primary key: the group is then run again, and finds the
+/// record ([`Executor::group`]'s caller retries a [`StorageError::Contended`] once).
 ///
 /// The loads read the statement's snapshot, taken before the locks were granted: if another
 /// transaction changed an account and committed in between (this one waited for its lock),
@@ -85,29 +92,29 @@ SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL
 /// ([`LOAD_BOOKS`], a new snapshot under the locks now held).
 ///
 /// [`Dirty::any`]: crate::domain::book::Dirty::any
-const CLAIM_LOCK_LOAD: &str = concat!(
+const LOOKUP_LOCK_LOAD: &str = concat!(
     "
-WITH claimed AS (
-  INSERT INTO idempotency_record (caller, idempotency_key, fingerprint)
-  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
-  ON CONFLICT DO NOTHING RETURNING caller, idempotency_key),
-named AS (SELECT $5::text[] AS hold_ids),
+WITH found AS MATERIALIZED (
+  SELECT r.caller, r.idempotency_key, r.response, r.fingerprint
+  FROM UNNEST($1::text[], $2::text[]) AS k(caller, idempotency_key)
+  JOIN idempotency_record r ON r.caller = k.caller AND r.idempotency_key = k.idempotency_key),
+named AS (SELECT $4::text[] AS hold_ids),
 accounts AS MATERIALIZED (
-  SELECT $4::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($5)) AS account_ids),
+  SELECT $3::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($4)) AS account_ids),
 locked AS MATERIALIZED (
   SELECT account_id, plan, allowance_period, available, held, debt, ctid AS c FROM account
   WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])
-    AND (SELECT count(*) FROM claimed) >= 0
   ORDER BY account_id FOR UPDATE),
 periods AS MATERIALIZED (
   SELECT account_id, allowance_period AS period, ctid AS c FROM account
   WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])),",
     load_ctes!(),
     "
-SELECT 'k' AS t, caller AS s1, idempotency_key AS s2, NULL::text AS s3, NULL::text AS s4,
-       NULL::text AS s5, NULL::int8 AS i1, NULL::int8 AS i2, NULL::int8 AS i3, NULL::int8 AS i4,
-       NULL::int4 AS n, now() AS t1, NULL::timestamptz AS t2, NULL::timestamptz AS t3
-  FROM claimed
+SELECT 'k' AS t, caller AS s1, idempotency_key AS s2, response AS s3,
+       encode(fingerprint, 'hex') AS s4, NULL::text AS s5, NULL::int8 AS i1, NULL::int8 AS i2,
+       NULL::int8 AS i3, NULL::int8 AS i4, NULL::int4 AS n, now() AS t1, NULL::timestamptz AS t2,
+       NULL::timestamptz AS t3
+  FROM found
 UNION ALL
 SELECT 'a', l.account_id, l.plan, l.allowance_period, NULL, NULL, l.available, l.held, l.debt,
        NULL, COALESCE(p.c = l.c, false)::int4, now(), NULL, NULL
@@ -131,22 +138,18 @@ UNION ALL",
 const WORKER_SESSION: &str = "SET plan_cache_mode = force_generic_plan;
 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
-/// What the claim found for one job.
-enum Claimed {
-    New,
-    Existing(Vec<u8>, Option<String>),
-    /// The record vanished between claim and read (purged): retry the call.
-    Gone,
-}
-
 #[async_trait]
 impl Executor for PgStore {
     async fn group(&self, worker: usize, jobs: &[Job]) -> StorageResult<Vec<Answer>> {
         let mut session = self.session(worker).await?;
         let conn = &mut session.as_mut().ok_or_else(no_session)?.conn;
         let result = self.group_tx(conn, jobs).await;
-        if result.is_err() {
-            *session = None; // closed (with its transaction); the next group opens another
+        match &result {
+            // The transaction was dropped, its ROLLBACK queued ahead of the connection's next
+            // statement: the connection stays for the retry.
+            Ok(_) | Err(StorageError::Contended) => {}
+            // Closed (with its transaction); the next group opens another.
+            Err(_) => *session = None,
         }
         result
     }
@@ -242,11 +245,10 @@ impl PgStore {
     ) -> StorageResult<Vec<Answer>> {
         let mut tx = sqlx::Connection::begin(conn).await.map_err(map_err)?;
 
-        // 1. Claim every key, lock every account named or owning a hold named, and load
-        // their books, in one statement ([`CLAIM_LOCK_LOAD`]).
+        // 1. Look every key up, lock every account named or owning a hold named, and load
+        // their books, in one statement ([`LOOKUP_LOCK_LOAD`]).
         let callers: Vec<&str> = jobs.iter().map(|j| j.idem.caller.as_str()).collect();
         let keys: Vec<&str> = jobs.iter().map(|j| j.idem.key.as_str()).collect();
-        let prints: Vec<&[u8]> = jobs.iter().map(|j| &j.idem.fingerprint[..]).collect();
         let mut accounts: Vec<&str> = Vec::new();
         let mut holds: Vec<&str> = Vec::new();
         for j in jobs {
@@ -255,17 +257,16 @@ impl PgStore {
                 Target::Hold(h) => holds.push(h),
             }
         }
-        let rows = sqlx::query(CLAIM_LOCK_LOAD)
+        let rows = sqlx::query(LOOKUP_LOCK_LOAD)
             .bind(&callers)
             .bind(&keys)
-            .bind(&prints)
             .bind(&accounts)
             .bind(&holds)
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        // Keys as (caller, key), borrowed from the rows and the jobs.
-        let mut claimed: HashSet<(&str, &str)> = HashSet::with_capacity(jobs.len());
+        // Recorded keys as (caller, key) -> (fingerprint, response), borrowed from the rows.
+        let mut found: HashMap<(&str, &str), (Vec<u8>, Option<&str>)> = HashMap::new();
         let mut books: BTreeMap<String, Book> = BTreeMap::new();
         let mut now: Option<DateTime<Utc>> = None;
         let mut stale = false;
@@ -277,7 +278,10 @@ impl PgStore {
             now = Some(col(row, "t1")?);
             let id: &str = col(row, "s1")?;
             if k == b'k' {
-                claimed.insert((id, col(row, "s2")?));
+                let print = unhex(col(row, "s4")?).ok_or_else(|| {
+                    StorageError::Other("unreadable idempotency fingerprint".into())
+                })?;
+                found.insert((id, col(row, "s2")?), (print, col(row, "s3")?));
                 continue;
             }
             let mut book = Book::new(id, col(row, "s2")?);
@@ -287,46 +291,6 @@ impl PgStore {
             book.debt = col(row, "i3")?;
             stale |= col::<i32>(row, "n")? == 0;
             books.insert(id.to_owned(), book);
-        }
-        let mut claims: Vec<Claimed> = jobs
-            .iter()
-            .map(|j| {
-                if claimed.contains(&(j.idem.caller.as_str(), j.idem.key.as_str())) {
-                    Claimed::New
-                } else {
-                    Claimed::Gone
-                }
-            })
-            .collect();
-        if claimed.len() < jobs.len() {
-            let (c, k): (Vec<&str>, Vec<&str>) = jobs
-                .iter()
-                .zip(&claims)
-                .filter(|(_, c)| !matches!(c, Claimed::New))
-                .map(|(j, _)| (j.idem.caller.as_str(), j.idem.key.as_str()))
-                .unzip();
-            let rows: Vec<(String, String, Vec<u8>, Option<String>)> = sqlx::query_as(
-                "SELECT r.caller, r.idempotency_key, r.fingerprint, r.response
-                 FROM idempotency_record r JOIN UNNEST($1::text[], $2::text[]) AS k(caller, idempotency_key)
-                   ON r.caller = k.caller AND r.idempotency_key = k.idempotency_key",
-            )
-            .bind(&c)
-            .bind(&k)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            let found: HashMap<_, _> = rows
-                .iter()
-                .map(|(c, k, f, r)| ((c.as_str(), k.as_str()), (&f[..], r.as_deref())))
-                .collect();
-            for (j, c) in jobs.iter().zip(claims.iter_mut()) {
-                if matches!(c, Claimed::New) {
-                    continue;
-                }
-                if let Some((f, r)) = found.get(&(j.idem.caller.as_str(), j.idem.key.as_str())) {
-                    *c = Claimed::Existing(f.to_vec(), r.map(str::to_owned));
-                }
-            }
         }
 
         // 3. What the commands need: loaded with the locks, or again if that was stale.
@@ -351,19 +315,11 @@ impl PgStore {
 
         // 4. The rules, per command in arrival order; a rejected command is undone.
         let mut answers: Vec<Answer> = Vec::with_capacity(jobs.len());
-        let mut rejected: Vec<usize> = Vec::new();
         let mut stored: Vec<(usize, String)> = Vec::new();
-        for (i, (j, c)) in jobs.iter().zip(claims).enumerate() {
-            match c {
-                Claimed::Existing(f, r) => {
-                    answers.push(replay(&j.idem, &f, r.as_deref()));
-                    continue;
-                }
-                Claimed::Gone => {
-                    answers.push(Err(StorageError::Contended));
-                    continue;
-                }
-                Claimed::New => {}
+        for (i, j) in jobs.iter().enumerate() {
+            if let Some((f, r)) = found.get(&(j.idem.caller.as_str(), j.idem.key.as_str())) {
+                answers.push(replay(&j.idem, f, *r));
+                continue;
             }
             let account = match j.cmd.target() {
                 Target::Account { id, .. } => Some(id.to_owned()),
@@ -390,26 +346,23 @@ impl PgStore {
                     stored.push((i, crate::storage::to_record(out.clone())?));
                     answers.push(Ok(Applied::fresh(out)));
                 }
-                Err(e) => {
-                    rejected.push(i);
-                    answers.push(Err(e.into()));
-                }
+                // A rejection leaves no record, as if the call had run alone and rolled back.
+                Err(e) => answers.push(Err(e.into())),
             }
         }
 
-        // 5. Write every book's changes and the outcomes, in one statement.
+        // 5. Write every book's changes and the outcomes' records, in one statement. Records
+        // go in key order, so two groups that race for two keys wait in the same order.
+        stored.sort_unstable_by(|(a, _), (b, _)| {
+            let (a, b) = (&jobs[*a].idem, &jobs[*b].idem);
+            (a.caller.as_str(), a.key.as_str()).cmp(&(b.caller.as_str(), b.key.as_str()))
+        });
         let mut responses = Responses::default();
         for (i, r) in &stored {
             responses.caller.push(jobs[*i].idem.caller.as_str());
             responses.key.push(jobs[*i].idem.key.as_str());
+            responses.fingerprint.push(&jobs[*i].idem.fingerprint[..]);
             responses.response.push(r.as_str());
-        }
-        // A rejection leaves no record, as if the call had run alone and rolled back.
-        for i in &rejected {
-            responses
-                .released_caller
-                .push(jobs[*i].idem.caller.as_str());
-            responses.released_key.push(jobs[*i].idem.key.as_str());
         }
         write_books(&mut tx, &books, now, &responses).await?;
         tx.commit().await.map_err(map_err)?;
@@ -479,7 +432,7 @@ fn place_loaded(
     Ok(())
 }
 
-/// The loads alone, for books already locked ([`CLAIM_LOCK_LOAD`] found them stale): accounts
+/// The loads alone, for books already locked ([`LOOKUP_LOCK_LOAD`] found them stale): accounts
 /// `$1`, named holds `$2`, allowance periods `$3` (accounts) and `$4` (periods).
 const LOAD_BOOKS: &str = concat!(
     "
@@ -591,7 +544,7 @@ async fn write_books(
             ne.int[2].push(e.debt_delta);
         }
         if d.any() {
-            // Also when only a hold moved: see [`CLAIM_LOCK_LOAD`].
+            // Also when only a hold moved: see [`LOOKUP_LOCK_LOAD`].
             ua.text[0].push(Some(book.account_id.clone()));
             ua.text[1].push(Some(book.plan.clone()));
             ua.text[2].push(book.allowance_period.clone());
@@ -611,9 +564,7 @@ async fn write_books(
     let q = bind_bucket_updates(q, &ub);
     let q = bind_account_updates(q, &ua, now);
     let q = bind_entries(q, &ne);
-    let q = bind_responses(q, responses);
-    q.bind(&responses.released_caller)
-        .bind(&responses.released_key)
+    bind_records(q, responses)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -758,32 +709,39 @@ fn bind_entries<'q>(q: Q<'q>, r: &'q Rows) -> Q<'q> {
         .bind(&r.int[2])
 }
 
-const UPDATE_RESPONSES: &str = "UPDATE idempotency_record r SET response = u.response
- FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(caller, idempotency_key, response)
- WHERE r.caller = u.caller AND r.idempotency_key = u.idempotency_key
-   AND r.idempotency_key = ANY($2)";
-fn bind_responses<'q>(q: Q<'q>, r: &'q Responses<'q>) -> Q<'q> {
-    q.bind(&r.caller).bind(&r.key).bind(&r.response)
+const INSERT_RECORDS: &str =
+    "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, response)
+ SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[])";
+fn bind_records<'q>(q: Q<'q>, r: &'q Responses<'q>) -> Q<'q> {
+    q.bind(&r.caller)
+        .bind(&r.key)
+        .bind(&r.fingerprint)
+        .bind(&r.response)
 }
 
-/// Outcomes to store under their claimed keys, and the claims of rejected commands to delete.
+/// The idempotency records of the commands that ran: key, fingerprint and outcome.
 #[derive(Default)]
 struct Responses<'a> {
     caller: Vec<&'a str>,
     key: Vec<&'a str>,
+    fingerprint: Vec<&'a [u8]>,
     response: Vec<&'a str>,
-    released_caller: Vec<&'a str>,
-    released_key: Vec<&'a str>,
 }
 
-const DELETE_REJECTED: &str = "DELETE FROM idempotency_record r
- USING UNNEST($1::text[], $2::text[]) AS u(caller, idempotency_key)
- WHERE r.caller = u.caller AND r.idempotency_key = u.idempotency_key
-   AND r.idempotency_key = ANY($2)";
+/// Bytes from lower-case hex (`encode(x, 'hex')`).
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 /// A batch's writes as one statement, in foreign-key order: new grants, new holds, their
-/// draws, changed holds, draws, grants and accounts, entries (in order), outcomes, released
-/// claims. Built once: the text is what each connection's statement cache keys on.
+/// draws, changed holds, draws, grants and accounts, entries (in order), the idempotency
+/// records of the commands that ran. Built once: the text is what each connection's statement cache keys on.
 static WRITE_ALL: LazyLock<String> = LazyLock::new(|| {
     chain(&[
         INSERT_BUCKETS,
@@ -794,8 +752,7 @@ static WRITE_ALL: LazyLock<String> = LazyLock::new(|| {
         UPDATE_BUCKETS,
         UPDATE_ACCOUNTS,
         INSERT_ENTRIES,
-        UPDATE_RESPONSES,
-        DELETE_REJECTED,
+        INSERT_RECORDS,
     ])
 });
 
