@@ -138,6 +138,9 @@ UNION ALL",
 const WORKER_SESSION: &str = "SET plan_cache_mode = force_generic_plan;
 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
+/// A key's record found by the lookup: its fingerprint and stored outcome.
+type Recorded<'r> = (Vec<u8>, Option<&'r str>);
+
 #[async_trait]
 impl Executor for PgStore {
     async fn group(&self, worker: usize, jobs: &[Job]) -> StorageResult<Vec<Answer>> {
@@ -265,8 +268,8 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        // Recorded keys as (caller, key) -> (fingerprint, response), borrowed from the rows.
-        let mut found: HashMap<(&str, &str), (Vec<u8>, Option<&str>)> = HashMap::new();
+        // Recorded keys, borrowed from the rows.
+        let mut found: HashMap<(&str, &str), Recorded<'_>> = HashMap::new();
         let mut books: BTreeMap<String, Book> = BTreeMap::new();
         let mut now: Option<DateTime<Utc>> = None;
         let mut stale = false;
@@ -730,7 +733,7 @@ struct Responses<'a> {
 
 /// Bytes from lower-case hex (`encode(x, 'hex')`).
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
