@@ -301,7 +301,22 @@ async fn group_plans_are_made_again_as_the_tables_grow() {
     assert_ledger_balances(store.as_ref()).await;
 }
 
-/// A group claims, locks and loads in one statement, whose reads see the database as it was
+/// Returns once some session waits for a lock (within 5 s, or the test fails).
+async fn wait_for_a_lock_wait(pool: &sqlx::PgPool) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the Reserve never waited for the account's lock");
+}
+
+/// A group looks its keys up, locks and loads in one statement, whose reads see the database as it was
 /// when the statement began. A writer that held an account's lock and committed while the
 /// group waited for it changed what those reads saw, so the group loads again. Here the writer
 /// (raw SQL shaped as Tally's own: lock, grant, entry, account row) adds 500 to an account of
@@ -337,19 +352,7 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
         })
     };
     // Commit only once the group is waiting for the account's lock.
-    let mut waited = false;
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if waiting > 0 {
-            waited = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(waited, "the Reserve never waited for the account's lock");
+    wait_for_a_lock_wait(&pool).await;
     tx.commit().await.unwrap();
 
     let reserved = reserve
@@ -428,19 +431,7 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
                 .await
         })
     };
-    let mut waited = false;
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if waiting > 0 {
-            waited = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(waited, "the Reserve never waited for the account's lock");
+    wait_for_a_lock_wait(&pool).await;
     tx.commit().await.unwrap();
 
     let retried = retry.await.unwrap().expect("the retry replays");
