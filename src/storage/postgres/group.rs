@@ -281,7 +281,7 @@ impl PgStore {
             now = Some(col(row, "t1")?);
             let id: &str = col(row, "s1")?;
             if k == b'k' {
-                let print = unhex(col(row, "s4")?).ok_or_else(|| {
+                let print = hex::decode(col::<&str>(row, "s4")?).map_err(|_| {
                     StorageError::Other("unreadable idempotency fingerprint".into())
                 })?;
                 found.insert((id, col(row, "s2")?), (print, col(row, "s3")?));
@@ -731,20 +731,10 @@ struct Responses<'a> {
     response: Vec<&'a str>,
 }
 
-/// Bytes from lower-case hex (`encode(x, 'hex')`).
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// A batch's writes as one statement, in foreign-key order: new grants, new holds, their
 /// draws, changed holds, draws, grants and accounts, entries (in order), the idempotency
-/// records of the commands that ran. Built once: the text is what each connection's statement cache keys on.
+/// records of the commands that ran. Built once: the text is what each connection's statement
+/// cache keys on.
 static WRITE_ALL: LazyLock<String> = LazyLock::new(|| {
     chain(&[
         INSERT_BUCKETS,
