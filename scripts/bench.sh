@@ -4,7 +4,9 @@
 # Starts a throwaway PostgreSQL on a free loopback port (durability at the defaults:
 # fsync=on, synchronous_commit=on; only initdb skips its fsyncs), measures with pgbench the
 # raw ceiling of the Reserve+Commit pair (../shared/bench/pgbench/pair_cte.sql, the
-# yardstick of ../shared/bench/pg-baseline.sh), then runs `tally serve` on that same server
+# yardstick of ../shared/bench/pg-baseline.sh) and of Tally's own writes for that pair done
+# by hand (scripts/pgbench/tally_pair.sql on the schema `tally migrate` creates: the ceiling
+# of Tally's data model without Tally), then runs `tally serve` on that same server
 # and on SQLite and drives it with `tally bench` (real gRPC over loopback). Prints the
 # machine and commit, then one table: every figure as a ratio of the raw figure of the same
 # distribution, plus start-up time to SERVING, resident memory (idle and under load) and the
@@ -20,6 +22,7 @@
 #   CONNECTIONS=8      HTTP/2 connections tally bench spreads its clients over
 #   ACCOUNTS=10000     accounts of the uniform distribution ("hot" = one account)
 #   RAW_CASES="uniform:N hot:N uniform:1"       pgbench pair_cte cases (dist:clients)
+#   MODEL_CASES="uniform:N hot:N"               pgbench tally_pair cases (dist:clients)
 #   PG_CASES="reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N reserve-refund:uniform:N reserve-commit:uniform:1"
 #   SQLITE_CASES="reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N"
 #                      Tally cases (workload:dist:clients); an empty list skips that backend
@@ -42,7 +45,8 @@
 #
 # Columns: ops/s = pairs/s for reserve-commit / reserve-refund / pair_cte, calls/s for
 # check-balance; ratio = ops/s / raw pair_cte ops/s of the same distribution and client count
-# (the N-client figure when that count has no raw case); p50/p99 = per operation (pair), ms;
+# (the N-client figure when that count has no raw case); model = ops/s / raw tally_pair ops/s
+# likewise (Tally against its own writes done by hand); p50/p99 = per operation (pair), ms;
 # cpu% = share of the whole machine (100 = all cores) used during the case by the tally
 # server, PostgreSQL (all its processes), the load generator (tally bench or pgbench) and
 # anything else; RSS = tally server's max VmRSS sampled every 0.5 s (N-client cases only).
@@ -57,6 +61,8 @@ CLIENTS=${CLIENTS:-64}
 CONNECTIONS=${CONNECTIONS:-8}
 ACCOUNTS=${ACCOUNTS:-10000}
 RAW_CASES=${RAW_CASES-"uniform:N hot:N uniform:1"}
+MODEL_CASES=${MODEL_CASES-"uniform:N hot:N"}
+MODEL_SQL=$ROOT/scripts/pgbench
 PG_CASES=${PG_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N reserve-refund:uniform:N reserve-commit:uniform:1"}
 SQLITE_CASES=${SQLITE_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N"}
 HALF_LOAD=${HALF_LOAD-postgres}
@@ -212,8 +218,9 @@ EOF
 }
 
 declare -A RAW            # dist:clients -> raw pairs/s
+declare -A MODEL          # dist:clients -> raw tally_pair pairs/s
 ROWS=()                   # printed table rows
-printf 'backend\tworkload\tdist\tclients\ttarget_rate\tops\tops_per_s\tunit\tratio\tp50_ms\tp90_ms\tp99_ms\tmax_ms\treserve_p99_ms\terrors\tcpu_machine_pct\tcpu_tally_pct\tcpu_pg_pct\tcpu_client_pct\tcpu_other_pct\tcpu_steal_pct\trss_max_kib\n' > "$RESULTS"
+printf 'backend\tworkload\tdist\tclients\ttarget_rate\tops\tops_per_s\tunit\tratio\tmodel_ratio\tp50_ms\tp90_ms\tp99_ms\tmax_ms\treserve_p99_ms\terrors\tcpu_machine_pct\tcpu_tally_pct\tcpu_pg_pct\tcpu_client_pct\tcpu_other_pct\tcpu_steal_pct\trss_max_kib\n' > "$RESULTS"
 
 # CPU accounting around one case: snap_begin; ...; snap_end CLIENT_CPU_FILE -> CPU_* globals
 snap_begin() { S_C0=$(cpu_busy); S_P0=$(pg_ticks); S_T0=0; [ -n "$SRV_PID" ] && S_T0=$(proc_ticks "$SRV_PID"); return 0; }
@@ -230,14 +237,15 @@ snap_end() {
     if [ "$CPU_STEAL" -gt "$MAX_STEAL" ]; then MAX_STEAL=$CPU_STEAL; fi
 }
 MAX_STEAL=0
-ratio_of() { # dist clients ops_s
-    local ref=${RAW[$1:$2]:-${RAW[$1:$CLIENTS]:-}}
+ratio_of() { # dist clients ops_s [ref-array name, default RAW]
+    local -n refs=${4:-RAW}
+    local ref=${refs[$1:$2]:-${refs[$1:$CLIENTS]:-}}
     [ -n "$ref" ] && awk -v o="$3" -v r="$ref" 'BEGIN{ if (r>0) printf "%.2f", o/r; else print "-" }' || echo "-"
 }
-add_row() { # label ops_s unit ratio p50 p99 errors all tally pg client other rss_kib
-    local rss=-; [ "${13}" != 0 ] && rss=$(mib "${13}")
-    ROWS+=("$(printf '%-42s %8.0f %-5s %5s %7.2f %7.2f  %-18s %4s %5s %4s %6s %5s  %6s' \
-        "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" "${11}" "${12}" "$rss")")
+add_row() { # label ops_s unit ratio model p50 p99 errors all tally pg client other rss_kib
+    local rss=-; [ "${14}" != 0 ] && rss=$(mib "${14}")
+    ROWS+=("$(printf '%-42s %8.0f %-5s %5s %5s %7.2f %7.2f  %-18s %4s %5s %4s %6s %5s  %6s' \
+        "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" "${11}" "${12}" "${13}" "$rss")")
     note "   ${ROWS[-1]}"
 }
 expand_n() { echo "${1//N/$CLIENTS}"; }
@@ -273,20 +281,50 @@ pg_stop() {
     "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w stop >/dev/null 2>&1 || true
 }
 
-raw_case() { # dist clients
-    local dist=$1 c=$2 nacc=$ACCOUNTS rc=0
+# The database of the tally_pair cases: Tally's schema (`tally migrate`), $ACCOUNTS accounts
+# "raw-1".. funded as Grant leaves them (one grant each). Dropped again before Tally runs.
+model_setup() {
+    "${PSQL[@]}" -d postgres -c "CREATE DATABASE rawmodel" >/dev/null
+    "$TALLY" migrate --database-url "postgres://postgres@127.0.0.1:$PGPORT/rawmodel" >/dev/null
+    "${PSQL[@]}" -d rawmodel -v naccounts="$ACCOUNTS" -f "$MODEL_SQL/tally_seed.sql" >/dev/null
+}
+# Tally's own ledger reconciliation over the hand-written books (a server on that database
+# runs it once): the raw script must keep the books Tally keeps, or its figure means nothing.
+model_audit() {
+    local ok="" i
+    tally_start model "postgres://postgres@127.0.0.1:$PGPORT/rawmodel" --audit-interval 1s
+    for i in $(seq 100); do
+        ok=$(curl -s "$SRV_METRICS/metrics" | awk '/^tally_ledger_audits_total\{/ {print}')
+        [ -n "$ok" ] && break
+        sleep 0.1
+    done
+    tally_stop
+    case $ok in
+        *'result="ok"'*) SUMMARY+=("raw tally_pair: Tally's ledger reconciliation over its books found no violation") ;;
+        *) die "the ledger reconciliation over the raw tally_pair books did not pass: ${ok:-no audit ran}" ;;
+    esac
+}
+MODEL_RUNS=0
+raw_case() { # script (pair_cte | tally_pair) dist clients
+    local script=$1 dist=$2 c=$3 nacc=$ACCOUNTS rc=0
     [ "$dist" = hot ] && nacc=1
-    local run=$BASE/run.raw.$dist.$c
+    local run=$BASE/run.raw.$script.$dist.$c
     rm -rf "$run"; mkdir -p "$run"
     [ "$(id -u)" = 0 ] && chown postgres "$run"
-    "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
-    note "== raw pgbench pair_cte $dist ${c}c (${DURATION}s)"
+    local db=postgres file=$SQLDIR/pair_cte.sql vars=(-D naccounts="$nacc" -D n=0)
+    if [ "$script" = tally_pair ]; then
+        MODEL_RUNS=$((MODEL_RUNS + 1))   # keys and hold ids stay unique across the cases
+        db=rawmodel file=$MODEL_SQL/tally_pair.sql vars+=(-D run="$MODEL_RUNS")
+    else
+        "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
+    fi
+    note "== raw pgbench $script $dist ${c}c (${DURATION}s)"
     wait_quiet
     local n0; n0=$(pg_nchildren)
     snap_begin
     ( TIMEFORMAT='%U %S'; time "${ON_APP[@]}" "$PGBENCH" -h 127.0.0.1 -p "$PGPORT" -U postgres -n -M prepared \
-        -f "$SQLDIR/pair_cte.sql" -D naccounts="$nacc" -D n=0 -c "$c" -j 2 -T "$DURATION" \
-        --log --log-prefix="$run/tx" postgres >"$run/pgbench.out" 2>&1 ) 2>"$run/cpu" &
+        -f "$file" "${vars[@]}" -c "$c" -j 2 -T "$DURATION" \
+        --log --log-prefix="$run/tx" "$db" >"$run/pgbench.out" 2>&1 ) 2>"$run/cpu" &
     CHILD=$!; wait "$CHILD" || rc=$?; CHILD=""
     wait_backends_gone "$n0"
     snap_end "$run/cpu"
@@ -304,25 +342,27 @@ raw_case() { # dist clients
           q[1]=0.50; q[2]=0.90; q[3]=0.99; for (k=1;k<=3;k++) { i=int((NR-1)*q[k]+0.5)+1; r[k]=v[i]/1000 }
           printf "%.3f %.3f %.3f %.3f\n", r[1], r[2], r[3], v[NR]/1000 }')
     rm -f "$run"/tx.*
-    RAW[$dist:$c]=$tps
+    local model=-
+    if [ "$script" = tally_pair ]; then MODEL[$dist:$c]=$tps; model=1.00; else RAW[$dist:$c]=$tps; fi
     local ratio; ratio=$(ratio_of "$dist" "$c" "$tps")
-    printf 'raw-pgbench\tpair_cte\t%s\t%s\t0\t-\t%.1f\tpairs\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t0\n' \
-        "$dist" "$c" "$tps" "$ratio" "$p50" "$p90" "$p99" "$mx" "$errs" "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" >> "$RESULTS"
-    add_row "raw pgbench pair_cte $dist ${c}c" "$tps" pairs "$ratio" "$p50" "$p99" "$errs" \
+    printf 'raw-pgbench\t%s\t%s\t%s\t0\t-\t%.1f\tpairs\t%s\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t0\n' \
+        "$script" "$dist" "$c" "$tps" "$ratio" "$model" "$p50" "$p90" "$p99" "$mx" "$errs" "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" >> "$RESULTS"
+    add_row "raw pgbench $script $dist ${c}c" "$tps" pairs "$ratio" "$model" "$p50" "$p99" "$errs" \
         "$CPU_ALL" - "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" 0
 }
 
 # ---- Tally ----------------------------------------------------------------------------------
 SRV_URL="" SRV_METRICS=""
-tally_start() { # backend database-url -> STARTUP_MS
+tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
     local backend=$1 url=$2 p1 p2 p3 t0 code i=0
+    shift 2
     free_port p1 50051; free_port p2 58080; free_port p3 59090
     SRV_URL=http://127.0.0.1:$p1 SRV_METRICS=http://127.0.0.1:$p3
     t0=$(now_ns)
     RUST_LOG=$SERVER_RUST_LOG "${ON_APP[@]}" "$TALLY" serve --database-url "$url" \
         --listen "127.0.0.1:$p1" --http-listen "127.0.0.1:$p2" --metrics-listen "127.0.0.1:$p3" \
         --rate-limit-rps 0 --admin-rate-limit-rps 0 --max-concurrent-requests 4096 \
-        --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json >>"$BASE/tally-$backend.log" 2>&1 &
+        --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json "$@" >>"$BASE/tally-$backend.log" 2>&1 &
     SRV_PID=$!
     while :; do
         code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$SRV_METRICS/readyz" 2>/dev/null || true)
@@ -383,15 +423,16 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
         errs="FAILED(rc=$rc): $(head -c 60 "$run/stderr" | tr '\n\t' '  ')"
     fi
     local unit=pairs; [ "$w" = check-balance ] && unit=calls
-    local ratio; ratio=$(ratio_of "$dist" "$c" "$ops_s")
-    [ "$rate" != 0 ] && ratio=-   # a paced run measures latency at a chosen load, not a capacity
-    printf 'tally-%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$w" "$dist" "$c" \
-        "$rate" "$ops" "$ops_s" "$unit" "$ratio" "$p50" "$p90" "$p99" "$mx" "$resp99" "$errs" \
+    local ratio model; ratio=$(ratio_of "$dist" "$c" "$ops_s"); model=$(ratio_of "$dist" "$c" "$ops_s" MODEL)
+    [ "$unit" = calls ] && model=-   # no hand-written check-balance case
+    if [ "$rate" != 0 ]; then ratio=- model=-; fi   # a paced run measures latency at a chosen load, not a capacity
+    printf 'tally-%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$w" "$dist" "$c" \
+        "$rate" "$ops" "$ops_s" "$unit" "$ratio" "$model" "$p50" "$p90" "$p99" "$mx" "$resp99" "$errs" \
         "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" "$rss" >> "$RESULTS"
     local label="$backend $w $dist ${c}c"; [ "$rate" != 0 ] && label="$backend $w $dist ${c}c @${rate}/s"
     [ "$unit" = calls ] && ratio="$ratio*"
     local pgc=$CPU_PG; [ "$backend" = postgres ] || pgc=-
-    add_row "$label" "$ops_s" "$unit" "$ratio" "$p50" "$p99" "$errs" "$CPU_ALL" "$CPU_TALLY" "$pgc" "$CPU_CLIENT" "$CPU_OTHER" "$rss"
+    add_row "$label" "$ops_s" "$unit" "$ratio" "$model" "$p50" "$p99" "$errs" "$CPU_ALL" "$CPU_TALLY" "$pgc" "$CPU_CLIENT" "$CPU_OTHER" "$rss"
     if [ "$rss" -gt "${LOAD_RSS:-0}" ]; then LOAD_RSS=$rss; fi
     C_OPS=$ops_s C_RES_P99=$resp99 C_P99=$p99 C_ERRS=$errs
 }
@@ -449,10 +490,16 @@ note "== scratch $BASE; results $RESULTS"
 
 # ---- run ------------------------------------------------------------------------------------
 PG_SETTINGS=""
-if [ -n "$RAW_CASES$PG_CASES" ]; then
+if [ -n "$RAW_CASES$MODEL_CASES$PG_CASES" ]; then
     pg_start
-    for cs in $RAW_CASES; do IFS=: read -r dist c <<<"$(expand_n "$cs")"; raw_case "$dist" "$c"; done
+    for cs in $RAW_CASES; do IFS=: read -r dist c <<<"$(expand_n "$cs")"; raw_case pair_cte "$dist" "$c"; done
     "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
+    if [ -n "$MODEL_CASES" ]; then
+        model_setup
+        for cs in $MODEL_CASES; do IFS=: read -r dist c <<<"$(expand_n "$cs")"; raw_case tally_pair "$dist" "$c"; done
+        model_audit
+        "${PSQL[@]}" -d postgres -c "DROP DATABASE rawmodel" >/dev/null
+    fi
     if [ -n "$PG_CASES" ]; then tally_backend postgres "postgres://postgres@127.0.0.1:$PGPORT/tally" "$PG_CASES"; fi
     pg_stop   # before SQLite: no autovacuum beside it
 fi
@@ -467,10 +514,11 @@ echo "  unless @rate; pgbench -M prepared -j 2, no warm-up; uniform = $ACCOUNTS 
 echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
 if [ "$PIN" = 1 ]; then echo "pinned (PIN=1): PostgreSQL on CPU 0; tally serve, tally bench and pgbench's client on CPU 1"; fi
 echo
-printf '%-42s %8s %-5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s\n' case ops/s unit ratio p50ms p99ms errors cpu% tally pg client other RSSMiB
+printf '%-42s %8s %-5s %5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s\n' case ops/s unit ratio model p50ms p99ms errors cpu% tally pg client other RSSMiB
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo
 echo "ratio = ops/s / raw pgbench pair_cte ops/s of the same distribution (same client count when measured)"
+echo "model = ops/s / raw pgbench tally_pair ops/s likewise: Tally's own writes of the pair, by hand (scripts/pgbench)"
 echo "  * check-balance is calls/s of one read RPC against raw pairs/s of two write transactions: for scale only"
 echo "cpu% = share of all $(nproc) cores during the case: total, tally server, PostgreSQL, load generator, other"
 echo "  (of the CPU time the VM got: the most any case lost to hypervisor steal was ${MAX_STEAL}%)"
