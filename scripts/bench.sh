@@ -22,7 +22,7 @@
 #   CONNECTIONS=8      HTTP/2 connections tally bench spreads its clients over
 #   ACCOUNTS=10000     accounts of the uniform distribution ("hot" = one account)
 #   RAW_CASES="uniform:N hot:N uniform:1"       pgbench pair_cte cases (dist:clients)
-#   MODEL_CASES="uniform:N hot:N"               pgbench tally_pair cases (dist:clients)
+#   MODEL_CASES="uniform:N hot:N uniform:1"     pgbench tally_pair cases (dist:clients)
 #   PG_CASES="reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N reserve-refund:uniform:N reserve-commit:uniform:1"
 #   SQLITE_CASES="reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N"
 #                      Tally cases (workload:dist:clients); an empty list skips that backend
@@ -61,7 +61,7 @@ CLIENTS=${CLIENTS:-64}
 CONNECTIONS=${CONNECTIONS:-8}
 ACCOUNTS=${ACCOUNTS:-10000}
 RAW_CASES=${RAW_CASES-"uniform:N hot:N uniform:1"}
-MODEL_CASES=${MODEL_CASES-"uniform:N hot:N"}
+MODEL_CASES=${MODEL_CASES-"uniform:N hot:N uniform:1"}
 MODEL_SQL=$ROOT/scripts/pgbench
 PG_CASES=${PG_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N reserve-refund:uniform:N reserve-commit:uniform:1"}
 SQLITE_CASES=${SQLITE_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N"}
