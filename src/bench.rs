@@ -141,6 +141,8 @@ struct Shared {
     stop: AtomicBool,
     done: AtomicU64,
     errors: AtomicU64,
+    /// The slowest operation since the last progress line, in microseconds.
+    worst_us: AtomicU64,
     limit: Option<u64>,
 }
 
@@ -312,7 +314,10 @@ async fn client_loop(
         }
         match result {
             Ok(()) => {
-                t.op.push(start.elapsed());
+                let took = start.elapsed();
+                t.op.push(took);
+                let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+                shared.worst_us.fetch_max(us, Ordering::Relaxed);
                 t.ops += 1;
                 let done = shared.done.fetch_add(1, Ordering::Relaxed) + 1;
                 if shared.limit.is_some_and(|l| done >= l) {
@@ -374,6 +379,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         stop: AtomicBool::new(false),
         done: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        worst_us: AtomicU64::new(0),
         limit: args.count,
     });
     let interval =
@@ -400,8 +406,10 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         if last.1.elapsed() >= Duration::from_secs(1) && !args.json {
             let done = shared.done.load(Ordering::Relaxed);
             let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64();
+            // The worst since the last line shows a stall the run's percentiles would hide.
+            let worst_ms = shared.worst_us.swap(0, Ordering::Relaxed) as f64 / 1000.0;
             eprintln!(
-                "  {:>4.0}s  {rate:>9.0} ops/s  {done:>9} ops  {} errors",
+                "  {:>4.0}s  {rate:>9.0} ops/s  {done:>9} ops  {} errors  max {worst_ms:.1} ms",
                 started.elapsed().as_secs_f64(),
                 shared.errors.load(Ordering::Relaxed)
             );

@@ -149,6 +149,23 @@ pub fn describe() {
         "tally_db_group_commands",
         "Job-path commands (Reserve, Commit, Refund, ExtendHold) per group transaction."
     );
+    describe_histogram!(
+        "tally_db_group_wait_seconds",
+        Unit::Seconds,
+        "How long a job-path command waited in the queue for a group worker."
+    );
+    describe_histogram!(
+        "tally_db_group_duration_seconds",
+        Unit::Seconds,
+        "One group transaction, from a worker taking its commands to their answers (with any \
+         retry or one-by-one fallback). The rate of its sum over --db-group-workers is the \
+         workers' busy share."
+    );
+    describe_counter!(
+        "tally_db_group_retries_total",
+        "Group transactions run once more after contention (a deadlock, or a key recorded by \
+         another transaction meanwhile)."
+    );
     describe_counter!(
         "tally_db_group_fallbacks_total",
         "Group transactions that failed as a whole; their commands then ran one by one."

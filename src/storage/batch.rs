@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -53,6 +54,8 @@ pub(crate) struct Job {
     pub idem: Idempotency,
     pub cmd: Cmd,
     pub reply: oneshot::Sender<StorageResult<Applied<Outcome>>>,
+    /// When it was queued (for `tally_db_group_wait_seconds`).
+    pub queued: Instant,
 }
 
 /// A job's answer.
@@ -154,6 +157,11 @@ impl Batcher {
             let stats = Arc::clone(&stats);
             tokio::spawn(async move {
                 while let Some(jobs) = take(&rx, max.max(1)).await {
+                    let taken = Instant::now();
+                    for j in &jobs {
+                        metrics::histogram!("tally_db_group_wait_seconds")
+                            .record(taken.saturating_duration_since(j.queued).as_secs_f64());
+                    }
                     let mut jobs = jobs;
                     // A key twice in one batch (a client retrying while its first try waits)
                     // goes to a later batch, where it sees the first one's record.
@@ -165,7 +173,10 @@ impl Batcher {
                         stats.largest.fetch_max(n, Ordering::Relaxed);
                         #[allow(clippy::cast_precision_loss)] // at most BATCH_MAX
                         metrics::histogram!("tally_db_group_commands").record(n as f64);
+                        let started = Instant::now();
                         execute(executor.as_ref(), &stats, worker, now).await;
+                        metrics::histogram!("tally_db_group_duration_seconds")
+                            .record(started.elapsed().as_secs_f64());
                         jobs = later;
                     }
                 }
@@ -197,6 +208,7 @@ impl Batcher {
                 idem: idem.clone(),
                 cmd,
                 reply,
+                queued: Instant::now(),
             })
             .map_err(|_| StorageError::Unavailable("the store is shutting down".into()))?;
         answer

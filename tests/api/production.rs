@@ -457,6 +457,8 @@ async fn metrics_have_the_documented_names_and_no_account_labels(backend: Backen
         "tally_db_pool_connections",
         "tally_db_pool_max_connections",
         "tally_db_group_commands_bucket",
+        "tally_db_group_wait_seconds_bucket",
+        "tally_db_group_duration_seconds_bucket",
         "tally_ledger_invariant_violations_total",
         "tally_ledger_audits_total",
         "tally_build_info",
@@ -482,6 +484,18 @@ async fn metrics_have_the_documented_names_and_no_account_labels(backend: Backen
         Some(1.0)
     );
     assert_eq!(sample(&text, "tally_holds_open"), Some(20.0));
+    // Every job-path call waited for a worker once, and every group was timed once.
+    let commands = sample(&text, "tally_db_group_commands_sum").unwrap();
+    assert!(commands >= 21.0, "{text}");
+    assert_eq!(
+        sample(&text, "tally_db_group_wait_seconds_count"),
+        Some(commands)
+    );
+    assert_eq!(
+        sample(&text, "tally_db_group_duration_seconds_count"),
+        sample(&text, "tally_db_group_commands_count")
+    );
+    assert!(sample(&text, "tally_db_group_duration_seconds_sum").unwrap() > 0.0);
     assert_eq!(
         sample(&text, "tally_credits_granted_total{source=\"adjustment\"}"),
         Some(200.0),
