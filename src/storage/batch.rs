@@ -158,9 +158,9 @@ impl Batcher {
             tokio::spawn(async move {
                 while let Some(jobs) = take(&rx, max.max(1)).await {
                     let taken = Instant::now();
+                    let wait = metrics::histogram!("tally_db_group_wait_seconds");
                     for j in &jobs {
-                        metrics::histogram!("tally_db_group_wait_seconds")
-                            .record(taken.saturating_duration_since(j.queued).as_secs_f64());
+                        wait.record(taken.saturating_duration_since(j.queued).as_secs_f64());
                     }
                     let mut jobs = jobs;
                     // A key twice in one batch (a client retrying while its first try waits)
