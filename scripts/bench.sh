@@ -49,7 +49,9 @@
 # likewise (Tally against its own writes done by hand); p50/p99 = per operation (pair), ms;
 # cpu% = share of the whole machine (100 = all cores) used during the case by the tally
 # server, PostgreSQL (all its processes), the load generator (tally bench or pgbench) and
-# anything else; RSS = tally server's max VmRSS sampled every 0.5 s (N-client cases only).
+# anything else; RSS = tally server's max VmRSS sampled every 0.5 s (N-client cases only);
+# WAL/op = bytes of PostgreSQL write-ahead log per operation (about the same on a slow and a fast
+# machine: only the full-page images after the case's checkpoint are spread over more or fewer).
 set -euo pipefail
 
 T_START=$SECONDS
@@ -220,10 +222,25 @@ EOF
 declare -A RAW            # dist:clients -> raw pairs/s
 declare -A MODEL          # dist:clients -> raw tally_pair pairs/s
 ROWS=()                   # printed table rows
-printf 'backend\tworkload\tdist\tclients\ttarget_rate\tops\tops_per_s\tunit\tratio\tmodel_ratio\tp50_ms\tp90_ms\tp99_ms\tmax_ms\treserve_p99_ms\terrors\tcpu_machine_pct\tcpu_tally_pct\tcpu_pg_pct\tcpu_client_pct\tcpu_other_pct\tcpu_steal_pct\trss_max_kib\n' > "$RESULTS"
+printf 'backend\tworkload\tdist\tclients\ttarget_rate\tops\tops_per_s\tunit\tratio\tmodel_ratio\tp50_ms\tp90_ms\tp99_ms\tmax_ms\treserve_p99_ms\terrors\tcpu_machine_pct\tcpu_tally_pct\tcpu_pg_pct\tcpu_client_pct\tcpu_other_pct\tcpu_steal_pct\trss_max_kib\twal_bytes_per_op\n' > "$RESULTS"
 
 # CPU accounting around one case: snap_begin; ...; snap_end CLIENT_CPU_FILE -> CPU_* globals
-snap_begin() { S_C0=$(cpu_busy); S_P0=$(pg_ticks); S_T0=0; [ -n "$SRV_PID" ] && S_T0=$(proc_ticks "$SRV_PID"); return 0; }
+# WAL: PostgreSQL's write-ahead log position, read before and after a case while PostgreSQL
+# runs (WAL_ON=1): the bytes a case wrote per operation hardly depend on the machine's speed
+# (CPU shares and rates do), so they compare data models directly.
+WAL_ON=0
+wal_lsn() { "${PSQL[@]}" -d postgres -Atc "SELECT pg_current_wal_lsn()"; }
+snap_begin() {
+    S_C0=$(cpu_busy); S_P0=$(pg_ticks); S_T0=0; [ -n "$SRV_PID" ] && S_T0=$(proc_ticks "$SRV_PID")
+    S_W0=""; [ "$WAL_ON" = 1 ] && S_W0=$(wal_lsn)
+    return 0
+}
+wal_per_op() { # ops -> WAL_OP (bytes of WAL per operation since snap_begin, or -)
+    WAL_OP=-
+    [ -n "$S_W0" ] || return 0
+    local b; b=$("${PSQL[@]}" -d postgres -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$S_W0')::bigint")
+    WAL_OP=$(awk -v b="$b" -v n="$1" 'BEGIN{ if (n>0) printf "%.0f", b/n; else print "-" }')
+}
 snap_end() {
     local c1 p1 t1=0 cl
     c1=$(cpu_busy); p1=$(pg_ticks); [ -n "$SRV_PID" ] && t1=$(proc_ticks "$SRV_PID")
@@ -242,10 +259,10 @@ ratio_of() { # dist clients ops_s [ref-array name, default RAW]
     local ref=${refs[$1:$2]:-${refs[$1:$CLIENTS]:-}}
     [ -n "$ref" ] && awk -v o="$3" -v r="$ref" 'BEGIN{ if (r>0) printf "%.2f", o/r; else print "-" }' || echo "-"
 }
-add_row() { # label ops_s unit ratio model p50 p99 errors all tally pg client other rss_kib
+add_row() { # label ops_s unit ratio model p50 p99 errors all tally pg client other rss_kib wal_per_op
     local rss=-; [ "${14}" != 0 ] && rss=$(mib "${14}")
-    ROWS+=("$(printf '%-42s %8.0f %-5s %5s %5s %7.2f %7.2f  %-18s %4s %5s %4s %6s %5s  %6s' \
-        "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" "${11}" "${12}" "${13}" "$rss")")
+    ROWS+=("$(printf '%-42s %8.0f %-5s %5s %5s %7.2f %7.2f  %-18s %4s %5s %4s %6s %5s  %6s %6s' \
+        "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" "${11}" "${12}" "${13}" "$rss" "${15}")")
     note "   ${ROWS[-1]}"
 }
 expand_n() { echo "${1//N/$CLIENTS}"; }
@@ -315,6 +332,9 @@ raw_case() { # script (pair_cte | tally_pair) dist clients
     if [ "$script" = tally_pair ]; then
         MODEL_RUNS=$((MODEL_RUNS + 1))   # keys and hold ids stay unique across the cases
         db=rawmodel file=$MODEL_SQL/tally_pair.sql vars+=(-D run="$MODEL_RUNS")
+        # every case starts from a checkpoint, as pair_cte's (reset.sql) and Tally's do: the
+        # first change of each page after one logs the whole page (full_page_writes)
+        "${PSQL[@]}" -d postgres -c CHECKPOINT >/dev/null
     else
         "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
     fi
@@ -336,6 +356,7 @@ raw_case() { # script (pair_cte | tally_pair) dist clients
     local errs="none"
     [ "$failed" != 0 ] && errs="failed:$failed"
     [ "$status" != ok ] && errs="$status,failed:$failed"
+    wal_per_op "$(awk '/number of transactions actually processed/{print $6}' "$run/pgbench.out")"
     local p50 p90 p99 mx
     read -r p50 p90 p99 mx < <(cat "$run"/tx.* 2>/dev/null | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n | awk '
         {v[NR]=$1} END { if (NR==0) {print "0 0 0 0"; exit}
@@ -345,10 +366,10 @@ raw_case() { # script (pair_cte | tally_pair) dist clients
     local model=-
     if [ "$script" = tally_pair ]; then MODEL[$dist:$c]=$tps; model=1.00; else RAW[$dist:$c]=$tps; fi
     local ratio; ratio=$(ratio_of "$dist" "$c" "$tps")
-    printf 'raw-pgbench\t%s\t%s\t%s\t0\t-\t%.1f\tpairs\t%s\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t0\n' \
-        "$script" "$dist" "$c" "$tps" "$ratio" "$model" "$p50" "$p90" "$p99" "$mx" "$errs" "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" >> "$RESULTS"
+    printf 'raw-pgbench\t%s\t%s\t%s\t0\t-\t%.1f\tpairs\t%s\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t0\t%s\n' \
+        "$script" "$dist" "$c" "$tps" "$ratio" "$model" "$p50" "$p90" "$p99" "$mx" "$errs" "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" "$WAL_OP" >> "$RESULTS"
     add_row "raw pgbench $script $dist ${c}c" "$tps" pairs "$ratio" "$model" "$p50" "$p99" "$errs" \
-        "$CPU_ALL" - "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" 0
+        "$CPU_ALL" - "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" 0 "$WAL_OP"
 }
 
 # ---- Tally ----------------------------------------------------------------------------------
@@ -422,17 +443,19 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     else
         errs="FAILED(rc=$rc): $(head -c 60 "$run/stderr" | tr '\n\t' '  ')"
     fi
+    # the WAL of the warm-up too: operations over the warm-up estimated at the measured rate
+    wal_per_op "$(awk -v r="$ops_s" -v t="$((DURATION + WARMUP))" 'BEGIN{printf "%.0f", r*t}')"
     local unit=pairs; [ "$w" = check-balance ] && unit=calls
     local ratio model; ratio=$(ratio_of "$dist" "$c" "$ops_s"); model=$(ratio_of "$dist" "$c" "$ops_s" MODEL)
     [ "$unit" = calls ] && model=-   # no hand-written check-balance case
     if [ "$rate" != 0 ]; then ratio=- model=-; fi   # a paced run measures latency at a chosen load, not a capacity
-    printf 'tally-%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$w" "$dist" "$c" \
+    printf 'tally-%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$w" "$dist" "$c" \
         "$rate" "$ops" "$ops_s" "$unit" "$ratio" "$model" "$p50" "$p90" "$p99" "$mx" "$resp99" "$errs" \
-        "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" "$rss" >> "$RESULTS"
+        "$CPU_ALL" "$CPU_TALLY" "$CPU_PG" "$CPU_CLIENT" "$CPU_OTHER" "$CPU_STEAL" "$rss" "$WAL_OP" >> "$RESULTS"
     local label="$backend $w $dist ${c}c"; [ "$rate" != 0 ] && label="$backend $w $dist ${c}c @${rate}/s"
     [ "$unit" = calls ] && ratio="$ratio*"
     local pgc=$CPU_PG; [ "$backend" = postgres ] || pgc=-
-    add_row "$label" "$ops_s" "$unit" "$ratio" "$model" "$p50" "$p99" "$errs" "$CPU_ALL" "$CPU_TALLY" "$pgc" "$CPU_CLIENT" "$CPU_OTHER" "$rss"
+    add_row "$label" "$ops_s" "$unit" "$ratio" "$model" "$p50" "$p99" "$errs" "$CPU_ALL" "$CPU_TALLY" "$pgc" "$CPU_CLIENT" "$CPU_OTHER" "$rss" "$WAL_OP"
     if [ "$rss" -gt "${LOAD_RSS:-0}" ]; then LOAD_RSS=$rss; fi
     C_OPS=$ops_s C_RES_P99=$resp99 C_P99=$p99 C_ERRS=$errs
 }
@@ -491,7 +514,7 @@ note "== scratch $BASE; results $RESULTS"
 # ---- run ------------------------------------------------------------------------------------
 PG_SETTINGS=""
 if [ -n "$RAW_CASES$MODEL_CASES$PG_CASES" ]; then
-    pg_start
+    pg_start; WAL_ON=1
     for cs in $RAW_CASES; do IFS=: read -r dist c <<<"$(expand_n "$cs")"; raw_case pair_cte "$dist" "$c"; done
     "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
     if [ -n "$MODEL_CASES" ]; then
@@ -501,7 +524,7 @@ if [ -n "$RAW_CASES$MODEL_CASES$PG_CASES" ]; then
         "${PSQL[@]}" -d postgres -c "DROP DATABASE rawmodel" >/dev/null
     fi
     if [ -n "$PG_CASES" ]; then tally_backend postgres "postgres://postgres@127.0.0.1:$PGPORT/tally" "$PG_CASES"; fi
-    pg_stop   # before SQLite: no autovacuum beside it
+    pg_stop; WAL_ON=0   # before SQLite: no autovacuum beside it
 fi
 if [ -n "$SQLITE_CASES" ]; then tally_backend sqlite "sqlite://$BASE/bench.db" "$SQLITE_CASES"; fi
 
@@ -514,7 +537,7 @@ echo "  unless @rate; pgbench -M prepared -j 2, no warm-up; uniform = $ACCOUNTS 
 echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
 if [ "$PIN" = 1 ]; then echo "pinned (PIN=1): PostgreSQL on CPU 0; tally serve, tally bench and pgbench's client on CPU 1"; fi
 echo
-printf '%-42s %8s %-5s %5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s\n' case ops/s unit ratio model p50ms p99ms errors cpu% tally pg client other RSSMiB
+printf '%-42s %8s %-5s %5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s %6s\n' case ops/s unit ratio model p50ms p99ms errors cpu% tally pg client other RSSMiB WAL/op
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo
 echo "ratio = ops/s / raw pgbench pair_cte ops/s of the same distribution (same client count when measured)"
@@ -522,6 +545,8 @@ echo "model = ops/s / raw pgbench tally_pair ops/s likewise: Tally's own writes 
 echo "  * check-balance is calls/s of one read RPC against raw pairs/s of two write transactions: for scale only"
 echo "cpu% = share of all $(nproc) cores during the case: total, tally server, PostgreSQL, load generator, other"
 echo "  (of the CPU time the VM got: the most any case lost to hypervisor steal was ${MAX_STEAL}%)"
+echo "WAL/op = bytes of PostgreSQL write-ahead log per operation (pair or call), each case from a fresh checkpoint"
+echo "  (so with its full-page images); Tally's cases count their warm-up's operations at the measured rate"
 for s in "${SUMMARY[@]}"; do echo "$s"; done
 [ "$QUIET_MISSES" -gt 0 ] && echo "WARNING: $QUIET_MISSES case(s) started on a busy machine (see the 'other' column)"
 echo "total run time $((SECONDS - T_START)) s; results: $RESULTS"
