@@ -241,6 +241,24 @@ wal_per_op() { # ops -> WAL_OP (bytes of WAL per operation since snap_begin, or 
     local b; b=$("${PSQL[@]}" -d postgres -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$S_W0')::bigint")
     WAL_OP=$(awk -v b="$b" -v n="$1" 'BEGIN{ if (n>0) printf "%.0f", b/n; else print "-" }')
 }
+# The same WAL by record kind (pg_waldump over the case's range; its segments stay until the
+# next case's checkpoint): ops label run-dir -> a SUMMARY line (pg_waldump's table in
+# run-dir/wal-stats.txt, kept with KEEP=1). Autovacuum's records, when it ran
+# during the case, are in the bytes (and so in the full-page share) but not in the counts.
+wal_records() {
+    [ -n "$S_W0" ] && [ "${1:-0}" -gt 0 ] || return 0
+    local end line
+    end=$(wal_lsn)
+    "${RUNAS[@]}" "$PGBIN/pg_waldump" --stats=record -p "$PGDATA_DIR/pg_wal" -s "$S_W0" -e "$end" >"$3/wal-stats.txt" 2>&1 || return 0
+    echo "operations: $1" >>"$3/wal-stats.txt"
+    line=$(awk -v n="$1" '
+        /^[A-Z][A-Za-z0-9]*\/[A-Z_+]+ / { gsub(/\([^)]*\)/, ""); c[$1] = $2; fpi += $4; tot += $5 }
+        END { if (tot == 0) exit 1
+              printf "%.2f commits, %.2f heap inserts, %.2f HOT updates, %.2f other updates, %.2f row locks, %.2f B-tree leaf inserts; full-page images %.0f%% of the bytes\n",
+                  c["Transaction/COMMIT"] / n, (c["Heap/INSERT"] + c["Heap/INSERT+INIT"]) / n, c["Heap/HOT_UPDATE"] / n,
+                  (c["Heap/UPDATE"] + c["Heap/UPDATE+INIT"]) / n, c["Heap/LOCK"] / n, c["Btree/INSERT_LEAF"] / n, 100 * fpi / tot }' "$3/wal-stats.txt") || return 0
+    SUMMARY+=("WAL records per pair, $2: $line")
+}
 snap_end() {
     local c1 p1 t1=0 cl
     c1=$(cpu_busy); p1=$(pg_ticks); [ -n "$SRV_PID" ] && t1=$(proc_ticks "$SRV_PID")
@@ -356,7 +374,9 @@ raw_case() { # script (pair_cte | tally_pair) dist clients
     local errs="none"
     [ "$failed" != 0 ] && errs="failed:$failed"
     [ "$status" != ok ] && errs="$status,failed:$failed"
-    wal_per_op "$(awk '/number of transactions actually processed/{print $6}' "$run/pgbench.out")"
+    local done_tx; done_tx=$(awk '/number of transactions actually processed/{print $6}' "$run/pgbench.out")
+    wal_per_op "$done_tx"
+    [ "$dist:$c" = "uniform:$CLIENTS" ] && wal_records "${done_tx:-0}" "raw $script uniform ${c}c" "$run"
     local p50 p90 p99 mx
     read -r p50 p90 p99 mx < <(cat "$run"/tx.* 2>/dev/null | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n | awk '
         {v[NR]=$1} END { if (NR==0) {print "0 0 0 0"; exit}
@@ -394,6 +414,11 @@ tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
     done
     STARTUP_MS=$(( ($(now_ns) - t0) / 1000000 ))
 }
+# CreditService calls the server has answered (its tally_rpc_requests_total, every code)
+credit_calls() {
+    curl -s --max-time 2 "$SRV_METRICS/metrics" \
+        | awk '/^tally_rpc_requests_total\{.*rpc="tally\.v1\.CreditService\// {s += $NF} END {printf "%.0f\n", s}'
+}
 tally_stop() { [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"; SRV_PID=""; }
 
 dist_args() { # dist -> bench args selecting the account set (one prefix per set, funded once per server)
@@ -424,6 +449,7 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     note "== tally/$backend $w $dist ${c}c$at (${WARMUP}s + ${DURATION}s)"
     wait_quiet
     snap_begin
+    local calls0; calls0=$(credit_calls)
     if [ "$c" = "$CLIENTS" ]; then
         ( m=0; while kill -0 "$SRV_PID" 2>/dev/null; do
               r=$(rss_kib "$SRV_PID"); [ "${r:-0}" -gt "$m" ] && { m=$r; echo "$m" > "$run/rss"; }
@@ -443,8 +469,11 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     else
         errs="FAILED(rc=$rc): $(head -c 60 "$run/stderr" | tr '\n\t' '  ')"
     fi
-    # the WAL of the warm-up too: operations over the warm-up estimated at the measured rate
-    wal_per_op "$(awk -v r="$ops_s" -v t="$((DURATION + WARMUP))" 'BEGIN{printf "%.0f", r*t}')"
+    # the WAL of the warm-up too: the server's count of CreditService calls over the whole run
+    local per_op=2; [ "$w" = check-balance ] && per_op=1
+    local all_ops; all_ops=$(( ($(credit_calls) - calls0) / per_op ))
+    wal_per_op "$all_ops"
+    [ "$w:$dist:$c:$rate" = "reserve-commit:uniform:$CLIENTS:0" ] && wal_records "$all_ops" "tally/$backend reserve-commit uniform ${c}c" "$run"
     local unit=pairs; [ "$w" = check-balance ] && unit=calls
     local ratio model; ratio=$(ratio_of "$dist" "$c" "$ops_s"); model=$(ratio_of "$dist" "$c" "$ops_s" MODEL)
     [ "$unit" = calls ] && model=-   # no hand-written check-balance case
@@ -546,7 +575,7 @@ echo "  * check-balance is calls/s of one read RPC against raw pairs/s of two wr
 echo "cpu% = share of all $(nproc) cores during the case: total, tally server, PostgreSQL, load generator, other"
 echo "  (of the CPU time the VM got: the most any case lost to hypervisor steal was ${MAX_STEAL}%)"
 echo "WAL/op = bytes of PostgreSQL write-ahead log per operation (pair or call), each case from a fresh checkpoint"
-echo "  (so with its full-page images); Tally's cases count their warm-up's operations at the measured rate"
+echo "  (so with its full-page images); Tally's cases count their warm-up's operations too (the server's call count)"
 for s in "${SUMMARY[@]}"; do echo "$s"; done
 [ "$QUIET_MISSES" -gt 0 ] && echo "WARNING: $QUIET_MISSES case(s) started on a busy machine (see the 'other' column)"
 echo "total run time $((SECONDS - T_START)) s; results: $RESULTS"
