@@ -235,21 +235,21 @@ snap_begin() {
     S_W0=""; [ "$WAL_ON" = 1 ] && S_W0=$(wal_lsn)
     return 0
 }
-wal_per_op() { # ops -> WAL_OP (bytes of WAL per operation since snap_begin, or -)
+wal_per_op() { # ops -> WAL_OP (bytes of WAL per operation since snap_begin, or -), S_W1 (the end)
     WAL_OP=-
     [ -n "$S_W0" ] || return 0
-    local b; b=$("${PSQL[@]}" -d postgres -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$S_W0')::bigint")
+    S_W1=$(wal_lsn)
+    local b; b=$("${PSQL[@]}" -d postgres -Atc "SELECT pg_wal_lsn_diff('$S_W1', '$S_W0')::bigint")
     WAL_OP=$(awk -v b="$b" -v n="$1" 'BEGIN{ if (n>0) printf "%.0f", b/n; else print "-" }')
 }
-# The same WAL by record kind (pg_waldump over the case's range; its segments stay until the
-# next case's checkpoint): ops label run-dir -> a SUMMARY line (pg_waldump's table in
-# run-dir/wal-stats.txt, kept with KEEP=1). Autovacuum's records, when it ran
-# during the case, are in the bytes (and so in the full-page share) but not in the counts.
+# The same WAL by record kind, after wal_per_op (pg_waldump over S_W0..S_W1; its segments stay
+# until the next case's checkpoint): ops label run-dir -> a SUMMARY line (pg_waldump's table in
+# run-dir/wal-stats.txt, kept with KEEP=1). Autovacuum's records, when it ran during the case,
+# are in the bytes (and so in the full-page share) but not in the counts.
 wal_records() {
     [ -n "$S_W0" ] && [ "${1:-0}" -gt 0 ] || return 0
-    local end line
-    end=$(wal_lsn)
-    "${RUNAS[@]}" "$PGBIN/pg_waldump" --stats=record -p "$PGDATA_DIR/pg_wal" -s "$S_W0" -e "$end" >"$3/wal-stats.txt" 2>&1 || return 0
+    local line
+    "${RUNAS[@]}" "$PGBIN/pg_waldump" --stats=record -p "$PGDATA_DIR/pg_wal" -s "$S_W0" -e "$S_W1" >"$3/wal-stats.txt" 2>&1 || return 0
     echo "operations: $1" >>"$3/wal-stats.txt"
     line=$(awk -v n="$1" '
         /^[A-Z][A-Za-z0-9]*\/[A-Z_+]+ / { gsub(/\([^)]*\)/, ""); c[$1] = $2; fpi += $4; tot += $5 }
@@ -416,7 +416,7 @@ tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
 }
 # CreditService calls the server has answered (its tally_rpc_requests_total, every code)
 credit_calls() {
-    curl -s --max-time 2 "$SRV_METRICS/metrics" \
+    { curl -s --max-time 2 "$SRV_METRICS/metrics" || true; } \
         | awk '/^tally_rpc_requests_total\{.*rpc="tally\.v1\.CreditService\// {s += $NF} END {printf "%.0f\n", s}'
 }
 tally_stop() { [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"; SRV_PID=""; }
