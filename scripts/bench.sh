@@ -225,9 +225,8 @@ ROWS=()                   # printed table rows
 printf 'backend\tworkload\tdist\tclients\ttarget_rate\tops\tops_per_s\tunit\tratio\tmodel_ratio\tp50_ms\tp90_ms\tp99_ms\tmax_ms\treserve_p99_ms\terrors\tcpu_machine_pct\tcpu_tally_pct\tcpu_pg_pct\tcpu_client_pct\tcpu_other_pct\tcpu_steal_pct\trss_max_kib\twal_bytes_per_op\n' > "$RESULTS"
 
 # CPU accounting around one case: snap_begin; ...; snap_end CLIENT_CPU_FILE -> CPU_* globals
-# WAL: PostgreSQL's write-ahead log position, read before and after a case while PostgreSQL
-# runs (WAL_ON=1): the bytes a case wrote per operation hardly depend on the machine's speed
-# (CPU shares and rates do), so they compare data models directly.
+# WAL/op: PostgreSQL's write-ahead log position, read before and after a case while
+# PostgreSQL runs (pg_start sets WAL_ON, pg_stop clears it).
 WAL_ON=0
 wal_lsn() { "${PSQL[@]}" -d postgres -Atc "SELECT pg_current_wal_lsn()"; }
 snap_begin() {
@@ -238,8 +237,9 @@ snap_begin() {
 wal_per_op() { # ops -> WAL_OP (bytes of WAL per operation since snap_begin, or -), S_W1 (the end)
     WAL_OP=-
     [ -n "$S_W0" ] || return 0
-    S_W1=$(wal_lsn)
-    local b; b=$("${PSQL[@]}" -d postgres -Atc "SELECT pg_wal_lsn_diff('$S_W1', '$S_W0')::bigint")
+    local b
+    IFS='|' read -r S_W1 b < <("${PSQL[@]}" -d postgres -Atc \
+        "SELECT l, pg_wal_lsn_diff(l, '$S_W0')::bigint FROM pg_current_wal_lsn() AS l")
     WAL_OP=$(awk -v b="$b" -v n="$1" 'BEGIN{ if (n>0) printf "%.0f", b/n; else print "-" }')
 }
 # The same WAL by record kind, after wal_per_op (pg_waldump over S_W0..S_W1; its segments stay
@@ -311,8 +311,10 @@ EOF
     # warm-up as pg-baseline.sh does: WAL segments created once, later runs recycle them
     "$PGBENCH" -h 127.0.0.1 -p "$PGPORT" -U postgres -n -M prepared -f "$SQLDIR/reserve_cte.sql" -D naccounts=10000 -D n=0 \
         -c 8 -j 2 -T 8 postgres >/dev/null 2>&1 || true
+    WAL_ON=1
 }
 pg_stop() {
+    WAL_ON=0
     "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w stop >/dev/null 2>&1 || true
 }
 
@@ -469,12 +471,12 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     else
         errs="FAILED(rc=$rc): $(head -c 60 "$run/stderr" | tr '\n\t' '  ')"
     fi
+    local unit=pairs; [ "$w" = check-balance ] && unit=calls
     # the WAL of the warm-up too: the server's count of CreditService calls over the whole run
-    local per_op=2; [ "$w" = check-balance ] && per_op=1
+    local per_op=2; [ "$unit" = calls ] && per_op=1
     local all_ops; all_ops=$(( ($(credit_calls) - calls0) / per_op ))
     wal_per_op "$all_ops"
     [ "$w:$dist:$c:$rate" = "reserve-commit:uniform:$CLIENTS:0" ] && wal_records "$all_ops" "tally/$backend reserve-commit uniform ${c}c" "$run"
-    local unit=pairs; [ "$w" = check-balance ] && unit=calls
     local ratio model; ratio=$(ratio_of "$dist" "$c" "$ops_s"); model=$(ratio_of "$dist" "$c" "$ops_s" MODEL)
     [ "$unit" = calls ] && model=-   # no hand-written check-balance case
     if [ "$rate" != 0 ]; then ratio=- model=-; fi   # a paced run measures latency at a chosen load, not a capacity
@@ -543,7 +545,7 @@ note "== scratch $BASE; results $RESULTS"
 # ---- run ------------------------------------------------------------------------------------
 PG_SETTINGS=""
 if [ -n "$RAW_CASES$MODEL_CASES$PG_CASES" ]; then
-    pg_start; WAL_ON=1
+    pg_start
     for cs in $RAW_CASES; do IFS=: read -r dist c <<<"$(expand_n "$cs")"; raw_case pair_cte "$dist" "$c"; done
     "${PSQL[@]}" -d postgres -f "$SQLDIR/reset.sql" >/dev/null
     if [ -n "$MODEL_CASES" ]; then
@@ -553,7 +555,7 @@ if [ -n "$RAW_CASES$MODEL_CASES$PG_CASES" ]; then
         "${PSQL[@]}" -d postgres -c "DROP DATABASE rawmodel" >/dev/null
     fi
     if [ -n "$PG_CASES" ]; then tally_backend postgres "postgres://postgres@127.0.0.1:$PGPORT/tally" "$PG_CASES"; fi
-    pg_stop; WAL_ON=0   # before SQLite: no autovacuum beside it
+    pg_stop   # before SQLite: no autovacuum beside it
 fi
 if [ -n "$SQLITE_CASES" ]; then tally_backend sqlite "sqlite://$BASE/bench.db" "$SQLITE_CASES"; fi
 
