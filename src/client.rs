@@ -6,7 +6,8 @@
 //!   reused by every attempt, so a retry can never reserve twice.
 //! - [`Job`] is the generation-job pattern: `reserve` holds the credits and keeps the hold alive
 //!   with `ExtendHold` heartbeats while the job runs; `commit(actual)` settles it; a job that
-//!   is dropped or fails without a commit is refunded (released).
+//!   is dropped or fails without a commit is refunded (released). A commit whose outcome is
+//!   unknown (the reply was lost) is finished with its own key, never refunded.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), tally::client::Error> {
@@ -403,6 +404,7 @@ impl Client {
             hold,
             base,
             heartbeat: Some(heartbeat),
+            settle: Settle::Release,
         })
     }
 }
@@ -440,14 +442,28 @@ async fn heartbeat(client: Client, hold_id: String, base: String, ttl: Duration)
     }
 }
 
+/// What a [`Job`] still owes the ledger when it is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settle {
+    /// Settled, or nothing is left to do.
+    Done,
+    /// Unsettled: release the whole hold.
+    Release,
+    /// A commit of this amount was sent and its outcome is unknown: send it again with the
+    /// same key (a stored commit replays; an unstored one is applied). Never a refund: refunding
+    /// a hold whose commit was stored would hand back what the job cost.
+    Commit(i64),
+}
+
 /// A running job's hold. Settle it with [`Job::commit`] or [`Job::fail`]; dropped unsettled,
-/// it is refunded in the background (and would expire at its TTL if even that failed).
+/// it is released in the background (and would expire at its TTL if even that failed).
 #[derive(Debug)]
 pub struct Job {
     client: Client,
     hold: pb::Hold,
     base: String,
     heartbeat: Option<JoinHandle<()>>,
+    settle: Settle,
 }
 
 impl Job {
@@ -473,65 +489,102 @@ impl Job {
     /// available).
     ///
     /// # Errors
-    /// [`Error`]; the hold is then still open (for a refusal) and the guard is consumed, so
-    /// the hold expires at its TTL unless you act on it by id.
+    /// [`Error`]. The guard is consumed either way:
+    /// - [`Error::Exhausted`] / [`Error::Connect`]: the outcome is unknown. The guard keeps
+    ///   sending the same commit (same idempotency key) in the background until it is answered
+    ///   or the hold's TTL has passed; it never refunds it.
+    /// - a refusal ([`Error::Rejected`], [`Error::InsufficientCredits`]): nothing changed, and
+    ///   the hold is released in the background, as for a dropped job.
     pub async fn commit(mut self, actual: i64) -> Result<pb::CommitResponse, Error> {
         self.stop_heartbeat();
         let r = self
             .client
-            .commit(&self.hold.hold_id, actual, &format!("{}:commit", self.base))
+            .commit(&self.hold.hold_id, actual, &self.key("commit"))
             .await;
-        if r.is_ok() {
-            self.base.clear(); // settled: nothing to refund on drop
-        }
+        self.settle = match &r {
+            Ok(_) => Settle::Done,
+            Err(Error::Exhausted { .. } | Error::Connect(_)) => Settle::Commit(actual),
+            Err(_) => Settle::Release,
+        };
         r
     }
 
     /// The job failed: release the whole hold.
     ///
     /// # Errors
-    /// [`Error`].
+    /// [`Error`]; for an unknown outcome the guard sends the same release again in the
+    /// background, for a refusal (the hold already left open) there is nothing left to do.
     pub async fn fail(mut self, reason: &str) -> Result<pb::RefundResponse, Error> {
         self.stop_heartbeat();
         let r = self
             .client
-            .refund(
-                &self.hold.hold_id,
-                None,
-                reason,
-                &format!("{}:refund", self.base),
-            )
+            .refund(&self.hold.hold_id, None, reason, &self.key("refund"))
             .await;
-        if r.is_ok() {
-            self.base.clear();
-        }
+        self.settle = match &r {
+            Err(Error::Exhausted { .. } | Error::Connect(_)) => Settle::Release,
+            _ => Settle::Done,
+        };
         r
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}:{what}", self.base)
     }
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
         self.stop_heartbeat();
-        if self.base.is_empty() {
+        if self.settle == Settle::Done {
             return;
         }
-        // Dropped without a result (a panic, an early return, a cancelled task): give the
-        // credits back. Needs a runtime; without one the hold expires at its TTL.
+        // Dropped unsettled (a panic, an early return, a cancelled task) or with a call whose
+        // outcome is unknown. Needs a runtime; without one the hold expires at its TTL.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, hold_id, key) = (
+        let action = self.settle;
+        let key = match action {
+            Settle::Commit(_) => self.key("commit"),
+            _ => self.key("refund"),
+        };
+        rt.spawn(settle_in_background(
             self.client.clone(),
             std::mem::take(&mut self.hold.hold_id),
-            format!("{}:refund", self.base),
-        );
-        rt.spawn(async move {
-            if let Err(e) = client
+            action,
+            key,
+        ));
+    }
+}
+
+/// Sends a dropped job's release, or its unanswered commit, until the server answers, refuses,
+/// or the hold's TTL (plus one call deadline) has passed: by then an unsettled hold has expired.
+async fn settle_in_background(client: Client, hold_id: String, action: Settle, key: String) {
+    let give_up = Instant::now() + client.config.hold_ttl + client.config.deadline;
+    let mut backoff = client.config.initial_backoff;
+    loop {
+        let r = match action {
+            Settle::Done => return,
+            Settle::Release => client
                 .refund(&hold_id, None, "job dropped without a commit", &key)
                 .await
-            {
-                tracing::warn!(hold_id, error = %e, "refund of a dropped job failed; the hold expires at its TTL");
+                .map(drop),
+            Settle::Commit(amount) => client.commit(&hold_id, amount, &key).await.map(drop),
+        };
+        match r {
+            Ok(()) => {
+                tracing::debug!(hold_id, ?action, "dropped job settled");
+                return;
             }
-        });
+            Err(e @ (Error::Exhausted { .. } | Error::Connect(_))) if Instant::now() < give_up => {
+                tracing::debug!(hold_id, ?action, error = %e, "settling a dropped job; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(hold_id, ?action, error = %e, "a dropped job could not be settled; an open hold expires at its TTL");
+                return;
+            }
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(client.config.max_backoff);
     }
 }
