@@ -86,6 +86,13 @@ pub fn to_status(e: &ServiceError) -> Status {
             details.set_retry_info(Some(Duration::from_millis(200)));
             return Status::with_error_details(Code::Unavailable, e.to_string(), details);
         }
+        ServiceError::InDoubt(detail) => {
+            error!(error.message = %detail, "database connection lost during commit");
+            let mut details =
+                ErrorDetails::with_error_info("OUTCOME_UNKNOWN", ERROR_DOMAIN, HashMap::new());
+            details.set_retry_info(Some(Duration::from_millis(200)));
+            return Status::with_error_details(Code::Unavailable, e.to_string(), details);
+        }
         ServiceError::Internal(detail) => {
             error!(error.message = %detail, "internal error");
             (Code::Internal, "INTERNAL", e.to_string(), HashMap::new())

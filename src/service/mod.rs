@@ -42,9 +42,15 @@ pub enum ServiceError {
     /// Contention persisted through [`CONTENTION_ATTEMPTS`] attempts; retry with the same key.
     #[error("the account is busy; retry with the same idempotency key")]
     Contended,
-    /// The database is unreachable; retry with the same key.
+    /// The database is unreachable; nothing was written; retry with the same key.
     #[error("the database is unavailable")]
     Unavailable(String),
+    /// The connection was lost while the transaction committed: it may have been stored.
+    /// Retry with the same key: a stored call replays, an unstored one is applied.
+    #[error(
+        "the database connection was lost while committing; the outcome is unknown: retry with the same idempotency key"
+    )]
+    InDoubt(String),
     /// A bug or a broken invariant. Details are logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -56,6 +62,7 @@ impl From<StorageError> for ServiceError {
             StorageError::Rejected(r) => Self::Rejected(r),
             StorageError::Contended => Self::Contended,
             StorageError::Unavailable(m) => Self::Unavailable(m),
+            StorageError::InDoubt(m) => Self::InDoubt(m),
             StorageError::Other(m) => Self::Internal(m),
         }
     }

@@ -98,6 +98,13 @@ async fn execute(executor: &dyn Executor, stats: &Counters, worker: usize, jobs:
             }
             return;
         }
+        Err(StorageError::InDoubt(why)) => {
+            // The group's COMMIT was cut off: stored or not, the same for every call in it.
+            for job in jobs {
+                let _ = job.reply.send(Err(StorageError::InDoubt(why.clone())));
+            }
+            return;
+        }
         Err(e) => {
             // Rare when healthy (a deadlock, a constraint the rules missed): each costs a
             // transaction per call, so it is counted and logged.

@@ -229,9 +229,14 @@ pub enum StorageError {
     /// A serialization failure, deadlock or busy database: retrying the whole call is safe.
     #[error("the database reported contention")]
     Contended,
-    /// The database cannot be reached (connect failure, pool timeout, shutting down).
+    /// The database cannot be reached (connect failure, pool timeout, shutting down). Nothing
+    /// was written.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The connection failed while COMMIT was in flight: the transaction may or may not be
+    /// stored, and only a retry with the same idempotency key can tell (it replays if it was).
+    #[error("the database connection failed during commit: {0}")]
+    InDoubt(String),
     /// Anything else: a bug or a broken invariant. Logged, reported as INTERNAL.
     #[error("storage failure: {0}")]
     Other(String),

@@ -92,6 +92,17 @@ fn map_err(e: sqlx::Error) -> StorageError {
     }
 }
 
+/// An error of COMMIT itself: a connection lost while COMMIT was in flight leaves the outcome
+/// unknown (PostgreSQL may have made the transaction durable before the connection went), so
+/// it is [`StorageError::InDoubt`], never "nothing was written". Other errors are as
+/// [`map_err`] says: PostgreSQL rolled the transaction back.
+pub(crate) fn commit_err(e: sqlx::Error) -> StorageError {
+    match map_err(e) {
+        StorageError::Unavailable(m) => StorageError::InDoubt(m),
+        other => other,
+    }
+}
+
 fn hold_from_row(row: &PgRow) -> StorageResult<Hold> {
     let get = |e: sqlx::Error| StorageError::Other(format!("unreadable hold row: {e}"));
     let state: String = row.try_get("state").map_err(get)?;
@@ -769,7 +780,7 @@ impl Tx for PgTx<'_> {
     }
 
     async fn commit(self: Box<Self>) -> StorageResult<()> {
-        self.tx.commit().await.map_err(map_err)
+        self.tx.commit().await.map_err(commit_err)
     }
 }
 

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{PgStore, map_err, metadata_json};
+use super::{PgStore, commit_err, map_err, metadata_json};
 use crate::domain::LedgerError;
 use crate::domain::book::{Book, Bucket, Draw};
 use crate::storage::batch::{Answer, Executor, Job};
@@ -368,7 +368,7 @@ impl PgStore {
             responses.response.push(r.as_str());
         }
         write_books(&mut tx, &books, now, &responses).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(answers)
     }
 
