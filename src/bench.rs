@@ -71,11 +71,12 @@ pub struct BenchArgs {
     /// HTTP/2 connections the clients share.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub connections: u32,
-    /// How long to measure (after the warm-up).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
-    /// Stop after this many operations instead (or when --duration ends, whichever is first).
-    #[arg(long)]
+    /// How long to measure (after the warm-up) [default: 10s; with --count, until that count
+    /// or at most an hour].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many measured operations (with --duration too: whichever comes first).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// Unmeasured warm-up before the measurement.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -401,7 +402,12 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
     shared.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let mut last = (0u64, started);
-    while started.elapsed() < args.duration && !shared.stop.load(Ordering::Relaxed) {
+    let duration = match (args.duration, args.count) {
+        (Some(d), _) => d,
+        (None, Some(_)) => Duration::from_hours(1),
+        (None, None) => Duration::from_secs(10),
+    };
+    while started.elapsed() < duration && !shared.stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if last.1.elapsed() >= Duration::from_secs(1) && !args.json {
             let done = shared.done.load(Ordering::Relaxed);

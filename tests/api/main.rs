@@ -18,6 +18,7 @@
 mod support;
 
 mod admin;
+mod bench;
 mod billing;
 mod cli;
 mod client;
