@@ -119,15 +119,18 @@ proptest! {
         }
     }
 
-    /// Any Reserve / Commit / Refund / Grant request: validation answers (never panics), and
-    /// what it accepts is within the documented limits.
+    /// Any Reserve / Commit / Refund / Grant request: validation answers (never panics); what
+    /// it accepts is within the documented limits, and what it refuses names a field.
     #[test]
     fn fuzz_request_validation(
-        account in ".{0,140}", key in ".{0,260}", amount in any::<i64>(),
+        account in prop_oneof![".{0,140}", "[A-Za-z0-9_.:@-]{1,130}"],
+        key in prop_oneof![".{0,260}", "[!-~]{250,260}"],
+        amount in prop_oneof![any::<i64>(), -2i64..3, (MAX - 2)..=(MAX + 2)],
         ttl_s in any::<i64>(), ttl_n in any::<i32>(), has_ttl in any::<bool>(),
-        meta in proptest::collection::hash_map(".{0,70}", ".{0,300}", 0..20),
+        meta in proptest::collection::hash_map(prop_oneof![".{0,70}", "[A-Za-z0-9_.-]{60,66}"], prop_oneof![".{0,300}", "a{250,260}"], 0..20),
         op in proptest::option::of(("[a-z_]{0,14}", proptest::collection::hash_map("[a-z]{0,12}", ".{0,12}", 0..5))),
-        hold in ".{0,40}", refund in proptest::option::of(any::<i64>()),
+        hold in prop_oneof![".{0,40}", "hold_[0-9a-f]{31,33}"], refund in proptest::option::of(any::<i64>()),
+        reason in prop_oneof![".{0,20}", ".{500,520}"],
     ) {
         let catalog = Catalog::builtin().unwrap();
         let limits = Limits { hold_ttl_default: chrono::TimeDelta::minutes(10), hold_ttl_max: chrono::TimeDelta::hours(24) };
@@ -137,16 +140,79 @@ proptest! {
             metadata: meta.into_iter().collect::<HashMap<_, _>>(),
             operation: op.map(|(operation, params)| pb::PricedOperation { operation, params: params.into_iter().collect() }),
         };
-        if let Ok((_, cmd)) = crate::grpc::convert::reserve(r, &limits, &catalog) {
-            prop_assert!((1..=crate::domain::Credits::MAX).contains(&cmd.amount.get()));
-            prop_assert!(!cmd.account_id.as_str().is_empty() && cmd.account_id.as_str().len() <= 128);
-            prop_assert!(cmd.ttl >= chrono::TimeDelta::seconds(1) && cmd.ttl <= limits.hold_ttl_max);
+        match crate::grpc::convert::reserve(r, &limits, &catalog) {
+            Ok((k, cmd)) => {
+                prop_assert!(valid_amount(cmd.amount.get()));
+                prop_assert!(valid_account(cmd.account_id.as_str()));
+                prop_assert!(valid_key(k.as_str()));
+                prop_assert!(cmd.ttl >= chrono::TimeDelta::seconds(1) && cmd.ttl <= limits.hold_ttl_max);
+                let pairs = cmd.metadata.pairs();
+                prop_assert!(pairs.len() <= 16);
+                for (mk, mv) in pairs {
+                    prop_assert!((1..=64).contains(&mk.len()) && mk.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)), "{mk:?}");
+                    prop_assert!(mv.len() <= 256);
+                }
+            }
+            Err(e) => refused(&e)?,
         }
-        let _ = crate::grpc::convert::commit(&pb::CommitRequest { hold_id: hold.clone(), amount, idempotency_key: key.clone() });
-        let _ = crate::grpc::convert::refund(&pb::RefundRequest { hold_id: hold, amount: refund, reason: account.clone(), idempotency_key: key.clone() });
-        let g = pb::GrantRequest { account_id: account, amount, reason: key.clone(), idempotency_key: key, ..Default::default() };
-        if let Ok((_, cmd)) = crate::grpc::convert::grant(&g) {
-            prop_assert!(cmd.amount.get() >= 1);
+        // Commit: accepted exactly when every field is valid.
+        let c = crate::grpc::convert::commit(&pb::CommitRequest { hold_id: hold.clone(), amount, idempotency_key: key.clone() });
+        let ok = valid_hold(&hold) && valid_amount(amount) && valid_key(&key);
+        prop_assert_eq!(c.is_ok(), ok, "commit {:?} {} {:?}", hold, amount, key);
+        if let Err(e) = c { refused(&e)?; }
+        let f = crate::grpc::convert::refund(&pb::RefundRequest { hold_id: hold.clone(), amount: refund, reason: reason.clone(), idempotency_key: key.clone() });
+        let ok = valid_hold(&hold) && refund.is_none_or(valid_amount) && reason.chars().count() <= 512 && valid_key(&key);
+        prop_assert_eq!(f.is_ok(), ok, "refund {:?} {:?} {} chars {:?}", hold, refund, reason.chars().count(), key);
+        if let Err(e) = f { refused(&e)?; }
+        let g = pb::GrantRequest { account_id: account.clone(), amount, reason: reason.clone(), idempotency_key: key.clone(), ..Default::default() };
+        let ok = valid_account(&account) && valid_amount(amount) && !reason.trim().is_empty() && reason.chars().count() <= 512 && valid_key(&key);
+        match crate::grpc::convert::grant(&g) {
+            Ok((k, cmd)) => {
+                prop_assert!(ok, "grant accepted {:?} {} {:?}", account, amount, key);
+                prop_assert!(valid_amount(cmd.amount.get()) && valid_key(k.as_str()));
+            }
+            Err(e) => {
+                prop_assert!(!ok, "grant refused {:?} {} {:?}: {}", account, amount, key, e);
+                refused(&e)?;
+            }
         }
+    }
+}
+
+const MAX: i64 = crate::domain::Credits::MAX;
+
+/// The README's limits, restated independently of the parsers under test.
+fn valid_amount(a: i64) -> bool {
+    (1..=MAX).contains(&a)
+}
+
+fn valid_account(a: &str) -> bool {
+    (1..=128).contains(&a.len())
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+}
+
+fn valid_key(k: &str) -> bool {
+    (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+fn valid_hold(h: &str) -> bool {
+    h.strip_prefix("hold_").is_some_and(|x| {
+        x.len() == 32
+            && x.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A refusal is INVALID_ARGUMENT naming at least one field.
+fn refused(e: &crate::service::ServiceError) -> Result<(), TestCaseError> {
+    match e {
+        crate::service::ServiceError::Invalid(v) => {
+            prop_assert!(!v.is_empty());
+            Ok(())
+        }
+        other => Err(TestCaseError::fail(format!(
+            "not a validation error: {other:?}"
+        ))),
     }
 }
