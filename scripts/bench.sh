@@ -3,8 +3,9 @@
 #
 # Starts a throwaway PostgreSQL on a free loopback port (durability at the defaults:
 # fsync=on, synchronous_commit=on; only initdb skips its fsyncs), measures with pgbench the
-# raw ceiling of the Reserve+Commit pair (../shared/bench/pgbench/pair_cte.sql, the
-# yardstick of ../shared/bench/pg-baseline.sh) and of Tally's own writes for that pair done
+# raw ceiling of the Reserve+Commit pair (scripts/pgbench/baseline/pair_cte.sql: a verbatim copy
+# of the yardstick of ../shared/bench/pg-baseline.sh, so a fresh clone needs nothing beside it;
+# the script says so when a ../shared copy next to the repository differs) and of Tally's own writes for that pair done
 # by hand (scripts/pgbench/tally_pair.sql on the schema `tally migrate` creates: the ceiling
 # of Tally's data model without Tally), then runs `tally serve` on that same server
 # and on SQLite and drives it with `tally bench` (real gRPC over loopback). Prints the
@@ -13,7 +14,8 @@
 # p99 Reserve latency at half of the peak load. Everything binds 127.0.0.1; PostgreSQL,
 # the servers and the data directories are stopped/removed at the end, also on Ctrl-C.
 # The default matrix takes about 4 minutes on a quiet 2-core machine (bounded < 10 min;
-# funding the 10,000 accounts through Grant is part of it).
+# funding the 10,000 accounts through Grant is part of it; waiting for a quiet machine is
+# capped by QUIET_BUDGET, so a busy machine adds at most that).
 #
 # Knobs (environment):
 #   DURATION=10        seconds measured per case (pgbench -T, tally bench --duration)
@@ -32,6 +34,7 @@
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
 #   QUIET_WAIT=30      before each case wait up to this many seconds for the machine to be idle
 #                      (<15% busy); the "other" CPU column shows what still ran beside the case
+#   QUIET_BUDGET=90    seconds of such waiting in the whole run; spent, cases start at once
 #   NICE=0             run PostgreSQL, tally and the load generators under `nice -n NICE`
 #   PIN=0              1: PostgreSQL on CPU 0 only, tally serve and the load generators (pgbench's
 #                      client too) on CPU 1 only (taskset): the database gets one core of its
@@ -40,7 +43,7 @@
 #   RESULTS=<file>     TSV of all cases (default ${TMPDIR:-/tmp}/tally-bench.<time>.tsv)
 #   KEEP=1             keep the scratch dir (data dirs, logs, per-case output) and print it
 #   BASE=<dir>         scratch dir (default: mktemp -d); PGBIN=<dir> PostgreSQL binaries
-#   SQLDIR=<dir>       the pgbench scripts (default <repo>/../shared/bench/pgbench)
+#   SQLDIR=<dir>       the yardstick's pgbench scripts (default scripts/pgbench/baseline)
 #   TALLY_BIN=<file>   server binary (default target/release/tally, built if missing)
 #
 # Columns: ops/s = pairs/s for reserve-commit / reserve-refund / pair_cte, calls/s for
@@ -56,7 +59,7 @@ set -euo pipefail
 
 T_START=$SECONDS
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SQLDIR=${SQLDIR:-$ROOT/../shared/bench/pgbench}
+SQLDIR=${SQLDIR:-$ROOT/scripts/pgbench/baseline}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CLIENTS=${CLIENTS:-64}
@@ -71,6 +74,7 @@ HALF_LOAD=${HALF_LOAD-postgres}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 QUIET_WAIT=${QUIET_WAIT:-30}
+QUIET_BUDGET=${QUIET_BUDGET:-90}
 NICE=${NICE:-0}
 PIN=${PIN:-0}
 KEEP=${KEEP:-0}
@@ -91,7 +95,11 @@ note() { echo "$*" >&2; }
 
 # ---- prerequisites --------------------------------------------------------------------------
 for f in pair_cte.sql schema.sql reset.sql reserve_cte.sql; do
-    [ -f "$SQLDIR/$f" ] || die "missing $SQLDIR/$f: the raw-SQL yardstick (pg-baseline.sh's pgbench scripts) is expected in ../shared/bench/pgbench next to the repository (or set SQLDIR)"
+    [ -f "$SQLDIR/$f" ] || die "missing $SQLDIR/$f: the raw-SQL yardstick (pg-baseline.sh's pgbench scripts; set SQLDIR)"
+    shared=$ROOT/../shared/bench/pgbench/$f
+    if [ -f "$shared" ] && ! cmp -s "$shared" "$SQLDIR/$f"; then
+        note "bench.sh: note: $SQLDIR/$f differs from $shared (the yardstick changed? copy it over)"
+    fi
 done
 if [ -z "${PGBIN:-}" ] || [ ! -x "$PGBIN/initdb" ]; then
     PGBIN=$(pg_config --bindir 2>/dev/null || true)
@@ -190,13 +198,13 @@ wait_backends_gone() { local i; for i in $(seq 60); do [ "$(pg_nchildren)" -le "
 QUIET_MISSES=0
 wait_quiet() {
     local waited=0 a b
-    while [ "$waited" -lt "$QUIET_WAIT" ]; do
+    while [ "$waited" -lt "$QUIET_WAIT" ] && [ "$QUIET_BUDGET" -gt 0 ]; do
         a=$(cpu_busy); sleep 1; b=$(cpu_busy)
         awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," ");split(b,y," "); d=y[2]-x[2]; exit !(d>0 && (y[1]-x[1])/d < 0.15)}' && return 0
-        waited=$((waited + 1))
+        waited=$((waited + 1)) QUIET_BUDGET=$((QUIET_BUDGET - 1))
     done
     QUIET_MISSES=$((QUIET_MISSES + 1))
-    note "   (machine still busy after ${QUIET_WAIT}s of waiting; see the 'other' cpu column)"
+    note "   (machine still busy after ${waited}s of waiting; see the 'other' cpu column)"
 }
 pct() { awk -v n="$1" -v d="$2" 'BEGIN{ if (d>0) printf "%.0f", 100*n/d; else print 0 }'; }
 rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
