@@ -32,6 +32,7 @@
 #                      reserve-commit:uniform:N peak (--rate), reporting Reserve p99 ("" = none)
 #   DB_MAX_CONNECTIONS=32   tally serve --db-max-connections
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
+#   SERVER_FLAGS=""    more `tally serve` flags for every server, e.g. "--db-group-workers 3"
 #   QUIET_WAIT=30      before each case wait up to this many seconds for the machine to be idle
 #                      (<15% busy); the "other" CPU column shows what still ran beside the case
 #   QUIET_BUDGET=90    seconds of such waiting in the whole run; spent, cases start at once
@@ -73,6 +74,7 @@ SQLITE_CASES=${SQLITE_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check
 HALF_LOAD=${HALF_LOAD-postgres}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
+read -r -a SERVER_FLAGS_A <<<"${SERVER_FLAGS:-}"
 QUIET_WAIT=${QUIET_WAIT:-30}
 QUIET_BUDGET=${QUIET_BUDGET:-90}
 NICE=${NICE:-0}
@@ -413,7 +415,7 @@ tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
     RUST_LOG=$SERVER_RUST_LOG "${ON_APP[@]}" "$TALLY" serve --database-url "$url" \
         --listen "127.0.0.1:$p1" --http-listen "127.0.0.1:$p2" --metrics-listen "127.0.0.1:$p3" \
         --rate-limit-rps 0 --admin-rate-limit-rps 0 --max-concurrent-requests 4096 \
-        --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json "$@" >>"$BASE/tally-$backend.log" 2>&1 &
+        --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json "${SERVER_FLAGS_A[@]}" "$@" >>"$BASE/tally-$backend.log" 2>&1 &
     SRV_PID=$!
     while :; do
         code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$SRV_METRICS/readyz" 2>/dev/null || true)
@@ -573,7 +575,7 @@ echo "machine: $(nproc) CPUs ($CPU_MODEL), $MEM RAM, Linux $(uname -r), scratch 
 echo "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') ${PG_SETTINGS:+($PG_SETTINGS, shared_buffers=1GB)}; SQLite: WAL, synchronous=FULL"
 echo "each case: ${DURATION}s measured; tally bench: +${WARMUP}s warm-up, clients over $CONNECTIONS HTTP/2 connections, closed loop"
 echo "  unless @rate; pgbench -M prepared -j 2, no warm-up; uniform = $ACCOUNTS accounts, hot = 1 account"
-echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
+echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS${SERVER_FLAGS:+ $SERVER_FLAGS}, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
 if [ "$PIN" = 1 ]; then echo "pinned (PIN=1): PostgreSQL on CPU 0; tally serve, tally bench and pgbench's client on CPU 1"; fi
 echo
 printf '%-42s %8s %-5s %5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s %6s\n' case ops/s unit ratio model p50ms p99ms errors cpu% tally pg client other RSSMiB WAL/op

@@ -208,7 +208,7 @@ impl PgStore {
                 &core,
                 batching.workers,
                 batching.max,
-            )));
+            )?));
         }
         Ok(store)
     }

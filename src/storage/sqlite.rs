@@ -188,7 +188,7 @@ impl SqliteStore {
                 &core,
                 1,
                 batching.max,
-            )));
+            )?));
         }
         Ok(store)
     }

@@ -224,7 +224,15 @@ impl PgStore {
             }
         }
         if slot.is_none() {
-            let mut conn = self.pool.acquire().await.map_err(map_err)?.detach();
+            // Opened here, not taken from the pool, so its socket belongs to the worker's own
+            // runtime (see `Batcher::spawn`).
+            let mut conn = tokio::time::timeout(
+                Duration::from_secs(5),
+                <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.options),
+            )
+            .await
+            .map_err(|_| StorageError::Unavailable("connecting a group worker timed out".into()))?
+            .map_err(map_err)?;
             sqlx::raw_sql(WORKER_SESSION)
                 .execute(&mut conn)
                 .await
