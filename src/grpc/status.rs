@@ -81,17 +81,11 @@ pub fn to_status(e: &ServiceError) -> Status {
         }
         ServiceError::Unavailable(detail) => {
             error!(error.message = %detail, "database unavailable");
-            let mut details =
-                ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
-            details.set_retry_info(Some(Duration::from_millis(200)));
-            return Status::with_error_details(Code::Unavailable, e.to_string(), details);
+            return unavailable("DATABASE_UNAVAILABLE", e);
         }
         ServiceError::InDoubt(detail) => {
             error!(error.message = %detail, "database connection lost during commit");
-            let mut details =
-                ErrorDetails::with_error_info("OUTCOME_UNKNOWN", ERROR_DOMAIN, HashMap::new());
-            details.set_retry_info(Some(Duration::from_millis(200)));
-            return Status::with_error_details(Code::Unavailable, e.to_string(), details);
+            return unavailable("OUTCOME_UNKNOWN", e);
         }
         ServiceError::Internal(detail) => {
             error!(error.message = %detail, "internal error");
@@ -107,6 +101,13 @@ pub fn to_status(e: &ServiceError) -> Status {
         );
     }
     Status::with_error_details(code, message, details)
+}
+
+/// UNAVAILABLE with `reason` and a 200 ms RetryInfo: retry with the same key.
+fn unavailable(reason: &str, e: &ServiceError) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(Duration::from_millis(200)));
+    Status::with_error_details(Code::Unavailable, e.to_string(), details)
 }
 
 impl From<ServiceError> for Status {
