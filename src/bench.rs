@@ -71,8 +71,8 @@ pub struct BenchArgs {
     /// HTTP/2 connections the clients share.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub connections: u32,
-    /// How long to measure (after the warm-up) [default: 10s; with --count, until that count
-    /// or at most an hour].
+    /// How long to measure (after the warm-up) [default: 10s; with --count, until that count,
+    /// at most an hour, or 10 s without a success].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Stop after this many measured operations (with --duration too: whichever comes first).
@@ -407,8 +407,23 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         (None, Some(_)) => Duration::from_hours(1),
         (None, None) => Duration::from_secs(10),
     };
+    // A run to a count ends early when nothing has succeeded for this long (a server that
+    // only refuses would otherwise be driven for the whole hour).
+    let stalled_after = Duration::from_secs(10);
+    let mut progress = (0u64, Instant::now());
     while started.elapsed() < duration && !shared.stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let done = shared.done.load(Ordering::Relaxed);
+        if done != progress.0 {
+            progress = (done, Instant::now());
+        } else if args.duration.is_none() && progress.1.elapsed() >= stalled_after {
+            eprintln!(
+                "no operation succeeded for {}s: stopping before --count {}",
+                stalled_after.as_secs(),
+                args.count.unwrap_or_default()
+            );
+            break;
+        }
         if last.1.elapsed() >= Duration::from_secs(1) && !args.json {
             let done = shared.done.load(Ordering::Relaxed);
             let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64();

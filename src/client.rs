@@ -403,8 +403,9 @@ impl Client {
             client: self.clone(),
             hold,
             base,
+            ttl,
             heartbeat: Some(heartbeat),
-            settle: Settle::Release,
+            settle: Settle::Release(DROPPED.into()),
         })
     }
 }
@@ -442,17 +443,49 @@ async fn heartbeat(client: Client, hold_id: String, base: String, ttl: Duration)
     }
 }
 
+/// The reason a dropped job's release records.
+const DROPPED: &str = "job dropped without a commit";
+
 /// What a [`Job`] still owes the ledger when it is dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Settle {
     /// Settled, or nothing is left to do.
     Done,
-    /// Unsettled: release the whole hold.
-    Release,
-    /// A commit of this amount was sent and its outcome is unknown: send it again with the
-    /// same key (a stored commit replays; an unstored one is applied). Never a refund: refunding
-    /// a hold whose commit was stored would hand back what the job cost.
+    /// Unsettled: release the whole hold, with this reason (a failed `fail` sends its own again,
+    /// so a stored release replays instead of clashing with its key).
+    Release(String),
+    /// A commit of this amount was sent and may or may not be stored: send it again with the
+    /// same key (a stored commit replays; an unstored one is applied; a hold gone meanwhile
+    /// refuses it). Never a refund: refunding a hold whose commit was stored would hand back
+    /// what the job cost.
     Commit(i64),
+}
+
+impl Settle {
+    /// What is left after a commit of `actual` ended with `e`. Sending the same commit again is
+    /// right whenever it could still be stored or applied; a release only when the commit can
+    /// never succeed; nothing when the hold has already left `Open` or the caller may not act.
+    fn after_failed_commit(e: &Error, actual: i64) -> Self {
+        match e {
+            Error::InsufficientCredits { .. } => Self::Release(DROPPED.into()),
+            Error::Rejected { reason, .. } if reason == "INVALID_ARGUMENT" => {
+                Self::Release(DROPPED.into())
+            }
+            Error::Rejected {
+                code:
+                    Code::FailedPrecondition
+                    | Code::NotFound
+                    | Code::PermissionDenied
+                    | Code::Unauthenticated
+                    | Code::AlreadyExists
+                    | Code::InvalidArgument
+                    | Code::OutOfRange,
+                ..
+            } => Self::Done,
+            // Unknown outcome: retries exhausted, INTERNAL, UNKNOWN, a reset stream, ...
+            _ => Self::Commit(actual),
+        }
+    }
 }
 
 /// A running job's hold. Settle it with [`Job::commit`] or [`Job::fail`]; dropped unsettled,
@@ -462,6 +495,7 @@ pub struct Job {
     client: Client,
     hold: pb::Hold,
     base: String,
+    ttl: Duration,
     heartbeat: Option<JoinHandle<()>>,
     settle: Settle,
 }
@@ -489,22 +523,26 @@ impl Job {
     /// available).
     ///
     /// # Errors
-    /// [`Error`]. The guard is consumed either way:
-    /// - [`Error::Exhausted`] / [`Error::Connect`]: the outcome is unknown. The guard keeps
-    ///   sending the same commit (same idempotency key) in the background until it is answered
-    ///   or the hold's TTL has passed; it never refunds it.
-    /// - a refusal ([`Error::Rejected`], [`Error::InsufficientCredits`]): nothing changed, and
-    ///   the hold is released in the background, as for a dropped job.
+    /// [`Error`]. The guard is consumed either way, and never refunds a commit that may be
+    /// stored:
+    /// - an unknown outcome ([`Error::Exhausted`], INTERNAL, a broken stream) — or this future
+    ///   dropped while the call was in flight: the guard keeps sending the same commit (same
+    ///   idempotency key) in the background until it is answered or the hold's TTL has passed;
+    /// - a commit that can never succeed ([`Error::InsufficientCredits`], an invalid amount):
+    ///   nothing changed, and the hold is released in the background, as for a dropped job;
+    /// - a hold that already left `Open` (`HOLD_EXPIRED`, `HOLD_ALREADY_COMMITTED`, ...) or a
+    ///   refusal of the caller: nothing more is done.
     pub async fn commit(mut self, actual: i64) -> Result<pb::CommitResponse, Error> {
         self.stop_heartbeat();
+        // Set before the call: if this future is dropped mid-call, the commit may be stored.
+        self.settle = Settle::Commit(actual);
         let r = self
             .client
             .commit(&self.hold.hold_id, actual, &self.key("commit"))
             .await;
         self.settle = match &r {
             Ok(_) => Settle::Done,
-            Err(Error::Exhausted { .. } | Error::Connect(_)) => Settle::Commit(actual),
-            Err(_) => Settle::Release,
+            Err(e) => Settle::after_failed_commit(e, actual),
         };
         r
     }
@@ -512,18 +550,19 @@ impl Job {
     /// The job failed: release the whole hold.
     ///
     /// # Errors
-    /// [`Error`]; for an unknown outcome the guard sends the same release again in the
-    /// background, for a refusal (the hold already left open) there is nothing left to do.
+    /// [`Error`]; for an unknown outcome (or this future dropped mid-call) the guard sends the
+    /// same release again in the background; after a refusal (the hold already left `Open`)
+    /// there is nothing left to do.
     pub async fn fail(mut self, reason: &str) -> Result<pb::RefundResponse, Error> {
         self.stop_heartbeat();
+        self.settle = Settle::Release(reason.to_owned());
         let r = self
             .client
             .refund(&self.hold.hold_id, None, reason, &self.key("refund"))
             .await;
-        self.settle = match &r {
-            Err(Error::Exhausted { .. } | Error::Connect(_)) => Settle::Release,
-            _ => Settle::Done,
-        };
+        if !matches!(&r, Err(e) if e.reason().is_none()) {
+            self.settle = Settle::Done; // answered: released, or refused for good
+        }
         r
     }
 
@@ -543,7 +582,7 @@ impl Drop for Job {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let action = self.settle;
+        let action = std::mem::replace(&mut self.settle, Settle::Done);
         let key = match action {
             Settle::Commit(_) => self.key("commit"),
             _ => self.key("refund"),
@@ -553,30 +592,56 @@ impl Drop for Job {
             std::mem::take(&mut self.hold.hold_id),
             action,
             key,
+            self.ttl,
         ));
+    }
+}
+
+/// An error after which the same call may still be stored, or may succeed later.
+fn unknown_or_transient(e: &Error) -> bool {
+    match e {
+        Error::Exhausted { .. } | Error::Connect(_) => true,
+        Error::Rejected { code, .. } => matches!(
+            code,
+            Code::Internal
+                | Code::Unknown
+                | Code::Unavailable
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::DeadlineExceeded
+                | Code::ResourceExhausted
+        ),
+        Error::InsufficientCredits { .. } => false,
     }
 }
 
 /// Sends a dropped job's release, or its unanswered commit, until the server answers, refuses,
 /// or the hold's TTL (plus one call deadline) has passed: by then an unsettled hold has expired.
-async fn settle_in_background(client: Client, hold_id: String, action: Settle, key: String) {
-    let give_up = Instant::now() + client.config.hold_ttl + client.config.deadline;
+async fn settle_in_background(
+    client: Client,
+    hold_id: String,
+    action: Settle,
+    key: String,
+    ttl: Duration,
+) {
+    let give_up = Instant::now() + ttl + client.config.deadline;
     let mut backoff = client.config.initial_backoff;
     loop {
-        let r = match action {
+        let r = match &action {
             Settle::Done => return,
-            Settle::Release => client
-                .refund(&hold_id, None, "job dropped without a commit", &key)
-                .await
-                .map(drop),
-            Settle::Commit(amount) => client.commit(&hold_id, amount, &key).await.map(drop),
+            Settle::Release(reason) => client.refund(&hold_id, None, reason, &key).await.map(drop),
+            Settle::Commit(amount) => client.commit(&hold_id, *amount, &key).await.map(drop),
         };
         match r {
             Ok(()) => {
                 tracing::debug!(hold_id, ?action, "dropped job settled");
                 return;
             }
-            Err(e @ (Error::Exhausted { .. } | Error::Connect(_))) if Instant::now() < give_up => {
+            Err(e) if unknown_or_transient(&e) => {
+                if Instant::now() >= give_up {
+                    tracing::warn!(hold_id, ?action, error = %e, "gave up settling a dropped job; an open hold expires at its TTL");
+                    return;
+                }
                 tracing::debug!(hold_id, ?action, error = %e, "settling a dropped job; retrying");
             }
             Err(e) => {
@@ -586,5 +651,71 @@ async fn settle_in_background(client: Client, hold_id: String, action: Settle, k
         }
         tokio::time::sleep(jitter(backoff)).await;
         backoff = (backoff * 2).min(client.config.max_backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(code: Code, reason: &str) -> Error {
+        Error::Rejected {
+            code,
+            reason: reason.into(),
+            message: String::new(),
+        }
+    }
+
+    /// A commit that may be stored is sent again, never refunded; one that can never succeed
+    /// is released; one on a hold that left `Open` is left alone.
+    #[test]
+    fn a_failed_commit_is_finished_released_or_left_by_what_the_error_says() {
+        let exhausted = Error::Exhausted {
+            attempts: 6,
+            last: Status::unavailable("down"),
+            key: Some("k".into()),
+        };
+        let cases = [
+            (exhausted, Settle::Commit(7)),
+            (rejected(Code::Internal, "INTERNAL"), Settle::Commit(7)),
+            (rejected(Code::Internal, "Internal"), Settle::Commit(7)), // a reset stream
+            (rejected(Code::Unknown, "Unknown"), Settle::Commit(7)),
+            (
+                rejected(Code::ResourceExhausted, "RATE_LIMITED"),
+                Settle::Commit(7),
+            ),
+            (
+                Error::InsufficientCredits {
+                    available: 1,
+                    requested: 7,
+                },
+                Settle::Release(DROPPED.into()),
+            ),
+            (
+                rejected(Code::InvalidArgument, "INVALID_ARGUMENT"),
+                Settle::Release(DROPPED.into()),
+            ),
+            (
+                rejected(Code::FailedPrecondition, "HOLD_EXPIRED"),
+                Settle::Done,
+            ),
+            (
+                rejected(Code::FailedPrecondition, "HOLD_ALREADY_COMMITTED"),
+                Settle::Done,
+            ),
+            (rejected(Code::NotFound, "HOLD_NOT_FOUND"), Settle::Done),
+            (
+                rejected(Code::PermissionDenied, "PERMISSION_DENIED"),
+                Settle::Done,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(Settle::after_failed_commit(&e, 7), want, "{e:?}");
+        }
+        assert!(unknown_or_transient(&rejected(Code::Internal, "INTERNAL")));
+        assert!(!unknown_or_transient(&rejected(
+            Code::FailedPrecondition,
+            "HOLD_EXPIRED"
+        )));
     }
 }

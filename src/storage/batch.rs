@@ -202,14 +202,30 @@ impl Batcher {
                     }
                 }
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| StorageError::Other(format!("a group worker's runtime: {e}")))?;
+            // The runtime is made on its thread: one dropped here, inside the caller's runtime,
+            // would panic. The thread reports whether it could make one.
+            let (ready, started) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("tally-group-{worker}"))
-                .spawn(move || runtime.block_on(work))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => {
+                            let _ = ready.send(Ok(()));
+                            runtime.block_on(work);
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e.to_string()));
+                        }
+                    }
+                })
                 .map_err(|e| StorageError::Other(format!("a group worker's thread: {e}")))?;
+            started
+                .recv()
+                .map_err(|_| StorageError::Other("a group worker's thread ended at once".into()))?
+                .map_err(|e| StorageError::Other(format!("a group worker's runtime: {e}")))?;
         }
         Ok(Self { queue, stats })
     }

@@ -42,11 +42,10 @@ pub struct PgStore {
     options: PgConnectOptions,
     /// Group commit for the job path (None: one transaction per command).
     batcher: Option<Arc<Batcher>>,
-    /// One connection per group-commit worker, taken from the pool once and detached from it
-    /// (the pool opens another in its place): a pooled checkout costs two round trips (sqlx
-    /// pings a connection when it is taken and when it is given back), and the worker's
-    /// planner settings must never reach a pooled connection. Closed after an error, so a
-    /// broken one is replaced.
+    /// One connection per group-commit worker, opened outside the pool on the worker's own
+    /// thread and runtime: a pooled checkout costs two round trips (sqlx pings a connection
+    /// when it is taken and when it is given back), and the worker's planner settings must
+    /// never reach a pooled connection. Closed after an error, so a broken one is replaced.
     sessions: Arc<[tokio::sync::Mutex<Option<group::Session>>]>,
 }
 
@@ -92,14 +91,15 @@ fn map_err(e: sqlx::Error) -> StorageError {
     }
 }
 
-/// An error of COMMIT itself: a connection lost while COMMIT was in flight leaves the outcome
-/// unknown (PostgreSQL may have made the transaction durable before the connection went), so
-/// it is [`StorageError::InDoubt`], never "nothing was written". Other errors are as
-/// [`map_err`] says: PostgreSQL rolled the transaction back.
+/// An error of COMMIT itself. An error response from PostgreSQL means it rolled the
+/// transaction back ([`map_err`] says how to report it). Anything else — the connection lost,
+/// a reply that could not be read — leaves the outcome unknown (PostgreSQL may have made the
+/// transaction durable before the connection went), so it is [`StorageError::InDoubt`],
+/// never "nothing was written".
 pub(crate) fn commit_err(e: sqlx::Error) -> StorageError {
-    match map_err(e) {
-        StorageError::Unavailable(m) => StorageError::InDoubt(m),
-        other => other,
+    match e {
+        sqlx::Error::Database(_) => map_err(e),
+        other => StorageError::InDoubt(other.to_string()),
     }
 }
 

@@ -238,15 +238,26 @@ async fn a_commit_with_an_unknown_outcome_is_finished_not_refunded(backend: Back
     )
     .unwrap();
 
-    for (lost, what) in [(LOSE_REPLIES, "reply"), (LOSE_REQUESTS, "request")] {
+    let cases = [
+        (LOSE_REPLIES, "reply", false),
+        (LOSE_REQUESTS, "request", false),
+        // The caller stops waiting mid-call (a timeout, a cancelled task): same duty.
+        (LOSE_REPLIES, "reply, and the caller gave up", true),
+    ];
+    for (lost, what, give_up) in cases {
         let job = c.reserve("acct", 30).await.unwrap();
         let hold_id = job.hold_id().to_owned();
         cut.lose(lost);
-        let err = job.commit(20).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Exhausted { .. }),
-            "{what} lost: {err:?}"
-        );
+        if give_up {
+            let r = tokio::time::timeout(Duration::from_millis(300), job.commit(20)).await;
+            assert!(r.is_err(), "{what}: the commit was still waiting");
+        } else {
+            let err = job.commit(20).await.unwrap_err();
+            assert!(
+                matches!(err, Error::Exhausted { .. }),
+                "{what} lost: {err:?}"
+            );
+        }
         let before = hold_of(&app, &hold_id).await.state();
         let expected = if lost == LOSE_REPLIES {
             pb::HoldState::Committed
@@ -275,7 +286,7 @@ async fn a_commit_with_an_unknown_outcome_is_finished_not_refunded(backend: Back
         );
     }
     let direct = Client::new(app.channel().await, None, Config::default()).unwrap();
-    assert_eq!(direct.check_balance("acct").await.unwrap().available, 60);
+    assert_eq!(direct.check_balance("acct").await.unwrap().available, 40);
     app.finish().await;
 }
 
