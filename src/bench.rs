@@ -425,7 +425,6 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             break;
         }
         if last.1.elapsed() >= Duration::from_secs(1) && !args.json {
-            let done = shared.done.load(Ordering::Relaxed);
             let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64();
             // The worst since the last line shows a stall the run's percentiles would hide.
             let worst_ms = shared.worst_us.swap(0, Ordering::Relaxed) as f64 / 1000.0;

@@ -471,19 +471,9 @@ impl Settle {
             Error::Rejected { reason, .. } if reason == "INVALID_ARGUMENT" => {
                 Self::Release(DROPPED.into())
             }
-            Error::Rejected {
-                code:
-                    Code::FailedPrecondition
-                    | Code::NotFound
-                    | Code::PermissionDenied
-                    | Code::Unauthenticated
-                    | Code::AlreadyExists
-                    | Code::InvalidArgument
-                    | Code::OutOfRange,
-                ..
-            } => Self::Done,
-            // Unknown outcome: retries exhausted, INTERNAL, UNKNOWN, a reset stream, ...
-            _ => Self::Commit(actual),
+            // Retries exhausted, INTERNAL, UNKNOWN, a reset stream, rate limited, ...
+            e if unknown_or_transient(e) => Self::Commit(actual),
+            _ => Self::Done,
         }
     }
 }
@@ -560,7 +550,7 @@ impl Job {
             .client
             .refund(&self.hold.hold_id, None, reason, &self.key("refund"))
             .await;
-        if !matches!(&r, Err(e) if e.reason().is_none()) {
+        if !matches!(&r, Err(Error::Exhausted { .. } | Error::Connect(_))) {
             self.settle = Settle::Done; // answered: released, or refused for good
         }
         r
@@ -605,6 +595,7 @@ fn unknown_or_transient(e: &Error) -> bool {
             code,
             Code::Internal
                 | Code::Unknown
+                | Code::DataLoss
                 | Code::Unavailable
                 | Code::Aborted
                 | Code::Cancelled

@@ -99,16 +99,11 @@ async fn execute(executor: &dyn Executor, stats: &Counters, worker: usize, jobs:
             }
             return;
         }
-        Err(StorageError::Unavailable(why)) => {
+        // Nothing stored, or the group's COMMIT cut off (stored or not): the same for every
+        // call in it, so none is retried alone.
+        Err(e @ (StorageError::Unavailable(_) | StorageError::InDoubt(_))) => {
             for job in jobs {
-                let _ = job.reply.send(Err(StorageError::Unavailable(why.clone())));
-            }
-            return;
-        }
-        Err(StorageError::InDoubt(why)) => {
-            // The group's COMMIT was cut off: stored or not, the same for every call in it.
-            for job in jobs {
-                let _ = job.reply.send(Err(StorageError::InDoubt(why.clone())));
+                let _ = job.reply.send(Err(e.clone()));
             }
             return;
         }

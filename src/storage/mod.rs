@@ -221,7 +221,7 @@ pub mod postgres;
 pub mod sqlite;
 
 /// What a backend can report.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StorageError {
     /// The ledger refused the command; nothing was written.
     #[error(transparent)]

@@ -91,6 +91,9 @@ fn map_err(e: sqlx::Error) -> StorageError {
     }
 }
 
+/// Longest wait for a connection: a pooled checkout, or a group worker's own connection.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// An error of COMMIT itself. An error response from PostgreSQL means it rolled the
 /// transaction back ([`map_err`] says how to report it). Anything else — the connection lost,
 /// a reply that could not be read — leaves the outcome unknown (PostgreSQL may have made the
@@ -183,7 +186,7 @@ impl PgStore {
             .map_err(|_| StorageError::Other("the PostgreSQL URL could not be parsed".into()))?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(CONNECT_TIMEOUT)
             // No ping before each checkout (a round trip per query on the read path): a
             // connection broken by a database restart fails its next statement, which maps to
             // UNAVAILABLE (callers retry), and sqlx's ping when it is given back then closes it.

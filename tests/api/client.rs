@@ -51,15 +51,7 @@ async fn a_job_outlives_its_ttl_by_heartbeats_and_a_dropped_one_is_refunded(back
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(available, 80, "the dropped job's hold was given back");
-    let hold = app
-        .credit()
-        .await
-        .get_hold(pb::GetHoldRequest { hold_id })
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = hold_of(&app, &hold_id).await;
     assert_eq!(hold.state(), pb::HoldState::Released);
 
     // A failed job, explicitly.
@@ -148,22 +140,16 @@ impl Cut {
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
                 let born = e.load(Ordering::SeqCst);
-                tokio::spawn(pipe(
-                    dr,
-                    uw,
-                    LOSE_REQUESTS,
-                    Arc::clone(&m),
-                    Arc::clone(&e),
-                    born,
-                ));
-                tokio::spawn(pipe(
-                    ur,
-                    dw,
-                    LOSE_REPLIES,
-                    Arc::clone(&m),
-                    Arc::clone(&e),
-                    born,
-                ));
+                for (from, to, lost_in) in [(dr, uw, LOSE_REQUESTS), (ur, dw, LOSE_REPLIES)] {
+                    tokio::spawn(pipe(
+                        from,
+                        to,
+                        lost_in,
+                        Arc::clone(&m),
+                        Arc::clone(&e),
+                        born,
+                    ));
+                }
             }
         });
         Self { addr, mode, epoch }

@@ -343,6 +343,10 @@ impl Drop for OwnCluster {
     }
 }
 
+/// One call of the database-loss load: its key, the hold id or (code, ErrorInfo reason), and
+/// how long it took.
+type Outcome = (String, Result<String, (Code, String)>, Duration);
+
 /// PostgreSQL stopped mid-load: calls fail fast with UNAVAILABLE (never past their deadline),
 /// nothing unstored is acknowledged; started again, the same server recovers by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -352,11 +356,7 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     let app = TestApp::spawn_on(TestDb::from_url(url)).await;
     app.fund("acct", 1_000_000).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let outcomes = Arc::new(Mutex::new(Vec::<(
-        String,
-        Result<String, (Code, String)>,
-        Duration,
-    )>::new()));
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let mut load = JoinSet::new();
     let deadline = Duration::from_secs(2);
     for w in 0..4 {
@@ -411,7 +411,7 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     let failures: Vec<_> = o.iter().filter(|x| x.1.is_err()).collect();
     assert!(!failures.is_empty(), "the outage was seen");
     // Nothing was written: the only answer that promises it.
-    let not_written = |x: &(String, Result<String, (Code, String)>, Duration)| {
+    let not_written = |x: &Outcome| {
         x.1.as_ref().unwrap_err() == &(Code::Unavailable, "DATABASE_UNAVAILABLE".to_owned())
     };
     let in_flight_at_the_stop = failures.iter().filter(|x| !not_written(x)).count();

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{PgStore, commit_err, map_err, metadata_json};
+use super::{CONNECT_TIMEOUT, PgStore, commit_err, map_err, metadata_json};
 use crate::domain::LedgerError;
 use crate::domain::book::{Book, Bucket, Draw};
 use crate::storage::batch::{Answer, Executor, Job};
@@ -227,7 +227,7 @@ impl PgStore {
             // Opened here, not taken from the pool, so its socket belongs to the worker's own
             // runtime (see `Batcher::spawn`).
             let mut conn = tokio::time::timeout(
-                Duration::from_secs(5),
+                CONNECT_TIMEOUT,
                 <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.options),
             )
             .await
