@@ -7,14 +7,9 @@ use tally::domain::HoldState;
 
 use crate::support::{Backend, TestApp, holds_of};
 
+/// `tally bench --prefix b ARGS` against `app` (the CLI tests' runner), which must succeed.
 async fn bench(app: &TestApp, args: &[&str]) -> Output {
-    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("bench")
-        .args(["--server", &app.url(), "--prefix", "b"])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+    let o = crate::cli::tally(app, &[&["bench", "--prefix", "b"], args].concat()).await;
     assert!(
         o.status.success(),
         "tally bench failed: {}",

@@ -6,7 +6,8 @@ use serde_json::Value;
 
 use crate::support::{Backend, TestApp};
 
-async fn tally(app: &TestApp, args: &[&str]) -> Output {
+/// Runs the `tally` binary with `args` as a client of `app` (`TALLY_SERVER`).
+pub(crate) async fn tally(app: &TestApp, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
     cmd.args(args).env("TALLY_SERVER", app.url());
     cmd.output().await.unwrap()
