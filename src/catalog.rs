@@ -49,6 +49,38 @@ pub struct Pack {
     pub expires_in: Option<Duration>,
 }
 
+/// Whether a Stripe Price id is a stand-in (the built-in catalog's `price_*_placeholder`, or
+/// anything that is not a `price_`/`plan_` id).
+#[must_use]
+pub fn is_placeholder_price(id: &str) -> bool {
+    let id = id.trim();
+    id.to_ascii_lowercase().contains("placeholder")
+        || !(id.starts_with("price_") || id.starts_with("plan_"))
+        || id.len() <= "price_".len()
+}
+
+impl Catalog {
+    /// The catalog fields whose Stripe Price is a placeholder, as `packs.x.stripe_price_id`.
+    #[must_use]
+    pub fn placeholder_prices(&self) -> Vec<String> {
+        let packs = self
+            .packs
+            .iter()
+            .filter(|(_, p)| is_placeholder_price(&p.stripe_price_id))
+            .map(|(name, _)| format!("packs.{name}.stripe_price_id"));
+        let plans = self
+            .plans
+            .iter()
+            .filter(|(_, p)| {
+                p.stripe_price_id
+                    .as_deref()
+                    .is_some_and(is_placeholder_price)
+            })
+            .map(|(name, _)| format!("plans.{name}.stripe_price_id"));
+        packs.chain(plans).collect()
+    }
+}
+
 /// A one-time grant for new accounts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bonus {

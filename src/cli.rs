@@ -631,6 +631,26 @@ impl ServeArgs {
         {
             return Err("--sweep-interval: must be between 10ms and 1h".into());
         }
+        let catalog = match &self.catalog {
+            Some(path) => Catalog::load(path),
+            None => Catalog::builtin(),
+        }
+        .map_err(|e| format!("--catalog: {e}"))?;
+        let stripe = self.stripe_api()?;
+        let placeholders = catalog.placeholder_prices();
+        if stripe.is_some() && !placeholders.is_empty() {
+            // A live key selling stand-in prices would fail every Checkout: refuse to start.
+            if self.stripe_livemode {
+                return Err(format!(
+                    "--stripe-livemode: the catalog sells placeholder Stripe Prices ({}): set real price ids with --catalog",
+                    placeholders.join(", ")
+                ));
+            }
+            tracing::warn!(
+                fields = %placeholders.join(", "),
+                "the catalog has placeholder Stripe Price ids: Checkout for them will fail; set real ones with --catalog"
+            );
+        }
         Ok(Settings {
             listen: self.listen,
             database_url: self.database_url()?,
@@ -650,7 +670,7 @@ impl ServeArgs {
             http_listen: self.http_listen,
             webhook_secrets: self.webhook_secrets()?,
             stripe_livemode: self.stripe_livemode,
-            stripe: self.stripe_api()?,
+            stripe,
             auth: std::sync::Arc::new(self.auth()?),
             metrics_listen: self.metrics_listen,
             reflection: self.reflection,
@@ -659,13 +679,7 @@ impl ServeArgs {
             readiness_interval: self.readiness_interval,
             auto_migrate: self.auto_migrate,
             tls: self.tls()?,
-            catalog: std::sync::Arc::new(
-                match &self.catalog {
-                    Some(path) => Catalog::load(path),
-                    None => Catalog::builtin(),
-                }
-                .map_err(|e| format!("--catalog: {e}"))?,
-            ),
+            catalog: std::sync::Arc::new(catalog),
         })
     }
 }

@@ -139,6 +139,7 @@ pub fn metrics() -> &'static PrometheusHandle {
 }
 
 /// Every metric Tally exports, with its help text.
+#[allow(clippy::too_many_lines)] // one description per metric
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
@@ -211,7 +212,11 @@ pub fn describe() {
     );
     describe_counter!(
         "tally_clawbacks_total",
-        "Stripe claw-backs applied, by kind (refund, dispute)."
+        "Stripe claw-backs applied, by kind (refund, dispute, purchase: one that arrived before its purchase)."
+    );
+    describe_counter!(
+        "tally_credits_clawed_total",
+        "Credits taken back by Stripe refunds and disputes, by kind."
     );
     describe_gauge!(
         "tally_db_pool_connections",
@@ -248,6 +253,14 @@ pub fn describe() {
 pub fn count_grant(source: &'static str, credits: i64) {
     metrics::counter!("tally_grants_total", "source" => source).increment(1);
     metrics::counter!("tally_credits_granted_total", "source" => source)
+        .increment(credits.max(0) as u64);
+}
+
+/// Counts a claw-back (a refund or dispute taking credits back) and its credits.
+#[allow(clippy::cast_sign_loss)] // clamped at zero first
+pub fn count_clawback(cause: &'static str, credits: i64) {
+    metrics::counter!("tally_clawbacks_total", "kind" => cause).increment(1);
+    metrics::counter!("tally_credits_clawed_total", "kind" => cause)
         .increment(credits.max(0) as u64);
 }
 

@@ -14,6 +14,7 @@ pub mod hold;
 pub mod ids;
 pub mod model;
 pub mod outcome;
+pub mod payment;
 pub mod plan;
 pub mod pricing;
 pub mod rules;

@@ -19,6 +19,7 @@ use super::outcome::{
     AdjustOutcome, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, OpenOutcome, Outcome,
     RefundOutcome, ReserveOutcome, TransferOutcome,
 };
+use super::payment::{Charge, Decision, Dispute, Fact, Payment, Purchase, PurchaseState};
 use super::plan::Allowance;
 use super::rules::EntryKind;
 
@@ -431,6 +432,57 @@ impl Ledger {
         })
     }
 
+    /// Books what a Stripe fact decided (see [`Stripe`]): a grant of `grant` credits (creating
+    /// the account), then `claw` credits taken back (positive) or given back (negative).
+    ///
+    /// # Errors
+    /// `AccountNotFound` (a claw-back without a grant), `BalanceLimitExceeded`.
+    pub fn book_fact(
+        &mut self,
+        account: &str,
+        grant: Option<(i64, Source)>,
+        claw: i64,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        self.with_book(account, now, grant.is_some(), |b, ids| {
+            if let Some((amount, source)) = grant {
+                let amount = super::Credits::new("credits", amount).map_err(|_| {
+                    LedgerError::BalanceLimitExceeded {
+                        limit: super::MAX_BALANCE,
+                    }
+                })?;
+                b.grant(
+                    &ids.bucket_id(),
+                    source,
+                    amount,
+                    None,
+                    super::book::PRIORITY_DEFAULT,
+                    "stripe",
+                    now,
+                )?;
+            }
+            if claw > 0 {
+                b.claw_back(claw, "stripe", now);
+            } else if claw < 0 {
+                let back = super::Credits::new("credits", claw.saturating_neg()).map_err(|_| {
+                    LedgerError::BalanceLimitExceeded {
+                        limit: super::MAX_BALANCE,
+                    }
+                })?;
+                b.grant(
+                    &ids.bucket_id(),
+                    Source::Refund,
+                    back,
+                    None,
+                    super::book::PRIORITY_DEFAULT,
+                    "stripe",
+                    now,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     /// Checks every book, and that entries explain every balance.
     ///
     /// # Errors
@@ -465,6 +517,120 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+}
+
+/// The Stripe facts as the reference model keeps them: each fact in a map of its own, loaded
+/// for an event the way storage loads them (by business key, PaymentIntent, charge, dispute),
+/// decided by the same [`Payment::apply`] and booked on a [`Ledger`].
+#[derive(Clone, Debug, Default)]
+pub struct Stripe {
+    events: std::collections::BTreeSet<String>,
+    purchases: BTreeMap<String, Purchase>,
+    charges: BTreeMap<String, Charge>,
+    disputes: BTreeMap<String, Dispute>,
+}
+
+impl Stripe {
+    /// Records one event's fact (a known event id changes nothing) and books its decision.
+    ///
+    /// # Errors
+    /// What [`Ledger::book_fact`] refuses.
+    pub fn record(
+        &mut self,
+        ledger: &mut Ledger,
+        event_id: &str,
+        business_key: Option<&str>,
+        fact: &Fact,
+        now: DateTime<Utc>,
+    ) -> Res<Decision> {
+        if !self.events.insert(event_id.to_owned()) {
+            return Ok(Decision::default());
+        }
+        let mut payment = self.load(business_key, fact);
+        let decision = payment.apply(business_key, fact.clone());
+        if decision.moves()
+            && let Some(account) = payment.purchase.as_ref().and_then(|p| p.account_id.clone())
+        {
+            let grant = decision.grant.as_ref().map(|(_, n)| (*n, Source::Purchase));
+            if let Err(e) = ledger.book_fact(&account, grant, decision.claw, now) {
+                self.events.remove(event_id);
+                return Err(e);
+            }
+        }
+        if let Some(p) = payment.purchase {
+            self.purchases.insert(p.business_key.clone(), p);
+        }
+        for c in payment.charges {
+            self.charges.insert(c.charge_id.clone(), c);
+        }
+        for d in payment.disputes {
+            self.disputes.insert(d.dispute_id.clone(), d);
+        }
+        Ok(decision)
+    }
+
+    fn load(&self, business_key: Option<&str>, fact: &Fact) -> Payment {
+        let (mut pi, charge, dispute) = match fact {
+            Fact::Paid { payment_intent, .. } => (payment_intent.clone(), None, None),
+            Fact::Pending | Fact::Failed => (None, None, None),
+            Fact::Refund(c) => (c.payment_intent.clone(), Some(c.charge_id.clone()), None),
+            Fact::Dispute(d) => (
+                d.payment_intent.clone(),
+                Some(d.charge_id.clone()),
+                Some(d.dispute_id.clone()),
+            ),
+        };
+        let purchase = business_key.and_then(|k| self.purchases.get(k).cloned());
+        if pi.is_none() {
+            pi = purchase.as_ref().and_then(|p| p.payment_intent.clone());
+        }
+        if pi.is_none() {
+            pi = charge
+                .as_ref()
+                .and_then(|c| self.charges.get(c))
+                .and_then(|c| c.payment_intent.clone());
+        }
+        let purchase = purchase.or_else(|| {
+            let pi = pi.as_deref()?;
+            let mut found: Vec<&Purchase> = self
+                .purchases
+                .values()
+                .filter(|p| p.payment_intent.as_deref() == Some(pi))
+                .collect();
+            found.sort_by_key(|p| p.state != PurchaseState::Granted);
+            found.first().map(|p| (*p).clone())
+        });
+        let of_pi: Vec<String> = self
+            .charges
+            .values()
+            .filter(|c| pi.is_some() && c.payment_intent == pi)
+            .map(|c| c.charge_id.clone())
+            .collect();
+        let charges = self
+            .charges
+            .values()
+            .filter(|c| {
+                (pi.is_some() && c.payment_intent == pi) || Some(&c.charge_id) == charge.as_ref()
+            })
+            .cloned()
+            .collect();
+        let disputes = self
+            .disputes
+            .values()
+            .filter(|d| {
+                (pi.is_some() && d.payment_intent == pi)
+                    || Some(&d.charge_id) == charge.as_ref()
+                    || Some(&d.dispute_id) == dispute.as_ref()
+                    || of_pi.contains(&d.charge_id)
+            })
+            .cloned()
+            .collect();
+        Payment {
+            purchase,
+            charges,
+            disputes,
+        }
     }
 }
 

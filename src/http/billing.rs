@@ -2,7 +2,8 @@
 //! an account's billing view, and the success-page sync.
 //!
 //! Callers need the `billing` role (a bearer token from the callers file) and may only name
-//! accounts within their prefixes; Checkout creation also counts against the lower rate tier.
+//! accounts within their prefixes; every endpoint that calls Stripe (Checkout, the portal and
+//! both syncs) also counts against the lower rate tier.
 #![allow(clippy::result_large_err)] // a handler step fails with the `Response` to send
 
 use axum::extract::{Path, State};
@@ -48,10 +49,40 @@ fn invalid(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
 }
 
+/// How a failed Stripe call is answered: 404 for an id Stripe does not know; 503 with
+/// `Retry-After` when Stripe is busy (429) or the same request is still in flight there (409);
+/// 502 when Stripe refuses Tally's own API key (401/403: the operator's configuration, never the
+/// caller's fault) or cannot be reached; 400 for the rest of Stripe's refusals.
 fn stripe_error(e: &StripeCallError) -> Response {
     match e {
-        StripeCallError::Refused { status, .. } if *status == 404 => {
+        StripeCallError::Refused { status: 404, .. } => {
             error(StatusCode::NOT_FOUND, "STRIPE_NOT_FOUND", e.to_string())
+        }
+        StripeCallError::Refused {
+            status: 409 | 429, ..
+        } => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STRIPE_BUSY",
+                format!("{e}; retry with the same Idempotency-Key"),
+            );
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(STRIPE_RETRY_AFTER_SECS),
+            );
+            resp
+        }
+        StripeCallError::Refused {
+            status: 401 | 403, ..
+        } => {
+            tracing::error!(
+                "Stripe refused Tally's API key: check --stripe-api-key-file (its mode and permissions)"
+            );
+            error(
+                StatusCode::BAD_GATEWAY,
+                "STRIPE_MISCONFIGURED",
+                "Stripe refused the server's API key; the operator must fix it",
+            )
         }
         StripeCallError::Refused { .. } => {
             error(StatusCode::BAD_REQUEST, "STRIPE_REFUSED", e.to_string())
@@ -60,6 +91,26 @@ fn stripe_error(e: &StripeCallError) -> Response {
             error(StatusCode::BAD_GATEWAY, "STRIPE_UNAVAILABLE", e.to_string())
         }
     }
+}
+
+/// `Retry-After` when Stripe is busy: 2 s.
+pub const STRIPE_RETRY_AFTER_SECS: &str = "2";
+
+/// Longest `Idempotency-Key` header accepted on Checkout creation: 200 characters.
+pub const IDEMPOTENCY_HEADER_MAX_LEN: usize = 200;
+
+/// Creating an account's Stripe customer is serialised per account in this process (striped
+/// locks), so concurrent first Checkouts create one customer; across replicas the customer's
+/// idempotency key (derived from the account) does the same at Stripe.
+static CUSTOMER_LOCKS: [tokio::sync::Mutex<()>; 64] =
+    [const { tokio::sync::Mutex::const_new(()) }; 64];
+
+fn customer_lock(account_id: &AccountId) -> &'static tokio::sync::Mutex<()> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    account_id.as_str().hash(&mut h);
+    let i = usize::try_from(h.finish() % 64).unwrap_or(0);
+    CUSTOMER_LOCKS.get(i).unwrap_or(&CUSTOMER_LOCKS[0])
 }
 
 fn storage_error(e: &crate::storage::StorageError) -> Response {
@@ -191,6 +242,15 @@ async fn customer_for(
     {
         return Ok(c);
     }
+    let _serialised = customer_lock(account_id).lock().await;
+    if let Some(c) = s
+        .store
+        .customer_of(account_id)
+        .await
+        .map_err(|e| storage_error(&e))?
+    {
+        return Ok(c);
+    }
     let created = api
         .create_customer(account_id.as_str())
         .await
@@ -249,6 +309,38 @@ async fn create_checkout(
         Ok(p) => p,
         Err(resp) => return resp,
     };
+    let idempotency_key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => uuid::Uuid::new_v4().simple().to_string(),
+        Some(Ok(k))
+            if !k.is_empty()
+                && k.len() <= IDEMPOTENCY_HEADER_MAX_LEN
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            k.to_owned()
+        }
+        Some(_) => {
+            return invalid(format!(
+                "Idempotency-Key must be 1 to {IDEMPOTENCY_HEADER_MAX_LEN} printable ASCII characters"
+            ));
+        }
+    };
+    if subscription {
+        match s.store.subscriptions(&account_id).await {
+            Ok(subs) => {
+                if let Some(live) = subs.iter().find(|x| x.is_live()) {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "SUBSCRIPTION_EXISTS",
+                        format!(
+                            "the account already has a live subscription ({}, plan {}): change or cancel it in the customer portal (POST /v1/billing/portal)",
+                            live.subscription_id, live.plan
+                        ),
+                    );
+                }
+            }
+            Err(e) => return storage_error(&e),
+        }
+    }
     let customer = match customer_for(&s, api, &account_id).await {
         Ok(c) => c,
         Err(resp) => return resp,
@@ -261,6 +353,7 @@ async fn create_checkout(
         item,
         success_url,
         cancel_url,
+        idempotency_key,
     };
     match api.create_checkout(&n).await {
         Ok((id, url)) => (StatusCode::OK, Json(json!({"id": id, "url": url}))).into_response(),
@@ -280,7 +373,7 @@ async fn portal(
     headers: HeaderMap,
     Json(r): Json<PortalRequest>,
 ) -> Response {
-    let api = match authorize(&s, &headers, Some(&r.account_id), false).and_then(|_| stripe_api(&s))
+    let api = match authorize(&s, &headers, Some(&r.account_id), true).and_then(|_| stripe_api(&s))
     {
         Ok(api) => api,
         Err(resp) => return resp,
@@ -312,7 +405,7 @@ async fn sync_checkout(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let (principal, api) = match authorize(&s, &headers, None, false)
+    let (principal, api) = match authorize(&s, &headers, None, true)
         .and_then(|p| stripe_api(&s).map(|api| (p, api)))
     {
         Ok(x) => x,
@@ -374,10 +467,10 @@ async fn billing(
         Ok(u) => u,
         Err(e) => return storage_error(&e),
     };
-    let subscription = match s.store.subscription_of(&account_id).await {
-        Ok(sub) => sub.map(|(id, status, plan, period_end, cancel)| {
-            json!({"id": id, "status": status, "plan": plan, "current_period_end": period_end
-                .and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|t| t.to_rfc3339()), "cancel_at_period_end": cancel})
+    let subscription = match s.store.subscriptions(&account_id).await {
+        Ok(subs) => crate::domain::payment::Subscription::current(&subs).map(|sub| {
+            json!({"id": sub.subscription_id, "status": sub.status, "plan": sub.plan, "current_period_end": sub.period_end
+                .and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|t| t.to_rfc3339()), "cancel_at_period_end": sub.cancel_at_period_end})
         }),
         Err(e) => return storage_error(&e),
     };
@@ -470,7 +563,7 @@ async fn sync_subscription(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let api = match authorize(&s, &headers, Some(&id), false).and_then(|_| stripe_api(&s)) {
+    let api = match authorize(&s, &headers, Some(&id), true).and_then(|_| stripe_api(&s)) {
         Ok(api) => api,
         Err(resp) => return resp,
     };

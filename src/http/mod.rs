@@ -18,8 +18,11 @@ pub mod billing;
 
 use crate::catalog::Catalog;
 use crate::domain::book::Source;
+use crate::domain::payment::{Charge, Dispute, Fact};
 use crate::domain::{AccountId, Credits};
-use crate::storage::{StorageError, Store, StripeEffect, StripeEvent, StripeRecord};
+use crate::storage::{
+    Moved, PackGrant, StorageError, Store, StripeEffect, StripeEvent, StripeRecord,
+};
 use crate::stripe::{self, Effect, Envelope, WebhookSecret};
 
 /// Largest webhook body accepted: 256 KiB (Stripe events are a few KiB).
@@ -165,6 +168,32 @@ fn refuse(why: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response()
 }
 
+/// Counts what an event moved: `tally_grants_total` / `tally_credits_granted_total` by source
+/// (a dispute's give-back as `refund`), `tally_clawbacks_total` / `tally_credits_clawed_total`
+/// by what caused them (`refund`, `dispute`, or `purchase` when a claw-back that arrived first
+/// is applied as its purchase lands).
+fn count_moved(effect: &Effect, resolved: &StripeEffect, moved: Moved) {
+    if moved.granted > 0 {
+        let source = match resolved {
+            StripeEffect::InvoiceGrant { .. } => "subscription",
+            _ => "purchase",
+        };
+        crate::telemetry::count_grant(source, moved.granted);
+    }
+    if moved.given_back > 0 {
+        crate::telemetry::count_grant("refund", moved.given_back);
+    }
+    if moved.clawed > 0 {
+        let cause = match effect {
+            Effect::Refunded { .. } => "refund",
+            Effect::Dispute { .. } => "dispute",
+            _ => "purchase",
+        };
+        crate::telemetry::count_clawback(cause, moved.clawed);
+    }
+}
+
+#[allow(clippy::too_many_lines)] // one arm per effect
 fn resolve(
     effect: &Effect,
     catalog: &Catalog,
@@ -187,8 +216,12 @@ fn resolve(
                 .filter(|a| AccountId::parse("account_id", a).is_ok());
             Ok(StripeEffect::Subscription(state))
         }
-        Effect::PaymentFailed { customer } => Ok(StripeEffect::PaymentFailed {
-            customer: customer.clone(),
+        Effect::PaymentFailed {
+            subscription,
+            as_of,
+        } => Ok(StripeEffect::PaymentFailed {
+            subscription: subscription.clone(),
+            as_of: *as_of,
         }),
         Effect::InvoicePaid {
             business_key,
@@ -218,9 +251,15 @@ fn resolve(
         Effect::Record {
             business_key,
             state,
-        } => Ok(StripeEffect::Mark {
-            business_key: business_key.clone(),
-            state,
+        } => Ok(StripeEffect::Payment {
+            business_key: Some(business_key.clone()),
+            fact: if *state == "failed" {
+                Fact::Failed
+            } else {
+                Fact::Pending
+            },
+            grant: None,
+            reason: format!("{business_key} {state} ({})", event.id),
         }),
         Effect::GrantPack {
             business_key,
@@ -230,19 +269,24 @@ fn resolve(
             amount_paid,
         } => {
             let pack = catalog.packs.get(pack_id).ok_or("unknown pack")?;
-            Ok(StripeEffect::Grant {
-                business_key: business_key.clone(),
-                account_id: AccountId::parse("account_id", account_id)
-                    .map_err(|_| "invalid account id in the session")?,
-                amount: Credits::new("credits", pack.credits).map_err(|_| "invalid pack")?,
-                source: Source::Purchase,
-                expires_in: pack
-                    .expires_in
-                    .and_then(|d| chrono::TimeDelta::from_std(d).ok()),
+            let account_id = AccountId::parse("account_id", account_id)
+                .map_err(|_| "invalid account id in the session")?;
+            let credits = Credits::new("credits", pack.credits).map_err(|_| "invalid pack")?;
+            Ok(StripeEffect::Payment {
+                business_key: Some(business_key.clone()),
+                fact: Fact::Paid {
+                    account_id: account_id.as_str().to_owned(),
+                    credits: credits.get(),
+                    payment_intent: payment_intent.clone(),
+                    amount_paid: amount_paid.unwrap_or(0),
+                },
+                grant: Some(PackGrant {
+                    source: Source::Purchase,
+                    expires_in: pack
+                        .expires_in
+                        .and_then(|d| chrono::TimeDelta::from_std(d).ok()),
+                }),
                 reason: format!("{} ({}; {})", pack.display_name, business_key, event.id),
-                payment: payment_intent
-                    .clone()
-                    .map(|pi| (pi, amount_paid.unwrap_or(0))),
             })
         }
         Effect::Refunded {
@@ -250,23 +294,34 @@ fn resolve(
             payment_intent,
             amount,
             amount_refunded,
-        } => Ok(StripeEffect::ClawRefund {
-            charge: charge.clone(),
-            payment_intent: payment_intent.clone(),
-            amount: *amount,
-            amount_refunded: *amount_refunded,
+        } => Ok(StripeEffect::Payment {
+            business_key: None,
+            fact: Fact::Refund(Charge {
+                charge_id: charge.clone(),
+                payment_intent: payment_intent.clone(),
+                amount: *amount,
+                amount_refunded: *amount_refunded,
+            }),
+            grant: None,
+            reason: format!("refund of {charge} ({})", event.id),
         }),
-        Effect::Disputed {
+        Effect::Dispute {
             dispute,
             charge,
             payment_intent,
-        } => Ok(StripeEffect::ClawDispute {
-            dispute: dispute.clone(),
-            charge: charge.clone(),
-            payment_intent: payment_intent.clone(),
-        }),
-        Effect::DisputeWon { dispute } => Ok(StripeEffect::RestoreDispute {
-            dispute: dispute.clone(),
+            amount,
+            status,
+        } => Ok(StripeEffect::Payment {
+            business_key: None,
+            fact: Fact::Dispute(Dispute {
+                dispute_id: dispute.clone(),
+                charge_id: charge.clone(),
+                payment_intent: payment_intent.clone(),
+                amount: *amount,
+                status: *status,
+            }),
+            grant: None,
+            reason: format!("dispute {dispute} {} ({})", status.as_str(), event.id),
         }),
     }
 }
@@ -306,7 +361,26 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
     if livemode != s.livemode {
         return refuse("event mode (live/test) differs from the configured Stripe key");
     }
-    let effect = stripe::decide(event, &s.catalog);
+    let mut effect = stripe::decide(event, &s.catalog);
+    // A dispute rendered without its PaymentIntent (older API versions): ask Stripe for the
+    // charge's. If that fails the dispute is stored by charge and applies once a refund of the
+    // charge names the PaymentIntent.
+    if let (
+        Effect::Dispute {
+            charge,
+            payment_intent: pi @ None,
+            ..
+        },
+        Some(api),
+    ) = (&mut effect, &s.stripe)
+    {
+        match api.charge_payment_intent(charge).await {
+            Ok(found) => *pi = found,
+            Err(e) => {
+                warn!(event_id = %event.id, error.message = %e, "the disputed charge could not be read from Stripe; the dispute waits for its PaymentIntent");
+            }
+        }
+    }
     let why = match &effect {
         Effect::Nothing(why) => *why,
         Effect::Record { state, .. } => state,
@@ -315,9 +389,8 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         Effect::Subscription(_) => "mirror subscription",
         Effect::InvoicePaid { .. } => "grant subscription credits",
         Effect::PaymentFailed { .. } => "past due",
-        Effect::Refunded { .. } => "claw back refund",
-        Effect::Disputed { .. } => "claw back dispute",
-        Effect::DisputeWon { .. } => "restore dispute",
+        Effect::Refunded { .. } => "refund: its share of the purchase is taken back",
+        Effect::Dispute { .. } => "dispute: its share of the purchase follows its status",
     };
     let resolved = match resolve(&effect, &s.catalog, event) {
         Ok(r) => r,
@@ -343,30 +416,16 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
             )
                 .into_response()
         }
-        Ok(StripeRecord::Recorded { granted }) => {
+        Ok(StripeRecord::Recorded(moved)) => {
             webhook_metric(&event.kind, "processed");
-            if granted {
-                match &resolved {
-                    StripeEffect::Grant { amount, .. } => {
-                        crate::telemetry::count_grant("purchase", amount.get());
-                    }
-                    StripeEffect::InvoiceGrant { amount, .. } => {
-                        crate::telemetry::count_grant("subscription", amount.get());
-                    }
-                    StripeEffect::ClawRefund { .. } => {
-                        metrics::counter!("tally_clawbacks_total", "kind" => "refund").increment(1);
-                    }
-                    StripeEffect::ClawDispute { .. } => {
-                        metrics::counter!("tally_clawbacks_total", "kind" => "dispute")
-                            .increment(1);
-                    }
-                    _ => {}
-                }
-            }
-            info!(event_id = %event.id, kind = %event.kind, effect = why, granted, "stripe event processed");
+            count_moved(&effect, &resolved, moved);
+            let granted = moved.granted > 0;
+            info!(event_id = %event.id, kind = %event.kind, effect = why, granted = moved.granted,
+                  clawed = moved.clawed, given_back = moved.given_back, "stripe event processed");
             (
                 StatusCode::OK,
-                Json(json!({"received": true, "effect": why, "granted": granted})),
+                Json(json!({"received": true, "effect": why, "granted": granted,
+                            "credits": {"granted": moved.granted, "clawed": moved.clawed, "given_back": moved.given_back}})),
             )
                 .into_response()
         }

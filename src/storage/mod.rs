@@ -446,11 +446,11 @@ pub trait Store: Send + Sync + 'static {
         account_id: &AccountId,
         limit: u32,
     ) -> StorageResult<Vec<(String, i64, DateTime<Utc>)>>;
-    /// The account's mirrored subscription: (id, status, plan, period end, cancel at period end).
-    async fn subscription_of(
+    /// The account's mirrored subscriptions (any status).
+    async fn subscriptions(
         &self,
         account_id: &AccountId,
-    ) -> StorageResult<Option<SubscriptionRow>>;
+    ) -> StorageResult<Vec<crate::domain::payment::Subscription>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
     /// Gauges for metrics: open holds and the connection pool.
@@ -469,9 +469,6 @@ pub struct StoreStats {
     /// The pool's maximum.
     pub pool_max: u32,
 }
-
-/// A mirrored subscription: id, status, plan, current period end (unix s), cancel at period end.
-pub type SubscriptionRow = (String, Option<String>, Option<String>, Option<i64>, bool);
 
 /// A verified Stripe event as recorded.
 #[derive(Clone, Debug)]
@@ -493,47 +490,17 @@ pub struct StripeEvent {
 pub enum StripeEffect {
     /// Nothing beyond recording the event.
     None,
-    /// Grant credits once per business key.
-    Grant {
-        /// e.g. `checkout_session:cs_...`.
-        business_key: String,
-        /// The account.
-        account_id: AccountId,
-        /// Credits.
-        amount: crate::domain::Credits,
-        /// Source of the grant.
-        source: crate::domain::book::Source,
-        /// Lifetime of the credits.
-        expires_in: Option<TimeDelta>,
-        /// Reason on the grant.
+    /// A fact about a payment: a purchase paid, pending or failed, a refund, a dispute. What
+    /// it does is decided by [`crate::domain::payment::Payment::apply`].
+    Payment {
+        /// `checkout_session:<id>` for facts of a purchase.
+        business_key: Option<String>,
+        /// The fact.
+        fact: crate::domain::payment::Fact,
+        /// How a first paid purchase is granted.
+        grant: Option<PackGrant>,
+        /// Reason on the ledger lines.
         reason: String,
-        /// The PaymentIntent and amount paid (minor units), for later refunds and disputes.
-        payment: Option<(String, i64)>,
-    },
-    /// Claw back the refunded share of the purchase paid by `payment_intent`.
-    ClawRefund {
-        /// The refunded charge.
-        charge: String,
-        /// The purchase's PaymentIntent.
-        payment_intent: String,
-        /// The charge's amount.
-        amount: i64,
-        /// Refunded so far.
-        amount_refunded: i64,
-    },
-    /// Claw back what is left of a disputed purchase.
-    ClawDispute {
-        /// `dp_...`.
-        dispute: String,
-        /// The disputed charge.
-        charge: String,
-        /// The purchase's PaymentIntent.
-        payment_intent: String,
-    },
-    /// Give back what a won dispute clawed.
-    RestoreDispute {
-        /// `dp_...`.
-        dispute: String,
     },
     /// Link an account (created if new) to its Stripe customer.
     Link {
@@ -542,7 +509,7 @@ pub enum StripeEffect {
         /// The customer.
         customer: String,
     },
-    /// Mirror a subscription onto its account if newer than what is stored.
+    /// Mirror a subscription onto its account if newer than what is stored for it.
     Subscription(crate::stripe::event::SubscriptionState),
     /// Grant a paid subscription invoice's credits once.
     InvoiceGrant {
@@ -559,18 +526,22 @@ pub enum StripeEffect {
         /// Reason on the grant.
         reason: String,
     },
-    /// Mark the customer's subscription past due.
+    /// A renewal failed: that subscription is past due, if the event is newer than its state.
     PaymentFailed {
-        /// The customer billed.
-        customer: String,
+        /// `sub_...`.
+        subscription: String,
+        /// The event's `created`.
+        as_of: i64,
     },
-    /// Record a fact's state without moving credits (never downgrades a granted fact).
-    Mark {
-        /// e.g. `checkout_session:cs_...`.
-        business_key: String,
-        /// `pending` or `failed`.
-        state: &'static str,
-    },
+}
+
+/// How a paid pack is granted.
+#[derive(Clone, Debug)]
+pub struct PackGrant {
+    /// Source of the grant.
+    pub source: crate::domain::book::Source,
+    /// Lifetime of the credits.
+    pub expires_in: Option<TimeDelta>,
 }
 
 /// What recording an event did.
@@ -578,12 +549,20 @@ pub enum StripeEffect {
 pub enum StripeRecord {
     /// The event id was recorded before: nothing changed.
     DuplicateEvent,
-    /// Recorded; `granted` says whether credits moved (false when the fact was already granted
-    /// through another event or the sync path).
-    Recorded {
-        /// Credits granted by this delivery.
-        granted: bool,
-    },
+    /// Recorded, with the credits it moved (none when the fact was already applied through
+    /// another event or the sync path).
+    Recorded(Moved),
+}
+
+/// Credits one Stripe event moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Granted (a purchase or a paid invoice).
+    pub granted: i64,
+    /// Taken back (refunds and disputes).
+    pub clawed: i64,
+    /// Given back (a dispute won).
+    pub given_back: i64,
 }
 
 /// The answer of an idempotency claim.
@@ -688,6 +667,119 @@ pub(crate) fn violation(row: AuditRow) -> Violation {
     }
 }
 
+/// Finds Stripe facts that do not reconcile with the books: a purchase that lost more than it
+/// granted, a grant made for a business fact that the fact does not record (a second grant of
+/// one purchase), a granted fact whose grant is missing or differs, and purchase grants that
+/// name a Checkout Session no fact owns. Rows: (account, detail). Portable SQL.
+pub(crate) const STRIPE_AUDIT_SQL: &str = "
+SELECT COALESCE(account_id, ''), 'purchase ' || business_key || ' clawed ' || CAST(clawed AS TEXT)
+       || ' of ' || CAST(credits AS TEXT) || ' credits'
+FROM stripe_fact WHERE clawed < 0 OR clawed > credits
+UNION ALL
+SELECT b.account_id, 'grant ' || b.bucket_id || ' for ' || b.business_key || ' is not the grant its fact records'
+FROM bucket b LEFT JOIN stripe_fact f
+  ON f.business_key = b.business_key AND f.grant_id = b.bucket_id AND f.state = 'granted'
+WHERE b.business_key IS NOT NULL AND f.business_key IS NULL
+UNION ALL
+SELECT COALESCE(f.account_id, ''), 'fact ' || f.business_key || ' granted ' || CAST(f.credits AS TEXT)
+       || ' credits but its grant is missing or differs'
+FROM stripe_fact f LEFT JOIN bucket b ON b.bucket_id = f.grant_id
+WHERE f.state = 'granted' AND f.grant_id IS NOT NULL
+  AND (b.bucket_id IS NULL OR b.granted <> f.credits OR b.business_key IS NULL OR b.business_key <> f.business_key)
+UNION ALL
+SELECT account_id, 'purchase grant ' || bucket_id || ' names a Checkout Session that no fact owns'
+FROM bucket WHERE source = 'purchase' AND business_key IS NULL AND reason LIKE '%checkout_session:%'";
+
+/// A purchase row: key, account, state, credits, PaymentIntent, amount paid, clawed, grant.
+pub(crate) type PurchaseRow = (
+    String,
+    Option<String>,
+    String,
+    i64,
+    Option<String>,
+    Option<i64>,
+    i64,
+    Option<String>,
+);
+
+/// Parses a [`PurchaseRow`].
+pub(crate) fn purchase_from_row(r: PurchaseRow) -> StorageResult<crate::domain::payment::Purchase> {
+    let (business_key, account_id, state, credits, payment_intent, amount_paid, clawed, grant_id) =
+        r;
+    Ok(crate::domain::payment::Purchase {
+        state: crate::domain::payment::PurchaseState::parse(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown purchase state {state:?}")))?,
+        business_key,
+        account_id,
+        credits,
+        payment_intent,
+        amount_paid: amount_paid.unwrap_or(0),
+        clawed,
+        grant_id,
+    })
+}
+
+/// A charge row: id, PaymentIntent, amount, refunded.
+pub(crate) type ChargeRow = (String, Option<String>, i64, i64);
+
+/// Parses a [`ChargeRow`].
+pub(crate) fn charge_from_row(r: ChargeRow) -> crate::domain::payment::Charge {
+    let (charge_id, payment_intent, amount, amount_refunded) = r;
+    crate::domain::payment::Charge {
+        charge_id,
+        payment_intent,
+        amount,
+        amount_refunded,
+    }
+}
+
+/// A dispute row: id, charge, PaymentIntent, amount, status.
+pub(crate) type DisputeRow = (String, String, Option<String>, Option<i64>, String);
+
+/// Parses a [`DisputeRow`].
+pub(crate) fn dispute_from_row(r: DisputeRow) -> StorageResult<crate::domain::payment::Dispute> {
+    let (dispute_id, charge_id, payment_intent, amount, status) = r;
+    Ok(crate::domain::payment::Dispute {
+        status: crate::domain::payment::DisputeStatus::parse(&status)
+            .ok_or_else(|| StorageError::Other(format!("unknown dispute status {status:?}")))?,
+        dispute_id,
+        charge_id,
+        payment_intent,
+        amount,
+    })
+}
+
+/// A subscription row: id, account, customer, status, plan, period end, cancel at period end,
+/// state as of, started.
+pub(crate) type SubscriptionRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<i64>,
+    bool,
+    i64,
+    i64,
+);
+
+/// Parses a [`SubscriptionRow`].
+pub(crate) fn subscription_from_row(r: SubscriptionRow) -> crate::domain::payment::Subscription {
+    let (subscription_id, account_id, customer, status, plan, period_end, cancel, as_of, started) =
+        r;
+    crate::domain::payment::Subscription {
+        subscription_id,
+        account_id,
+        customer,
+        status,
+        plan,
+        period_end,
+        cancel_at_period_end: cancel,
+        as_of,
+        started,
+    }
+}
+
 /// Kinds as stored names, for `IN` filters.
 pub(crate) fn kind_names(kinds: &[crate::domain::rules::EntryKind]) -> Vec<String> {
     kinds.iter().map(|k| k.as_str().to_owned()).collect()
@@ -747,14 +839,17 @@ pub(crate) trait Tx: Send {
     ) -> StorageResult<()>;
     /// Writes what the book's operation changed.
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()>;
-    /// Inserts the event row unless its id exists; true if inserted. A concurrent duplicate
-    /// waits here for the first transaction.
+    /// Serialises every Stripe effect (PostgreSQL: a transaction-scoped advisory lock;
+    /// SQLite: its one writer already does). The lock exists whether or not any fact does, so
+    /// no decision is made from an unlocked "not found".
+    async fn lock_stripe(&mut self) -> StorageResult<()>;
+    /// Inserts the event row unless its id exists; true if inserted.
     async fn insert_stripe_event(
         &mut self,
         event: &StripeEvent,
         now: DateTime<Utc>,
     ) -> StorageResult<bool>;
-    /// The state of a business fact, locking it.
+    /// The state of a business fact.
     async fn fact_state(&mut self, business_key: &str) -> StorageResult<Option<String>>;
     /// The account linked to a Stripe customer.
     async fn account_of_customer(&mut self, customer: &str) -> StorageResult<Option<String>>;
@@ -765,32 +860,53 @@ pub(crate) trait Tx: Send {
         customer: &str,
         now: DateTime<Utc>,
     ) -> StorageResult<()>;
-    /// Stores a subscription state if it is newer than the stored one; true if stored.
-    async fn put_subscription(
+    /// A purchase by its business key, or else by its PaymentIntent.
+    async fn purchase(
+        &mut self,
+        business_key: Option<&str>,
+        payment_intent: Option<&str>,
+    ) -> StorageResult<Option<crate::domain::payment::Purchase>>;
+    /// Stores a purchase.
+    async fn put_purchase(
+        &mut self,
+        p: &crate::domain::payment::Purchase,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()>;
+    /// The charges of a PaymentIntent, and `charge` itself.
+    async fn charges(
+        &mut self,
+        payment_intent: Option<&str>,
+        charge: Option<&str>,
+    ) -> StorageResult<Vec<crate::domain::payment::Charge>>;
+    /// Stores a charge.
+    async fn put_charge(&mut self, c: &crate::domain::payment::Charge) -> StorageResult<()>;
+    /// The disputes of a PaymentIntent's charges, of `charge`, and `dispute` itself.
+    async fn disputes(
+        &mut self,
+        payment_intent: Option<&str>,
+        charge: Option<&str>,
+        dispute: Option<&str>,
+    ) -> StorageResult<Vec<crate::domain::payment::Dispute>>;
+    /// Stores a dispute.
+    async fn put_dispute(&mut self, d: &crate::domain::payment::Dispute) -> StorageResult<()>;
+    /// A subscription by id.
+    async fn subscription(
+        &mut self,
+        subscription_id: &str,
+    ) -> StorageResult<Option<crate::domain::payment::Subscription>>;
+    /// An account's subscriptions.
+    async fn subscriptions_of(
         &mut self,
         account_id: &str,
-        s: &crate::stripe::event::SubscriptionState,
-    ) -> StorageResult<bool>;
-    /// Sets the subscription status of a customer's account.
-    async fn set_subscription_status(&mut self, customer: &str, status: &str) -> StorageResult<()>;
-    /// A business fact: state, credits, account (locked for the rest of the transaction).
-    async fn fact(
+    ) -> StorageResult<Vec<crate::domain::payment::Subscription>>;
+    /// Stores a subscription.
+    async fn put_subscription(
         &mut self,
-        business_key: &str,
-    ) -> StorageResult<Option<(String, i64, Option<String>)>>;
-    /// The granted purchase paid by a PaymentIntent: (account, credits).
-    async fn purchase_by_payment_intent(
-        &mut self,
-        payment_intent: &str,
-    ) -> StorageResult<Option<(String, i64)>>;
-    /// Records what paid a purchase.
-    async fn set_fact_payment(
-        &mut self,
-        business_key: &str,
-        payment_intent: &str,
-        amount_paid: i64,
+        s: &crate::domain::payment::Subscription,
     ) -> StorageResult<()>;
-    /// Creates or updates a business fact.
+    /// Names the business fact a grant was made for (unique: a second grant is refused).
+    async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()>;
+    /// Creates or updates a business fact (invoices).
     async fn put_fact(
         &mut self,
         business_key: &str,
@@ -836,72 +952,250 @@ async fn account_for(
     Ok(Some(account.to_owned()))
 }
 
-/// Claws `amount` back from an account (debt for what its grants cannot cover).
-async fn claw(
+/// A grant the books make for a business fact.
+struct FactGrant<'a> {
+    business_key: &'a str,
+    amount: i64,
+    source: crate::domain::book::Source,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// Books what a Stripe fact decided on one account, in the caller's transaction: the grant
+/// (named by its business key, so the database refuses a second one), then `claw` credits
+/// taken back (positive; debt for what the grants cannot cover) or given back (negative).
+/// Returns the new grant's id.
+async fn book_fact(
     tx: &mut dyn Tx,
     account: &str,
-    amount: i64,
+    grant: Option<FactGrant<'_>>,
+    claw: i64,
     reason: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<Option<String>> {
+    let create = grant.as_ref().map(|_| crate::domain::DEFAULT_PLAN);
+    let (mut book, _) = tx
+        .lock_book(account, create, now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    tx.load(&mut book, None, now).await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    let mut granted = None;
+    if let Some(g) = &grant {
+        let id = RandomIds.bucket_id();
+        let amount = crate::domain::Credits::new("credits", g.amount)
+            .map_err(|v| StorageError::Other(v.to_string()))?;
+        book.grant(
+            &id,
+            g.source,
+            amount,
+            g.expires_at,
+            crate::domain::book::PRIORITY_DEFAULT,
+            reason,
+            now,
+        )?;
+        granted = Some(id);
+    }
+    match claw.cmp(&0) {
+        std::cmp::Ordering::Greater => {
+            book.claw_back(claw, reason, now);
+        }
+        std::cmp::Ordering::Less => {
+            let back = crate::domain::Credits::new("credits", claw.saturating_neg())
+                .map_err(|v| StorageError::Other(v.to_string()))?;
+            book.grant(
+                &RandomIds.bucket_id(),
+                crate::domain::book::Source::Refund,
+                back,
+                None,
+                crate::domain::book::PRIORITY_DEFAULT,
+                reason,
+                now,
+            )?;
+        }
+        std::cmp::Ordering::Equal => {}
+    }
+    tx.write(&book, now).await?;
+    if let (Some(id), Some(g)) = (&granted, &grant) {
+        tx.tag_grant(id, g.business_key).await?;
+    }
+    Ok(granted)
+}
+
+/// Loads everything known about the payment a fact concerns: its purchase (by business key,
+/// else by PaymentIntent), the PaymentIntent's charges and their disputes, and the charge and
+/// dispute the fact names. Called under [`Tx::lock_stripe`].
+async fn load_payment(
+    tx: &mut dyn Tx,
+    business_key: Option<&str>,
+    fact: &crate::domain::payment::Fact,
+) -> StorageResult<crate::domain::payment::Payment> {
+    use crate::domain::payment::{Fact, Payment};
+    let (mut pi, charge, dispute) = match fact {
+        Fact::Paid { payment_intent, .. } => (payment_intent.clone(), None, None),
+        Fact::Pending | Fact::Failed => (None, None, None),
+        Fact::Refund(c) => (c.payment_intent.clone(), Some(c.charge_id.as_str()), None),
+        Fact::Dispute(d) => (
+            d.payment_intent.clone(),
+            Some(d.charge_id.as_str()),
+            Some(d.dispute_id.as_str()),
+        ),
+    };
+    let purchase = match business_key {
+        Some(key) => tx.purchase(Some(key), None).await?,
+        None => None,
+    };
+    if pi.is_none() {
+        pi = purchase.as_ref().and_then(|p| p.payment_intent.clone());
+    }
+    // A dispute named by its charge only: the charge's refund events may know its PaymentIntent.
+    if pi.is_none()
+        && let Some(ch) = charge
+    {
+        pi = tx
+            .charges(None, Some(ch))
+            .await?
+            .into_iter()
+            .find_map(|c| c.payment_intent);
+    }
+    let purchase = match (purchase, pi.as_deref()) {
+        (Some(p), _) => Some(p),
+        (None, Some(pi)) => tx.purchase(None, Some(pi)).await?,
+        (None, None) => None,
+    };
+    let charges = if pi.is_some() || charge.is_some() {
+        tx.charges(pi.as_deref(), charge).await?
+    } else {
+        Vec::new()
+    };
+    let disputes = if pi.is_some() || charge.is_some() {
+        tx.disputes(pi.as_deref(), charge, dispute).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Payment {
+        purchase,
+        charges,
+        disputes,
+    })
+}
+
+/// Applies a fact about a payment: the domain decides, the books move, the facts are stored.
+async fn apply_payment_fact(
+    tx: &mut dyn Tx,
+    business_key: Option<&str>,
+    fact: &crate::domain::payment::Fact,
+    grant: Option<&PackGrant>,
+    reason: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<Moved> {
+    let mut payment = load_payment(tx, business_key, fact).await?;
+    let before = payment.clone();
+    let decision = payment.apply(business_key, fact.clone());
+    let mut moved = Moved::default();
+    let account = payment.purchase.as_ref().and_then(|p| p.account_id.clone());
+    if decision.moves()
+        && let Some(account) = account
+    {
+        let key = payment
+            .purchase
+            .as_ref()
+            .map(|p| p.business_key.clone())
+            .unwrap_or_default();
+        let fact_grant = decision.grant.as_ref().map(|(_, amount)| FactGrant {
+            business_key: &key,
+            amount: *amount,
+            source: grant.map_or(crate::domain::book::Source::Purchase, |g| g.source),
+            expires_at: grant
+                .and_then(|g| g.expires_in)
+                .and_then(|t| now.checked_add_signed(t)),
+        });
+        let id = book_fact(tx, &account, fact_grant, decision.claw, reason, policy, now).await?;
+        if let Some(p) = payment.purchase.as_mut()
+            && id.is_some()
+        {
+            p.grant_id = id;
+        }
+        moved.granted = decision.grant.map_or(0, |(_, n)| n);
+        moved.clawed = decision.claw.max(0);
+        moved.given_back = decision.claw.min(0).saturating_neg();
+    }
+    if let Some(p) = &payment.purchase
+        && before.purchase.as_ref() != Some(p)
+    {
+        tx.put_purchase(p, now).await?;
+    }
+    for c in &payment.charges {
+        if !before.charges.contains(c) {
+            tx.put_charge(c).await?;
+        }
+    }
+    for d in &payment.disputes {
+        if !before.disputes.contains(d) {
+            tx.put_dispute(d).await?;
+        }
+    }
+    Ok(moved)
+}
+
+/// Stores a subscription state if it is at least as new as the stored one, then puts the
+/// account on the plan of its newest live subscription.
+async fn apply_subscription(
+    tx: &mut dyn Tx,
+    incoming: Option<crate::domain::payment::Subscription>,
+    failed: Option<(&str, i64)>,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> StorageResult<()> {
+    use crate::domain::payment::Subscription;
+    let account = match (incoming, failed) {
+        (Some(incoming), _) => {
+            let mut stored = tx.subscription(&incoming.subscription_id).await?;
+            let account = stored
+                .as_ref()
+                .map_or_else(|| incoming.account_id.clone(), |s| s.account_id.clone());
+            let incoming = Subscription {
+                account_id: account.clone(),
+                ..incoming
+            };
+            if !Subscription::accept(&mut stored, incoming) {
+                return Ok(());
+            }
+            if let Some(s) = &stored {
+                tx.put_subscription(s).await?;
+            }
+            account
+        }
+        (None, Some((id, as_of))) => {
+            let Some(mut s) = tx.subscription(id).await? else {
+                return Ok(());
+            };
+            if !s.payment_failed(as_of) {
+                return Ok(());
+            }
+            tx.put_subscription(&s).await?;
+            s.account_id
+        }
+        (None, None) => return Ok(()),
+    };
+    let subs = tx.subscriptions_of(&account).await?;
+    let plan = Subscription::plan_of(&subs, crate::domain::DEFAULT_PLAN);
     let (mut book, _) = tx
-        .lock_book(account, None, now)
+        .lock_book(&account, None, now)
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    book.claw_back(amount, reason, now);
-    tx.write(&book, now).await
-}
-
-/// Grants `amount` for a business fact unless it was granted before; true if granted now.
-#[allow(clippy::too_many_arguments)]
-async fn grant_fact(
-    tx: &mut dyn Tx,
-    business_key: &str,
-    account_id: &str,
-    amount: crate::domain::Credits,
-    source: crate::domain::book::Source,
-    expires_at: Option<DateTime<Utc>>,
-    reason: &str,
-    policy: &Policy,
-    now: DateTime<Utc>,
-) -> StorageResult<bool> {
-    if tx.fact_state(business_key).await?.as_deref() == Some("granted") {
-        return Ok(false);
+    if book.plan != plan {
+        tx.load(&mut book, None, now).await?;
+        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+        book.plan = plan;
+        book.dirty.account = true;
+        tx.write(&book, now).await?;
     }
-    let (mut book, _) = tx
-        .lock_book(account_id, Some(crate::domain::DEFAULT_PLAN), now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let id = RandomIds.bucket_id();
-    book.grant(
-        &id,
-        source,
-        amount,
-        expires_at,
-        crate::domain::book::PRIORITY_DEFAULT,
-        reason,
-        now,
-    )?;
-    tx.write(&book, now).await?;
-    tx.put_fact(
-        business_key,
-        Some(account_id),
-        "granted",
-        amount.get(),
-        Some(&id),
-        now,
-    )
-    .await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Records a Stripe event and applies its effect (see [`Store::record_stripe_event`]).
-#[allow(clippy::too_many_lines)] // one arm per effect
 pub(crate) async fn record_stripe_event(
     mut tx: Box<dyn Tx>,
     event: &StripeEvent,
@@ -909,126 +1203,29 @@ pub(crate) async fn record_stripe_event(
     policy: &Policy,
 ) -> StorageResult<StripeRecord> {
     let now = tx.now().await?;
+    tx.lock_stripe().await?;
     if !tx.insert_stripe_event(event, now).await? {
         return Ok(StripeRecord::DuplicateEvent);
     }
-    let mut granted = false;
+    let mut moved = Moved::default();
     match effect {
         StripeEffect::None => {}
-        StripeEffect::Mark {
+        StripeEffect::Payment {
             business_key,
-            state,
-        } => {
-            // A granted fact stays granted: a late `async_payment_failed` does not undo it.
-            if tx.fact_state(business_key).await?.as_deref() != Some("granted") {
-                tx.put_fact(business_key, None, state, 0, None, now).await?;
-            }
-        }
-        StripeEffect::Grant {
-            business_key,
-            account_id,
-            amount,
-            source,
-            expires_in,
+            fact,
+            grant,
             reason,
-            payment,
         } => {
-            let expires_at = expires_in.and_then(|t| now.checked_add_signed(t));
-            let account = account_id.as_str();
-            granted = grant_fact(
+            moved = apply_payment_fact(
                 tx.as_mut(),
-                business_key,
-                account,
-                *amount,
-                *source,
-                expires_at,
+                business_key.as_deref(),
+                fact,
+                grant.as_ref(),
                 reason,
                 policy,
                 now,
             )
             .await?;
-            if let (true, Some((pi, paid))) = (granted, payment) {
-                tx.set_fact_payment(business_key, pi, *paid).await?;
-            }
-        }
-        StripeEffect::ClawRefund {
-            charge,
-            payment_intent,
-            amount,
-            amount_refunded,
-        } => {
-            if let Some((account, credits)) = tx.purchase_by_payment_intent(payment_intent).await? {
-                // The refunded share, rounded down (in the buyer's favour), less earlier refunds.
-                let target = i64::try_from(
-                    i128::from(credits) * i128::from(*amount_refunded)
-                        / i128::from((*amount).max(1)),
-                )
-                .unwrap_or(credits)
-                .min(credits);
-                let key = format!("refund:{charge}");
-                let already = tx.fact(&key).await?.map_or(0, |(_, c, _)| c);
-                if target > already {
-                    claw(
-                        tx.as_mut(),
-                        &account,
-                        target.saturating_sub(already),
-                        &key,
-                        policy,
-                        now,
-                    )
-                    .await?;
-                    tx.put_fact(&key, Some(&account), "clawed", target, None, now)
-                        .await?;
-                }
-            }
-        }
-        StripeEffect::ClawDispute {
-            dispute,
-            charge,
-            payment_intent,
-        } => {
-            let key = format!("dispute:{dispute}");
-            if tx.fact(&key).await?.is_none()
-                && let Some((account, credits)) =
-                    tx.purchase_by_payment_intent(payment_intent).await?
-            {
-                let refunded = tx
-                    .fact(&format!("refund:{charge}"))
-                    .await?
-                    .map_or(0, |(_, c, _)| c);
-                let left = credits.saturating_sub(refunded).max(0);
-                if left > 0 {
-                    claw(tx.as_mut(), &account, left, &key, policy, now).await?;
-                }
-                tx.put_fact(&key, Some(&account), "clawed", left, None, now)
-                    .await?;
-            }
-        }
-        StripeEffect::RestoreDispute { dispute } => {
-            let key = format!("dispute:{dispute}");
-            if let Some((state, credits, Some(account))) = tx.fact(&key).await?
-                && state == "clawed"
-            {
-                if let Ok(amount) = crate::domain::Credits::new("credits", credits) {
-                    let source = crate::domain::book::Source::Refund;
-                    let reason = format!("dispute {dispute} won");
-                    grant_fact(
-                        tx.as_mut(),
-                        &format!("dispute_won:{dispute}"),
-                        &account,
-                        amount,
-                        source,
-                        None,
-                        &reason,
-                        policy,
-                        now,
-                    )
-                    .await?;
-                    granted = true;
-                }
-                tx.put_fact(&key, Some(&account), "restored", credits, None, now)
-                    .await?;
-            }
         }
         StripeEffect::Link {
             account_id,
@@ -1046,20 +1243,27 @@ pub(crate) async fn record_stripe_event(
                 now,
             )
             .await?
-                && tx.put_subscription(&account, state).await?
             {
-                let (mut book, _) = tx
-                    .lock_book(&account, None, now)
-                    .await?
-                    .ok_or(LedgerError::AccountNotFound)?;
-                tx.load(&mut book, None, now).await?;
-                book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-                if book.plan != state.plan {
-                    book.plan.clone_from(&state.plan);
-                    book.dirty.account = true;
-                }
-                tx.write(&book, now).await?;
+                let incoming = crate::domain::payment::Subscription {
+                    subscription_id: state.subscription.clone(),
+                    account_id: account,
+                    customer: state.customer.clone(),
+                    status: state.status.clone(),
+                    plan: state.plan.clone(),
+                    period_end: state.period_end,
+                    cancel_at_period_end: state.cancel_at_period_end,
+                    as_of: state.as_of,
+                    started: state.started,
+                };
+                apply_subscription(tx.as_mut(), Some(incoming), None, policy, now).await?;
             }
+        }
+        StripeEffect::PaymentFailed {
+            subscription,
+            as_of,
+        } => {
+            apply_subscription(tx.as_mut(), None, Some((subscription, *as_of)), policy, now)
+                .await?;
         }
         StripeEffect::InvoiceGrant {
             business_key,
@@ -1070,28 +1274,32 @@ pub(crate) async fn record_stripe_event(
             reason,
         } => {
             let hint = account_hint.as_ref().map(AccountId::as_str);
-            if let Some(account) = account_for(tx.as_mut(), customer, hint, now).await? {
-                let source = crate::domain::book::Source::Subscription;
-                granted = grant_fact(
-                    tx.as_mut(),
+            if tx.fact_state(business_key).await?.as_deref() != Some("granted")
+                && let Some(account) = account_for(tx.as_mut(), customer, hint, now).await?
+            {
+                let grant = FactGrant {
                     business_key,
-                    &account,
-                    *amount,
-                    source,
-                    *expires_at,
-                    reason,
-                    policy,
+                    amount: amount.get(),
+                    source: crate::domain::book::Source::Subscription,
+                    expires_at: *expires_at,
+                };
+                let id =
+                    book_fact(tx.as_mut(), &account, Some(grant), 0, reason, policy, now).await?;
+                tx.put_fact(
+                    business_key,
+                    Some(&account),
+                    "granted",
+                    amount.get(),
+                    id.as_deref(),
                     now,
                 )
                 .await?;
+                moved.granted = amount.get();
             }
-        }
-        StripeEffect::PaymentFailed { customer } => {
-            tx.set_subscription_status(customer, "past_due").await?;
         }
     }
     tx.commit().await?;
-    Ok(StripeRecord::Recorded { granted })
+    Ok(StripeRecord::Recorded(moved))
 }
 
 /// What a book operation acts on.

@@ -16,7 +16,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::SubscriptionRow;
 use super::batch::Batcher;
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Claim, EntryCursor, EntryQuery, HoldQuery,
@@ -31,6 +30,16 @@ use crate::domain::plan::Policy;
 use crate::domain::{
     AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
 };
+
+/// An account's subscriptions, as [`super::SubscriptionRow`]s.
+const SUBSCRIPTIONS_SQL: &str =
+    "SELECT subscription_id, account_id, customer_id, status, plan, current_period_end,
+        cancel_at_period_end, state_as_of, started
+ FROM stripe_subscription WHERE account_id = $1 ORDER BY subscription_id";
+
+/// The advisory lock every Stripe effect takes first (transaction-scoped): Stripe's facts
+/// arrive at most tens a second, and one lock makes every order of them, cold or warm, safe.
+const STRIPE_LOCK: i64 = 0x7461_6c6c_7973_7472; // "tallystr"
 
 /// The PostgreSQL store.
 #[derive(Clone, Debug)]
@@ -661,81 +670,197 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn put_subscription(
-        &mut self,
-        account_id: &str,
-        s: &crate::stripe::event::SubscriptionState,
-    ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE stripe_customer SET subscription_id = $2, status = $3, plan = $4, current_period_end = $5,
-                    cancel_at_period_end = $6, state_as_of = $7
-             WHERE account_id = $1 AND state_as_of <= $7",
-        )
-        .bind(account_id)
-        .bind(&s.subscription)
-        .bind(&s.status)
-        .bind(&s.plan)
-        .bind(s.period_end)
-        .bind(s.cancel_at_period_end)
-        .bind(s.as_of)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(map_err)?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn set_subscription_status(&mut self, customer: &str, status: &str) -> StorageResult<()> {
-        sqlx::query("UPDATE stripe_customer SET status = $2 WHERE customer_id = $1")
-            .bind(customer)
-            .bind(status)
+    async fn lock_stripe(&mut self) -> StorageResult<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(STRIPE_LOCK)
             .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;
         Ok(())
     }
 
-    async fn fact(
+    async fn purchase(
         &mut self,
-        business_key: &str,
-    ) -> StorageResult<Option<(String, i64, Option<String>)>> {
-        sqlx::query_as(
-            "SELECT state, credits, account_id FROM stripe_fact WHERE business_key = $1 FOR UPDATE",
+        business_key: Option<&str>,
+        payment_intent: Option<&str>,
+    ) -> StorageResult<Option<crate::domain::payment::Purchase>> {
+        let row: Option<super::PurchaseRow> = sqlx::query_as(
+            "SELECT business_key, account_id, state, credits, payment_intent, amount_paid, clawed, grant_id
+             FROM stripe_fact
+             WHERE business_key LIKE 'checkout_session:%'
+               AND (business_key = $1 OR ($1 IS NULL AND payment_intent = $2))
+             ORDER BY state = 'granted' DESC LIMIT 1",
         )
         .bind(business_key)
-        .fetch_optional(&mut *self.tx)
-        .await
-        .map_err(map_err)
-    }
-
-    async fn purchase_by_payment_intent(
-        &mut self,
-        payment_intent: &str,
-    ) -> StorageResult<Option<(String, i64)>> {
-        sqlx::query_as(
-            "SELECT account_id, credits FROM stripe_fact
-             WHERE payment_intent = $1 AND state = 'granted' AND account_id IS NOT NULL LIMIT 1",
-        )
         .bind(payment_intent)
         .fetch_optional(&mut *self.tx)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+        row.map(super::purchase_from_row).transpose()
     }
 
-    async fn set_fact_payment(
+    async fn put_purchase(
         &mut self,
-        business_key: &str,
-        payment_intent: &str,
-        amount_paid: i64,
+        p: &crate::domain::payment::Purchase,
+        now: DateTime<Utc>,
     ) -> StorageResult<()> {
         sqlx::query(
-            "UPDATE stripe_fact SET payment_intent = $2, amount_paid = $3 WHERE business_key = $1",
+            "INSERT INTO stripe_fact (business_key, account_id, state, credits, grant_id, payment_intent,
+                                      amount_paid, clawed, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+             ON CONFLICT (business_key) DO UPDATE SET account_id = EXCLUDED.account_id, state = EXCLUDED.state,
+                 credits = EXCLUDED.credits, grant_id = EXCLUDED.grant_id, payment_intent = EXCLUDED.payment_intent,
+                 amount_paid = EXCLUDED.amount_paid, clawed = EXCLUDED.clawed, updated_at = EXCLUDED.updated_at",
         )
-        .bind(business_key)
-        .bind(payment_intent)
-        .bind(amount_paid)
+        .bind(&p.business_key)
+        .bind(p.account_id.as_deref())
+        .bind(p.state.as_str())
+        .bind(p.credits)
+        .bind(p.grant_id.as_deref())
+        .bind(p.payment_intent.as_deref())
+        .bind(p.amount_paid)
+        .bind(p.clawed)
+        .bind(now)
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn charges(
+        &mut self,
+        payment_intent: Option<&str>,
+        charge: Option<&str>,
+    ) -> StorageResult<Vec<crate::domain::payment::Charge>> {
+        let rows: Vec<super::ChargeRow> = sqlx::query_as(
+            "SELECT charge_id, payment_intent, amount, amount_refunded FROM stripe_charge
+             WHERE payment_intent = $1 OR charge_id = $2 ORDER BY charge_id",
+        )
+        .bind(payment_intent)
+        .bind(charge)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(rows.into_iter().map(super::charge_from_row).collect())
+    }
+
+    async fn put_charge(&mut self, c: &crate::domain::payment::Charge) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO stripe_charge (charge_id, payment_intent, amount, amount_refunded) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (charge_id) DO UPDATE SET payment_intent = EXCLUDED.payment_intent,
+                 amount = EXCLUDED.amount, amount_refunded = EXCLUDED.amount_refunded",
+        )
+        .bind(&c.charge_id)
+        .bind(c.payment_intent.as_deref())
+        .bind(c.amount)
+        .bind(c.amount_refunded)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn disputes(
+        &mut self,
+        payment_intent: Option<&str>,
+        charge: Option<&str>,
+        dispute: Option<&str>,
+    ) -> StorageResult<Vec<crate::domain::payment::Dispute>> {
+        let rows: Vec<super::DisputeRow> = sqlx::query_as(
+            "SELECT dispute_id, charge_id, payment_intent, amount, status FROM stripe_dispute
+             WHERE payment_intent = $1 OR charge_id = $2 OR dispute_id = $3
+                OR charge_id IN (SELECT charge_id FROM stripe_charge WHERE payment_intent = $1)
+             ORDER BY dispute_id",
+        )
+        .bind(payment_intent)
+        .bind(charge)
+        .bind(dispute)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter().map(super::dispute_from_row).collect()
+    }
+
+    async fn put_dispute(&mut self, d: &crate::domain::payment::Dispute) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO stripe_dispute (dispute_id, charge_id, payment_intent, amount, status) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (dispute_id) DO UPDATE SET payment_intent = EXCLUDED.payment_intent,
+                 amount = EXCLUDED.amount, status = EXCLUDED.status",
+        )
+        .bind(&d.dispute_id)
+        .bind(&d.charge_id)
+        .bind(d.payment_intent.as_deref())
+        .bind(d.amount)
+        .bind(d.status.as_str())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn subscription(
+        &mut self,
+        subscription_id: &str,
+    ) -> StorageResult<Option<crate::domain::payment::Subscription>> {
+        let row: Option<super::SubscriptionRow> = sqlx::query_as(
+            "SELECT subscription_id, account_id, customer_id, status, plan, current_period_end,
+                    cancel_at_period_end, state_as_of, started
+             FROM stripe_subscription WHERE subscription_id = $1",
+        )
+        .bind(subscription_id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(row.map(super::subscription_from_row))
+    }
+
+    async fn subscriptions_of(
+        &mut self,
+        account_id: &str,
+    ) -> StorageResult<Vec<crate::domain::payment::Subscription>> {
+        let rows: Vec<super::SubscriptionRow> = sqlx::query_as(SUBSCRIPTIONS_SQL)
+            .bind(account_id)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(super::subscription_from_row).collect())
+    }
+
+    async fn put_subscription(
+        &mut self,
+        s: &crate::domain::payment::Subscription,
+    ) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO stripe_subscription (subscription_id, account_id, customer_id, status, plan,
+                 current_period_end, cancel_at_period_end, state_as_of, started)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (subscription_id) DO UPDATE SET status = EXCLUDED.status, plan = EXCLUDED.plan,
+                 current_period_end = EXCLUDED.current_period_end,
+                 cancel_at_period_end = EXCLUDED.cancel_at_period_end, state_as_of = EXCLUDED.state_as_of,
+                 started = EXCLUDED.started",
+        )
+        .bind(&s.subscription_id)
+        .bind(&s.account_id)
+        .bind(&s.customer)
+        .bind(&s.status)
+        .bind(&s.plan)
+        .bind(s.period_end)
+        .bind(s.cancel_at_period_end)
+        .bind(s.as_of)
+        .bind(s.started)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()> {
+        sqlx::query("UPDATE bucket SET business_key = $2 WHERE bucket_id = $1")
+            .bind(bucket_id)
+            .bind(business_key)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 
@@ -1014,7 +1139,19 @@ super::book_ops!(PgStore, {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(rows.into_iter().map(violation).collect())
+        let stripe: Vec<(String, String)> = sqlx::query_as(super::STRIPE_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(violation)
+            .chain(
+                stripe
+                    .into_iter()
+                    .map(|(account_id, detail)| Violation { account_id, detail }),
+            )
+            .collect())
     }
 
     async fn customer_of(&self, account_id: &AccountId) -> StorageResult<Option<String>> {
@@ -1062,18 +1199,16 @@ super::book_ops!(PgStore, {
         .map_err(map_err)
     }
 
-    async fn subscription_of(
+    async fn subscriptions(
         &self,
         account_id: &AccountId,
-    ) -> StorageResult<Option<SubscriptionRow>> {
-        sqlx::query_as(
-            "SELECT subscription_id, status, plan, current_period_end, cancel_at_period_end FROM stripe_customer
-             WHERE account_id = $1 AND subscription_id IS NOT NULL",
-        )
-        .bind(account_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)
+    ) -> StorageResult<Vec<crate::domain::payment::Subscription>> {
+        let rows: Vec<super::SubscriptionRow> = sqlx::query_as(SUBSCRIPTIONS_SQL)
+            .bind(account_id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(super::subscription_from_row).collect())
     }
 
     async fn ping(&self) -> StorageResult<()> {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use stripe::StripeRequest as _;
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::CheckoutSessionMode;
 use stripe_checkout::checkout_session::{
@@ -32,6 +33,23 @@ pub enum StripeCallError {
     /// Stripe failed, timed out or could not be reached.
     #[error("Stripe is unavailable: {0}")]
     Unavailable(String),
+}
+
+fn key(k: &str) -> stripe::RequestStrategy {
+    // Keys are at most 255 bytes: a longer one (an unusually long account id) is hashed.
+    let k = if k.len() > 255 {
+        use sha2::Digest as _;
+        format!(
+            "tally-sha256-{}",
+            hex::encode(sha2::Sha256::digest(k.as_bytes()))
+        )
+    } else {
+        k.to_owned()
+    };
+    stripe::IdempotencyKey::new(k).map_or(
+        stripe::RequestStrategy::Once,
+        stripe::RequestStrategy::Idempotent,
+    )
 }
 
 impl From<stripe::StripeError> for StripeCallError {
@@ -72,6 +90,9 @@ pub struct NewCheckout {
     pub success_url: String,
     /// Where Stripe sends the buyer after cancelling.
     pub cancel_url: String,
+    /// The caller's `Idempotency-Key` (a retry of the same request gets the same session), or
+    /// a fresh one.
+    pub idempotency_key: String,
 }
 
 /// The Stripe client.
@@ -106,7 +127,9 @@ impl StripeApi {
         Ok(Self { client })
     }
 
-    /// Creates a customer for `account_id` (its id in metadata).
+    /// Creates a customer for `account_id` (its id in metadata), with an idempotency key
+    /// derived from the account: within Stripe's 24 h key window, every replica and retry
+    /// creating the account's customer gets the same one.
     ///
     /// # Errors
     /// [`StripeCallError`].
@@ -115,6 +138,8 @@ impl StripeApi {
             [("account_id".to_owned(), account_id.to_owned())].into();
         let c = CreateCustomer::new()
             .metadata(metadata)
+            .customize()
+            .request_strategy(key(&format!("tally-customer-{account_id}")))
             .send(&self.client)
             .await?;
         Ok(c.id.as_str().to_owned())
@@ -128,6 +153,7 @@ impl StripeApi {
         &self,
         n: &NewCheckout,
     ) -> Result<(String, String), StripeCallError> {
+        let idempotency = format!("tally-checkout-{}-{}", n.account_id, n.idempotency_key);
         let metadata: HashMap<String, String> = [
             ("account_id".to_owned(), n.account_id.clone()),
             (n.item.0.to_owned(), n.item.1.clone()),
@@ -154,7 +180,11 @@ impl StripeApi {
             data.metadata = Some(metadata);
             req = req.subscription_data(data);
         }
-        let s = req.send(&self.client).await?;
+        let s = req
+            .customize()
+            .request_strategy(key(&idempotency))
+            .send(&self.client)
+            .await?;
         Ok((s.id.as_str().to_owned(), s.url.unwrap_or_default()))
     }
 
@@ -170,6 +200,11 @@ impl StripeApi {
         let s = CreateBillingPortalSession::new()
             .customer(customer)
             .return_url(return_url)
+            .customize()
+            .request_strategy(key(&format!(
+                "tally-portal-{}",
+                uuid::Uuid::new_v4().simple()
+            )))
             .send(&self.client)
             .await?;
         Ok(s.url)
@@ -204,6 +239,21 @@ impl StripeApi {
                 })]).unwrap_or_default()},
             })
         }))
+    }
+
+    /// The PaymentIntent of a charge (disputes rendered by older API versions name only their
+    /// charge).
+    ///
+    /// # Errors
+    /// [`StripeCallError`].
+    pub async fn charge_payment_intent(
+        &self,
+        charge: &str,
+    ) -> Result<Option<String>, StripeCallError> {
+        let c = stripe_core::charge::RetrieveCharge::new(charge)
+            .send(&self.client)
+            .await?;
+        Ok(c.payment_intent.map(|p| p.id().as_str().to_owned()))
     }
 
     /// Reads a Checkout Session back as the JSON object a webhook would carry (the fields

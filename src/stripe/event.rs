@@ -54,31 +54,30 @@ pub enum Effect {
         /// What was paid, in the currency's minor units.
         amount_paid: Option<i64>,
     },
-    /// A charge was refunded (cumulatively `amount_refunded` of `amount`): claw back that share
-    /// of the purchase, less what earlier refunds of the charge took.
+    /// A charge was refunded (cumulatively `amount_refunded` of `amount`): its purchase loses
+    /// that share, whenever the purchase lands.
     Refunded {
         /// `ch_...`.
         charge: String,
-        /// The PaymentIntent of the purchase.
-        payment_intent: String,
+        /// The PaymentIntent of the purchase, when the charge names it.
+        payment_intent: Option<String>,
         /// The charge's amount.
         amount: i64,
         /// Refunded so far (cumulative).
         amount_refunded: i64,
     },
-    /// A charge was disputed: claw back what is left of the purchase.
-    Disputed {
+    /// A dispute (or inquiry) was opened, changed or closed.
+    Dispute {
         /// `dp_...`.
         dispute: String,
         /// The disputed charge.
         charge: String,
-        /// The PaymentIntent of the purchase.
-        payment_intent: String,
-    },
-    /// A dispute was won: give back what it clawed.
-    DisputeWon {
-        /// `dp_...`.
-        dispute: String,
+        /// The PaymentIntent of the purchase (older API versions do not name it).
+        payment_intent: Option<String>,
+        /// The disputed amount (minor units).
+        amount: Option<i64>,
+        /// Where it stands.
+        status: crate::domain::payment::DisputeStatus,
     },
     /// Record a fact without moving credits (a pending or failed payment).
     Record {
@@ -109,10 +108,13 @@ pub enum Effect {
         /// End of the period paid for (unix seconds).
         period_end: Option<i64>,
     },
-    /// A subscription invoice failed: mark the subscription past due (credits stay).
+    /// A subscription invoice failed: mark the subscription past due (credits stay), if the
+    /// event is newer than the subscription's stored state.
     PaymentFailed {
-        /// The customer billed.
-        customer: String,
+        /// `sub_...`.
+        subscription: String,
+        /// The event's `created`.
+        as_of: i64,
     },
     /// Nothing to do (logged with the reason); the event is still recorded as received.
     Nothing(&'static str),
@@ -138,6 +140,8 @@ pub struct SubscriptionState {
     pub cancel_at_period_end: bool,
     /// The event's `created`, so older states never overwrite newer ones.
     pub as_of: i64,
+    /// The subscription's own `created`: the newest live subscription sets the plan.
+    pub started: i64,
 }
 
 /// Decides what an event does. Only Checkout Sessions that Tally created carry the account and
@@ -153,14 +157,10 @@ pub fn decide(event: &Envelope, catalog: &Catalog) -> Effect {
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => subscription(o, event, catalog),
         "invoice.paid" => invoice_paid(o, catalog),
-        "charge.refunded" => match (
-            text(o, "id"),
-            text(o, "payment_intent"),
-            o.get("amount").and_then(Value::as_i64),
-        ) {
-            (Some(charge), Some(pi), Some(amount)) if amount > 0 => Effect::Refunded {
+        "charge.refunded" => match (text(o, "id"), o.get("amount").and_then(Value::as_i64)) {
+            (Some(charge), Some(amount)) if amount > 0 => Effect::Refunded {
                 charge: charge.to_owned(),
-                payment_intent: pi.to_owned(),
+                payment_intent: text(o, "payment_intent").map(str::to_owned),
                 amount,
                 amount_refunded: o
                     .get("amount_refunded")
@@ -168,29 +168,30 @@ pub fn decide(event: &Envelope, catalog: &Catalog) -> Effect {
                     .unwrap_or(0)
                     .clamp(0, amount),
             },
-            _ => Effect::Nothing("refund without a charge, payment intent or amount"),
+            _ => Effect::Nothing("refund without a charge or amount"),
         },
-        "charge.dispute.created" => {
-            match (text(o, "id"), text(o, "charge"), text(o, "payment_intent")) {
-                (Some(d), Some(c), Some(pi)) => Effect::Disputed {
-                    dispute: d.to_owned(),
-                    charge: c.to_owned(),
-                    payment_intent: pi.to_owned(),
-                },
-                _ => Effect::Nothing("dispute without a charge or payment intent"),
-            }
-        }
-        "charge.dispute.closed" => match (text(o, "id"), text(o, "status")) {
-            (Some(d), Some("won")) => Effect::DisputeWon {
+        "charge.dispute.created"
+        | "charge.dispute.updated"
+        | "charge.dispute.closed"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => match (text(o, "id"), text(o, "charge")) {
+            (Some(d), Some(c)) => Effect::Dispute {
                 dispute: d.to_owned(),
+                charge: c.to_owned(),
+                payment_intent: text(o, "payment_intent").map(str::to_owned),
+                amount: o.get("amount").and_then(Value::as_i64).filter(|a| *a > 0),
+                status: crate::domain::payment::DisputeStatus::of_stripe(
+                    text(o, "status").unwrap_or("needs_response"),
+                ),
             },
-            _ => Effect::Nothing("dispute closed without a win: the claw-back stands"),
+            _ => Effect::Nothing("dispute without an id or charge"),
         },
-        "invoice.payment_failed" => match (text(o, "customer"), invoice_subscription(o)) {
-            (Some(customer), Some(_)) => Effect::PaymentFailed {
-                customer: customer.to_owned(),
+        "invoice.payment_failed" => match invoice_subscription(o) {
+            Some(sub) => Effect::PaymentFailed {
+                subscription: sub.to_owned(),
+                as_of: event.created.unwrap_or(0),
             },
-            _ => Effect::Nothing("a failed invoice without a subscription"),
+            None => Effect::Nothing("a failed invoice without a subscription"),
         },
         "checkout.session.async_payment_failed" => match text(o, "id") {
             Some(id) => Effect::Record {
@@ -237,18 +238,30 @@ fn subscription(o: &Value, event: &Envelope, catalog: &Catalog) -> Effect {
     let (Some(id), Some(customer)) = (text(o, "id"), text(o, "customer")) else {
         return Effect::Nothing("subscription without an id or customer");
     };
-    let item = o.pointer("/items/data/0");
-    let price = item
-        .and_then(|i| i.pointer("/price/id"))
-        .and_then(Value::as_str);
-    let status = text(o, "status").unwrap_or("unknown").to_owned();
-    let ended = event.kind == "customer.subscription.deleted"
-        || matches!(status.as_str(), "canceled" | "incomplete_expired");
-    let plan = if ended {
-        None
-    } else {
-        plan_of_price(catalog, price)
-    };
+    let items: &[Value] = o
+        .pointer("/items/data")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let item = items.first();
+    // The first item whose price is a catalog plan; payloads of old API versions carry the
+    // price as a top-level `plan` instead.
+    let sold = items
+        .iter()
+        .filter_map(|i| {
+            i.pointer("/price/id")
+                .or_else(|| i.pointer("/plan/id"))
+                .and_then(Value::as_str)
+        })
+        .chain(o.pointer("/plan/id").and_then(Value::as_str))
+        .find_map(|price| plan_of_price(catalog, Some(price)));
+    let mut status = text(o, "status").unwrap_or("unknown").to_owned();
+    if event.kind == "customer.subscription.deleted"
+        && !matches!(status.as_str(), "canceled" | "incomplete_expired")
+    {
+        "canceled".clone_into(&mut status);
+    }
+    let ended = matches!(status.as_str(), "canceled" | "incomplete_expired");
+    let plan = if ended { None } else { sold };
     // The period moved onto the items in API basil; read both.
     let period_end = o
         .get("current_period_end")
@@ -269,6 +282,10 @@ fn subscription(o: &Value, event: &Envelope, catalog: &Catalog) -> Effect {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         as_of: event.created.unwrap_or(0),
+        started: o
+            .get("created")
+            .and_then(Value::as_i64)
+            .unwrap_or_else(|| event.created.unwrap_or(0)),
     })
 }
 

@@ -26,6 +26,31 @@ struct Fake {
     requests: Vec<(String, HashMap<String, String>)>,
     sessions: HashMap<String, Value>,
     paid: Vec<String>,
+    /// `Idempotency-Key` of every POST, by path.
+    keys: Vec<(String, Option<String>)>,
+    /// Customers created, by idempotency key (Stripe replays the first answer for a key).
+    customer_keys: HashMap<String, String>,
+    /// Answer every POST with this status (Stripe's error body), when set.
+    fail_with: Option<u16>,
+    /// Charges and their PaymentIntents (`GET /v1/charges/{id}`).
+    charges: HashMap<String, String>,
+}
+
+fn idempotency(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn injected_failure(f: &Fake) -> Option<axum::response::Response> {
+    f.fail_with.map(|status| {
+        (
+            StatusCode::from_u16(status).unwrap(),
+            Json(json!({"error": {"type": "api_error", "message": format!("injected {status}")}})),
+        )
+            .into_response()
+    })
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -52,31 +77,68 @@ fn session_json(id: &str, form: &HashMap<String, String>, paid: bool) -> Value {
 
 async fn customers(
     State(f): State<Shared>,
+    headers: axum::http::HeaderMap,
     Form(form): Form<HashMap<String, String>>,
-) -> Json<Value> {
+) -> axum::response::Response {
     let mut f = f.lock().unwrap();
+    let key = idempotency(&headers);
+    f.keys.push(("POST /v1/customers".into(), key.clone()));
+    if let Some(resp) = injected_failure(&f) {
+        return resp;
+    }
+    if let Some(id) = key.as_ref().and_then(|k| f.customer_keys.get(k)) {
+        return Json(
+            json!({"id": id, "object": "customer", "created": 1_764_000_000, "livemode": false}),
+        )
+        .into_response();
+    }
     f.requests.push(("POST /v1/customers".into(), form));
     let n = f
         .requests
         .iter()
         .filter(|(p, _)| p == "POST /v1/customers")
         .count();
-    Json(
-        json!({"id": format!("cus_fake{n}"), "object": "customer", "created": 1_764_000_000, "livemode": false}),
-    )
+    let id = format!("cus_fake{n}");
+    if let Some(k) = key {
+        f.customer_keys.insert(k, id.clone());
+    }
+    Json(json!({"id": id, "object": "customer", "created": 1_764_000_000, "livemode": false}))
+        .into_response()
+}
+
+async fn get_charge(State(f): State<Shared>, Path(id): Path<String>) -> axum::response::Response {
+    let f = f.lock().unwrap();
+    match f.charges.get(&id) {
+        Some(pi) => Json(json!({"id": id, "object": "charge", "amount": 1900, "amount_captured": 1900,
+            "amount_refunded": 0, "billing_details": {"address": null, "email": null, "name": null, "phone": null},
+            "captured": true, "created": 1_764_000_000, "currency": "usd", "disputed": true, "livemode": false,
+            "metadata": {}, "paid": true, "refunded": false, "status": "succeeded", "payment_intent": pi}))
+        .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"type": "invalid_request_error", "message": format!("No such charge: '{id}'")}})),
+        )
+            .into_response(),
+    }
 }
 
 async fn create_session(
     State(f): State<Shared>,
+    headers: axum::http::HeaderMap,
     Form(form): Form<HashMap<String, String>>,
-) -> Json<Value> {
+) -> axum::response::Response {
     let mut f = f.lock().unwrap();
+    f.keys
+        .push(("POST /v1/checkout/sessions".into(), idempotency(&headers)));
+    if let Some(resp) = injected_failure(&f) {
+        return resp;
+    }
     let id = format!("cs_test_{}", f.sessions.len() + 1);
     f.requests
         .push(("POST /v1/checkout/sessions".into(), form.clone()));
     let body = session_json(&id, &form, false);
     f.sessions.insert(id, body.clone());
-    Json(body)
+    Json(body).into_response()
 }
 
 async fn get_session(State(f): State<Shared>, Path(id): Path<String>) -> axum::response::Response {
@@ -98,8 +160,16 @@ async fn get_session(State(f): State<Shared>, Path(id): Path<String>) -> axum::r
     }
 }
 
-async fn portal(State(f): State<Shared>, Form(form): Form<HashMap<String, String>>) -> Json<Value> {
+async fn portal(
+    State(f): State<Shared>,
+    headers: axum::http::HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Json<Value> {
     let mut f = f.lock().unwrap();
+    f.keys.push((
+        "POST /v1/billing_portal/sessions".into(),
+        idempotency(&headers),
+    ));
     f.requests
         .push(("POST /v1/billing_portal/sessions".into(), form.clone()));
     Json(
@@ -141,6 +211,7 @@ async fn fake_stripe() -> (SocketAddr, Shared) {
         .route("/v1/checkout/sessions/{id}", get(get_session))
         .route("/v1/billing_portal/sessions", post(portal))
         .route("/v1/subscriptions", get(list_subscriptions))
+        .route("/v1/charges/{id}", get(get_charge))
         .with_state(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -467,7 +538,222 @@ async fn a_resync_applies_stripes_current_subscription(backend: Backend) {
     app.finish().await;
 }
 
+/// Issue 22, item 1 through the sync endpoint: 8 concurrent syncs of one paid session, mixed
+/// with 8 first webhook deliveries (distinct event ids), grant one pack; every round from a new
+/// session and a new account.
+async fn race_cold_syncs_and_webhooks_of_one_paid_session_grant_once(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = Arc::new(app_with_stripe(backend, stripe).await);
+    for round in 0..crate::stripe_facts::ROUNDS {
+        let account = format!("syncer-{round}");
+        let (_, r) = call(
+            &app,
+            "POST",
+            "/v1/checkout/sessions",
+            Some(checkout(&account, ("pack_id", "starter"))),
+        )
+        .await;
+        let id = r["id"].as_str().unwrap().to_owned();
+        fake.lock().unwrap().paid.push(id.clone());
+        let mut session = fake.lock().unwrap().sessions[&id].clone();
+        session["payment_status"] = json!("paid");
+        let mut set = JoinSet::new();
+        for i in 0..16 {
+            let (app, id, session) = (Arc::clone(&app), id.clone(), session.clone());
+            set.spawn(async move {
+                if i % 2 == 0 {
+                    call(&app, "POST", &format!("/v1/checkout/sessions/{id}/sync"), None).await
+                } else {
+                    let body = serde_json::to_vec(&json!({"id": format!("evt_{id}_{i}"),
+                        "type": "checkout.session.completed", "livemode": false, "data": {"object": session}}))
+                    .unwrap();
+                    app.post_webhook(&body).await
+                }
+            });
+        }
+        let mut granted = 0;
+        while let Some(r) = set.join_next().await {
+            let (status, reply) = r.unwrap();
+            assert_eq!(status, 200, "{reply}");
+            granted += usize::from(reply["granted"] == true);
+        }
+        assert_eq!(granted, 1, "round {round}");
+        let (_, b) = call(
+            &app,
+            "GET",
+            &format!("/v1/accounts/{account}/billing"),
+            None,
+        )
+        .await;
+        assert_eq!(b["balance"]["available"], 500, "round {round}: {b}");
+    }
+    Arc::into_inner(app).unwrap().finish().await;
+}
+
+/// Issue 22, item 7: ten concurrent first Checkouts of one account create one Stripe customer,
+/// and every POST to Stripe carries an `Idempotency-Key` (the caller's, when it sends one).
+async fn concurrent_first_checkouts_create_one_customer(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = Arc::new(app_with_stripe(backend, stripe).await);
+    let mut set = JoinSet::new();
+    for _ in 0..10 {
+        let app = Arc::clone(&app);
+        set.spawn(async move {
+            call(
+                &app,
+                "POST",
+                "/v1/checkout/sessions",
+                Some(checkout("first-timer", ("pack_id", "starter"))),
+            )
+            .await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let (status, reply) = r.unwrap();
+        assert_eq!(status, 200, "{reply}");
+    }
+    // A retry with the caller's key sends the same key to Stripe.
+    for _ in 0..2 {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/checkout/sessions", app.http))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("idempotency-key", "order-42")
+            .header("content-type", "application/json")
+            .body(checkout("first-timer", ("pack_id", "starter")).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    {
+        let f = fake.lock().unwrap();
+        let created: Vec<_> = f
+            .requests
+            .iter()
+            .filter(|(p, _)| p == "POST /v1/customers")
+            .collect();
+        assert_eq!(created.len(), 1, "one customer for one account");
+        let customers: std::collections::BTreeSet<_> = f
+            .requests
+            .iter()
+            .filter(|(p, _)| p == "POST /v1/checkout/sessions")
+            .filter_map(|(_, form)| form.get("customer").cloned())
+            .collect();
+        assert_eq!(customers.len(), 1, "{customers:?}");
+        assert!(
+            f.keys.iter().all(|(_, k)| k.is_some()),
+            "every POST carries an Idempotency-Key: {:?}",
+            f.keys
+        );
+        assert_eq!(
+            f.keys
+                .iter()
+                .filter(|(_, k)| k.as_deref() == Some("tally-checkout-first-timer-order-42"))
+                .count(),
+            2
+        );
+    }
+    Arc::into_inner(app).unwrap().finish().await;
+}
+
+/// Issue 22, items 8 and 9: a second subscription Checkout while one is live is a 409 that
+/// points to the portal; Stripe's 429 and 409 are 503 with Retry-After, a refused API key is
+/// the operator's 502, not the caller's 400.
+async fn stripe_refusals_say_whose_fault_they_are(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = app_with_stripe(backend, stripe).await;
+    let sub = json!({"id": "sub_live", "object": "subscription", "customer": "cus_fake1", "status": "active",
+        "created": 1, "cancel_at_period_end": false, "metadata": {"account_id": "subscribed"},
+        "items": {"data": [{"price": {"id": "price_pro_placeholder"}}]}});
+    app.post_webhook(
+        &serde_json::to_vec(
+            &json!({"id": "evt_sub", "type": "customer.subscription.created",
+            "created": 10, "livemode": false, "data": {"object": sub}}),
+        )
+        .unwrap(),
+    )
+    .await;
+    let (status, r) = call(
+        &app,
+        "POST",
+        "/v1/checkout/sessions",
+        Some(checkout("subscribed", ("plan_id", "pro"))),
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["reason"].as_str()),
+        (409, Some("SUBSCRIPTION_EXISTS")),
+        "{r}"
+    );
+    assert!(r["error"]["message"].as_str().unwrap().contains("portal"));
+    for (injected, want, reason) in [
+        (429, 503, "STRIPE_BUSY"),
+        (409, 503, "STRIPE_BUSY"),
+        (401, 502, "STRIPE_MISCONFIGURED"),
+        (400, 400, "STRIPE_REFUSED"),
+    ] {
+        fake.lock().unwrap().fail_with = Some(injected);
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/checkout/sessions", app.http))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(checkout(&format!("refused-{injected}"), ("pack_id", "starter")).to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let r: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status, r["error"]["reason"].as_str()),
+            (want, Some(reason)),
+            "{injected}: {r}"
+        );
+        assert_eq!(retry_after.is_some(), want == 503, "{injected}");
+        assert!(!r.to_string().contains("sk_test_fake"), "no key in errors");
+    }
+    fake.lock().unwrap().fail_with = None;
+    app.finish().await;
+}
+
+/// Issue 22, item 5 with a Stripe client: a dispute that names only its charge is matched by
+/// reading the charge's PaymentIntent from Stripe.
+async fn a_dispute_naming_only_its_charge_is_matched_through_stripe(backend: Backend) {
+    let (stripe, fake) = fake_stripe().await;
+    let app = app_with_stripe(backend, stripe).await;
+    fake.lock()
+        .unwrap()
+        .charges
+        .insert("ch_lookup".into(), "pi_lookup".into());
+    app.post_webhook(&crate::stripe_facts::paid_session(
+        "evt_p",
+        "cs_lookup",
+        "looked-up",
+        "pi_lookup",
+    ))
+    .await;
+    let body = serde_json::to_vec(
+        &json!({"id": "evt_d", "type": "charge.dispute.created", "created": 5,
+        "livemode": false, "data": {"object": {"id": "dp_lookup", "object": "dispute",
+        "charge": "ch_lookup", "amount": 1900, "status": "needs_response"}}}),
+    )
+    .unwrap();
+    let (status, r) = app.post_webhook(&body).await;
+    assert_eq!(
+        (status, r["credits"]["clawed"].as_i64()),
+        (200, Some(500)),
+        "{r}"
+    );
+    let (_, b) = call(&app, "GET", "/v1/accounts/looked-up/billing", None).await;
+    assert_eq!(b["balance"]["available"], 0, "{b}");
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    race_cold_syncs_and_webhooks_of_one_paid_session_grant_once,
+    concurrent_first_checkouts_create_one_customer,
+    stripe_refusals_say_whose_fault_they_are,
+    a_dispute_naming_only_its_charge_is_matched_through_stripe,
     a_resync_applies_stripes_current_subscription,
     checkout_sessions_carry_the_account_and_the_item,
     the_success_page_sync_and_the_webhook_grant_once,

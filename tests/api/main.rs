@@ -29,6 +29,7 @@ mod pricing;
 mod process;
 mod production;
 mod stripe;
+mod stripe_facts;
 mod tls;
 
 use tally::pb;

@@ -10,18 +10,11 @@ use tokio::task::JoinSet;
 
 use crate::support::{Backend, TestApp, WEBHOOK_SECRET, WEBHOOK_SECRET_OLD};
 
-/// The shared real Stripe payloads: `../shared/fixtures/stripe/events` beside the checkout
-/// (where CI puts it), or `TALLY_STRIPE_FIXTURES`.
+/// The real Stripe payloads kept in the repository (`tests/fixtures/stripe/events`, with their
+/// origins in `SOURCES.md`).
 fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("TALLY_STRIPE_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe/events"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.is_dir(),
-        "Stripe fixtures not found at {}: check out shared/ beside the repository or set TALLY_STRIPE_FIXTURES",
-        dir.display()
-    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stripe/events");
+    assert!(dir.is_dir(), "Stripe fixtures missing at {}", dir.display());
     dir
 }
 

@@ -26,6 +26,7 @@ mod differential;
 mod grants;
 mod group;
 mod rules;
+mod stripe;
 
 use std::sync::Arc;
 
