@@ -172,3 +172,31 @@ async fn the_cli_says_plainly_when_no_server_is_running() {
         "{err}"
     );
 }
+
+/// Issue 22, item 9: a live Stripe key with a catalog that sells placeholder prices refuses to
+/// start and names the fields; a test key only warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_key_refuses_a_catalog_of_placeholder_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["stripe", "sync", "someone", "--database-url", &db])
+        .args([
+            "--stripe-api-key",
+            "sk_live_not_a_real_key",
+            "--stripe-livemode",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--stripe-livemode") && err.contains("packs.starter.stripe_price_id"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("sk_live_not_a_real_key"),
+        "the key never reaches errors"
+    );
+}
