@@ -19,7 +19,9 @@ use super::outcome::{
     AdjustOutcome, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, OpenOutcome, Outcome,
     RefundOutcome, ReserveOutcome, TransferOutcome,
 };
-use super::payment::{Charge, Decision, Dispute, Fact, Payment, Purchase, PurchaseState};
+use super::payment::{
+    Charge, Decision, Dispute, Fact, Payment, Purchase, PurchaseState, Subscription,
+};
 use super::plan::Allowance;
 use super::rules::EntryKind;
 
@@ -529,9 +531,111 @@ pub struct Stripe {
     purchases: BTreeMap<String, Purchase>,
     charges: BTreeMap<String, Charge>,
     disputes: BTreeMap<String, Dispute>,
+    subscriptions: BTreeMap<String, Subscription>,
+    invoices: std::collections::BTreeSet<String>,
 }
 
 impl Stripe {
+    /// A subscription state (its account created if new): stored if at least as new as the
+    /// stored one, then the account is put on its newest live subscription's plan.
+    ///
+    /// # Errors
+    /// What [`Ledger::book_fact`] refuses.
+    pub fn record_subscription(
+        &mut self,
+        ledger: &mut Ledger,
+        event_id: &str,
+        incoming: Subscription,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        if !self.events.insert(event_id.to_owned()) {
+            return Ok(());
+        }
+        ledger.with_book(&incoming.account_id, now, true, |_, _| Ok(()))?;
+        let mut stored = self.subscriptions.get(&incoming.subscription_id).cloned();
+        let account = stored
+            .as_ref()
+            .map_or_else(|| incoming.account_id.clone(), |s| s.account_id.clone());
+        let incoming = Subscription {
+            account_id: account.clone(),
+            ..incoming
+        };
+        if Subscription::accept(&mut stored, incoming)
+            && let Some(s) = stored
+        {
+            self.subscriptions.insert(s.subscription_id.clone(), s);
+            self.replan(ledger, &account, now)?;
+        }
+        Ok(())
+    }
+
+    /// A failed renewal of a known subscription, if newer than its state.
+    ///
+    /// # Errors
+    /// What [`Ledger::book_fact`] refuses.
+    pub fn record_payment_failed(
+        &mut self,
+        ledger: &mut Ledger,
+        event_id: &str,
+        subscription_id: &str,
+        as_of: i64,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        if !self.events.insert(event_id.to_owned()) {
+            return Ok(());
+        }
+        if let Some(s) = self.subscriptions.get_mut(subscription_id)
+            && s.payment_failed(as_of)
+        {
+            let account = s.account_id.clone();
+            self.replan(ledger, &account, now)?;
+        }
+        Ok(())
+    }
+
+    /// A paid subscription invoice: its credits once per business key.
+    ///
+    /// # Errors
+    /// What [`Ledger::book_fact`] refuses.
+    pub fn record_invoice(
+        &mut self,
+        ledger: &mut Ledger,
+        event_id: &str,
+        business_key: &str,
+        account: &str,
+        credits: i64,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        if !self.events.insert(event_id.to_owned()) || self.invoices.contains(business_key) {
+            return Ok(());
+        }
+        ledger.book_fact(account, Some((credits, Source::Subscription)), 0, now)?;
+        self.invoices.insert(business_key.to_owned());
+        Ok(())
+    }
+
+    /// The subscription with this id, as stored.
+    #[must_use]
+    pub fn subscription(&self, subscription_id: &str) -> Option<&Subscription> {
+        self.subscriptions.get(subscription_id)
+    }
+
+    fn replan(&self, ledger: &mut Ledger, account: &str, now: DateTime<Utc>) -> Res<()> {
+        let subs: Vec<Subscription> = self
+            .subscriptions
+            .values()
+            .filter(|s| s.account_id == account)
+            .cloned()
+            .collect();
+        let plan = Subscription::plan_of(&subs, super::DEFAULT_PLAN);
+        ledger.with_book(account, now, false, |b, _| {
+            if b.plan != plan {
+                b.plan = plan;
+            }
+            Ok(())
+        })
+    }
+
     /// Records one event's fact (a known event id changes nothing) and books its decision.
     ///
     /// # Errors

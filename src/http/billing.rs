@@ -234,21 +234,18 @@ async fn customer_for(
     api: &StripeApi,
     account_id: &AccountId,
 ) -> Result<String, Response> {
-    if let Some(c) = s
-        .store
-        .customer_of(account_id)
-        .await
-        .map_err(|e| storage_error(&e))?
-    {
+    let stored = || async {
+        s.store
+            .customer_of(account_id)
+            .await
+            .map_err(|e| storage_error(&e))
+    };
+    if let Some(c) = stored().await? {
         return Ok(c);
     }
+    // Checked again under the account's lock: a concurrent first Checkout may have linked it.
     let _serialised = customer_lock(account_id).lock().await;
-    if let Some(c) = s
-        .store
-        .customer_of(account_id)
-        .await
-        .map_err(|e| storage_error(&e))?
-    {
+    if let Some(c) = stored().await? {
         return Ok(c);
     }
     let created = api

@@ -232,6 +232,7 @@ impl StripeApi {
                 "customer": s.customer.id().as_str(),
                 "status": s.status.as_str(),
                 "cancel_at_period_end": s.cancel_at_period_end,
+                "created": s.created,
                 "metadata": s.metadata,
                 "items": {"data": item.map(|i| vec![json!({
                     "price": {"id": i.price.id.as_str()},

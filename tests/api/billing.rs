@@ -538,54 +538,57 @@ async fn a_resync_applies_stripes_current_subscription(backend: Backend) {
     app.finish().await;
 }
 
-/// Issue 22, item 1 through the sync endpoint: 8 concurrent syncs of one paid session, mixed
-/// with 8 first webhook deliveries (distinct event ids), grant one pack; every round from a new
-/// session and a new account.
+/// Issue 22, item 1 through the sync endpoint: 2, 8 and 16 concurrent syncs of one paid
+/// session, and 8 syncs mixed with 8 first webhook deliveries (distinct event ids), grant one
+/// pack; every round from a new session and a new account.
 async fn race_cold_syncs_and_webhooks_of_one_paid_session_grant_once(backend: Backend) {
     let (stripe, fake) = fake_stripe().await;
     let app = Arc::new(app_with_stripe(backend, stripe).await);
-    for round in 0..crate::stripe_facts::ROUNDS {
-        let account = format!("syncer-{round}");
-        let (_, r) = call(
-            &app,
-            "POST",
-            "/v1/checkout/sessions",
-            Some(checkout(&account, ("pack_id", "starter"))),
-        )
-        .await;
-        let id = r["id"].as_str().unwrap().to_owned();
-        fake.lock().unwrap().paid.push(id.clone());
-        let mut session = fake.lock().unwrap().sessions[&id].clone();
-        session["payment_status"] = json!("paid");
-        let mut set = JoinSet::new();
-        for i in 0..16 {
-            let (app, id, session) = (Arc::clone(&app), id.clone(), session.clone());
-            set.spawn(async move {
-                if i % 2 == 0 {
-                    call(&app, "POST", &format!("/v1/checkout/sessions/{id}/sync"), None).await
-                } else {
-                    let body = serde_json::to_vec(&json!({"id": format!("evt_{id}_{i}"),
-                        "type": "checkout.session.completed", "livemode": false, "data": {"object": session}}))
-                    .unwrap();
-                    app.post_webhook(&body).await
-                }
-            });
+    for (syncs, hooks) in [(2, 0), (8, 0), (16, 0), (8, 8)] {
+        for round in 0..crate::stripe_facts::ROUNDS {
+            let account = format!("syncer-{syncs}-{hooks}-{round}");
+            let (_, r) = call(
+                &app,
+                "POST",
+                "/v1/checkout/sessions",
+                Some(checkout(&account, ("pack_id", "starter"))),
+            )
+            .await;
+            let id = r["id"].as_str().unwrap().to_owned();
+            fake.lock().unwrap().paid.push(id.clone());
+            let mut session = fake.lock().unwrap().sessions[&id].clone();
+            session["payment_status"] = json!("paid");
+            let mut set = JoinSet::new();
+            for i in 0..syncs + hooks {
+                let (app, id, session) = (Arc::clone(&app), id.clone(), session.clone());
+                set.spawn(async move {
+                    if i < syncs {
+                        call(&app, "POST", &format!("/v1/checkout/sessions/{id}/sync"), None)
+                            .await
+                    } else {
+                        let body = serde_json::to_vec(&json!({"id": format!("evt_{id}_{i}"),
+                            "type": "checkout.session.completed", "livemode": false, "data": {"object": session}}))
+                        .unwrap();
+                        app.post_webhook(&body).await
+                    }
+                });
+            }
+            let mut granted = 0;
+            while let Some(r) = set.join_next().await {
+                let (status, reply) = r.unwrap();
+                assert_eq!(status, 200, "{reply}");
+                granted += usize::from(reply["granted"] == true);
+            }
+            assert_eq!(granted, 1, "{syncs} syncs, {hooks} webhooks, round {round}");
+            let (_, b) = call(
+                &app,
+                "GET",
+                &format!("/v1/accounts/{account}/billing"),
+                None,
+            )
+            .await;
+            assert_eq!(b["balance"]["available"], 500, "round {round}: {b}");
         }
-        let mut granted = 0;
-        while let Some(r) = set.join_next().await {
-            let (status, reply) = r.unwrap();
-            assert_eq!(status, 200, "{reply}");
-            granted += usize::from(reply["granted"] == true);
-        }
-        assert_eq!(granted, 1, "round {round}");
-        let (_, b) = call(
-            &app,
-            "GET",
-            &format!("/v1/accounts/{account}/billing"),
-            None,
-        )
-        .await;
-        assert_eq!(b["balance"]["available"], 500, "round {round}: {b}");
     }
     Arc::into_inner(app).unwrap().finish().await;
 }

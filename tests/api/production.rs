@@ -340,6 +340,25 @@ async fn rate_limits_refuse_with_retry_info_and_write_nothing(backend: Backend) 
     // No Stripe key is configured: admitted calls get 503; the rest are limited.
     assert_eq!(&statuses[..2], &[503, 503], "{statuses:?}");
     assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+    // So do the portal and both syncs (they call Stripe too): the tier is spent.
+    for path in [
+        "/v1/billing/portal",
+        "/v1/checkout/sessions/cs_test_1/sync",
+        "/v1/accounts/image:u9/billing/sync",
+    ] {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let r = http
+                .post(format!("http://{}{path}", app.http))
+                .bearer_auth(IMAGE)
+                .json(&serde_json::json!({"account_id": "image:u9", "return_url": "https://x.example/"}))
+                .send()
+                .await
+                .unwrap();
+            seen.push(r.status().as_u16());
+        }
+        assert!(seen.contains(&429), "{path}: {seen:?}");
+    }
     app.finish().await;
 }
 

@@ -297,13 +297,10 @@ fn subscription(id: &str, status: &str, price: &str, created: i64) -> Value {
 }
 
 async fn plan_of(app: &TestApp, account: &str) -> String {
-    let v: Value = reqwest::get(format!("http://{}/v1/accounts/{account}/billing", app.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["plan"].as_str().unwrap_or_default().to_owned()
+    billing(app, account).await["plan"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 async fn billing(app: &TestApp, account: &str) -> Value {

@@ -1,9 +1,11 @@
 //! Stripe histories in any order (issue 22): random histories of one account's payments —
-//! purchases (completed, pending, async succeeded or failed), cumulative partial and full
-//! refunds, disputes and inquiries opened, won or lost (some naming only their charge) —
-//! delivered in a random order with random duplicates, on a real backend and on the reference
-//! model. After every event the balances agree; at the end they equal what the facts say
-//! (computed here from the history itself, independently of any order) and the audit is clean.
+//! purchases (completed, pending, async succeeded or failed, the success-page sync), cumulative
+//! partial and full refunds, disputes and inquiries opened, won or lost (some naming only their
+//! charge) — and of its subscriptions (created, updated, a failed renewal, deleted, with their
+//! `created` times; paid invoices), delivered in a random order with random duplicates, on a
+//! real backend and on the reference model. After every event the balances and plans agree; at
+//! the end they equal what the facts say (computed here from the history itself, independently
+//! of any order) and the audit is clean.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +15,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tally::domain::book::Source;
 use tally::domain::model::{Ledger as Model, Stripe as StripeModel};
-use tally::domain::payment::{Charge, Dispute, DisputeStatus, Fact};
+use tally::domain::payment::{Charge, Dispute, DisputeStatus, Fact, Subscription};
 use tally::storage::{PackGrant, StorageError, Store, StripeEffect, StripeEvent};
+use tally::stripe::event::SubscriptionState;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
 
@@ -58,8 +61,113 @@ fn history() -> impl Strategy<Value = History> {
         })
 }
 
-/// One delivery: event id, business key, fact.
-type Delivery = (String, Option<String>, Fact);
+/// One delivery: its event id and what it says.
+#[derive(Clone, Debug)]
+enum Delivery {
+    Payment(String, Option<String>, Fact),
+    Subscription(String, Subscription),
+    PaymentFailed(String, String, i64),
+    Invoice(String, String),
+}
+
+/// Credits of one paid subscription invoice.
+const INVOICE_CREDITS: i64 = 100;
+
+/// What really happened to one subscription: its plan, then (each optional, in this order) a
+/// plan change, a failed renewal, its end; and how many periods were paid.
+#[derive(Clone, Debug)]
+struct SubHistory {
+    plan: &'static str,
+    changed_to: Option<&'static str>,
+    failed: bool,
+    ended: bool,
+    invoices: u8,
+}
+
+fn sub_history() -> impl Strategy<Value = SubHistory> {
+    (
+        prop_oneof![Just("pro"), Just("enterprise")],
+        proptest::option::of(prop_oneof![Just("pro"), Just("enterprise")]),
+        any::<bool>(),
+        any::<bool>(),
+        0u8..3,
+    )
+        .prop_map(|(plan, changed_to, failed, ended, invoices)| SubHistory {
+            plan,
+            changed_to,
+            failed,
+            ended,
+            invoices,
+        })
+}
+
+/// Subscription `n` of run `run`: its events with increasing `created` times (Stripe sends a
+/// `customer.subscription.updated` to `past_due` beside every failed renewal invoice).
+fn sub_deliveries(run: u64, n: usize, h: &SubHistory) -> Vec<Delivery> {
+    let id = format!("sub_{run}_{n}");
+    let started = 1_000 * (i64::try_from(n).unwrap() + 1);
+    let state = |status: &str, plan: &str, as_of: i64| Subscription {
+        subscription_id: id.clone(),
+        account_id: format!("acct_{run}"),
+        customer: format!("cus_{run}"),
+        status: status.to_owned(),
+        plan: plan.to_owned(),
+        period_end: None,
+        cancel_at_period_end: false,
+        as_of,
+        started,
+    };
+    let ev = |s: &str| format!("evt_{run}_{id}_{s}");
+    let mut out = vec![Delivery::Subscription(
+        ev("created"),
+        state("active", h.plan, started),
+    )];
+    let mut plan = h.plan;
+    if let Some(p) = h.changed_to {
+        plan = p;
+        out.push(Delivery::Subscription(
+            ev("updated"),
+            state("active", p, started + 10),
+        ));
+    }
+    if h.failed {
+        out.push(Delivery::PaymentFailed(
+            ev("failed"),
+            id.clone(),
+            started + 20,
+        ));
+        out.push(Delivery::Subscription(
+            ev("past_due"),
+            state("past_due", plan, started + 20),
+        ));
+    }
+    if h.ended {
+        out.push(Delivery::Subscription(
+            ev("deleted"),
+            state("canceled", "free", started + 30),
+        ));
+    }
+    for i in 0..h.invoices {
+        out.push(Delivery::Invoice(
+            ev(&format!("invoice{i}")),
+            format!("invoice:in_{run}_{n}_{i}"),
+        ));
+        // The same invoice's `invoice.paid` again, under another event id.
+        out.push(Delivery::Invoice(
+            ev(&format!("invoice{i}_again")),
+            format!("invoice:in_{run}_{n}_{i}"),
+        ));
+    }
+    out
+}
+
+/// The plan the subscription histories end on: the newest (last started) one not ended.
+fn expected_plan(subs: &[SubHistory]) -> &'static str {
+    subs.iter()
+        .rev()
+        .find(|h| !h.ended)
+        .map_or("free", |h| h.changed_to.unwrap_or(h.plan))
+}
 
 fn deliveries(run: u64, n: usize, h: &History) -> Vec<Delivery> {
     let key = format!("checkout_session:cs_{run}_{n}");
@@ -74,17 +182,29 @@ fn deliveries(run: u64, n: usize, h: &History) -> Vec<Delivery> {
     let mut out: Vec<Delivery> = Vec::new();
     let id = |s: &str| format!("evt_{run}_{n}_{s}");
     if h.async_method {
-        out.push((id("pending"), Some(key.clone()), Fact::Pending));
+        out.push(Delivery::Payment(
+            id("pending"),
+            Some(key.clone()),
+            Fact::Pending,
+        ));
     }
     if h.paid {
-        out.push((id("paid"), Some(key.clone()), paid.clone()));
+        out.push(Delivery::Payment(
+            id("paid"),
+            Some(key.clone()),
+            paid.clone(),
+        ));
         // The success-page sync and an async success: the same fact through other ids.
-        out.push((id("sync"), Some(key.clone()), paid));
+        out.push(Delivery::Payment(id("sync"), Some(key.clone()), paid));
     } else {
-        out.push((id("failed"), Some(key.clone()), Fact::Failed));
+        out.push(Delivery::Payment(
+            id("failed"),
+            Some(key.clone()),
+            Fact::Failed,
+        ));
     }
     for (i, r) in h.refunds.iter().enumerate() {
-        out.push((
+        out.push(Delivery::Payment(
             id(&format!("refund{i}")),
             None,
             Fact::Refund(Charge {
@@ -105,9 +225,13 @@ fn deliveries(run: u64, n: usize, h: &History) -> Vec<Delivery> {
                 status,
             })
         };
-        out.push((id("dispute"), None, d(DisputeStatus::Open)));
+        out.push(Delivery::Payment(
+            id("dispute"),
+            None,
+            d(DisputeStatus::Open),
+        ));
         if let Some(end) = end {
-            out.push((id("closed"), None, d(end)));
+            out.push(Delivery::Payment(id("closed"), None, d(end)));
         }
     }
     out
@@ -148,9 +272,94 @@ fn effect(key: Option<&String>, fact: &Fact) -> StripeEffect {
     }
 }
 
-async fn balance(store: &dyn Store, account: &str) -> Option<i64> {
+fn event(id: &str) -> StripeEvent {
+    StripeEvent {
+        event_id: id.to_owned(),
+        kind: "test".into(),
+        livemode: false,
+        created: Some(1),
+        effect: "property test".into(),
+    }
+}
+
+/// Sends one delivery to the backend and to the model.
+async fn deliver(
+    store: &dyn Store,
+    model: &mut Model,
+    stripe: &mut StripeModel,
+    d: &Delivery,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), String> {
+    match d {
+        Delivery::Payment(id, key, fact) => {
+            store
+                .record_stripe_event(&event(id), &effect(key.as_ref(), fact))
+                .await
+                .map_err(|e| e.to_string())?;
+            stripe
+                .record(model, id, key.as_deref(), fact, now)
+                .map(|_| ())
+                .map_err(|e| format!("model: {e}"))
+        }
+        Delivery::Subscription(id, sub) => {
+            let state = SubscriptionState {
+                customer: sub.customer.clone(),
+                account_hint: Some(sub.account_id.clone()),
+                subscription: sub.subscription_id.clone(),
+                status: sub.status.clone(),
+                plan: sub.plan.clone(),
+                period_end: sub.period_end,
+                cancel_at_period_end: sub.cancel_at_period_end,
+                as_of: sub.as_of,
+                started: sub.started,
+            };
+            store
+                .record_stripe_event(&event(id), &StripeEffect::Subscription(state))
+                .await
+                .map_err(|e| e.to_string())?;
+            stripe
+                .record_subscription(model, id, sub.clone(), now)
+                .map_err(|e| format!("model: {e}"))
+        }
+        Delivery::PaymentFailed(id, sub, as_of) => {
+            let effect = StripeEffect::PaymentFailed {
+                subscription: sub.clone(),
+                as_of: *as_of,
+            };
+            store
+                .record_stripe_event(&event(id), &effect)
+                .await
+                .map_err(|e| e.to_string())?;
+            stripe
+                .record_payment_failed(model, id, sub, *as_of, now)
+                .map_err(|e| format!("model: {e}"))
+        }
+        Delivery::Invoice(id, key) => {
+            // Invoices name their customer and account: `sub_<run>_<n>` → `acct_<run>`.
+            let run = key.split('_').nth(1).unwrap_or_default();
+            let account = format!("acct_{run}");
+            let effect = StripeEffect::InvoiceGrant {
+                business_key: key.clone(),
+                customer: format!("cus_{run}"),
+                account_hint: Some(crate::account(&account)),
+                amount: crate::credits(INVOICE_CREDITS),
+                expires_at: None,
+                reason: "property test".into(),
+            };
+            store
+                .record_stripe_event(&event(id), &effect)
+                .await
+                .map_err(|e| e.to_string())?;
+            stripe
+                .record_invoice(model, id, key, &account, INVOICE_CREDITS, now)
+                .map_err(|e| format!("model: {e}"))
+        }
+    }
+}
+
+async fn balance(store: &dyn Store, account: &str) -> Option<(i64, String)> {
     match store.balance(&crate::account(account)).await {
-        Ok(b) => Some(b.available),
+        Ok(b) => Some((b.available, b.plan)),
         Err(StorageError::Rejected(_)) => None,
         Err(e) => panic!("{e}"),
     }
@@ -160,6 +369,7 @@ async fn run_case(
     store: &dyn Store,
     run: u64,
     histories: Vec<History>,
+    subs: Vec<SubHistory>,
     order: Vec<usize>,
 ) -> Result<(), TestCaseError> {
     let account = format!("acct_{run}");
@@ -167,6 +377,11 @@ async fn run_case(
         .iter()
         .enumerate()
         .flat_map(|(n, h)| deliveries(run, n, h))
+        .chain(
+            subs.iter()
+                .enumerate()
+                .flat_map(|(n, h)| sub_deliveries(run, n, h)),
+        )
         .collect();
     // A random order with duplicates: `order` picks deliveries (repeats allowed), and every
     // delivery is sent at least once after them.
@@ -187,37 +402,36 @@ async fn run_case(
     let mut model = Model::new(None);
     let mut stripe = StripeModel::default();
     let now = Utc::now();
-    for (step, (event_id, key, fact)) in sequence.iter().enumerate() {
-        let event = StripeEvent {
-            event_id: event_id.clone(),
-            kind: "test".into(),
-            livemode: false,
-            created: Some(1),
-            effect: "property test".into(),
-        };
-        store
-            .record_stripe_event(&event, &effect(key.as_ref(), fact))
+    for (step, d) in sequence.iter().enumerate() {
+        deliver(store, &mut model, &mut stripe, d, now)
             .await
-            .map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))?;
-        stripe
-            .record(&mut model, event_id, key.as_deref(), fact, now)
-            .map_err(|e| TestCaseError::fail(format!("model, step {step}: {e}")))?;
-        let want = model.balance(&account, now).ok().map(|b| b.available);
+            .map_err(|e| TestCaseError::fail(format!("step {step} {d:?}: {e}")))?;
+        let want = model
+            .balance(&account, now)
+            .ok()
+            .map(|b| (b.available, b.plan));
         prop_assert_eq!(
             balance(store, &account).await,
             want,
             "step {} {:?}",
             step,
-            fact
+            d
         );
     }
-    let any_paid = histories.iter().any(|h| h.paid);
-    let got = balance(store, &account).await;
+    let exists = histories.iter().any(|h| h.paid) || !subs.is_empty();
+    let invoices: i64 = subs.iter().map(|h| i64::from(h.invoices)).sum();
+    let want = exists.then(|| {
+        (
+            expected(&histories) + invoices * INVOICE_CREDITS,
+            expected_plan(&subs).to_owned(),
+        )
+    });
     prop_assert_eq!(
-        got,
-        any_paid.then(|| expected(&histories)),
-        "histories {:?}",
-        histories
+        balance(store, &account).await,
+        want,
+        "histories {:?} {:?}",
+        histories,
+        subs
     );
     let violations = store
         .audit()
@@ -238,13 +452,14 @@ async fn stripe_histories_in_any_order_agree_with_the_model_and_the_facts(backen
         ..Config::default()
     });
     let strategy = (
-        proptest::collection::vec(history(), 1..4),
+        proptest::collection::vec(history(), 0..4),
+        proptest::collection::vec(sub_history(), 0..3),
         proptest::collection::vec(any::<usize>(), 0..8),
     );
-    let result = runner.run(&strategy, |(histories, order)| {
+    let result = runner.run(&strategy, |(histories, subs, order)| {
         let run = runs.fetch_add(1, Ordering::Relaxed);
         tokio::task::block_in_place(|| {
-            handle.block_on(run_case(store.as_ref(), run, histories, order))
+            handle.block_on(run_case(store.as_ref(), run, histories, subs, order))
         })
     });
     if let Err(e) = result {
