@@ -199,6 +199,10 @@ pub fn describe() {
         "Expiry entries written by the sweeper (holds and grants)."
     );
     describe_counter!(
+        "tally_sweeper_account_failures_total",
+        "Accounts the sweeper could not settle (logged with the account; the pass goes on)."
+    );
+    describe_counter!(
         "tally_webhook_events_total",
         "Stripe webhook deliveries by event type and result."
     );
@@ -246,6 +250,7 @@ pub fn describe() {
     // Counters an alert watches exist from the start, at 0.
     metrics::counter!("tally_ledger_invariant_violations_total").absolute(0);
     metrics::counter!("tally_hold_expirations_total").absolute(0);
+    metrics::counter!("tally_sweeper_account_failures_total").absolute(0);
 }
 
 /// Counts a grant of `credits` from `source`.
@@ -272,6 +277,7 @@ mod tests {
         for name in [
             "tally_ledger_invariant_violations_total 0",
             "tally_hold_expirations_total 0",
+            "tally_sweeper_account_failures_total 0",
             "tally_build_info{version=",
         ] {
             assert!(text.contains(name), "{name} in\n{text}");

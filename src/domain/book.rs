@@ -565,9 +565,44 @@ impl Book {
         Ok(())
     }
 
+    /// Moves the book to another plan, settled under its old plan first by the caller: the new
+    /// plan's allowance is granted at once if its current period has none yet. An account gets
+    /// at most one allowance per period key (`daily:2026-12-07`, `monthly:2026-12`), whatever
+    /// plans it moves between: the caller loads the grants of the keys current at `now`
+    /// ([`super::plan::period_keys_at`]), and one already granted counts as this period's.
+    /// Returns the previous plan.
+    ///
+    /// # Errors
+    /// Only on a corrupt book.
+    pub fn switch_plan(
+        &mut self,
+        plan: &str,
+        allowance: Option<&Allowance>,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Res<String> {
+        let previous = std::mem::replace(&mut self.plan, plan.to_owned());
+        self.dirty.account = true;
+        if let Some(a) = allowance {
+            self.grant_allowance(a, now, ids)?;
+        }
+        Ok(previous)
+    }
+
     fn grant_allowance(&mut self, a: &Allowance, now: DateTime<Utc>, ids: &mut dyn Ids) -> Res<()> {
         let (key, end) = period_at(a.period, now);
         if self.allowance_period.as_deref() == Some(key.as_str()) {
+            return Ok(());
+        }
+        // Granted already this period, under another plan of the same period kind (the
+        // account left and came back): that grant is this period's.
+        if self
+            .buckets
+            .values()
+            .any(|b| b.period.as_deref() == Some(key.as_str()))
+        {
+            self.allowance_period = Some(key);
+            self.dirty.account = true;
             return Ok(());
         }
         // Only the period right before this one rolls over.
@@ -1081,5 +1116,72 @@ impl Book {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod plan_switch_tests {
+    use super::*;
+    use crate::domain::plan::{Period, Policy, period_at};
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    struct Seq(u64);
+
+    impl Ids for Seq {
+        fn bucket_id(&mut self) -> String {
+            self.0 = self.0.saturating_add(1);
+            format!("grt_{:04}", self.0)
+        }
+    }
+
+    fn policy() -> Policy {
+        let a = |amount, period| Allowance {
+            amount,
+            period,
+            rollover: Rollover::Capped(3),
+        };
+        Policy {
+            allowances: [
+                ("free".to_owned(), a(5, Period::Daily)),
+                ("team".to_owned(), a(7, Period::Daily)),
+                ("monthly".to_owned(), a(100, Period::Monthly)),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    proptest! {
+        /// Random plan switches interleaved with time: one allowance grant per period key at
+        /// most, the current plan's current period always has its allowance, books add up.
+        #[test]
+        fn plan_switches_give_one_allowance_per_period_key(
+            ops in proptest::collection::vec((0usize..4, 0i64..40), 1..40),
+        ) {
+            let plans = ["free", "team", "monthly", "none"];
+            let p = policy();
+            let mut now = Utc.with_ymd_and_hms(2026, 11, 29, 22, 0, 0).unwrap();
+            let mut book = Book::new("a", "free");
+            let mut ids = Seq(0);
+            book.settle(now, p.for_plan("free"), &mut ids).unwrap();
+            for (plan, hours) in ops {
+                now += chrono::TimeDelta::hours(hours);
+                book.settle(now, p.for_plan(&book.plan), &mut ids).unwrap();
+                book.switch_plan(plans[plan], p.for_plan(plans[plan]), now, &mut ids).unwrap();
+                let mut keys: Vec<&str> = book.buckets.values().filter_map(|b| b.period.as_deref()).collect();
+                let n = keys.len();
+                keys.sort_unstable();
+                keys.dedup();
+                prop_assert_eq!(keys.len(), n, "a period key granted twice");
+                if let Some(a) = p.for_plan(&book.plan) {
+                    let key = period_at(a.period, now).0;
+                    prop_assert!(keys.contains(&key.as_str()), "no allowance for {}", key);
+                    prop_assert_eq!(book.allowance_period.as_deref(), Some(key.as_str()));
+                }
+                book.check().map_err(TestCaseError::fail)?;
+            }
+        }
     }
 }

@@ -81,6 +81,16 @@ pub fn period_at(period: Period, now: DateTime<Utc>) -> (String, DateTime<Utc>) 
     (key, end)
 }
 
+/// The allowance period keys current at `now`, for every period kind: the grants a plan
+/// switch must see to give at most one allowance per key.
+#[must_use]
+pub fn period_keys_at(now: DateTime<Utc>) -> [String; 2] {
+    [
+        period_at(Period::Daily, now).0,
+        period_at(Period::Monthly, now).0,
+    ]
+}
+
 /// When the period containing `now` began.
 #[must_use]
 pub fn period_start(period: Period, now: DateTime<Utc>) -> DateTime<Utc> {

@@ -168,26 +168,7 @@ macro_rules! book_ops {
         idem: &$crate::domain::command::Idempotency,
         cmd: &$crate::domain::command::SetPlan,
     ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::PlanOutcome>> {
-        let target = $crate::storage::Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, _, _| {
-                let previous_plan = std::mem::replace(&mut b.plan, cmd.plan.clone());
-                b.dirty.account = true;
-                Ok($crate::domain::PlanOutcome {
-                    account_id: b.account_id.clone(),
-                    previous_plan,
-                    plan: cmd.plan.clone(),
-                })
-            },
-        )
-        .await
+        $crate::storage::set_plan(self.begin().await?, idem, cmd, &self.policy).await
     }
 
     async fn record_stripe_event(
@@ -246,6 +227,21 @@ impl StorageError {
     /// Wraps an unexpected error, keeping only its message (never a connection string).
     pub fn other(e: impl std::fmt::Display) -> Self {
         Self::Other(e.to_string())
+    }
+}
+
+/// What the sweeper does when settling one account fails: a database that is unavailable
+/// (or a commit in doubt, or contention) ends the pass, to be tried again on the next tick;
+/// anything else is that account's own problem: it is logged with the account and counted
+/// (`tally_sweeper_account_failures_total`), and the pass goes on with the other accounts.
+pub(crate) fn sweep_failed(account: &str, e: StorageError) -> StorageResult<()> {
+    match e {
+        StorageError::Unavailable(_) | StorageError::InDoubt(_) | StorageError::Contended => Err(e),
+        e => {
+            metrics::counter!("tally_sweeper_account_failures_total").increment(1);
+            tracing::warn!(account_id = account, error.message = %e, "sweeper could not settle an account; the others go on");
+            Ok(())
+        }
     }
 }
 
@@ -837,6 +833,9 @@ pub(crate) trait Tx: Send {
         hold: Option<&str>,
         now: DateTime<Utc>,
     ) -> StorageResult<()>;
+    /// Loads the book's grants of these allowance periods (a plan switch must see them), also
+    /// those that hold nothing any more.
+    async fn load_periods(&mut self, book: &mut Book, periods: &[String]) -> StorageResult<()>;
     /// Writes what the book's operation changed.
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()>;
     /// Serialises every Stripe effect (PostgreSQL: a transaction-scoped advisory lock;
@@ -1187,9 +1186,7 @@ async fn apply_subscription(
         .ok_or(LedgerError::AccountNotFound)?;
     if book.plan != plan {
         tx.load(&mut book, None, now).await?;
-        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-        book.plan = plan;
-        book.dirty.account = true;
+        switch_plan(tx, &mut book, &plan, policy, now).await?;
         tx.write(&book, now).await?;
     }
     Ok(())
@@ -1478,6 +1475,54 @@ pub(crate) fn narrow<T: TryFrom<Outcome>>(a: Applied<Outcome>) -> StorageResult<
     T::try_from(a.outcome)
         .map(|outcome| Applied { outcome, replayed })
         .map_err(|_| LedgerError::IdempotencyKeyReused.into())
+}
+
+/// Loads what a plan switch needs beyond [`Tx::load`] and switches: the grants of the
+/// allowance periods current at `now` ([`crate::domain::plan::period_keys_at`]), so that
+/// [`Book::switch_plan`] gives at most one allowance per period key.
+async fn switch_plan(
+    tx: &mut dyn Tx,
+    book: &mut Book,
+    plan: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<String> {
+    tx.load_periods(book, &crate::domain::plan::period_keys_at(now))
+        .await?;
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    Ok(book.switch_plan(plan, policy.for_plan(plan), now, &mut RandomIds)?)
+}
+
+/// Moves an account to another plan, once per idempotency key.
+pub(crate) async fn set_plan(
+    mut tx: Box<dyn Tx + '_>,
+    idem: &Idempotency,
+    cmd: &SetPlan,
+    policy: &Policy,
+) -> StorageResult<Applied<PlanOutcome>> {
+    let now = tx.now().await?;
+    if let Claim::Existing {
+        fingerprint,
+        response,
+    } = tx.claim(idem, now).await?
+    {
+        return replay(idem, &fingerprint, response.as_deref());
+    }
+    let (mut book, _) = tx
+        .lock_book(cmd.account_id.as_str(), None, now)
+        .await?
+        .ok_or(LedgerError::AccountNotFound)?;
+    tx.load(&mut book, None, now).await?;
+    let previous_plan = switch_plan(tx.as_mut(), &mut book, &cmd.plan, policy, now).await?;
+    let out = PlanOutcome {
+        account_id: book.account_id.clone(),
+        previous_plan,
+        plan: cmd.plan.clone(),
+    };
+    tx.write(&book, now).await?;
+    tx.store_outcome(idem, &out.clone().into()).await?;
+    tx.commit().await?;
+    Ok(Applied::fresh(out))
 }
 
 /// Creates an account with its sign-up bonus, once.

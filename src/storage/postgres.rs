@@ -416,6 +416,20 @@ impl Tx for PgTx<'_> {
         Ok(Some((book, created)))
     }
 
+    async fn load_periods(&mut self, book: &mut Book, periods: &[String]) -> StorageResult<()> {
+        let rows = sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND period = ANY($2)")
+            .bind(&book.account_id)
+            .bind(periods)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        for r in &rows {
+            let b = bucket_from_row(r)?;
+            book.buckets.entry(b.bucket_id.clone()).or_insert(b);
+        }
+        Ok(())
+    }
+
     async fn load(
         &mut self,
         book: &mut Book,
@@ -984,8 +998,10 @@ super::book_ops!(PgStore, {
         .map_err(map_err)?;
         let mut total = 0u64;
         for account in accounts {
-            total = total
-                .saturating_add(super::settle(self.begin().await?, &account, &self.policy).await?);
+            match super::settle(self.begin().await?, &account, &self.policy).await {
+                Ok(n) => total = total.saturating_add(n),
+                Err(e) => super::sweep_failed(&account, e)?,
+            }
         }
         Ok(total)
     }

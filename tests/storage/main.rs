@@ -25,6 +25,7 @@ mod concurrency;
 mod differential;
 mod grants;
 mod group;
+mod plans;
 mod rules;
 mod stripe;
 
