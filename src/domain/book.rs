@@ -1120,7 +1120,11 @@ impl Book {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod plan_switch_tests {
     use super::*;
     use crate::domain::plan::{Period, Policy, period_at};
