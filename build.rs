@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // prost-build ignores `file_descriptor_set_path` on the compile_fds path: write it ourselves.
     fs::write(out_dir.join("tally_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // prost's codec, with undecodable requests answered INVALID_ARGUMENT (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::Codec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

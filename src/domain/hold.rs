@@ -90,6 +90,18 @@ impl Metadata {
                     format!("values are at most {METADATA_VALUE_MAX_BYTES} bytes (key {k:?})"),
                 ));
             }
+            if let Some(c) = v
+                .chars()
+                .find(|c| super::text::is_refused(*c, super::text::Lines::Many))
+            {
+                return Err(FieldViolation::new(
+                    "metadata",
+                    format!(
+                        "values must not contain control characters other than tab and newline (key {k:?}: U+{:04X})",
+                        u32::from(c)
+                    ),
+                ));
+            }
         }
         Ok(Self(map))
     }

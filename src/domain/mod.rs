@@ -18,6 +18,7 @@ pub mod payment;
 pub mod plan;
 pub mod pricing;
 pub mod rules;
+pub mod text;
 
 pub use amount::{Credits, MAX_BALANCE};
 pub use error::{FieldViolation, LedgerError};

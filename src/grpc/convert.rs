@@ -60,12 +60,7 @@ fn reason(field: &'static str, s: &str, required: bool) -> Result<String, FieldV
     if required && s.trim().is_empty() {
         return Err(FieldViolation::new(field, "is required"));
     }
-    if s.chars().count() > REASON_MAX_LEN {
-        return Err(FieldViolation::new(
-            field,
-            format!("must be at most {REASON_MAX_LEN} characters"),
-        ));
-    }
+    crate::domain::text::check(field, s, REASON_MAX_LEN, crate::domain::text::Lines::Many)?;
     Ok(s.to_owned())
 }
 
@@ -254,13 +249,19 @@ pub fn adjust(r: &pb::AdjustRequest) -> Result<(IdempotencyKey, Adjust), Service
     );
     let why = c.field(reason("reason", &r.reason, true));
     let operator = c.field(
-        if r.operator.trim().is_empty() || r.operator.chars().count() > OPERATOR_MAX_LEN {
+        if r.operator.trim().is_empty() {
             Err(FieldViolation::new(
                 "operator",
                 format!("is required, at most {OPERATOR_MAX_LEN} characters"),
             ))
         } else {
-            Ok(r.operator.clone())
+            crate::domain::text::check(
+                "operator",
+                &r.operator,
+                OPERATOR_MAX_LEN,
+                crate::domain::text::Lines::One,
+            )
+            .map(|()| r.operator.clone())
         },
     );
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));

@@ -4,6 +4,7 @@
 //! in status.rs. Nothing here decides a business rule.
 
 mod admin;
+pub mod codec;
 pub mod convert;
 pub mod gate;
 pub mod status;

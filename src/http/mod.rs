@@ -348,6 +348,12 @@ async fn webhook(
     let Ok(event) = serde_json::from_slice::<Envelope>(&body) else {
         return refuse("body is not a JSON event");
     };
+    if [&event.id, &event.kind]
+        .iter()
+        .any(|s| s.len() > 255 || s.chars().any(char::is_control))
+    {
+        return refuse("event id or type with a control character or over 255 bytes");
+    }
     if event.id.is_empty() {
         return refuse("event without an id");
     }

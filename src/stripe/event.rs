@@ -34,8 +34,12 @@ pub struct Data {
     pub object: Value,
 }
 
+/// A string member; empty, or with a control character (no Stripe id or status has one, and
+/// PostgreSQL refuses NUL), counts as absent.
 fn text<'v>(o: &'v Value, key: &str) -> Option<&'v str> {
-    o.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+    o.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
 }
 
 /// What a verified event does to the ledger.

@@ -23,6 +23,7 @@ mod billing;
 mod cli;
 mod client;
 mod credit;
+mod edges;
 mod faults;
 mod ops;
 mod pricing;
