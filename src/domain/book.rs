@@ -618,12 +618,27 @@ impl Book {
                 })
                 .map_or(0, |b| b.expired.min(cap)),
         };
-        let amount = a.amount.saturating_add(carry);
-        let reason = if carry > 0 {
+        // An allowance never takes the balance past the limit: it is capped to the room left,
+        // and skipped (the period counted as granted) when there is none, so an account at the
+        // limit keeps working.
+        let room = MAX_BALANCE.saturating_sub(self.available.saturating_add(self.held));
+        let wanted = a.amount.saturating_add(carry);
+        let amount = wanted.min(room);
+        if amount <= 0 {
+            self.allowance_period = Some(key);
+            self.dirty.account = true;
+            return Ok(());
+        }
+        let mut reason = if carry > 0 {
             format!("allowance {key} (+{carry} rolled over)")
         } else {
             format!("allowance {key}")
         };
+        if amount < wanted {
+            reason.push_str(&format!(
+                " (capped at the balance limit: {amount} of {wanted})"
+            ));
+        }
         let id = ids.bucket_id();
         self.add_bucket(
             &id,

@@ -248,22 +248,20 @@ pub fn adjust(r: &pb::AdjustRequest) -> Result<(IdempotencyKey, Adjust), Service
         },
     );
     let why = c.field(reason("reason", &r.reason, true));
-    let operator = c.field(
-        if r.operator.trim().is_empty() {
-            Err(FieldViolation::new(
-                "operator",
-                format!("is required, at most {OPERATOR_MAX_LEN} characters"),
-            ))
-        } else {
-            crate::domain::text::check(
-                "operator",
-                &r.operator,
-                OPERATOR_MAX_LEN,
-                crate::domain::text::Lines::One,
-            )
-            .map(|()| r.operator.clone())
-        },
-    );
+    let operator = c.field(if r.operator.trim().is_empty() {
+        Err(FieldViolation::new(
+            "operator",
+            format!("is required, at most {OPERATOR_MAX_LEN} characters"),
+        ))
+    } else {
+        crate::domain::text::check(
+            "operator",
+            &r.operator,
+            OPERATOR_MAX_LEN,
+            crate::domain::text::Lines::One,
+        )
+        .map(|()| r.operator.clone())
+    });
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
     let value = (|| {
         Some((

@@ -40,7 +40,11 @@ async fn control_characters_in_text_are_invalid_arguments(backend: Backend) {
         g.reason = bad.into();
         let e = admin.grant(g).await.unwrap_err();
         expect_error(&e, Code::InvalidArgument, "INVALID_ARGUMENT");
-        assert_eq!(violated(&e), HashSet::from(["reason".to_owned()]), "{bad:?}");
+        assert_eq!(
+            violated(&e),
+            HashSet::from(["reason".to_owned()]),
+            "{bad:?}"
+        );
         let e = admin
             .adjust(pb::AdjustRequest {
                 account_id: "texty".into(),

@@ -150,7 +150,88 @@ async fn the_sweeper_goes_on_past_an_account_it_cannot_settle(backend: Backend) 
     assert_eq!(expired("bad").await, 0, "the refused one is left as it was");
 }
 
+/// Item 3: an account at the balance limit on a plan without an allowance, moved to a plan
+/// with one, keeps working: the allowance is skipped (no room), reads, reserves, negative
+/// adjustments and plan switches succeed; with room for part of it, it is capped.
+async fn an_account_at_the_balance_limit_keeps_working(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store_with(policy()).await;
+    let s = store.as_ref();
+    grant(s, "rich", 1).await;
+    set_plan(s, "rich", "none", "n1").await;
+    let max = tally::domain::MAX_BALANCE;
+    // 1 + 5 (today's allowance, before the switch), then one grant raised to the limit in
+    // SQL (a thousand grants of the largest amount would take the test 20 s): the grant, its
+    // entry and the account's column move together, as the audit checks.
+    let g = grant(s, "rich", 1).await.grant_id;
+    let more = max - 7;
+    let sql = [
+        format!(
+            "UPDATE bucket SET granted = granted + {more}, remaining = remaining + {more} WHERE bucket_id = '{g}'"
+        ),
+        format!("UPDATE account SET available = available + {more} WHERE account_id = 'rich'"),
+        match backend {
+            Backend::Postgres => format!(
+                "INSERT INTO entry (account_id, kind, available_delta, held_delta, reason, bucket_id) VALUES ('rich', 'grant', {more}, 0, 'test', '{g}')"
+            ),
+            Backend::Sqlite => format!(
+                "INSERT INTO entry (account_id, kind, available_delta, held_delta, reason, created_at, bucket_id) VALUES ('rich', 'grant', {more}, 0, 'test', 0, '{g}')"
+            ),
+        },
+    ];
+    for q in sql {
+        match backend {
+            Backend::Postgres => {
+                let pool = db.postgres().await.pool().clone();
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            Backend::Sqlite => {
+                let pool = db.sqlite().await.pool().clone();
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    assert_ledger_balances(s).await;
+    assert_eq!(available(s, "rich").await, max);
+    set_plan(s, "rich", "monthly", "m1").await;
+    assert_eq!(
+        available(s, "rich").await,
+        max,
+        "no room: the allowance is skipped"
+    );
+    let r = reserve_cmd("rich", 1, TimeDelta::minutes(5));
+    s.reserve(&idem("c", "r-rich", r.fingerprint()), &r)
+        .await
+        .unwrap();
+    let adj = tally::domain::command::Adjust {
+        account_id: account("rich"),
+        delta: -1000,
+        reason: "correction".into(),
+        operator: "ops".into(),
+    };
+    s.adjust(&idem("ops", "adj-rich", adj.fingerprint()), &adj)
+        .await
+        .unwrap();
+    set_plan(s, "rich", "free", "f1").await;
+    assert_eq!(
+        available(s, "rich").await,
+        max - 1 - 1000,
+        "today's daily was granted"
+    );
+    // Back on the monthly plan with room now: this month's allowance, which never was granted.
+    set_plan(s, "rich", "monthly", "m2").await;
+    assert_eq!(available(s, "rich").await, max - 1 - 1000 + 100);
+    assert_ledger_balances(s).await;
+}
+
 crate::on_both_backends!(
+    an_account_at_the_balance_limit_keeps_working,
     switching_plans_back_and_forth_never_locks_an_account,
     the_sweeper_goes_on_past_an_account_it_cannot_settle,
 );
