@@ -20,6 +20,10 @@ pub struct Idempotency {
     pub key: IdempotencyKey,
     /// SHA-256 of the request's canonical form; a reused key must carry the same one.
     pub fingerprint: [u8; 32],
+    /// The same request's fingerprint under an earlier encoding, for the commands whose
+    /// encoding changed: a record stored before the upgrade still replays (until it ages out
+    /// after `--idempotency-retention`).
+    pub legacy: Option<[u8; 32]>,
 }
 
 /// Hash of a request's canonical form: the operation name and each field, length-prefixed so
@@ -42,6 +46,9 @@ pub struct Reserve {
     pub amount: Credits,
     /// Lifetime of the hold (already defaulted and range-checked by the caller of the domain).
     pub ttl: TimeDelta,
+    /// Whether the caller gave `ttl` (else it is the server's default, which the fingerprint
+    /// leaves out: a retry matches even after `--hold-ttl-default` changed).
+    pub ttl_given: bool,
     /// Caller labels.
     pub metadata: Metadata,
     /// The id the hold will get (generated before the request is applied).
@@ -53,9 +60,35 @@ pub struct Reserve {
 }
 
 impl Reserve {
-    /// The request fingerprint. The server-generated hold id is not part of it.
+    /// The request fingerprint: account, amount (or the priced operation), the TTL the caller
+    /// gave (or "default"), the number of metadata pairs, then each key and value — every part
+    /// length-prefixed, so two different requests never share it. The server-generated hold id
+    /// is not part of it.
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
+        let amount = self
+            .priced
+            .as_ref()
+            .map_or_else(|| self.amount.to_string(), |p| format!("priced:{p}"));
+        let ttl = if self.ttl_given {
+            self.ttl.num_milliseconds().to_string()
+        } else {
+            "default".to_owned()
+        };
+        let pairs = self.metadata.pairs();
+        let count = pairs.len().to_string();
+        let mut parts: Vec<&str> = vec![self.account_id.as_str(), &amount, &ttl, &count];
+        for (k, v) in pairs {
+            parts.push(k);
+            parts.push(v);
+        }
+        fingerprint("reserve/2", &parts)
+    }
+
+    /// The fingerprint under the first encoding (metadata values not length-prefixed, the
+    /// defaulted TTL hashed): records stored before the upgrade still replay.
+    #[must_use]
+    pub fn legacy_fingerprint(&self) -> [u8; 32] {
         let meta: Vec<String> = self
             .metadata
             .pairs()
@@ -303,5 +336,69 @@ mod tests {
         c.amount = Credits::new("n", 6).unwrap();
         assert_ne!(a.fingerprint(), c.fingerprint());
         assert_eq!(a.fingerprint(), a.clone().fingerprint());
+    }
+
+    fn reserve(metadata: &[(&str, &str)], ttl: Option<i64>, priced: Option<&str>) -> Reserve {
+        Reserve {
+            account_id: AccountId::parse("a", "u1").unwrap(),
+            amount: Credits::new("n", 5).unwrap(),
+            ttl: TimeDelta::seconds(ttl.unwrap_or(600)),
+            ttl_given: ttl.is_some(),
+            metadata: Metadata::parse(
+                metadata
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            )
+            .unwrap(),
+            hold_id: HoldId::parse("h", "hold_0190f3a0000070008000000000000001").unwrap(),
+            priced: priced.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn metadata_that_used_to_collide_does_not() {
+        let a = reserve(&[("k1", "a\n3:xyz=b")], None, None);
+        let b = reserve(&[("k1", "a"), ("xyz", "b")], None, None);
+        assert_eq!(
+            a.legacy_fingerprint(),
+            b.legacy_fingerprint(),
+            "the old encoding collided"
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        // Without a TTL the server's default is not hashed; a given TTL is.
+        let mut c = reserve(&[], None, None);
+        let d = c.clone();
+        c.ttl = TimeDelta::seconds(5);
+        assert_eq!(c.fingerprint(), d.fingerprint());
+        assert_ne!(reserve(&[], Some(600), None).fingerprint(), d.fingerprint());
+    }
+
+    fn text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[a-z0-9=:\n]{0,6}").unwrap()
+    }
+
+    proptest::proptest! {
+        /// Distinct Reserve requests never share a fingerprint; equal ones always do.
+        #[test]
+        fn distinct_reserves_never_share_a_fingerprint(
+            ma in proptest::collection::btree_map("[a-z]{1,3}", text(), 0..4),
+            mb in proptest::collection::btree_map("[a-z]{1,3}", text(), 0..4),
+            ta in proptest::option::of(1i64..3),
+            tb in proptest::option::of(1i64..3),
+            pa in proptest::option::of("[a-z:=]{0,4}"),
+            pb in proptest::option::of("[a-z:=]{0,4}"),
+        ) {
+            let pairs = |m: &std::collections::BTreeMap<String, String>| -> Vec<(String, String)> {
+                m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            };
+            let build = |m: &std::collections::BTreeMap<String, String>, t: Option<i64>, p: &Option<String>| {
+                let pairs = pairs(m);
+                let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                reserve(&refs, t, p.as_deref())
+            };
+            let (a, b) = (build(&ma, ta, &pa), build(&mb, tb, &pb));
+            let same = ma == mb && ta == tb && pa == pb;
+            proptest::prop_assert_eq!(a.fingerprint() == b.fingerprint(), same);
+        }
     }
 }

@@ -840,6 +840,7 @@ mod tests {
             caller: Caller::anonymous(),
             key: IdempotencyKey::parse("k", key).unwrap(),
             fingerprint,
+            legacy: None,
         }
     }
 
@@ -939,7 +940,7 @@ mod tests {
                         let mut b = [0u8; 16];
                         b[..8].copy_from_slice(&u64::try_from(step).unwrap().to_be_bytes());
                         Some(Sent::Reserve(Reserve {
-                            account_id: acct(account), amount: credits(amount), ttl: TimeDelta::seconds(ttl_secs),
+                            account_id: acct(account), amount: credits(amount), ttl: TimeDelta::seconds(ttl_secs), ttl_given: true,
                             metadata: Metadata::default(), hold_id: HoldId::from_bytes(b), priced: None }))
                     }
                     Op::Commit { hold, amount } => pick(hold).map(|h| Sent::Commit(CommitHold {
@@ -961,7 +962,7 @@ mod tests {
                             let after = l.balance(&name, now).unwrap();
                             prop_assert_eq!(after.available, before.available - amount, "a claw-back takes exactly its amount");
                             if after.available < 0 {
-                                let r = Reserve { account_id: acct(account), amount: credits(1), ttl: TimeDelta::seconds(60),
+                                let r = Reserve { account_id: acct(account), amount: credits(1), ttl: TimeDelta::seconds(60), ttl_given: true,
                                     metadata: Metadata::default(), hold_id: HoldId::from_bytes([0xee; 16]), priced: None };
                                 let mut probe = l.clone();
                                 prop_assert!(probe.reserve(&idem("probe", r.fingerprint()), &r, now).is_err(), "debt blocks reserves");
@@ -1068,6 +1069,7 @@ mod tests {
             account_id: AccountId::parse("a", "u").unwrap(),
             amount: credits(35),
             ttl: TimeDelta::hours(1),
+            ttl_given: true,
             metadata: Metadata::default(),
             hold_id: HoldId::from_bytes([7; 16]),
             priced: None,
@@ -1099,6 +1101,7 @@ mod tests {
             account_id: AccountId::parse("a", "u").unwrap(),
             amount: credits(10),
             ttl: TimeDelta::minutes(10),
+            ttl_given: true,
             metadata: Metadata::default(),
             hold_id: HoldId::from_bytes([1; 16]),
             priced: None,

@@ -106,6 +106,7 @@ pub fn reserve(
                 account_id: account_id?,
                 amount: amount?,
                 ttl: ttl?,
+                ttl_given: r.ttl.is_some(),
                 metadata: metadata?,
                 hold_id: new_hold_id(),
                 priced,

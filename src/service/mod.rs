@@ -153,6 +153,7 @@ fn idem(caller: &Caller, key: IdempotencyKey, fingerprint: [u8; 32]) -> Idempote
         caller: caller.clone(),
         key,
         fingerprint,
+        legacy: None,
     }
 }
 
@@ -190,7 +191,10 @@ impl Ledger {
         key: IdempotencyKey,
         cmd: &Reserve,
     ) -> ServiceResult<Applied<ReserveOutcome>> {
-        let idem = idem(caller, key, cmd.fingerprint());
+        let idem = Idempotency {
+            legacy: Some(cmd.legacy_fingerprint()),
+            ..idem(caller, key, cmd.fingerprint())
+        };
         with_retry(|| self.store.reserve(&idem, cmd)).await
     }
 

@@ -578,7 +578,7 @@ pub(crate) fn replay<T: TryFrom<Outcome>>(
     fingerprint: &[u8],
     response: Option<&str>,
 ) -> StorageResult<Applied<T>> {
-    if fingerprint != idem.fingerprint {
+    if fingerprint != idem.fingerprint && idem.legacy.is_none_or(|l| fingerprint != l) {
         return Err(LedgerError::IdempotencyKeyReused.into());
     }
     let stored: Outcome = serde_json::from_str(response.unwrap_or_default())

@@ -98,7 +98,48 @@ async fn a_request_that_does_not_decode_is_an_invalid_argument(backend: Backend)
     app.finish().await;
 }
 
+/// Item 4: two different Reserves whose metadata used to encode alike are a reused key; a
+/// Reserve without a TTL replays after the server's default TTL changed.
+async fn reserve_fingerprints_are_injective_and_ignore_the_default_ttl(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.fund("keys", 100).await;
+    let mut credit = app.credit().await;
+    let mut a = reserve_req("keys", 5, "same-key");
+    a.metadata = [("k1".to_owned(), "a\n3:xyz=b".to_owned())]
+        .into_iter()
+        .collect();
+    let mut b = reserve_req("keys", 5, "same-key");
+    b.metadata = [
+        ("k1".to_owned(), "a".to_owned()),
+        ("xyz".to_owned(), "b".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    credit.reserve(a.clone()).await.unwrap();
+    let e = credit.reserve(b).await.unwrap_err();
+    expect_error(&e, Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED");
+    // No TTL given: the server's default is not part of the request.
+    let c = reserve_req("keys", 3, "no-ttl");
+    let first = credit.reserve(c.clone()).await.unwrap().into_inner();
+    drop(credit);
+    let db = app.finish().await;
+    let app = TestApp::spawn_on_with(db, |s| {
+        s.limits.hold_ttl_default = chrono::TimeDelta::minutes(3);
+    })
+    .await;
+    let mut credit = app.credit().await;
+    let again = credit.reserve(c).await.unwrap().into_inner();
+    assert_eq!(
+        again.hold.unwrap().hold_id,
+        first.hold.unwrap().hold_id,
+        "the retry replays"
+    );
+    credit.reserve(a).await.unwrap();
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    reserve_fingerprints_are_injective_and_ignore_the_default_ttl,
     control_characters_in_text_are_invalid_arguments,
     a_request_that_does_not_decode_is_an_invalid_argument,
 );

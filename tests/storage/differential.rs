@@ -232,6 +232,7 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
                     account_id: account(&acct(a)),
                     amount: credits(n),
                     ttl,
+                    ttl_given: true,
                     metadata: Metadata::default(),
                     hold_id: new_hold_id(),
                     priced: None,

@@ -25,6 +25,7 @@ mod concurrency;
 mod differential;
 mod grants;
 mod group;
+mod keys;
 mod plans;
 mod rules;
 mod stripe;
@@ -43,6 +44,7 @@ pub fn idem(caller: &str, key: &str, fingerprint: [u8; 32]) -> Idempotency {
         caller: Caller::new(caller),
         key: IdempotencyKey::parse("k", key).unwrap(),
         fingerprint,
+        legacy: None,
     }
 }
 
@@ -59,6 +61,7 @@ pub fn reserve_cmd(acct: &str, amount: i64, ttl: TimeDelta) -> Reserve {
         account_id: account(acct),
         amount: credits(amount),
         ttl,
+        ttl_given: true,
         metadata: Metadata::default(),
         hold_id: new_hold_id(),
         priced: None,

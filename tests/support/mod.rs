@@ -308,6 +308,14 @@ impl TestApp {
         Self::start(db, s).await
     }
 
+    /// Starts a server on an existing database with settings `edit` adjusts (a restart with
+    /// a changed configuration).
+    pub async fn spawn_on_with(db: TestDb, edit: impl FnOnce(&mut Settings)) -> Self {
+        let mut s = settings(&db);
+        edit(&mut s);
+        Self::start(db, s).await
+    }
+
     /// Starts a server on an existing database (a "restart").
     pub async fn spawn_on(db: TestDb) -> Self {
         let s = settings(&db);
