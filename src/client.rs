@@ -454,27 +454,45 @@ enum Settle {
     /// Unsettled: release the whole hold, with this reason (a failed `fail` sends its own again,
     /// so a stored release replays instead of clashing with its key).
     Release(String),
-    /// A commit of this amount was sent and may or may not be stored: send it again with the
-    /// same key (a stored commit replays; an unstored one is applied; a hold gone meanwhile
-    /// refuses it). Never a refund: refunding a hold whose commit was stored would hand back
-    /// what the job cost.
-    Commit(i64),
+    /// A commit of this amount was sent under this key and may or may not be stored: send it
+    /// again with the same key (a stored commit replays; an unstored one is applied; a hold
+    /// gone meanwhile refuses it). Never a refund: refunding a hold whose commit was stored
+    /// would hand back what the job cost.
+    Commit(i64, String),
 }
 
 impl Settle {
     /// What is left after a commit of `actual` ended with `e`. Sending the same commit again is
     /// right whenever it could still be stored or applied; a release only when the commit can
     /// never succeed; nothing when the hold has already left `Open` or the caller may not act.
-    fn after_failed_commit(e: &Error, actual: i64) -> Self {
+    fn after_failed_commit(e: &Error, actual: i64, key: &str) -> Self {
         match e {
             Error::InsufficientCredits { .. } => Self::Release(DROPPED.into()),
             Error::Rejected { reason, .. } if reason == "INVALID_ARGUMENT" => {
                 Self::Release(DROPPED.into())
             }
             // Retries exhausted, INTERNAL, UNKNOWN, a reset stream, rate limited, ...
-            e if unknown_or_transient(e) => Self::Commit(actual),
+            e if unknown_or_transient(e) => Self::Commit(actual, key.to_owned()),
             _ => Self::Done,
         }
+    }
+}
+
+/// A settled job: the server's answer, and what it could not charge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed {
+    /// The commit as the server answered it.
+    pub response: pb::CommitResponse,
+    /// Credits the job cost beyond what was charged: the hold plus what the account had left
+    /// did not cover it. 0 when the whole cost was charged.
+    pub shortfall: i64,
+}
+
+impl std::ops::Deref for Committed {
+    type Target = pb::CommitResponse;
+
+    fn deref(&self) -> &pb::CommitResponse {
+        &self.response
     }
 }
 
@@ -510,7 +528,10 @@ impl Job {
     }
 
     /// The job finished: charge what it cost (the rest is released; more is drawn if
-    /// available).
+    /// available). A job that cost more than its hold when the account cannot cover the rest
+    /// is charged what can be covered — the hold plus what the account has left, else the
+    /// hold — and [`Committed::shortfall`] says how much was not charged (the product decides:
+    /// bill it, block the user, or let it go). A job is never charged nothing for running over.
     ///
     /// # Errors
     /// [`Error`]. The guard is consumed either way, and never refunds a commit that may be
@@ -518,23 +539,45 @@ impl Job {
     /// - an unknown outcome ([`Error::Exhausted`], INTERNAL, a broken stream) — or this future
     ///   dropped while the call was in flight: the guard keeps sending the same commit (same
     ///   idempotency key) in the background until it is answered or the hold's TTL has passed;
-    /// - a commit that can never succeed ([`Error::InsufficientCredits`], an invalid amount):
-    ///   nothing changed, and the hold is released in the background, as for a dropped job;
+    /// - a commit that can never succeed (an invalid amount): nothing changed, and the hold is
+    ///   released in the background, as for a dropped job;
     /// - a hold that already left `Open` (`HOLD_EXPIRED`, `HOLD_ALREADY_COMMITTED`, ...) or a
     ///   refusal of the caller: nothing more is done.
-    pub async fn commit(mut self, actual: i64) -> Result<pb::CommitResponse, Error> {
+    pub async fn commit(mut self, actual: i64) -> Result<Committed, Error> {
         self.stop_heartbeat();
-        // Set before the call: if this future is dropped mid-call, the commit may be stored.
-        self.settle = Settle::Commit(actual);
-        let r = self
-            .client
-            .commit(&self.hold.hold_id, actual, &self.key("commit"))
-            .await;
-        self.settle = match &r {
-            Ok(_) => Settle::Done,
-            Err(e) => Settle::after_failed_commit(e, actual),
-        };
-        r
+        let held = self.hold.amount;
+        let mut amount = actual;
+        let mut key = self.key("commit");
+        loop {
+            // Set before the call: if this future is dropped mid-call, the commit may be stored.
+            self.settle = Settle::Commit(amount, key.clone());
+            let r = self.client.commit(&self.hold.hold_id, amount, &key).await;
+            match r {
+                Ok(response) => {
+                    self.settle = Settle::Done;
+                    return Ok(Committed {
+                        response,
+                        shortfall: actual.saturating_sub(amount),
+                    });
+                }
+                // Over the hold, and the account cannot cover the rest: charge what it can (a
+                // refused commit stored nothing, so a new amount takes a new key).
+                Err(Error::InsufficientCredits { available, .. }) if amount > held => {
+                    let covered = held.saturating_add(available.max(0));
+                    amount = if covered < amount && covered > held {
+                        key = self.key("commit-covered");
+                        covered
+                    } else {
+                        key = self.key("commit-held");
+                        held
+                    };
+                }
+                Err(e) => {
+                    self.settle = Settle::after_failed_commit(&e, amount, &key);
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// The job failed: release the whole hold.
@@ -573,8 +616,8 @@ impl Drop for Job {
             return;
         };
         let action = std::mem::replace(&mut self.settle, Settle::Done);
-        let key = match action {
-            Settle::Commit(_) => self.key("commit"),
+        let key = match &action {
+            Settle::Commit(_, key) => key.clone(),
             _ => self.key("refund"),
         };
         rt.spawn(settle_in_background(
@@ -621,7 +664,7 @@ async fn settle_in_background(
         let r = match &action {
             Settle::Done => return,
             Settle::Release(reason) => client.refund(&hold_id, None, reason, &key).await.map(drop),
-            Settle::Commit(amount) => client.commit(&hold_id, *amount, &key).await.map(drop),
+            Settle::Commit(amount, _) => client.commit(&hold_id, *amount, &key).await.map(drop),
         };
         match r {
             Ok(()) => {
@@ -667,13 +710,22 @@ mod tests {
             key: Some("k".into()),
         };
         let cases = [
-            (exhausted, Settle::Commit(7)),
-            (rejected(Code::Internal, "INTERNAL"), Settle::Commit(7)),
-            (rejected(Code::Internal, "Internal"), Settle::Commit(7)), // a reset stream
-            (rejected(Code::Unknown, "Unknown"), Settle::Commit(7)),
+            (exhausted, Settle::Commit(7, "k".into())),
+            (
+                rejected(Code::Internal, "INTERNAL"),
+                Settle::Commit(7, "k".into()),
+            ),
+            (
+                rejected(Code::Internal, "Internal"),
+                Settle::Commit(7, "k".into()),
+            ), // a reset stream
+            (
+                rejected(Code::Unknown, "Unknown"),
+                Settle::Commit(7, "k".into()),
+            ),
             (
                 rejected(Code::ResourceExhausted, "RATE_LIMITED"),
-                Settle::Commit(7),
+                Settle::Commit(7, "k".into()),
             ),
             (
                 Error::InsufficientCredits {
@@ -701,7 +753,7 @@ mod tests {
             ),
         ];
         for (e, want) in cases {
-            assert_eq!(Settle::after_failed_commit(&e, 7), want, "{e:?}");
+            assert_eq!(Settle::after_failed_commit(&e, 7, "k"), want, "{e:?}");
         }
         assert!(unknown_or_transient(&rejected(Code::Internal, "INTERNAL")));
         assert!(!unknown_or_transient(&rejected(

@@ -36,7 +36,11 @@ async fn a_job_outlives_its_ttl_by_heartbeats_and_a_dropped_one_is_refunded(back
     tokio::time::sleep(Duration::from_secs(3)).await;
     let settled = job.commit(20).await.unwrap();
     assert_eq!(settled.available, 80);
-    assert_eq!(settled.hold.unwrap().state(), pb::HoldState::Committed);
+    assert_eq!(
+        settled.hold.as_ref().unwrap().state(),
+        pb::HoldState::Committed
+    );
+    assert_eq!(settled.shortfall, 0);
 
     let job = c.reserve("acct", 50).await.unwrap();
     let hold_id = job.hold_id().to_owned();
@@ -276,7 +280,33 @@ async fn a_commit_with_an_unknown_outcome_is_finished_not_refunded(backend: Back
     app.finish().await;
 }
 
+/// Issue 23, item 5: a job that ran over its hold on an account that cannot cover the rest
+/// is charged what can be covered, and the shortfall is reported; never charged nothing.
+async fn a_job_that_ran_over_is_charged_what_can_be_covered(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.fund("over", 12).await;
+    let c = client(&app, Config::default()).await;
+    // Held 10, 2 left on the account, cost 20: 12 charged, 8 short.
+    let job = c.reserve("over", 10).await.unwrap();
+    let settled = job.commit(20).await.unwrap();
+    assert_eq!((settled.shortfall, settled.available), (8, 0));
+    assert_eq!(
+        settled.hold.as_ref().unwrap().committed_amount,
+        12,
+        "{settled:?}"
+    );
+    // Nothing left beyond the hold: the hold is charged.
+    app.fund("over", 10).await;
+    let job = c.reserve("over", 10).await.unwrap();
+    let settled = job.commit(25).await.unwrap();
+    assert_eq!((settled.shortfall, settled.available), (15, 0));
+    assert_eq!(settled.hold.as_ref().unwrap().committed_amount, 10);
+    assert_eq!(c.check_balance("over").await.unwrap().available, 0);
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    a_job_that_ran_over_is_charged_what_can_be_covered,
     a_commit_with_an_unknown_outcome_is_finished_not_refunded,
     a_job_outlives_its_ttl_by_heartbeats_and_a_dropped_one_is_refunded,
     retries_ride_out_shedding_without_reserving_twice,
