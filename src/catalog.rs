@@ -359,10 +359,15 @@ fn parse_pricing(
             }
             let mut values = BTreeMap::new();
             for (value, m) in table {
-                values.insert(
-                    value.clone(),
-                    decimal(&at(&format!("multipliers.{param}.{value}")), &m)?,
-                );
+                let field = at(&format!("multipliers.{param}.{value}"));
+                let m = decimal(&field, &m)?;
+                if m > crate::domain::pricing::MULTIPLIER_MAX {
+                    return Err(err(
+                        field,
+                        format!("must be at most {}", crate::domain::pricing::MULTIPLIER_MAX),
+                    ));
+                }
+                values.insert(value.clone(), m);
             }
             multipliers.insert(param, values);
         }
@@ -517,6 +522,10 @@ mod tests {
             "pricing.op.base",
         );
         bad("[plans.free]\n[pricing.Op]\nbase = 1\n", "pricing.Op");
+        bad(
+            "[plans.free]\n[pricing.op]\nbase = 1\nmultipliers = { res = { \"8k\" = \"1000001\" } }\n",
+            "pricing.op.multipliers.res.8k",
+        );
         bad("[plans.free]\nsurprise = 1\n", "(file)");
     }
 }

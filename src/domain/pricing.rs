@@ -23,6 +23,8 @@ pub const DECIMAL_PLACES: u32 = 3;
 const SCALE: i128 = 1_000;
 /// Most multiplier parameters on one operation (keeps the exact arithmetic far inside `i128`).
 pub const MULTIPLIERS_MAX: usize = 4;
+/// Largest multiplier a catalog may give a parameter value: 1,000,000.
+pub const MULTIPLIER_MAX: Decimal = Decimal::whole(1_000_000);
 /// Largest numeric parameter value (units) a request may give: 10^9.
 pub const UNITS_MAX: i64 = 1_000_000_000;
 /// Most parameters a request may carry.
@@ -159,7 +161,14 @@ impl Price {
             value: self.base.to_string(),
             detail: format!("{} credits per job", self.base),
         }];
-        // Sum in thousandths of a credit: base + per_unit × units (scale² → scale).
+        // Sum in thousandths of a credit: base + per_unit × units (scale² → scale). Every step
+        // is checked: a product past i128 is a refusal, never a wrapped price.
+        let overflow = || {
+            violation(
+                "operation",
+                format!("the cost is beyond the limit of {} credits", Credits::MAX),
+            )
+        };
         let mut scaled = i128::from(self.base.thousandths()) * SCALE;
         let mut scale = SCALE * SCALE;
         if let Some((unit, per)) = &self.per_unit {
@@ -171,7 +180,10 @@ impl Price {
             if units > Decimal::whole(UNITS_MAX) {
                 return Err(violation("params", format!("{unit}: at most {UNITS_MAX}")));
             }
-            scaled += i128::from(per.thousandths()) * i128::from(units.thousandths());
+            scaled = i128::from(per.thousandths())
+                .checked_mul(i128::from(units.thousandths()))
+                .and_then(|p| p.checked_add(scaled))
+                .ok_or_else(overflow)?;
             factors.push(Factor {
                 name: unit.clone(),
                 value: units.to_string(),
@@ -189,16 +201,21 @@ impl Price {
                     format!("{param}: {value:?} is not one of {}", allowed.join(", ")),
                 )
             })?;
-            scaled *= i128::from(m.thousandths());
-            scale *= SCALE;
+            scaled = scaled
+                .checked_mul(i128::from(m.thousandths()))
+                .ok_or_else(overflow)?;
+            scale = scale.checked_mul(SCALE).ok_or_else(overflow)?;
             factors.push(Factor {
                 name: param.clone(),
                 value: m.to_string(),
                 detail: format!("× {m} ({param}={value})"),
             });
         }
-        let whole = (scaled + scale - 1) / scale; // ceil for non-negative values
-        let exact_thousandths = scaled * SCALE / scale;
+        let whole = scaled
+            .checked_add(scale - 1)
+            .ok_or_else(overflow)?
+            .div_euclid(scale); // ceil for non-negative values
+        let exact_thousandths = scaled.checked_mul(SCALE).ok_or_else(overflow)? / scale;
         let exact = i64::try_from(exact_thousandths)
             .map_or_else(|_| "huge".to_owned(), |t| Decimal(t).to_string());
         let cost = i64::try_from(whole)
@@ -350,5 +367,28 @@ mod tests {
                 prop_assert!(i128::from(e.cost.get() - 1) * 1_000_000_000 < exact, "never over-charges by a credit");
             }
         }
+    }
+
+    /// Issue 23, item 6: the largest prices a catalog allows, the largest request: a refusal
+    /// on `operation`, never a wrapped price.
+    #[test]
+    fn an_overflowing_cost_is_a_refusal_not_a_price() {
+        let table: BTreeMap<String, Decimal> = [("x".to_owned(), MULTIPLIER_MAX)].into();
+        let price = Price {
+            base: Decimal::MAX,
+            per_unit: Some(("seconds".into(), Decimal::MAX)),
+            multipliers: ["a", "b", "c", "d"]
+                .iter()
+                .map(|p| ((*p).to_owned(), table.clone()))
+                .collect(),
+        };
+        let mut params: BTreeMap<String, String> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|p| ((*p).to_owned(), "x".to_owned()))
+            .collect();
+        params.insert("seconds".into(), UNITS_MAX.to_string());
+        let e = price.estimate(&params).unwrap_err();
+        assert_eq!(e.field, "operation", "{e}");
+        assert!(e.to_string().contains("limit"), "{e}");
     }
 }
