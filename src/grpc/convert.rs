@@ -696,9 +696,14 @@ pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
 pub const CSV_HEADER: &str =
     "entry_id,created_at,account_id,kind,hold_id,available_delta,held_delta,reason\n";
 
+/// A text cell: RFC 4180 quoting, and OWASP's CSV-injection rule — a cell that begins with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'` (and quotes), so a
+/// spreadsheet shows it as text instead of running it as a formula.
 fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains([',', '"', '\n', '\r']) {
-        std::borrow::Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || s.contains([',', '"', '\n', '\r']) {
+        let quote = if formula { "'" } else { "" };
+        std::borrow::Cow::Owned(format!("\"{quote}{}\"", s.replace('"', "\"\"")))
     } else {
         std::borrow::Cow::Borrowed(s)
     }

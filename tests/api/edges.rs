@@ -138,7 +138,73 @@ async fn reserve_fingerprints_are_injective_and_ignore_the_default_ttl(backend: 
     app.finish().await;
 }
 
+/// Item 7: text cells that a spreadsheet would run as a formula are exported with a leading
+/// `'`; the export still parses, and numbers stay numbers.
+async fn the_csv_export_neutralises_formulas(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut admin = app.admin().await;
+    let start = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
+    let reasons = [
+        "=HYPERLINK(\"http://x.example\",\"x\")",
+        "+1+1",
+        "-2",
+        "@SUM(A1)",
+        "\tindented",
+        "plain",
+    ];
+    for (i, r) in reasons.iter().enumerate() {
+        let mut g = grant_req("-sheet", 1, &format!("csv{i}"));
+        g.reason = (*r).into();
+        admin.grant(g).await.unwrap();
+    }
+    let end = chrono::Utc::now() + chrono::TimeDelta::seconds(1);
+    let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    };
+    let mut stream = admin
+        .export_usage(pb::ExportUsageRequest {
+            since: Some(ts(start)),
+            until: Some(ts(end)),
+            account_id: "-sheet".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        bytes.extend(c.csv);
+    }
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_reader(bytes.as_slice())
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    let cells: Vec<(&str, &str)> = rows.iter().map(|r| (&r[2], &r[7])).collect();
+    for (account, reason) in &cells {
+        assert_eq!(*account, "'-sheet");
+        assert!(
+            !reason.starts_with(['=', '+', '-', '@', '\t', '\r']),
+            "{reason:?} would run as a formula"
+        );
+    }
+    let got: Vec<&str> = cells.iter().map(|(_, r)| *r).collect();
+    assert_eq!(
+        got,
+        [
+            "'=HYPERLINK(\"http://x.example\",\"x\")",
+            "'+1+1",
+            "'-2",
+            "'@SUM(A1)",
+            "'\tindented",
+            "plain"
+        ]
+    );
+    assert!(rows.iter().all(|r| r[5].parse::<i64>().is_ok()));
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    the_csv_export_neutralises_formulas,
     reserve_fingerprints_are_injective_and_ignore_the_default_ttl,
     control_characters_in_text_are_invalid_arguments,
     a_request_that_does_not_decode_is_an_invalid_argument,
