@@ -961,6 +961,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 .map(|e| json!({"at": time(e.at.as_ref()), "amount": e.amount}));
             let v = json!({
                 "account_id": b.account_id, "plan": b.plan, "available": b.available, "held": b.held,
+                "debt": b.debt,
                 "open_holds": b.open_holds, "low_balance": b.low_balance, "by_source": b.by_source,
                 "next_expiry": next, "allowance_left": b.allowance_left,
             });
@@ -969,7 +970,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 b.account_id,
                 b.plan,
                 b.available,
-                if b.low_balance { "  (low)" } else { "" },
+                match (b.debt, b.low_balance) {
+                    (0, false) => String::new(),
+                    (0, true) => "  (low)".to_owned(),
+                    (d, _) => format!("  (after {d} owed)"),
+                },
                 b.held,
                 b.open_holds
             );
@@ -1197,6 +1202,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             let a = r.account.unwrap_or_default();
             let v = json!({
                 "account_id": a.account_id, "plan": a.plan, "available": a.available, "held": a.held,
+                "debt": a.debt,
                 "open_holds": a.open_holds, "low_balance": a.low_balance,
                 "low_balance_threshold": a.low_balance_threshold, "entitlements": a.entitlements,
                 "created_at": time(a.created_at.as_ref()),
@@ -1300,7 +1306,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 }
                 page_token = r.next_page_token;
             }
-            let v = Value::Array(rows.iter().map(|a| json!({"account_id": a.account_id, "plan": a.plan, "available": a.available, "held": a.held, "low_balance": a.low_balance})).collect());
+            let v = Value::Array(rows.iter().map(|a| json!({"account_id": a.account_id, "plan": a.plan, "available": a.available, "held": a.held, "debt": a.debt, "low_balance": a.low_balance})).collect());
             let text = rows
                 .iter()
                 .map(|a| {

@@ -126,6 +126,7 @@ impl Ledger {
             allowance_left: self.allowance.as_ref().and(allowance_left),
             account_id: account_id.to_owned(),
             available: book.net_available(),
+            debt: book.debt,
             held: book.held,
             open_holds: i64::try_from(open).unwrap_or(i64::MAX),
             plan: book.plan,
@@ -285,7 +286,7 @@ impl Ledger {
                     account_id: id.to_owned(),
                     plan: cmd.plan.clone(),
                     bonus,
-                    available: b.available,
+                    available: b.net_available(),
                 })
             })
         })
@@ -389,7 +390,7 @@ impl Ledger {
                 Ok(AdjustOutcome {
                     account_id: b.account_id.clone(),
                     delta: cmd.delta,
-                    available: b.available,
+                    available: b.net_available(),
                 })
             })
         })
@@ -412,9 +413,12 @@ impl Ledger {
             })?;
             let to_available = l.with_book(cmd.to.as_str(), now, true, |b, ids| {
                 b.give(&pieces, EntryKind::TransferIn, &cmd.reason, now, ids)?;
-                Ok(b.available)
+                Ok(b.net_available())
             })?;
-            let from_available = l.books.get(cmd.from.as_str()).map_or(0, |b| b.available);
+            let from_available = l
+                .books
+                .get(cmd.from.as_str())
+                .map_or(0, Book::net_available);
             Ok(TransferOutcome {
                 from: (cmd.from.as_str().to_owned(), from_available),
                 to: (cmd.to.as_str().to_owned(), to_available),

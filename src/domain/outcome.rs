@@ -15,6 +15,8 @@ pub struct Balance {
     pub available: i64,
     /// Credits held by open, unexpired holds.
     pub held: i64,
+    /// Credits owed (claw-backs the grants could not cover), already taken off `available`.
+    pub debt: i64,
     /// Open, unexpired holds.
     pub open_holds: i64,
     /// The account's plan.

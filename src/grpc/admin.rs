@@ -113,6 +113,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             plan: b.plan,
             available: b.available,
             held: b.held,
+            debt: b.debt,
             open_holds: b.open_holds,
             allowance_left: b.allowance_left,
             used_this_period,
@@ -152,6 +153,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 plan: a.plan,
                 available: a.available,
                 held: a.held,
+                debt: a.debt,
             })
             .collect();
         Ok(Response::new(pb::ListAccountsResponse {

@@ -138,6 +138,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
             account_id: b.account_id,
             available: b.available,
             held: b.held,
+            debt: b.debt,
             open_holds: b.open_holds,
         }))
     }

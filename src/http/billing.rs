@@ -484,7 +484,7 @@ async fn billing(
         "account_id": b.account_id,
         "plan": b.plan,
         "balance": {
-            "available": b.available, "held": b.held, "by_source": by_source,
+            "available": b.available, "held": b.held, "debt": b.debt, "by_source": by_source,
             "next_expiry": b.next_expiry.map(|(at, amount)| json!({"at": at.to_rfc3339(), "amount": amount})),
             "allowance_left": b.allowance_left,
         },

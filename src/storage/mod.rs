@@ -148,7 +148,7 @@ macro_rules! book_ops {
                 Ok($crate::domain::AdjustOutcome {
                     account_id: b.account_id.clone(),
                     delta: cmd.delta,
-                    available: b.available,
+                    available: b.net_available(),
                 })
             },
         )
@@ -327,10 +327,13 @@ pub struct AccountRow {
     pub account_id: String,
     /// Its plan.
     pub plan: String,
-    /// Available credits (stored column: holds past expiry count once swept).
+    /// Available credits less debt, as everywhere (stored columns: holds past expiry count
+    /// once swept).
     pub available: i64,
     /// Held credits (stored column).
     pub held: i64,
+    /// Credits owed (claw-backs the grants could not cover).
+    pub debt: i64,
 }
 
 /// A broken ledger invariant found by [`Store::audit`].
@@ -1567,7 +1570,7 @@ pub(crate) async fn open_account(
         account_id: book.account_id.clone(),
         plan: book.plan.clone(),
         bonus,
-        available: book.available,
+        available: book.net_available(),
     };
     tx.write(&book, now).await?;
     tx.store_outcome(idem, &out.clone().into()).await?;
@@ -1619,8 +1622,8 @@ pub(crate) async fn transfer(
         &mut RandomIds,
     )?;
     let out = TransferOutcome {
-        from: (from.account_id.clone(), from.available),
-        to: (to.account_id.clone(), to.available),
+        from: (from.account_id.clone(), from.net_available()),
+        to: (to.account_id.clone(), to.net_available()),
         amount: cmd.amount.get(),
     };
     tx.write(&from, now).await?;

@@ -233,7 +233,7 @@ impl SqliteStore {
     async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
         let now = to_time(now_micros())?;
         let row = sqlx::query(
-            "SELECT a.available - a.debt AS available, a.held, a.plan, a.allowance_period,
+            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
@@ -269,6 +269,7 @@ impl SqliteStore {
             account_id: account_id.to_owned(),
             available: row.try_get("available").map_err(map_err)?,
             held: row.try_get("held").map_err(map_err)?,
+            debt: row.try_get("debt").map_err(map_err)?,
             open_holds: row.try_get("open_holds").map_err(map_err)?,
             allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
             plan,
@@ -1053,13 +1054,13 @@ super::book_ops!(SqliteStore, {
     }
 
     async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT a.account_id, a.plan, a.available, a.held FROM account a
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT a.account_id, a.plan, a.available - a.debt, a.held, a.debt FROM account a
              LEFT JOIN (SELECT json_extract(value, '$.plan') AS plan,
                                json_extract(value, '$.threshold') AS threshold
                         FROM json_each(?3)) t ON t.plan = a.plan
              WHERE (?1 IS NULL OR a.account_id > ?1) AND (?2 IS NULL OR a.plan = ?2)
-               AND (NOT ?4 OR a.available < COALESCE(t.threshold, 0))
+               AND (NOT ?4 OR a.available - a.debt < COALESCE(t.threshold, 0))
              ORDER BY a.account_id LIMIT ?5",
         )
         .bind(q.after.as_deref())
@@ -1074,11 +1075,12 @@ super::book_ops!(SqliteStore, {
         .map_err(map_err)?;
         Ok(rows
             .into_iter()
-            .map(|(account_id, plan, available, held)| AccountRow {
+            .map(|(account_id, plan, available, held, debt)| AccountRow {
                 account_id,
                 plan,
                 available,
                 held,
+                debt,
             })
             .collect())
     }

@@ -203,7 +203,108 @@ async fn the_csv_export_neutralises_formulas(backend: Backend) {
     app.finish().await;
 }
 
+/// Item 8: `available` is credits less debt in every response — CheckBalance, Adjust,
+/// Transfer, GetAccount, ListAccounts and the billing view — with `debt` beside it.
+async fn available_means_one_thing_everywhere(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.post_webhook(&crate::stripe_facts::paid_session(
+        "evt_p", "cs_debt", "owes", "pi_debt",
+    ))
+    .await;
+    let mut credit = app.credit().await;
+    let mut admin = app.admin().await;
+    let h = credit
+        .reserve(reserve_req("owes", 300, "r1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    credit
+        .commit(pb::CommitRequest {
+            hold_id: h.hold_id,
+            amount: 300,
+            idempotency_key: "c1".into(),
+        })
+        .await
+        .unwrap();
+    let refund = serde_json::to_vec(
+        &serde_json::json!({"id": "evt_r", "type": "charge.refunded",
+        "created": 5, "livemode": false, "data": {"object": {"id": "ch_debt", "object": "charge",
+        "payment_intent": "pi_debt", "amount": 1900, "amount_refunded": 1900}}}),
+    )
+    .unwrap();
+    app.post_webhook(&refund).await;
+    let b = credit
+        .check_balance(pb::CheckBalanceRequest {
+            account_id: "owes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b.available, b.debt), (-300, 300));
+    let adj = admin
+        .adjust(pb::AdjustRequest {
+            account_id: "owes".into(),
+            delta: 10,
+            reason: "goodwill".into(),
+            operator: "ops".into(),
+            idempotency_key: "a1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adj.available, -290, "net, as CheckBalance");
+    app.fund("giver", 100).await;
+    let t = admin
+        .transfer(pb::TransferRequest {
+            from_account_id: "giver".into(),
+            to_account_id: "owes".into(),
+            amount: 5,
+            reason: "gift".into(),
+            idempotency_key: "t1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.to_available, -285, "{t:?}");
+    let a = admin
+        .get_account(pb::GetAccountRequest {
+            account_id: "owes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap();
+    assert_eq!((a.available, a.debt), (-285, 285));
+    let listed = admin
+        .list_accounts(pb::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
+    let row = listed.iter().find(|r| r.account_id == "owes").unwrap();
+    assert_eq!(
+        (row.available, row.debt, row.low_balance),
+        (-285, 285, true)
+    );
+    let view: serde_json::Value =
+        reqwest::get(format!("http://{}/v1/accounts/owes/billing", app.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        (&view["balance"]["available"], &view["balance"]["debt"]),
+        (&serde_json::json!(-285), &serde_json::json!(285))
+    );
+    app.finish().await;
+}
+
 crate::on_both_backends!(
+    available_means_one_thing_everywhere,
     the_csv_export_neutralises_formulas,
     reserve_fingerprints_are_injective_and_ignore_the_default_ttl,
     control_characters_in_text_are_invalid_arguments,
