@@ -589,15 +589,25 @@ impl ServeArgs {
             Some(path) => Auth::Tokens(Callers::load(path, limits)?),
             None => Auth::Open(std::sync::Arc::new(Principal::open(limits))),
         };
+        // Without callers, only loopback addresses — except that gRPC under mutual TLS (a
+        // client certificate from --tls-client-ca is the authentication) may bind beyond it. The
+        // HTTP sidecar has no client certificates, so it never may.
+        let mutual_tls =
+            self.tls_cert.is_some() && self.tls_key.is_some() && self.tls_client_ca.is_some();
         if auth.is_open() && !self.insecure {
-            for (flag, addr) in [
-                ("--listen", self.listen),
-                ("--http-listen", self.http_listen),
+            for (flag, addr, beyond_loopback) in [
+                ("--listen", self.listen, mutual_tls),
+                ("--http-listen", self.http_listen, false),
             ] {
-                if !addr.ip().is_loopback() {
+                if !addr.ip().is_loopback() && !beyond_loopback {
+                    let mtls = if flag == "--listen" {
+                        ", or require client certificates (--tls-cert, --tls-key and --tls-client-ca)"
+                    } else {
+                        ""
+                    };
                     return Err(format!(
                         "{flag} {addr}: refusing to serve without authentication on a non-loopback \
-                         address; configure --callers-file (see the README, \"Callers\") or pass --insecure"
+                         address; configure --callers-file (see the README, \"Callers\"){mtls} or pass --insecure"
                     ));
                 }
             }

@@ -243,6 +243,42 @@ mod tests {
         assert!(!a.reflection);
     }
 
+    /// Issue 23, item 9: without callers, gRPC may bind beyond loopback only under mutual TLS
+    /// (as the README says); the HTTP sidecar never may.
+    #[test]
+    fn mutual_tls_is_the_one_way_beyond_loopback_without_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "PEM").unwrap();
+            p.display().to_string()
+        };
+        let (cert, key, ca) = (file("c.pem"), file("k.pem"), file("ca.pem"));
+        let db = format!("sqlite://{}", dir.path().join("t.db").display());
+        let settings = |extra: &[&str]| {
+            let mut argv = vec!["tally", "serve", "--database-url", &db];
+            argv.extend_from_slice(extra);
+            serve(parse(&argv, None).unwrap()).settings()
+        };
+        let wide = ["--listen", "0.0.0.0:50051"];
+        let e = settings(&wide).unwrap_err();
+        assert!(
+            e.contains("--listen") && e.contains("--tls-client-ca"),
+            "{e}"
+        );
+        let tls = ["--tls-cert", &cert, "--tls-key", &key];
+        let e = settings(&[&wide[..], &tls[..]].concat()).unwrap_err();
+        assert!(
+            e.contains("--listen"),
+            "TLS without client certificates: {e}"
+        );
+        let mtls = [&wide[..], &tls[..], &["--tls-client-ca", &ca]].concat();
+        assert!(settings(&mtls).is_ok());
+        let http = [&mtls[..], &["--http-listen", "0.0.0.0:8080"]].concat();
+        let e = settings(&http).unwrap_err();
+        assert!(e.contains("--http-listen"), "{e}");
+    }
+
     #[test]
     fn bad_files_name_the_key() {
         let e = parse(&["tally", "serve"], Some("db_max_conections = 9")).unwrap_err();

@@ -629,16 +629,17 @@ impl Book {
             self.dirty.account = true;
             return Ok(());
         }
-        let mut reason = if carry > 0 {
-            format!("allowance {key} (+{carry} rolled over)")
+        let rolled = if carry > 0 {
+            format!(" (+{carry} rolled over)")
         } else {
-            format!("allowance {key}")
+            String::new()
         };
-        if amount < wanted {
-            reason.push_str(&format!(
-                " (capped at the balance limit: {amount} of {wanted})"
-            ));
-        }
+        let capped = if amount < wanted {
+            format!(" (capped at the balance limit: {amount} of {wanted})")
+        } else {
+            String::new()
+        };
+        let reason = format!("allowance {key}{rolled}{capped}");
         let id = ids.bucket_id();
         self.add_bucket(
             &id,

@@ -138,7 +138,7 @@ impl Price {
     /// # Errors
     /// Violations on `params` for an unknown, missing or malformed parameter, and on
     /// `operation` when the cost is zero or beyond [`Credits::MAX`].
-    #[allow(clippy::arithmetic_side_effects)] // exact i128 arithmetic with bounded inputs (see MULTIPLIERS_MAX)
+    #[allow(clippy::arithmetic_side_effects, clippy::too_many_lines)] // exact i128 arithmetic, each product checked
     pub fn estimate(&self, params: &BTreeMap<String, String>) -> Result<Estimate, FieldViolation> {
         if params.len() > PARAMS_MAX {
             return Err(violation(
