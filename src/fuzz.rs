@@ -150,7 +150,7 @@ proptest! {
                 prop_assert!(pairs.len() <= 16);
                 for (mk, mv) in pairs {
                     prop_assert!((1..=64).contains(&mk.len()) && mk.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)), "{mk:?}");
-                    prop_assert!(mv.len() <= 256);
+                    prop_assert!(mv.len() <= 256 && valid_text(mv, true), "{mv:?}");
                 }
             }
             Err(e) => refused(&e)?,
@@ -161,11 +161,11 @@ proptest! {
         prop_assert_eq!(c.is_ok(), ok, "commit {:?} {} {:?}", hold, amount, key);
         if let Err(e) = c { refused(&e)?; }
         let f = crate::grpc::convert::refund(&pb::RefundRequest { hold_id: hold.clone(), amount: refund, reason: reason.clone(), idempotency_key: key.clone() });
-        let ok = valid_hold(&hold) && refund.is_none_or(valid_amount) && reason.chars().count() <= 512 && valid_key(&key);
+        let ok = valid_hold(&hold) && refund.is_none_or(valid_amount) && reason.chars().count() <= 512 && valid_text(&reason, true) && valid_key(&key);
         prop_assert_eq!(f.is_ok(), ok, "refund {:?} {:?} {} chars {:?}", hold, refund, reason.chars().count(), key);
         if let Err(e) = f { refused(&e)?; }
         let g = pb::GrantRequest { account_id: account.clone(), amount, reason: reason.clone(), idempotency_key: key.clone(), ..Default::default() };
-        let ok = valid_account(&account) && valid_amount(amount) && !reason.trim().is_empty() && reason.chars().count() <= 512 && valid_key(&key);
+        let ok = valid_account(&account) && valid_amount(amount) && !reason.trim().is_empty() && reason.chars().count() <= 512 && valid_text(&reason, true) && valid_key(&key);
         match crate::grpc::convert::grant(&g) {
             Ok((k, cmd)) => {
                 prop_assert!(ok, "grant accepted {:?} {} {:?}", account, amount, key);
@@ -190,6 +190,14 @@ fn valid_account(a: &str) -> bool {
     (1..=128).contains(&a.len())
         && a.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+}
+
+/// Free text: no C0 or C1 control character, except tab and newline where lines are allowed.
+fn valid_text(t: &str, lines: bool) -> bool {
+    t.chars().all(|c| {
+        let control = c <= '\u{1f}' || ('\u{7f}'..='\u{9f}').contains(&c);
+        !control || (lines && (c == '\t' || c == '\n'))
+    })
 }
 
 fn valid_key(k: &str) -> bool {
