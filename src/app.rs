@@ -114,7 +114,17 @@ pub enum AppError {
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
     Storage(#[from] StorageError),
-    /// The listener could not be bound or served.
+    /// A listener could not be bound: its option, address and what to do.
+    #[error("{flag} {addr} {why}")]
+    Bind {
+        /// The option that names the address.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong, for people.
+        why: String,
+    },
+    /// The listener could not be served.
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The gRPC server failed.
@@ -123,6 +133,26 @@ pub enum AppError {
     /// Reflection could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds one of the three listeners, naming its option when that fails.
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).await.map_err(|e| AppError::Bind {
+        flag,
+        addr,
+        why: match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "is in use: another process listens there; stop it or choose another address"
+                    .to_owned()
+            }
+            std::io::ErrorKind::AddrNotAvailable => "is not an address of this machine".to_owned(),
+            std::io::ErrorKind::PermissionDenied => {
+                "needs privileges this process lacks (ports below 1024): choose a port above 1023"
+                    .to_owned()
+            }
+            _ => format!("cannot be bound: {e}"),
+        },
+    })
 }
 
 /// The URL with any password and user removed, for logs and errors.
@@ -267,9 +297,9 @@ impl App {
             settings.db_group,
         )
         .await?;
-        let listener = TcpListener::bind(settings.listen).await?;
-        let http_listener = TcpListener::bind(settings.http_listen).await?;
-        let metrics_listener = TcpListener::bind(settings.metrics_listen).await?;
+        let listener = bind("--listen", settings.listen).await?;
+        let http_listener = bind("--http-listen", settings.http_listen).await?;
+        let metrics_listener = bind("--metrics-listen", settings.metrics_listen).await?;
         // Install the recorder before anything counts.
         let _ = crate::telemetry::metrics();
         Ok(Self {

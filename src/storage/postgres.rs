@@ -62,6 +62,51 @@ mod group;
 
 pub use super::batch::Batching;
 
+/// Why PostgreSQL could not be reached at start, for an operator: host, port, database and
+/// user (never the password), and the cause of one direct attempt (the pool only says it timed
+/// out): refused, a name that does not resolve, authentication, a missing database.
+async fn unreachable_at_start(options: &PgConnectOptions, e: sqlx::Error) -> StorageError {
+    use sqlx::Connection as _;
+    let cause = if matches!(e, sqlx::Error::PoolTimedOut) {
+        match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(options)).await
+        {
+            Ok(Ok(_)) => "it answered only after the pool had given up".to_owned(),
+            Ok(Err(e)) => describe(&e),
+            Err(_) => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        }
+    } else {
+        describe(&e)
+    };
+    StorageError::Unavailable(format!(
+        "PostgreSQL at {}:{} (database {:?}, user {:?}): {cause}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(the user's)"),
+        options.get_username(),
+    ))
+}
+
+/// A connection error in words, without the URL.
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: is PostgreSQL running and listening on that address and port?"
+                .to_owned()
+        }
+        sqlx::Error::Io(io) => format!("{io} (check the host name and the network)"),
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => format!(
+            "authentication failed: {} (check the user and the password in --database-url-file)",
+            db.message()
+        ),
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+            format!("{} (create it, or name another database)", db.message())
+        }
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Tls(t) => format!("TLS: {t}"),
+        other => other.to_string(),
+    }
+}
+
 /// Maps a sqlx error to what the service needs to know. Messages never include the URL.
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
 fn map_err(e: sqlx::Error) -> StorageError {
@@ -201,8 +246,11 @@ impl PgStore {
             // UNAVAILABLE (callers retry), and sqlx's ping when it is given back then closes it.
             .test_before_acquire(false)
             .connect_with(options.clone())
-            .await
-            .map_err(map_err)?;
+            .await;
+        let pool = match pool {
+            Ok(p) => p,
+            Err(e) => return Err(unreachable_at_start(&options, e).await),
+        };
         let mut store = Self {
             pool,
             policy,

@@ -56,16 +56,41 @@ pub struct SqliteStore {
     batcher: Option<Arc<super::batch::Batcher>>,
 }
 
+/// Files up to this size get `PRAGMA quick_check` at start: 1 GiB (a few seconds).
+pub const QUICK_CHECK_MAX_BYTES: u64 = 1 << 30;
+
+/// What an operator can do about an SQLite error with this primary code.
+fn advice(primary: i32) -> &'static str {
+    match primary {
+        8 => {
+            "the file (or its directory, which holds the -wal and -shm files) is read-only: give this user write access"
+        }
+        10 | 13 => "the disk failed or is full: free space or move the database (--database-url)",
+        11 | 26 => {
+            "the file is damaged or not an SQLite database: restore it from a backup, or move it away to start an empty one"
+        }
+        14 => "check that the directory exists and that this user may create files in it",
+        _ => "check --database-url",
+    }
+}
+
 #[allow(clippy::needless_pass_by_value)] // used as `.map_err(map_err)`
 fn map_err(e: sqlx::Error) -> StorageError {
     match &e {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             let message = db.message();
+            let primary = code.parse::<i32>().map(|n| n & 0xff).unwrap_or(-1);
             match &*code {
                 // SQLITE_BUSY and SQLITE_LOCKED (extended codes keep the primary code in the low byte)
-                c if c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)) => {
-                    StorageError::Contended
+                _ if matches!(primary, 5 | 6) => StorageError::Contended,
+                // SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN,
+                // SQLITE_NOTADB: the file or its disk, not the request and not a bug in Tally.
+                _ if matches!(primary, 8 | 10 | 11 | 13 | 14 | 26) => {
+                    StorageError::Unavailable(format!(
+                        "the SQLite database file: {message} ({code}); {}",
+                        advice(primary)
+                    ))
                 }
                 _ => message
                     .strip_prefix("CHECK constraint failed: ")
@@ -174,12 +199,37 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        let path = options.get_filename().display().to_string();
+        let named = |e: sqlx::Error| {
+            let code = match &e {
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .map_or(-1, |n| n & 0xff),
+                _ => -1,
+            };
+            StorageError::Unavailable(format!("SQLite database {path}: {e}; {}", advice(code)))
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options)
             .await
-            .map_err(map_err)?;
+            .map_err(named)?;
+        // A damaged file is found at start, naming it, rather than by the first call that
+        // reads the damaged page. Bounded: files up to QUICK_CHECK_MAX_BYTES are checked.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() <= QUICK_CHECK_MAX_BYTES) {
+            let verdict: String = sqlx::query_scalar("PRAGMA quick_check(1)")
+                .fetch_one(&pool)
+                .await
+                .map_err(named)?;
+            if verdict != "ok" {
+                return Err(StorageError::Unavailable(format!(
+                    "SQLite database {path} failed its integrity check ({verdict}); {}",
+                    advice(11)
+                )));
+            }
+        }
         let mut store = Self {
             pool,
             write_lock: Arc::new(Mutex::new(())),
@@ -1228,7 +1278,10 @@ super::book_ops!(SqliteStore, {
     }
 
     async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1")
+        // Ready means writable: a write statement that changes nothing fails on a read-only
+        // file or directory, a full disk leaves the next write to say so.
+        let _lock = self.write_lock.lock().await;
+        sqlx::query("UPDATE account SET plan = plan WHERE 0")
             .execute(&self.pool)
             .await
             .map_err(map_err)

@@ -25,6 +25,7 @@ mod client;
 mod credit;
 mod edges;
 mod faults;
+mod operator;
 mod ops;
 mod pricing;
 mod process;

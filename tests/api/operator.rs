@@ -1,0 +1,128 @@
+//! Failures an operator can act on (issue 24): each names what failed and what to do, and none
+//! is INTERNAL.
+
+use std::time::Duration;
+
+use tally::app::App;
+use tally::pb;
+
+use crate::support::{Backend, TestApp, TestDb, settings};
+
+/// A listener address in use names its option and address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_in_use_names_its_option() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    for (flag, set) in [
+        (
+            "--listen",
+            (|s: &mut tally::app::Settings, a| s.listen = a) as fn(&mut _, _),
+        ),
+        ("--http-listen", |s, a| s.http_listen = a),
+        ("--metrics-listen", |s, a| s.metrics_listen = a),
+    ] {
+        let db = TestDb::new(Backend::Sqlite).await;
+        let mut s = settings(&db);
+        set(&mut s, addr);
+        let e = App::build(s).await.err().expect("refused").to_string();
+        assert!(
+            e.contains(flag) && e.contains(&addr.to_string()) && e.contains("in use"),
+            "{e}"
+        );
+    }
+}
+
+/// SQLite: a missing directory, a damaged file; each error names the path and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_files_that_cannot_serve_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir/tally.db");
+    let db = TestDb::from_url(format!("sqlite://{}", missing.display()));
+    let e = App::build(settings(&db))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains(&missing.display().to_string()) && e.contains("directory exists"),
+        "{e}"
+    );
+    let damaged = dir.path().join("damaged.db");
+    std::fs::write(&damaged, vec![0x5a; 8192]).unwrap();
+    let db = TestDb::from_url(format!("sqlite://{}", damaged.display()));
+    let e = App::build(settings(&db))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains(&damaged.display().to_string()) && e.contains("backup"),
+        "{e}"
+    );
+}
+
+/// A database the server may read but not write: not ready, and writes are
+/// DATABASE_UNAVAILABLE (retry elsewhere), never INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_sqlite_file_is_not_ready_and_never_internal() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let url = db.url.clone();
+    let app = TestApp::spawn_on(db).await;
+    app.fund("ro", 10).await;
+    let db = app.finish().await;
+    let ro = TestDb::from_url(format!("{url}?mode=ro"));
+    let app = TestApp::spawn_on_with(ro, |s| s.auto_migrate = false).await;
+    let mut ready = true;
+    for _ in 0..40 {
+        let r = reqwest::get(format!("http://{}/readyz", app.http))
+            .await
+            .unwrap();
+        ready = r.status().is_success();
+        if !ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!ready, "a read-only database is not ready");
+    let mut credit = app.credit().await;
+    let e = credit
+        .reserve(crate::reserve_req("ro", 1, "r1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(crate::reason(&e), "DATABASE_UNAVAILABLE");
+    // Reads still answer.
+    let b = credit
+        .check_balance(pb::CheckBalanceRequest {
+            account_id: "ro".into(),
+        })
+        .await;
+    assert!(
+        b.as_ref().is_ok_and(|b| b.get_ref().available == 10)
+            || b.as_ref()
+                .is_err_and(|e| e.code() == tonic::Code::Unavailable),
+        "{b:?}"
+    );
+    drop(db);
+}
+
+/// PostgreSQL unreachable at start: the address and the cause, never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_names_its_address_and_the_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let db = TestDb::from_url(format!(
+        "postgres://tally:pw_SECRET_9f@127.0.0.1:{port}/ledger"
+    ));
+    let e = App::build(settings(&db))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("refused") && e.contains("ledger"),
+        "{e}"
+    );
+    assert!(!e.contains("pw_SECRET"), "{e}");
+}
