@@ -46,7 +46,12 @@ impl Drop for TelemetryGuard {
 /// When the OTLP exporter cannot be built from the environment.
 pub fn init(log_format: &str) -> Result<TelemetryGuard, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = if log_format == "json" {
         fmt.json().with_current_span(false).boxed()
     } else {
@@ -247,10 +252,110 @@ pub fn describe() {
         "Build metadata (version label); always 1."
     );
     metrics::gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Counters an alert watches exist from the start, at 0.
-    metrics::counter!("tally_ledger_invariant_violations_total").absolute(0);
-    metrics::counter!("tally_hold_expirations_total").absolute(0);
-    metrics::counter!("tally_sweeper_account_failures_total").absolute(0);
+    // Every documented series exists from the start, at 0, with each value of its bounded
+    // labels: a rate() or an alert on a series that has not happened yet sees 0, not nothing.
+    for name in [
+        "tally_ledger_invariant_violations_total",
+        "tally_hold_expirations_total",
+        "tally_sweeper_account_failures_total",
+        "tally_db_group_fallbacks_total",
+        "tally_db_group_retries_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for reason in [
+        "unauthenticated",
+        "permission",
+        "rate_limited",
+        "overloaded",
+        "database_down",
+    ] {
+        metrics::counter!("tally_requests_refused_total", "reason" => reason).absolute(0);
+    }
+    for kind in ["refund", "dispute", "purchase"] {
+        metrics::counter!("tally_clawbacks_total", "kind" => kind).absolute(0);
+        metrics::counter!("tally_credits_clawed_total", "kind" => kind).absolute(0);
+    }
+    for source in [
+        "purchase",
+        "subscription",
+        "allowance",
+        "signup_bonus",
+        "promotion",
+        "adjustment",
+        "refund",
+        "transfer",
+    ] {
+        metrics::counter!("tally_grants_total", "source" => source).absolute(0);
+        metrics::counter!("tally_credits_granted_total", "source" => source).absolute(0);
+    }
+    for result in ["ok", "violations", "error"] {
+        metrics::counter!("tally_ledger_audits_total", "result" => result).absolute(0);
+    }
+    for result in ["processed", "duplicate", "refused", "rejected", "error"] {
+        metrics::counter!("tally_webhook_events_total", "type" => "checkout.session.completed", "result" => result)
+            .absolute(0);
+    }
+}
+
+/// Sets the `process_*` series (Prometheus' standard names) from `/proc` at scrape time:
+/// CPU seconds, resident and virtual memory, open and maximum file descriptors, start time.
+/// Elsewhere than Linux they are absent.
+#[allow(clippy::cast_precision_loss)] // gauges; exact below 2^53
+pub fn process_metrics() {
+    // USER_HZ: the kernel reports CPU time to user space in hundredths of a second.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may hold spaces), from field 3 (state) on.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |n: usize| {
+        fields
+            .get(n.saturating_sub(3))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        metrics::gauge!("process_cpu_seconds_total").set((utime + stime) / TICKS_PER_SECOND);
+    }
+    if let Some(vsize) = field(23) {
+        metrics::gauge!("process_virtual_memory_bytes").set(vsize);
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        metrics::gauge!("process_start_time_seconds").set(boot + start / TICKS_PER_SECOND);
+    }
+    if let Some(kb) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+    {
+        metrics::gauge!("process_resident_memory_bytes").set(kb * 1024.0);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+    if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+    {
+        metrics::gauge!("process_max_fds").set(max);
+    }
 }
 
 /// Counts a grant of `credits` from `source`.

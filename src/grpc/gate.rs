@@ -287,12 +287,57 @@ fn is_server_error(code: Code) -> bool {
     )
 }
 
+/// Every `ErrorInfo.reason` Tally sends: the bounded set the `reason` label takes (anything
+/// else, e.g. a status tonic made itself, is `OTHER`; a success is `OK`).
+pub const REASONS: &[&str] = &[
+    "INVALID_ARGUMENT",
+    "ACCOUNT_NOT_FOUND",
+    "HOLD_NOT_FOUND",
+    "IDEMPOTENCY_KEY_REUSED",
+    "ACCOUNT_EXISTS",
+    "INSUFFICIENT_CREDITS",
+    "HOLD_ALREADY_COMMITTED",
+    "HOLD_RELEASED",
+    "HOLD_EXPIRED",
+    "HOLD_NOT_COMMITTED",
+    "REFUND_EXCEEDS_CHARGE",
+    "BALANCE_LIMIT_EXCEEDED",
+    "CONCURRENT_MODIFICATION",
+    "DATABASE_UNAVAILABLE",
+    "OUTCOME_UNKNOWN",
+    "INTERNAL",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "RATE_LIMITED",
+    "OVERLOADED",
+    "UNIMPLEMENTED",
+    "CLIENT_GAVE_UP",
+];
+
+/// The ErrorInfo reason of an error response, within [`REASONS`].
+fn reason_of(resp: &http::Response<Body>) -> &'static str {
+    use tonic_types::StatusExt as _;
+    tonic::Status::from_header_map(resp.headers())
+        .and_then(|s| s.get_details_error_info())
+        .and_then(|i| REASONS.iter().copied().find(|r| *r == i.reason))
+        .unwrap_or("OTHER")
+}
+
+/// The trace id of the span's OpenTelemetry context, when traces are exported.
+fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = span.context();
+    let id = context.span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}
+
 fn finish(
     span: &tracing::Span,
     rpc: &'static str,
     kind: Kind,
     caller: &str,
-    code: Code,
+    (code, reason): (Code, &'static str),
     start: Instant,
 ) {
     let elapsed = start.elapsed();
@@ -302,14 +347,63 @@ fn finish(
         span.record("otel.status_code", "ERROR");
         span.record("error.type", name);
     }
-    metrics::counter!("tally_rpc_requests_total", "rpc" => rpc, "code" => name).increment(1);
+    metrics::counter!("tally_rpc_requests_total", "rpc" => rpc, "code" => name, "reason" => reason)
+        .increment(1);
     metrics::histogram!("tally_rpc_request_duration_seconds", "rpc" => rpc, "code" => name)
         .record(elapsed.as_secs_f64());
     let ms = elapsed.as_secs_f64() * 1000.0;
+    let trace_id = trace_id(span).unwrap_or_default();
     if kind == Kind::Health {
-        debug!(target: "tally::request", rpc, code = name, duration_ms = ms, "grpc request");
+        debug!(target: "tally::request", rpc, code = name, reason, duration_ms = ms, trace_id, "grpc request");
     } else {
-        info!(target: "tally::request", caller, rpc, code = name, duration_ms = ms, "grpc request");
+        info!(target: "tally::request", caller, rpc, code = name, reason, duration_ms = ms, trace_id, "grpc request");
+    }
+}
+
+/// tonic answers INTERNAL "Missing request message." when a call's stream ends before its
+/// message arrived: the client gave up (its deadline passed, it reset the stream) or is broken.
+/// Neither is a bug in Tally, which INTERNAL is kept for: that call is CANCELLED with reason
+/// `CLIENT_GAVE_UP`, and counted so.
+fn gave_up_is_not_internal(resp: http::Response<Body>) -> http::Response<Body> {
+    let missing = code_of(&resp) == Code::Internal
+        && resp
+            .headers()
+            .get("grpc-message")
+            .is_some_and(|m| m.as_bytes() == b"Missing%20request%20message.");
+    if !missing {
+        return resp;
+    }
+    Status::with_error_details(
+        Code::Cancelled,
+        "the call ended before its request message arrived (the client gave up or reset the stream)",
+        ErrorDetails::with_error_info("CLIENT_GAVE_UP", ERROR_DOMAIN, HashMap::new()),
+    )
+    .into_http()
+}
+
+/// Counts and logs a call whose future was dropped before it ended — the client gave up (its
+/// deadline passed, or it reset the stream) — as CANCELLED, which is what it is.
+struct Unfinished {
+    span: tracing::Span,
+    rpc: &'static str,
+    kind: Kind,
+    caller: String,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.armed {
+            finish(
+                &self.span,
+                self.rpc,
+                self.kind,
+                &self.caller,
+                (Code::Cancelled, "CLIENT_GAVE_UP"),
+                self.start,
+            );
+        }
     }
 }
 
@@ -347,9 +441,16 @@ where
         let (principal, permit) = match admit(&self.state, kind, req.headers()) {
             Ok(admitted) => admitted,
             Err(status) => {
-                let code = status.code();
-                finish(&span, rpc, kind, "-", code, start);
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+                let resp = status.into_http();
+                finish(
+                    &span,
+                    rpc,
+                    kind,
+                    "-",
+                    (code_of(&resp), reason_of(&resp)),
+                    start,
+                );
+                return Box::pin(std::future::ready(Ok(resp)));
             }
         };
         let caller = principal
@@ -364,10 +465,27 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            let mut pending = Unfinished {
+                span: span.clone(),
+                rpc,
+                kind,
+                caller,
+                start,
+                armed: true,
+            };
             let result = inner.call(req).instrument(span.clone()).await;
+            pending.armed = false;
             drop(permit);
-            let code = result.as_ref().map_or(Code::Internal, code_of);
-            finish(&span, rpc, kind, &caller, code, start);
+            let result = result.map(gave_up_is_not_internal);
+            let outcome = match &result {
+                Ok(resp) => match code_of(resp) {
+                    Code::Ok => (Code::Ok, "OK"),
+                    code => (code, reason_of(resp)),
+                },
+                // The routes never fail (their error type is Infallible in practice).
+                Err(_) => (Code::Internal, "INTERNAL"),
+            };
+            finish(&span, rpc, kind, &pending.caller, outcome, start);
             result
         })
     }

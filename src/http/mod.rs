@@ -80,6 +80,7 @@ pub fn metrics_router(state: HttpState) -> Router {
 
 async fn metrics(State(s): State<HttpState>) -> Response {
     // Gauges read at scrape time, so they are never staler than the scrape.
+    crate::telemetry::process_metrics();
     if let Ok(Ok(st)) = tokio::time::timeout(crate::health::PING_TIMEOUT, s.store.stats()).await {
         #[allow(clippy::cast_precision_loss)] // gauges; exact below 2^53
         {

@@ -80,7 +80,7 @@ fn map_err(e: sqlx::Error) -> StorageError {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             let message = db.message();
-            let primary = code.parse::<i32>().map(|n| n & 0xff).unwrap_or(-1);
+            let primary = code.parse::<i32>().map_or(-1, |n| n & 0xff);
             match &*code {
                 // SQLITE_BUSY and SQLITE_LOCKED (extended codes keep the primary code in the low byte)
                 _ if matches!(primary, 5 | 6) => StorageError::Contended,

@@ -126,3 +126,60 @@ async fn an_unreachable_postgres_names_its_address_and_the_cause() {
     );
     assert!(!e.contains("pw_SECRET"), "{e}");
 }
+
+/// Metrics an operator can alert on: every documented series at 0 from the start, the
+/// ErrorInfo reason on request counters, a client that gave up counted as CANCELLED (never
+/// INTERNAL), and the process_* series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_what_happened_from_the_start() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let scrape = || async {
+        reqwest::get(format!("http://{}/metrics", app.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let text = scrape().await;
+    for series in [
+        "tally_requests_refused_total{reason=\"overloaded\"} 0",
+        "tally_clawbacks_total{kind=\"dispute\"} ",
+        "tally_ledger_audits_total{result=\"violations\"} ",
+        "tally_db_group_fallbacks_total ",
+        "tally_sweeper_account_failures_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(text.contains(series), "{series} missing");
+    }
+    app.fund("m", 1).await;
+    let mut credit = app.credit().await;
+    let e = credit
+        .reserve(crate::reserve_req("m", 5, "too-much"))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::reason(&e), "INSUFFICIENT_CREDITS");
+    // Clients that give up before the server answers.
+    for i in 0..20 {
+        let mut req = tonic::Request::new(crate::reserve_req("m", 1, &format!("late{i}")));
+        req.set_timeout(Duration::from_micros(1));
+        let _ = credit.reserve(req).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape().await;
+    let line = |needle: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("tally_rpc_requests_total") && l.contains(needle))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert!(line("reason=\"INSUFFICIENT_CREDITS\"") >= 1.0, "{text}");
+    assert!(line("code=\"INTERNAL\"") < 0.5, "{text}");
+    assert!(
+        line("rpc=\"tally.v1.CreditService/Reserve\"") >= 2.0,
+        "the late calls are counted as what they were: {text}"
+    );
+    app.finish().await;
+}

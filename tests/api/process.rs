@@ -344,13 +344,16 @@ async fn traces_request_logs_and_no_secrets_in_a_real_process() {
         request_lines.iter().any(|v| v["fields"]["caller"] == "ops"
             && v["fields"]["rpc"] == "tally.v1.CreditService/Reserve"
             && v["fields"]["code"] == "OK"
+            && v["fields"]["reason"] == "OK"
+            && v["fields"]["trace_id"] == trace_id
             && v["fields"]["duration_ms"].is_number()),
-        "{request_lines:#?}"
+        "with the reason and the trace id: {request_lines:#?}"
     );
     assert!(
         request_lines
             .iter()
-            .any(|v| v["fields"]["code"] == "UNAUTHENTICATED")
+            .any(|v| v["fields"]["code"] == "UNAUTHENTICATED"
+                && v["fields"]["reason"] == "UNAUTHENTICATED")
     );
     for secret in [TOKEN, WRONG, STRIPE_KEY, WEBHOOK, "SECRET"] {
         assert!(
@@ -416,4 +419,34 @@ async fn refusals_at_start_name_the_option_and_hide_the_password() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("db-max-connections"), "{err}");
+}
+
+/// Text logs carry no colour codes when stderr is not a terminal (a file, a pipe, a log
+/// collector).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_without_a_terminal_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--log-format", "text", "serve", "--database-url", &db])
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+    {
+        let done = line.contains("serving gRPC");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("serving gRPC")), "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
+    child.kill().await.unwrap();
 }
