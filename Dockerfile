@@ -11,12 +11,15 @@ COPY proto ./proto
 COPY migrations ./migrations
 COPY src ./src
 # Cache mounts keep the registry and target/ between builds; the binary is copied out of the
-# cached target/ in the same step.
+# cached target/ in the same step, without its line tables (`strip --strip-debug`: symbols stay,
+# so a backtrace still names functions): 49 MiB instead of 237 MiB.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin tally \
-    && install -D -m 0755 target/release/tally /out/tally \
+    && install -d /out \
+    && strip --strip-debug -o /out/tally target/release/tally \
+    && chmod 0755 /out/tally \
     && install -d -m 0750 -o 65532 -g 65532 /out/data
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -24,9 +24,6 @@ use crate::service::Limits;
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log format of `serve`: text or json.
-    #[arg(long, global = true, env = "TALLY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -276,7 +273,7 @@ pub enum AccountCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// A signed correction, e.g. `tally account adjust u1 -- -20 --reason "double charge"`.
+    /// A signed correction, e.g. `tally account adjust u1 -20 --reason "double charge"`.
     Adjust {
         /// Account id.
         account: String,
@@ -362,6 +359,9 @@ pub struct ServeArgs {
     /// variables win over it. `tally config print-default` prints an example.
     #[arg(long, env = "TALLY_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "TALLY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     /// gRPC listen address.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -760,6 +760,72 @@ pub struct ClientError {
     pub message: String,
     /// Extra lines (field violations, retry hints).
     pub details: Vec<String>,
+    /// The gRPC code's name (`FAILED_PRECONDITION`), when the server answered.
+    pub code: Option<&'static str>,
+    /// The ErrorInfo metadata (`available`, `requested`, ...).
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl ClientError {
+    fn new(reason: &str, message: impl Into<String>, details: Vec<String>) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            message: message.into(),
+            details,
+            code: None,
+            metadata: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The error as `--json` prints it on stderr:
+    /// `{"code", "reason", "message", "metadata", "details"}`.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        json!({
+            "code": self.code,
+            "reason": self.reason,
+            "message": self.message,
+            "metadata": self.metadata,
+            "details": self.details,
+        })
+    }
+}
+
+/// The name of a gRPC code as the spec spells it (`OUT_OF_RANGE`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Writes a line to stdout; a closed pipe (`tally entries u1 | head -1`) ends the command
+/// quietly with status 0, as `ls` does.
+pub fn out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
 }
 
 impl std::fmt::Display for ClientError {
@@ -774,10 +840,9 @@ impl std::fmt::Display for ClientError {
 
 fn status_error(s: &Status, key: Option<&str>) -> ClientError {
     let details = s.get_error_details();
-    let reason = details.error_info().map_or_else(
-        || format!("{:?}", s.code()).to_uppercase(),
-        |i| i.reason.clone(),
-    );
+    let reason = details
+        .error_info()
+        .map_or_else(|| code_name(s.code()).to_owned(), |i| i.reason.clone());
     // The message already lists the violations of an INVALID_ARGUMENT; other codes get them here.
     let mut lines: Vec<String> = details
         .bad_request()
@@ -796,28 +861,59 @@ fn status_error(s: &Status, key: Option<&str>) -> ClientError {
             "the outcome may be unknown: retry with --idempotency-key {key}"
         ));
     }
+    // A gRPC client pointed at an HTTP port gets an HTTP answer: say so.
+    if s.message().contains("grpc-status header missing") {
+        return ClientError::new(
+            "NOT_GRPC",
+            "that address speaks HTTP, not Tally's gRPC (did you mean --server http://HOST:50051?)",
+            vec![s.message().to_owned()],
+        );
+    }
     ClientError {
         reason,
         message: s.message().to_owned(),
         details: lines,
+        code: Some(code_name(s.code())),
+        metadata: details
+            .error_info()
+            .map(|i| i.metadata.clone().into_iter().collect())
+            .unwrap_or_default(),
     }
 }
 
 async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
-    let unreachable = |e: &dyn std::fmt::Display| ClientError {
-        reason: "UNAVAILABLE".into(),
-        message: format!("cannot reach tally at {}: {e}", c.server),
-        details: vec!["start one with `tally serve`, or pass --server".into()],
+    // `host:port` alone means plaintext HTTP/2; any scheme but http and https is named.
+    let server = match c.server.split_once("://") {
+        None => format!("http://{}", c.server),
+        Some(("http" | "https", _)) => c.server.clone(),
+        Some((scheme, _)) => {
+            return Err(ClientError::new(
+                "INVALID_ARGUMENT",
+                format!("--server {}: {scheme}:// is not Tally's protocol", c.server),
+                vec!["use http://HOST:PORT (plaintext) or https://HOST:PORT (TLS)".into()],
+            ));
+        }
     };
-    let mut endpoint = Endpoint::from_shared(c.server.clone())
+    let tls = server.starts_with("https://");
+    let unreachable = |e: &dyn std::error::Error| {
+        let hint = if tls {
+            "is it running, and does it speak TLS? A plaintext server needs http://; check --tls-ca"
+        } else {
+            "start one with `tally serve`, or pass --server; a TLS server needs https://"
+        };
+        ClientError::new(
+            "UNAVAILABLE",
+            format!("cannot reach tally at {server}: {}", source_chain(e)),
+            vec![hint.into()],
+        )
+    };
+    let mut endpoint = Endpoint::from_shared(server.clone())
         .map_err(|e| unreachable(&e))?
         .connect_timeout(Duration::from_secs(5));
-    if c.server.starts_with("https://") {
+    if tls {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| ClientError {
-                reason: "INVALID_ARGUMENT".into(),
-                message: format!("{}: {e}", p.display()),
-                details: Vec::new(),
+            std::fs::read(p).map_err(|e| {
+                ClientError::new("INVALID_ARGUMENT", format!("{}: {e}", p.display()), vec![])
             })
         };
         let mut tls = tonic::transport::ClientTlsConfig::new();
@@ -835,17 +931,71 @@ async fn channel(c: &ClientArgs) -> Result<Channel, ClientError> {
     endpoint.connect().await.map_err(|e| unreachable(&e))
 }
 
+/// An error with its causes (tonic's transport error says only "transport error").
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Sends a mutating call, waiting and sending it again (same request, same idempotency key)
+/// while the server answers RESOURCE_EXHAUSTED or UNAVAILABLE with a RetryInfo — a rate limit,
+/// an overloaded or briefly unavailable server — as `tally::client` does: at most
+/// [`CLI_ATTEMPTS`] attempts, never waiting past `--timeout` in all.
+async fn send<Q, R, F, Fut>(
+    client: &ClientArgs,
+    key: Option<&str>,
+    message: Q,
+    mut call: F,
+) -> Result<R, ClientError>
+where
+    Q: Clone,
+    F: FnMut(Request<Q>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let deadline = tokio::time::Instant::now() + client.timeout;
+    let mut attempt = 1;
+    loop {
+        match call(request(message.clone(), client)?).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) => {
+                let wait = s
+                    .get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .filter(|_| matches!(s.code(), Code::ResourceExhausted | Code::Unavailable));
+                match wait {
+                    Some(w)
+                        if attempt < CLI_ATTEMPTS && tokio::time::Instant::now() + w < deadline =>
+                    {
+                        tokio::time::sleep(w.max(Duration::from_millis(5))).await;
+                        attempt += 1;
+                    }
+                    _ => return Err(status_error(&s, key)),
+                }
+            }
+        }
+    }
+}
+
+/// Most attempts of one CLI call that the server asked to retry: 8.
+pub const CLI_ATTEMPTS: u32 = 8;
+
 fn request<T>(message: T, client: &ClientArgs) -> Result<Request<T>, ClientError> {
     let mut r = Request::new(message);
     r.set_timeout(client.timeout);
     if let Some(token) = &client.token {
-        let value = format!("Bearer {}", token.expose())
-            .parse()
-            .map_err(|_| ClientError {
-                reason: "INVALID_ARGUMENT".into(),
-                message: "--token: not a valid header value".into(),
-                details: Vec::new(),
-            })?;
+        let value = format!("Bearer {}", token.expose()).parse().map_err(|_| {
+            ClientError::new(
+                "INVALID_ARGUMENT",
+                "--token: not a valid header value",
+                Vec::new(),
+            )
+        })?;
         r.metadata_mut().insert("authorization", value);
     }
     Ok(r)
@@ -905,9 +1055,9 @@ fn hold_line(h: &pb::Hold) -> String {
 /// Prints `value` as JSON or `text` as text.
 fn print(json: bool, value: &Value, text: &str) {
     if json {
-        println!("{value:#}");
+        out(&format!("{value:#}"));
     } else {
-        println!("{text}");
+        out(text);
     }
 }
 
@@ -1017,7 +1167,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             key,
             client,
         } => {
-            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
             let ttl = ttl.map(|d| prost_types::Duration {
                 seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -1034,11 +1184,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     params: params.into_iter().collect(),
                 }),
             };
-            let r = svc
-                .reserve(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.reserve(r).await }
+            })
+            .await?;
             let h = r.hold.unwrap_or_default();
             let v = json!({"hold": hold_json(&h), "available": r.available});
             let text = format!(
@@ -1058,18 +1208,18 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             key,
             client,
         } => {
-            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::CommitRequest {
                 hold_id: hold,
                 amount,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .commit(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.commit(r).await }
+            })
+            .await?;
             let h = r.hold.unwrap_or_default();
             let v = json!({"hold": hold_json(&h), "released": r.released, "extra_drawn": r.extra_drawn, "available": r.available});
             let text = format!(
@@ -1086,7 +1236,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             key,
             client,
         } => {
-            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::RefundRequest {
                 hold_id: hold,
@@ -1094,11 +1244,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 reason,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .refund(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.refund(r).await }
+            })
+            .await?;
             let h = r.hold.unwrap_or_default();
             let v =
                 json!({"hold": hold_json(&h), "refunded": r.refunded, "available": r.available});
@@ -1118,7 +1268,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             key,
             client,
         } => {
-            let mut svc = CreditServiceClient::new(channel(&client).await?);
+            let svc = CreditServiceClient::new(channel(&client).await?);
             let k = key.key();
             let ttl = prost_types::Duration {
                 seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
@@ -1129,11 +1279,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 ttl: Some(ttl),
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .extend_hold(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.extend_hold(r).await }
+            })
+            .await?;
             let h = r.hold.unwrap_or_default();
             let text = format!(
                 "{}  expires {}",
@@ -1267,18 +1417,18 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     client,
                 },
         } => {
-            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::SetPlanRequest {
                 account_id: account,
                 plan,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .set_plan(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.set_plan(r).await }
+            })
+            .await?;
             let v = json!({"account_id": r.account_id, "previous_plan": r.previous_plan, "plan": r.plan});
             print(
                 client.json,
@@ -1425,11 +1575,13 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 .into_inner();
             let mut out = std::io::stdout().lock();
             while let Some(chunk) = stream.message().await.map_err(|s| status_error(&s, None))? {
-                std::io::Write::write_all(&mut out, &chunk.csv).map_err(|e| ClientError {
-                    reason: "IO".into(),
-                    message: e.to_string(),
-                    details: vec![],
-                })?;
+                if let Err(e) = std::io::Write::write_all(&mut out, &chunk.csv) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        // `tally export ... | head`: the reader has what it wanted.
+                        std::process::exit(0);
+                    }
+                    return Err(ClientError::new("IO", e.to_string(), vec![]));
+                }
             }
             Ok(())
         }
@@ -1446,7 +1598,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     client,
                 },
         } => {
-            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
             let expires_at = expires_in
                 .and_then(|d| chrono::TimeDelta::from_std(d).ok())
@@ -1464,11 +1616,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 expires_at,
                 priority,
             };
-            let r = svc
-                .grant(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.grant(r).await }
+            })
+            .await?;
             let v = json!({"account_id": r.account_id, "grant_id": r.grant_id, "available": r.available});
             let text = format!(
                 "granted {amount} to {} ({}; available now {})",
@@ -1486,18 +1638,18 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     client,
                 },
         } => {
-            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::OpenAccountRequest {
                 account_id: account,
                 plan,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .open_account(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.open_account(r).await }
+            })
+            .await?;
             let v = json!({"account_id": r.account_id, "plan": r.plan, "bonus": r.bonus, "available": r.available});
             let text = format!(
                 "opened {} on {} (bonus {}; available now {})",
@@ -1517,7 +1669,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     client,
                 },
         } => {
-            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::AdjustRequest {
                 account_id: account,
@@ -1526,11 +1678,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 operator,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .adjust(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.adjust(r).await }
+            })
+            .await?;
             let v = json!({"account_id": r.account_id, "delta": r.delta, "available": r.available});
             print(
                 client.json,
@@ -1553,7 +1705,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     client,
                 },
         } => {
-            let mut svc = AdminServiceClient::new(channel(&client).await?);
+            let svc = AdminServiceClient::new(channel(&client).await?);
             let k = key.key();
             let req = pb::TransferRequest {
                 from_account_id: from.clone(),
@@ -1562,11 +1714,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 reason,
                 idempotency_key: k.clone(),
             };
-            let r = svc
-                .transfer(request(req, &client)?)
-                .await
-                .map_err(|s| status_error(&s, Some(&k)))?
-                .into_inner();
+            let r = send(&client, Some(&k), req, |r| {
+                let mut svc = svc.clone();
+                async move { svc.transfer(r).await }
+            })
+            .await?;
             let v = json!({"from": from, "to": to, "amount": r.amount, "from_available": r.from_available, "to_available": r.to_available});
             let text = format!(
                 "moved {} from {from} (now {}) to {to} (now {})",

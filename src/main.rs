@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
-            let _telemetry = match tally::telemetry::init(&cli.log_format) {
+            let _telemetry = match tally::telemetry::init(&args.log_format) {
                 Ok(t) => t,
                 Err(e) => return fail(&e),
             };
@@ -137,9 +137,17 @@ async fn run(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        command => match tally::cli::run_client(command).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
-        },
+        command => {
+            // `--json` is a flag of every client command: errors then go to stderr as JSON too.
+            let json = std::env::args().any(|a| a == "--json");
+            match tally::cli::run_client(command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if json => {
+                    eprintln!("{}", e.to_json());
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(&e),
+            }
+        }
     }
 }

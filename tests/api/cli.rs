@@ -200,3 +200,172 @@ async fn a_live_key_refuses_a_catalog_of_placeholder_prices() {
         "the key never reaches errors"
     );
 }
+
+/// Issue 24, the CLI in scripts: a closed pipe ends quietly, `--json` errors are JSON on
+/// stderr, the documented reason for a too-large request, `host:port` without a scheme, an
+/// unknown scheme and an HTTP port named, client help without server options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_is_safe_in_scripts() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for i in 0..30 {
+        let out = tally(
+            &app,
+            &[
+                "account",
+                "grant",
+                "piped",
+                "1",
+                "--reason",
+                &format!("r{i}"),
+            ],
+        )
+        .await;
+        assert!(out.status.success());
+    }
+    // `tally entries piped | head -0`: the reader is gone before the output.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["entries", "piped"])
+        .env("TALLY_SERVER", app.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // --json: the error is a JSON object on stderr, exit 1.
+    let out = tally(&app, &["reserve", "piped", "1000", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let e: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(
+        (e["code"].as_str(), e["reason"].as_str()),
+        (Some("FAILED_PRECONDITION"), Some("INSUFFICIENT_CREDITS"))
+    );
+    assert_eq!(e["metadata"]["available"], "30");
+
+    // A 20 KB metadata value: the request is too large, named as the README spells it.
+    let big = format!("k={}", "x".repeat(20_000));
+    let out = tally(&app, &["reserve", "piped", "1", "--meta", &big]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("OUT_OF_RANGE"), "{err}");
+
+    // host:port without a scheme is plaintext HTTP/2; ftp:// is named.
+    let bare = app.url().trim_start_matches("http://").to_owned();
+    let out = tally(&app, &["balance", "piped", "--server", &bare]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tally(
+        &app,
+        &["balance", "piped", "--server", "ftp://127.0.0.1:21"],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ftp:// is not Tally's protocol"), "{err}");
+    // The HTTP sidecar's port: said plainly.
+    let http = format!("http://{}", app.http);
+    let out = tally(&app, &["balance", "piped", "--server", &http]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("speaks HTTP, not Tally's gRPC"), "{err}");
+
+    // Client commands list client options only.
+    let out = tally(&app, &["entries", "--help"]).await;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--server") && !help.contains("--log-format"),
+        "{help}"
+    );
+    app.finish().await;
+}
+
+/// Every `tally ...` example in the help texts runs as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_in_help_texts_run() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.fund("u1", 100).await;
+    let mut ran = 0;
+    for path in [vec!["account"], vec!["account", "adjust"], vec!["serve"]] {
+        let mut args = path.clone();
+        args.push("--help");
+        let help = String::from_utf8(tally(&app, &args).await.stdout).unwrap();
+        for example in help.split('`').skip(1).step_by(2) {
+            let Some(rest) = example.strip_prefix("tally ") else {
+                continue;
+            };
+            // Split like a shell: double quotes group words.
+            let words: Vec<String> = rest
+                .split('"')
+                .enumerate()
+                .flat_map(|(i, part)| {
+                    if i % 2 == 1 {
+                        vec![part.to_owned()]
+                    } else {
+                        part.split_whitespace().map(str::to_owned).collect()
+                    }
+                })
+                .collect();
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            let out = tally(&app, &words).await;
+            assert!(
+                out.status.success(),
+                "`{example}` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ran += 1;
+        }
+    }
+    assert!(ran >= 2, "examples found: {ran}");
+    app.finish().await;
+}
+
+/// A rate-limited call waits as the server's RetryInfo says and is sent again with the same
+/// key, as `tally::client` does: quick successive grants all succeed, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_waits_out_a_rate_limit() {
+    const TOKEN: &str = "ops-token-for-the-rate-limit-test";
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.auth = crate::support::callers(
+            &[crate::support::TestCaller {
+                name: "ops",
+                roles: &["admin", "generation"],
+                prefixes: &[],
+                token: TOKEN,
+                extra: "",
+            }],
+            tally::auth::RateLimits {
+                sensitive: tally::auth::Rate {
+                    per_second: 4,
+                    burst: 1,
+                },
+                ..crate::support::UNLIMITED
+            },
+        );
+    })
+    .await;
+    for i in 0..6 {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["account", "grant", "limited", "10", "--reason", "batch"])
+            .args(["--idempotency-key", &format!("batch-{i}"), "--token", TOKEN])
+            .env("TALLY_SERVER", app.url())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "grant {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let b = app
+        .store
+        .balance(&tally::domain::AccountId::parse("a", "limited").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(b.available, 60, "each grant once");
+    app.finish().await;
+}

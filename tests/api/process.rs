@@ -75,7 +75,7 @@ struct Process {
 impl Process {
     async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
             .args([
                 "--http-listen",
                 "127.0.0.1:0",
@@ -428,7 +428,7 @@ async fn text_logs_without_a_terminal_have_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["--log-format", "text", "serve", "--database-url", &db])
+        .args(["serve", "--log-format", "text", "--database-url", &db])
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .stderr(Stdio::piped())
