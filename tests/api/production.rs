@@ -490,7 +490,7 @@ async fn metrics_have_the_documented_names_and_no_account_labels(backend: Backen
     assert_eq!(
         sample(
             &text,
-            "tally_rpc_requests_total{rpc=\"tally.v1.CreditService/Reserve\",code=\"OK\"}"
+            "tally_rpc_requests_total{rpc=\"tally.v1.CreditService/Reserve\",code=\"OK\",reason=\"OK\"}"
         ),
         Some(20.0),
         "{text}"
@@ -498,7 +498,7 @@ async fn metrics_have_the_documented_names_and_no_account_labels(backend: Backen
     assert_eq!(
         sample(
             &text,
-            "tally_rpc_requests_total{rpc=\"tally.v1.CreditService/Reserve\",code=\"FAILED_PRECONDITION\"}"
+            "tally_rpc_requests_total{rpc=\"tally.v1.CreditService/Reserve\",code=\"FAILED_PRECONDITION\",reason=\"INSUFFICIENT_CREDITS\"}"
         ),
         Some(1.0)
     );
