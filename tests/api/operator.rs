@@ -183,3 +183,36 @@ async fn metrics_say_what_happened_from_the_start() {
     );
     app.finish().await;
 }
+
+/// Corruption deeper in a file than its header: the start-up quick_check finds it and names
+/// the file, instead of a READY server answering INTERNAL on the damaged pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_deep_in_a_sqlite_file_is_found_at_start() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let url = db.url.clone();
+    let app = TestApp::spawn_on(db).await;
+    for i in 0..200 {
+        app.fund(&format!("deep-{i}"), 10).await;
+    }
+    let db = app.finish().await;
+    let path = url.trim_start_matches("sqlite://").to_owned();
+    // Checkpoint the WAL into the file, then damage pages past the first.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 16 * 4096, "{} bytes", bytes.len());
+    for b in &mut bytes[8 * 4096..12 * 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let e = App::build(settings(&db))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains(&path) && e.contains("backup"), "{e}");
+}
