@@ -791,29 +791,6 @@ impl ClientError {
     }
 }
 
-/// The name of a gRPC code as the spec spells it (`OUT_OF_RANGE`).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Writes a line to stdout; a closed pipe (`tally entries u1 | head -1`) ends the command
 /// quietly with status 0, as `ls` does.
 pub fn out(text: &str) {
@@ -840,9 +817,10 @@ impl std::fmt::Display for ClientError {
 
 fn status_error(s: &Status, key: Option<&str>) -> ClientError {
     let details = s.get_error_details();
-    let reason = details
-        .error_info()
-        .map_or_else(|| code_name(s.code()).to_owned(), |i| i.reason.clone());
+    let reason = details.error_info().map_or_else(
+        || crate::grpc::gate::code_name(s.code()).to_owned(),
+        |i| i.reason.clone(),
+    );
     // The message already lists the violations of an INVALID_ARGUMENT; other codes get them here.
     let mut lines: Vec<String> = details
         .bad_request()
@@ -873,7 +851,7 @@ fn status_error(s: &Status, key: Option<&str>) -> ClientError {
         reason,
         message: s.message().to_owned(),
         details: lines,
-        code: Some(code_name(s.code())),
+        code: Some(crate::grpc::gate::code_name(s.code())),
         metadata: details
             .error_info()
             .map(|i| i.metadata.clone().into_iter().collect())

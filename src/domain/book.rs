@@ -565,6 +565,50 @@ impl Book {
         Ok(())
     }
 
+    /// Books what a Stripe fact decided ([`super::payment::Decision`]): the grant `(id, source,
+    /// amount, expiry)`, then `claw` credits taken back (positive; debt for what the grants
+    /// cannot cover) or given back (negative: a `refund` grant with id `give_back_id`).
+    ///
+    /// # Errors
+    /// `BalanceLimitExceeded`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn book_decision(
+        &mut self,
+        grant: Option<(&str, Source, Credits, Option<DateTime<Utc>>)>,
+        claw: i64,
+        give_back_id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Res<()> {
+        if let Some((id, source, amount, expires_at)) = grant {
+            self.grant(
+                id,
+                source,
+                amount,
+                expires_at,
+                PRIORITY_DEFAULT,
+                reason,
+                now,
+            )?;
+        }
+        if claw > 0 {
+            self.claw_back(claw, reason, now);
+        } else if claw < 0 {
+            let back = Credits::new("credits", claw.saturating_neg())
+                .map_err(|_| LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE })?;
+            self.grant(
+                give_back_id,
+                Source::Refund,
+                back,
+                None,
+                PRIORITY_DEFAULT,
+                reason,
+                now,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Moves the book to another plan, settled under its old plan first by the caller: the new
     /// plan's allowance is granted at once if its current period has none yet. An account gets
     /// at most one allowance per period key (`daily:2026-12-07`, `monthly:2026-12`), whatever

@@ -451,40 +451,21 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<()> {
         self.with_book(account, now, grant.is_some(), |b, ids| {
-            if let Some((amount, source)) = grant {
-                let amount = super::Credits::new("credits", amount).map_err(|_| {
-                    LedgerError::BalanceLimitExceeded {
-                        limit: super::MAX_BALANCE,
-                    }
-                })?;
-                b.grant(
-                    &ids.bucket_id(),
+            let grant_id = ids.bucket_id();
+            let booked = match grant {
+                Some((amount, source)) => Some((
+                    grant_id.as_str(),
                     source,
-                    amount,
+                    super::Credits::new("credits", amount).map_err(|_| {
+                        LedgerError::BalanceLimitExceeded {
+                            limit: super::MAX_BALANCE,
+                        }
+                    })?,
                     None,
-                    super::book::PRIORITY_DEFAULT,
-                    "stripe",
-                    now,
-                )?;
-            }
-            if claw > 0 {
-                b.claw_back(claw, "stripe", now);
-            } else if claw < 0 {
-                let back = super::Credits::new("credits", claw.saturating_neg()).map_err(|_| {
-                    LedgerError::BalanceLimitExceeded {
-                        limit: super::MAX_BALANCE,
-                    }
-                })?;
-                b.grant(
-                    &ids.bucket_id(),
-                    Source::Refund,
-                    back,
-                    None,
-                    super::book::PRIORITY_DEFAULT,
-                    "stripe",
-                    now,
-                )?;
-            }
+                )),
+                None => None,
+            };
+            b.book_decision(booked, claw, &ids.bucket_id(), "stripe", now)?;
             Ok(())
         })
     }
@@ -679,16 +660,12 @@ impl Stripe {
     }
 
     fn load(&self, business_key: Option<&str>, fact: &Fact) -> Payment {
-        let (mut pi, charge, dispute) = match fact {
-            Fact::Paid { payment_intent, .. } => (payment_intent.clone(), None, None),
-            Fact::Pending | Fact::Failed => (None, None, None),
-            Fact::Refund(c) => (c.payment_intent.clone(), Some(c.charge_id.clone()), None),
-            Fact::Dispute(d) => (
-                d.payment_intent.clone(),
-                Some(d.charge_id.clone()),
-                Some(d.dispute_id.clone()),
-            ),
-        };
+        let (pi, charge, dispute) = fact.names();
+        let (mut pi, charge, dispute) = (
+            pi.map(str::to_owned),
+            charge.map(str::to_owned),
+            dispute.map(str::to_owned),
+        );
         let purchase = business_key.and_then(|k| self.purchases.get(k).cloned());
         if pi.is_none() {
             pi = purchase.as_ref().and_then(|p| p.payment_intent.clone());

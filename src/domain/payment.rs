@@ -179,6 +179,24 @@ pub enum Fact {
     Dispute(Dispute),
 }
 
+impl Fact {
+    /// What a fact names — its PaymentIntent, charge and dispute — by which storage and the
+    /// model load the rest of its payment.
+    #[must_use]
+    pub fn names(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
+        match self {
+            Self::Paid { payment_intent, .. } => (payment_intent.as_deref(), None, None),
+            Self::Pending | Self::Failed => (None, None, None),
+            Self::Refund(c) => (c.payment_intent.as_deref(), Some(&c.charge_id), None),
+            Self::Dispute(d) => (
+                d.payment_intent.as_deref(),
+                Some(&d.charge_id),
+                Some(&d.dispute_id),
+            ),
+        }
+    }
+}
+
 /// What the books must do for one event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {

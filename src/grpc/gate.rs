@@ -252,7 +252,9 @@ fn code_of(resp: &http::Response<Body>) -> Code {
         .map_or(Code::Ok, Code::from_i32)
 }
 
-fn code_name(code: Code) -> &'static str {
+/// The name of a gRPC code as the spec spells it (`OUT_OF_RANGE`).
+#[must_use]
+pub fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

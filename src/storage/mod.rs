@@ -982,41 +982,18 @@ async fn book_fact(
         .ok_or(LedgerError::AccountNotFound)?;
     tx.load(&mut book, None, now).await?;
     book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let mut granted = None;
-    if let Some(g) = &grant {
-        let id = RandomIds.bucket_id();
-        let amount = crate::domain::Credits::new("credits", g.amount)
-            .map_err(|v| StorageError::Other(v.to_string()))?;
-        book.grant(
-            &id,
+    let granted = grant.as_ref().map(|_| RandomIds.bucket_id());
+    let booked = match (&grant, &granted) {
+        (Some(g), Some(id)) => Some((
+            id.as_str(),
             g.source,
-            amount,
+            crate::domain::Credits::new("credits", g.amount)
+                .map_err(|v| StorageError::Other(v.to_string()))?,
             g.expires_at,
-            crate::domain::book::PRIORITY_DEFAULT,
-            reason,
-            now,
-        )?;
-        granted = Some(id);
-    }
-    match claw.cmp(&0) {
-        std::cmp::Ordering::Greater => {
-            book.claw_back(claw, reason, now);
-        }
-        std::cmp::Ordering::Less => {
-            let back = crate::domain::Credits::new("credits", claw.saturating_neg())
-                .map_err(|v| StorageError::Other(v.to_string()))?;
-            book.grant(
-                &RandomIds.bucket_id(),
-                crate::domain::book::Source::Refund,
-                back,
-                None,
-                crate::domain::book::PRIORITY_DEFAULT,
-                reason,
-                now,
-            )?;
-        }
-        std::cmp::Ordering::Equal => {}
-    }
+        )),
+        _ => None,
+    };
+    book.book_decision(booked, claw, &RandomIds.bucket_id(), reason, now)?;
     tx.write(&book, now).await?;
     if let (Some(id), Some(g)) = (&granted, &grant) {
         tx.tag_grant(id, g.business_key).await?;
@@ -1032,17 +1009,9 @@ async fn load_payment(
     business_key: Option<&str>,
     fact: &crate::domain::payment::Fact,
 ) -> StorageResult<crate::domain::payment::Payment> {
-    use crate::domain::payment::{Fact, Payment};
-    let (mut pi, charge, dispute) = match fact {
-        Fact::Paid { payment_intent, .. } => (payment_intent.clone(), None, None),
-        Fact::Pending | Fact::Failed => (None, None, None),
-        Fact::Refund(c) => (c.payment_intent.clone(), Some(c.charge_id.as_str()), None),
-        Fact::Dispute(d) => (
-            d.payment_intent.clone(),
-            Some(d.charge_id.as_str()),
-            Some(d.dispute_id.as_str()),
-        ),
-    };
+    use crate::domain::payment::Payment;
+    let (pi, charge, dispute) = fact.names();
+    let mut pi = pi.map(str::to_owned);
     let purchase = match business_key {
         Some(key) => tx.purchase(Some(key), None).await?,
         None => None,
