@@ -214,3 +214,110 @@ outcome_conversions!(
     Transfer => TransferOutcome,
     Open => OpenOutcome,
 );
+
+/// Stored outcomes are replayed for as long as their idempotency records live: the JSON written
+/// today must read back the same tomorrow. `outcome.golden.jsonl` holds one record per kind as
+/// this version writes it; renaming a field or a variant fails here before it breaks replays.
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod golden {
+    use super::*;
+    use crate::domain::{HoldState, Metadata};
+    use chrono::TimeZone as _;
+
+    fn samples() -> Vec<Outcome> {
+        let t = Utc.with_ymd_and_hms(2026, 12, 7, 10, 0, 0).unwrap();
+        let hold = Hold {
+            hold_id: "hold_0190f3a0000070008000000000000001".into(),
+            account_id: "user_1".into(),
+            amount: 36,
+            state: HoldState::Committed,
+            committed_amount: 30,
+            refunded_amount: 5,
+            created_at: t,
+            expires_at: t + chrono::TimeDelta::minutes(10),
+            resolved_at: Some(t + chrono::TimeDelta::minutes(2)),
+            metadata: Metadata::parse([("job".to_owned(), "j1".to_owned())]).unwrap(),
+        };
+        vec![
+            Outcome::Reserve(ReserveOutcome {
+                hold: hold.clone(),
+                available: 69,
+            }),
+            Outcome::Commit(CommitOutcome {
+                hold: hold.clone(),
+                released: 6,
+                extra_drawn: 0,
+                available: 75,
+            }),
+            Outcome::Refund(RefundOutcome {
+                hold: hold.clone(),
+                refunded: 5,
+                available: 80,
+            }),
+            Outcome::Extend(ExtendOutcome { hold }),
+            Outcome::Grant(GrantOutcome {
+                account_id: "user_1".into(),
+                grant_id: "grt_0190f3a0000070008000000000000002".into(),
+                available: 100,
+            }),
+            Outcome::Plan(PlanOutcome {
+                account_id: "user_1".into(),
+                previous_plan: "free".into(),
+                plan: "pro".into(),
+            }),
+            Outcome::Adjust(AdjustOutcome {
+                account_id: "user_1".into(),
+                delta: -20,
+                available: 80,
+            }),
+            Outcome::Transfer(TransferOutcome {
+                from: ("user_1".into(), 60),
+                to: ("user_2".into(), 20),
+                amount: 20,
+            }),
+            Outcome::Open(OpenOutcome {
+                account_id: "user_3".into(),
+                plan: "free".into(),
+                bonus: 100,
+                available: 105,
+            }),
+        ]
+    }
+
+    #[test]
+    fn stored_outcomes_read_back_as_written() {
+        let golden = include_str!("outcome.golden.jsonl");
+        let lines: Vec<&str> = golden.lines().collect();
+        let samples = samples();
+        assert_eq!(
+            lines.len(),
+            samples.len(),
+            "one golden record per outcome kind"
+        );
+        for (line, sample) in lines.iter().zip(&samples) {
+            let read: Outcome = serde_json::from_str(line).unwrap();
+            assert_eq!(
+                &read, sample,
+                "a stored record no longer reads back: {line}"
+            );
+            assert_eq!(serde_json::to_string(sample).unwrap(), *line);
+        }
+    }
+
+    /// Prints the records (`cargo test print_golden -- --ignored --nocapture`), to start a new
+    /// golden file when an outcome gains a field (old records must still read: add it with a
+    /// serde default).
+    #[test]
+    #[ignore = "prints the golden file"]
+    #[allow(clippy::print_stdout)]
+    fn print_golden() {
+        for s in samples() {
+            println!("{}", serde_json::to_string(&s).unwrap());
+        }
+    }
+}

@@ -24,27 +24,27 @@ use tracing::{Instrument as _, debug, field::Empty, info, info_span};
 use super::status::ERROR_DOMAIN;
 use crate::auth::{Auth, Denied, Principal, Role};
 
-const CREDIT_METHODS: &[&str] = &[
-    "CheckBalance",
-    "Reserve",
-    "Commit",
-    "Refund",
-    "ExtendHold",
-    "GetHold",
-    "ListHolds",
-    "EstimateCost",
-];
-const ADMIN_METHODS: &[&str] = &[
-    "Grant",
-    "OpenAccount",
-    "Adjust",
-    "Transfer",
-    "SetPlan",
-    "GetAccount",
-    "ListAccounts",
-    "ListEntries",
-    "ExportUsage",
-];
+/// Tally's own methods, read from the compiled proto descriptors (`pb::FILE_DESCRIPTOR_SET`):
+/// a new RPC in `proto/` is classified (role, rate tier, metric label) without a list to keep.
+fn tally_methods() -> Vec<(String, String)> {
+    use prost::Message as _;
+    prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
+        .map(|set| {
+            set.file
+                .iter()
+                .flat_map(|f| {
+                    let package = f.package().to_owned();
+                    f.service.iter().flat_map(move |svc| {
+                        let service = format!("{package}.{}", svc.name());
+                        svc.method
+                            .iter()
+                            .map(move |m| (service.clone(), m.name().to_owned()))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Retry delay suggested when the server sheds load.
 pub const OVERLOAD_RETRY: Duration = Duration::from_millis(100);
@@ -69,8 +69,16 @@ fn classify(path: &str) -> (Kind, &'static str) {
                 m.insert(format!("/{name}"), (kind, name));
             }
         };
-        add("tally.v1.CreditService", CREDIT_METHODS, Kind::Credit);
-        add("tally.v1.AdminService", ADMIN_METHODS, Kind::Admin);
+        for (service, method) in tally_methods() {
+            let kind = match service.as_str() {
+                "tally.v1.CreditService" => Kind::Credit,
+                "tally.v1.AdminService" => Kind::Admin,
+                // A service without a role of its own would be open to any caller: refuse it
+                // until it has one.
+                _ => continue,
+            };
+            add(&service, &[method.as_str()], kind);
+        }
         add("grpc.health.v1.Health", &["Check", "Watch"], Kind::Health);
         add(
             "grpc.reflection.v1.ServerReflection",
@@ -510,5 +518,21 @@ mod tests {
             (Kind::Unknown, "_OTHER")
         );
         assert_eq!(classify("/x"), (Kind::Unknown, "_OTHER"));
+    }
+
+    /// Every method of Tally's services is reachable: classified from the descriptors, never
+    /// `_OTHER` (which answers UNIMPLEMENTED).
+    #[test]
+    fn every_rpc_in_the_proto_is_reachable() {
+        let methods = tally_methods();
+        assert!(methods.len() >= 17, "{methods:?}");
+        for (service, method) in methods {
+            let (kind, label) = classify(&format!("/{service}/{method}"));
+            assert!(
+                matches!(kind, Kind::Credit | Kind::Admin),
+                "{service}/{method} is {kind:?}"
+            );
+            assert_eq!(label, format!("{service}/{method}"));
+        }
     }
 }
