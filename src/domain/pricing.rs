@@ -132,7 +132,65 @@ fn violation(field: &'static str, description: impl Into<String>) -> FieldViolat
     FieldViolation::new(field, description)
 }
 
+/// A parameter of a priced operation, described for clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamInfo {
+    /// A count (`seconds`, `images`): `0..=UNITS_MAX`, priced per unit.
+    Number {
+        /// Its name.
+        name: String,
+        /// Credits per unit.
+        per_unit: Decimal,
+    },
+    /// One of a set of values, each a multiplier.
+    Choice {
+        /// Its name.
+        name: String,
+        /// Value → multiplier.
+        values: BTreeMap<String, Decimal>,
+    },
+}
+
 impl Price {
+    /// The parameters a request must give, counts first, then choices by name.
+    #[must_use]
+    pub fn params(&self) -> Vec<ParamInfo> {
+        self.per_unit
+            .iter()
+            .map(|(name, per)| ParamInfo::Number {
+                name: name.clone(),
+                per_unit: *per,
+            })
+            .chain(
+                self.multipliers
+                    .iter()
+                    .map(|(name, values)| ParamInfo::Choice {
+                        name: name.clone(),
+                        values: values.clone(),
+                    }),
+            )
+            .collect()
+    }
+
+    /// The formula in words: `ceil((1 + 2 × seconds) × resolution) credits`.
+    #[must_use]
+    pub fn formula(&self) -> String {
+        let mut sum = self.base.to_string();
+        if let Some((unit, per)) = &self.per_unit {
+            sum = if self.base == Decimal::whole(0) {
+                format!("{per} × {unit}")
+            } else {
+                format!("({sum} + {per} × {unit})")
+            };
+        }
+        let factors: Vec<&str> = self.multipliers.keys().map(String::as_str).collect();
+        if factors.is_empty() {
+            format!("ceil({sum}) credits")
+        } else {
+            format!("ceil({sum} × {}) credits", factors.join(" × "))
+        }
+    }
+
     /// Prices a request's parameters.
     ///
     /// # Errors

@@ -692,6 +692,50 @@ pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
     }
 }
 
+/// The price table as ListOperations describes it, by operation name.
+#[must_use]
+pub fn operations_to_pb(catalog: &Catalog) -> pb::ListOperationsResponse {
+    use crate::domain::pricing::{Decimal, ParamInfo, UNITS_MAX};
+    let operations = catalog
+        .pricing
+        .iter()
+        .map(|(name, op)| pb::PricedOperationInfo {
+            name: name.clone(),
+            description: op.description.clone(),
+            formula: op.price.formula(),
+            base: op.price.base.to_string(),
+            params: op
+                .price
+                .params()
+                .into_iter()
+                .map(|p| match p {
+                    ParamInfo::Number { name, per_unit } => pb::OperationParam {
+                        kind: "number".into(),
+                        min: "0".into(),
+                        max: Decimal::whole(UNITS_MAX).to_string(),
+                        unit: name.clone(),
+                        per_unit: per_unit.to_string(),
+                        name,
+                        required: true,
+                        ..Default::default()
+                    },
+                    ParamInfo::Choice { name, values } => pb::OperationParam {
+                        kind: "choice".into(),
+                        allowed_values: values
+                            .into_iter()
+                            .map(|(v, m)| (v, m.to_string()))
+                            .collect(),
+                        name,
+                        required: true,
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    pb::ListOperationsResponse { operations }
+}
+
 /// The CSV header of ExportUsage.
 pub const CSV_HEADER: &str =
     "entry_id,created_at,account_id,kind,hold_id,available_delta,held_delta,reason\n";

@@ -249,4 +249,13 @@ impl pb::credit_service_server::CreditService for CreditApi {
             .map_err(crate::service::ServiceError::from)?;
         Ok(Response::new(convert::estimate_to_pb(estimate)))
     }
+
+    #[instrument(name = "tally.v1.CreditService/ListOperations", skip_all)]
+    async fn list_operations(
+        &self,
+        req: Request<pb::ListOperationsRequest>,
+    ) -> Reply<pb::ListOperationsResponse> {
+        principal(&req)?;
+        Ok(Response::new(convert::operations_to_pb(&self.catalog)))
+    }
 }

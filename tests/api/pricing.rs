@@ -114,3 +114,54 @@ async fn operations_are_priced_by_the_server(backend: Backend) {
 }
 
 crate::on_both_backends!(operations_are_priced_by_the_server);
+
+/// ListOperations describes every priced operation well enough to build a request without
+/// trial and error: every parameter, its kind and allowed values or range, and the formula;
+/// a request built from it alone is priced by EstimateCost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_operations_describes_the_price_table() {
+    let app = crate::support::TestApp::spawn(crate::support::Backend::Sqlite).await;
+    let mut credit = app.credit().await;
+    let ops = credit
+        .list_operations(tally::pb::ListOperationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    let video = ops.iter().find(|o| o.name == "video_export").unwrap();
+    assert_eq!(video.formula, "ceil(2 × seconds × resolution) credits");
+    let kinds: Vec<(&str, &str)> = video
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind.as_str()))
+        .collect();
+    assert_eq!(kinds, [("seconds", "number"), ("resolution", "choice")]);
+    assert_eq!(video.params[1].allowed_values["1080p"], "1.5");
+    assert_eq!(video.params[0].max, "1000000000");
+    assert!(video.params.iter().all(|p| p.required));
+    for op in &ops {
+        // The first allowed value of each choice, 1 of each number.
+        let params = op
+            .params
+            .iter()
+            .map(|p| {
+                let v = if p.kind == "number" {
+                    "1".to_owned()
+                } else {
+                    p.allowed_values.keys().next().unwrap().clone()
+                };
+                (p.name.clone(), v)
+            })
+            .collect();
+        let cost = credit
+            .estimate_cost(tally::pb::EstimateCostRequest {
+                operation: op.name.clone(),
+                params,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", op.name))
+            .into_inner();
+        assert!(cost.cost >= 1, "{}", op.name);
+    }
+    app.finish().await;
+}
