@@ -99,7 +99,14 @@ mod tidy {
     fn storage_knows_nothing_of_transports() {
         check(
             "src/storage",
-            &["crate::grpc", "crate::pb", "tonic", "crate::service"],
+            &[
+                "crate::grpc",
+                "crate::pb",
+                "tonic",
+                "crate::service",
+                "crate::stripe",
+                "crate::http",
+            ],
         );
     }
 }

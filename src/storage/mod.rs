@@ -509,7 +509,7 @@ pub enum StripeEffect {
         customer: String,
     },
     /// Mirror a subscription onto its account if newer than what is stored for it.
-    Subscription(crate::stripe::event::SubscriptionState),
+    Subscription(crate::domain::payment::SubscriptionState),
     /// Grant a paid subscription invoice's credits once.
     InvoiceGrant {
         /// `invoice:<id>`.

@@ -124,29 +124,7 @@ pub enum Effect {
     Nothing(&'static str),
 }
 
-/// A subscription's state as mirrored onto an account.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SubscriptionState {
-    /// The customer.
-    pub customer: String,
-    /// The account, when the subscription carries it (metadata from Tally's Checkout).
-    pub account_hint: Option<String>,
-    /// `sub_...`.
-    pub subscription: String,
-    /// Stripe's status (`active`, `past_due`, `canceled`, ...).
-    pub status: String,
-    /// The plan its price maps to (the default plan when the subscription ended or the price
-    /// is not in the catalog).
-    pub plan: String,
-    /// End of the current period (unix seconds).
-    pub period_end: Option<i64>,
-    /// Whether it ends at the period's end.
-    pub cancel_at_period_end: bool,
-    /// The event's `created`, so older states never overwrite newer ones.
-    pub as_of: i64,
-    /// The subscription's own `created`: the newest live subscription sets the plan.
-    pub started: i64,
-}
+pub use crate::domain::payment::SubscriptionState;
 
 /// Decides what an event does. Only Checkout Sessions that Tally created carry the account and
 /// pack (`metadata.account_id` / `client_reference_id` and `metadata.pack_id`).
