@@ -309,7 +309,16 @@ impl Payment {
                     clawed: 0,
                     grant_id: None,
                 });
-                if p.state != PurchaseState::Granted {
+                if p.state == PurchaseState::Granted {
+                    // What an earlier report did not know (the success-page sync may land
+                    // first with less): fill it in, the credits stay.
+                    if p.amount_paid == 0 {
+                        p.amount_paid = amount_paid.max(0);
+                    }
+                    if p.payment_intent.is_none() {
+                        p.payment_intent = payment_intent;
+                    }
+                } else {
                     p.state = PurchaseState::Granted;
                     p.account_id = Some(account_id.clone());
                     p.credits = credits.max(0);
@@ -347,11 +356,12 @@ impl Payment {
                 }
             }
             Fact::Refund(c) => match self.charges.iter_mut().find(|k| k.charge_id == c.charge_id) {
+                // A charge reported in other units (a record carried over from before the
+                // charge facts, in credits) gives way to the charge's own report, whose
+                // cumulative refund includes what the record counted.
+                Some(k) if k.amount != c.amount => *k = c,
                 Some(k) => {
                     k.amount_refunded = k.amount_refunded.max(c.amount_refunded);
-                    if k.amount <= 0 {
-                        k.amount = c.amount;
-                    }
                     if k.payment_intent.is_none() {
                         k.payment_intent = c.payment_intent;
                     }
@@ -387,6 +397,60 @@ impl Payment {
             p.clawed = target;
         }
         decision
+    }
+
+    /// Folds in what the ledger recorded before charges and disputes were facts of their own
+    /// (migration 0009): a refund of `charge` that took `refunded` credits, a dispute that took
+    /// `disputed` credits (or took and gave back: `given_back`). They count as already clawed,
+    /// and become the charge and dispute rows they would be today, so the next event of the
+    /// same charge or dispute moves from there instead of taking them again.
+    /// Returns false (nothing folded) when the payment has no granted purchase to fold into.
+    pub fn fold_legacy(
+        &mut self,
+        charge: &str,
+        refunded: Option<i64>,
+        dispute: Option<(&str, i64, bool)>,
+    ) -> bool {
+        let pi = self.payment_intent().map(str::to_owned);
+        let Some(p) = self
+            .purchase
+            .as_mut()
+            .filter(|p| p.state == PurchaseState::Granted)
+        else {
+            return false;
+        };
+        if let Some(r) = refunded.filter(|r| *r > 0) {
+            p.clawed = p.clawed.saturating_add(r);
+            if !self.charges.iter().any(|c| c.charge_id == charge) {
+                // In credits: the share it gives is exactly what was taken.
+                self.charges.push(Charge {
+                    charge_id: charge.to_owned(),
+                    payment_intent: pi.clone(),
+                    amount: p.credits.max(1),
+                    amount_refunded: r,
+                });
+            }
+        }
+        if let Some((dispute_id, took, given_back)) = dispute {
+            if !given_back {
+                p.clawed = p.clawed.saturating_add(took.max(0));
+            }
+            if !self.disputes.iter().any(|d| d.dispute_id == dispute_id) {
+                self.disputes.push(Dispute {
+                    dispute_id: dispute_id.to_owned(),
+                    charge_id: charge.to_owned(),
+                    payment_intent: pi,
+                    // The old rule took what the refunds had left.
+                    amount: None,
+                    status: if given_back {
+                        DisputeStatus::Won
+                    } else {
+                        DisputeStatus::Open
+                    },
+                });
+            }
+        }
+        true
     }
 
     /// Fills in the PaymentIntent on charges and disputes that did not name it (older API
@@ -455,10 +519,9 @@ impl Subscription {
     /// Whether it still sells its plan (not ended).
     #[must_use]
     pub fn is_live(&self) -> bool {
-        !matches!(
-            self.status.as_str(),
-            "canceled" | "incomplete_expired" | "ended"
-        )
+        // `incomplete`: the first payment has not gone through; `unpaid`: retries are
+        // exhausted. Neither sells the plan.
+        matches!(self.status.as_str(), "active" | "trialing" | "past_due")
     }
 
     /// Takes `incoming` if it is at least as new as what is stored; true if it did.

@@ -370,8 +370,9 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
     }
     let mut effect = stripe::decide(event, &s.catalog);
     // A dispute rendered without its PaymentIntent (older API versions): ask Stripe for the
-    // charge's. If that fails the dispute is stored by charge and applies once a refund of the
-    // charge names the PaymentIntent.
+    // charge's; if Stripe cannot say now, answer 503 so it delivers the event again. Without a
+    // Stripe key the dispute is stored by charge and applies once a refund of the charge names
+    // the PaymentIntent.
     if let (
         Effect::Dispute {
             charge,
@@ -384,7 +385,14 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         match api.charge_payment_intent(charge).await {
             Ok(found) => *pi = found,
             Err(e) => {
-                warn!(event_id = %event.id, error.message = %e, "the disputed charge could not be read from Stripe; the dispute waits for its PaymentIntent");
+                // Not recorded: Stripe delivers it again later, when the lookup may succeed.
+                warn!(event_id = %event.id, error.message = %e, "the disputed charge could not be read from Stripe; answering 503 so Stripe retries");
+                webhook_metric(&event.kind, "error");
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "the disputed charge could not be read from Stripe"})),
+                )
+                    .into_response();
             }
         }
     }

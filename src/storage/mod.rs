@@ -906,6 +906,11 @@ pub(crate) trait Tx: Send {
         &mut self,
         s: &crate::domain::payment::Subscription,
     ) -> StorageResult<()>;
+    /// A claw-back fact written before migration 0009 (`refund:<charge>`, `dispute:<id>`):
+    /// its state (`clawed` or `restored`) and credits.
+    async fn legacy_claw(&mut self, key: &str) -> StorageResult<Option<(String, i64)>>;
+    /// Forgets a folded pre-0009 claw-back fact (its ledger entries stay).
+    async fn forget_legacy(&mut self, key: &str) -> StorageResult<()>;
     /// Names the business fact a grant was made for (unique: a second grant is refused).
     async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()>;
     /// Creates or updates a business fact (invoices).
@@ -1051,6 +1056,43 @@ async fn load_payment(
     })
 }
 
+/// Folds the pre-0009 claw-back facts of the fact's charge and dispute into the payment
+/// ([`crate::domain::payment::Payment::fold_legacy`]), then forgets them: what they took is
+/// not taken again, and a dispute won later gives it back.
+async fn fold_legacy(
+    tx: &mut dyn Tx,
+    payment: &mut crate::domain::payment::Payment,
+    fact: &crate::domain::payment::Fact,
+) -> StorageResult<()> {
+    let (_, charge, dispute) = fact.names();
+    let Some(charge) = charge else {
+        return Ok(());
+    };
+    let refund_key = format!("refund:{charge}");
+    let refunded = tx
+        .legacy_claw(&refund_key)
+        .await?
+        .map(|(_, credits)| credits);
+    let dispute_key = dispute.map(|d| format!("dispute:{d}"));
+    let disputed = match (&dispute_key, dispute) {
+        (Some(key), Some(d)) => tx
+            .legacy_claw(key)
+            .await?
+            .map(|(state, credits)| (d, credits, state == "restored")),
+        _ => None,
+    };
+    if (refunded.is_some() || disputed.is_some()) && payment.fold_legacy(charge, refunded, disputed)
+    {
+        if refunded.is_some() {
+            tx.forget_legacy(&refund_key).await?;
+        }
+        if let (Some(key), Some(_)) = (&dispute_key, disputed) {
+            tx.forget_legacy(key).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies a fact about a payment: the domain decides, the books move, the facts are stored.
 async fn apply_payment_fact(
     tx: &mut dyn Tx,
@@ -1063,6 +1105,7 @@ async fn apply_payment_fact(
 ) -> StorageResult<Moved> {
     let mut payment = load_payment(tx, business_key, fact).await?;
     let before = payment.clone();
+    fold_legacy(tx, &mut payment, fact).await?;
     let decision = payment.apply(business_key, fact.clone());
     let mut moved = Moved::default();
     let account = payment.purchase.as_ref().and_then(|p| p.account_id.clone());

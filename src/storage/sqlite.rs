@@ -892,6 +892,26 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
+    async fn legacy_claw(&mut self, key: &str) -> StorageResult<Option<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT state, credits FROM stripe_fact
+             WHERE business_key = ?1 AND state IN ('clawed', 'restored')",
+        )
+        .bind(key)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn forget_legacy(&mut self, key: &str) -> StorageResult<()> {
+        sqlx::query("DELETE FROM stripe_fact WHERE business_key = ?1")
+            .bind(key)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()> {
         sqlx::query("UPDATE bucket SET business_key = ?2 WHERE bucket_id = ?1")
             .bind(bucket_id)

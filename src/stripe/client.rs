@@ -273,6 +273,7 @@ impl StripeApi {
             "customer": s.customer.as_ref().map(|c| c.id().as_str().to_owned()),
             "subscription": s.subscription.as_ref().map(|c| c.id().as_str().to_owned()),
             "payment_intent": s.payment_intent.as_ref().map(|c| c.id().as_str().to_owned()),
+            "amount_total": s.amount_total,
         });
         Ok((object, s.livemode))
     }

@@ -468,4 +468,87 @@ async fn stripe_histories_in_any_order_agree_with_the_model_and_the_facts(backen
     assert_ledger_balances(store.as_ref()).await;
 }
 
-crate::on_both_backends!(stripe_histories_in_any_order_agree_with_the_model_and_the_facts);
+/// Claw-backs recorded before charges and disputes were facts of their own (before migration
+/// 0009: a `refund:<charge>` or `dispute:<id>` fact, nothing on the purchase) are folded in by
+/// the next event of the same charge or dispute: never taken twice, and given back when a
+/// dispute is won.
+async fn claw_backs_recorded_before_the_upgrade_are_not_taken_twice(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store: Arc<dyn Store> = db.store().await;
+    let s = store.as_ref();
+    let deliver = |id: &'static str, key: Option<&str>, fact: Fact| {
+        let key = key.map(str::to_owned);
+        async move {
+            s.record_stripe_event(&event(id), &effect(key.as_ref(), &fact))
+                .await
+                .unwrap();
+        }
+    };
+    let paid = |account: &str, pi: &str| Fact::Paid {
+        account_id: account.into(),
+        credits: CREDITS,
+        payment_intent: Some(pi.into()),
+        amount_paid: PAID,
+    };
+    let refund = |ch: &str, pi: &str, refunded: i64| {
+        Fact::Refund(Charge {
+            charge_id: ch.into(),
+            payment_intent: Some(pi.into()),
+            amount: PAID,
+            amount_refunded: refunded,
+        })
+    };
+    let dispute = |status| {
+        Fact::Dispute(Dispute {
+            dispute_id: "dp_old".into(),
+            charge_id: "ch_d".into(),
+            payment_intent: Some("pi_d".into()),
+            amount: Some(PAID),
+            status,
+        })
+    };
+    // Today's code books them, then the rows are turned into what the old code kept.
+    deliver("e1", Some("checkout_session:cs_r"), paid("old_r", "pi_r")).await;
+    deliver("e2", None, refund("ch_r", "pi_r", PAID / 2)).await;
+    deliver("e3", Some("checkout_session:cs_d"), paid("old_d", "pi_d")).await;
+    deliver("e4", None, dispute(DisputeStatus::Open)).await;
+    let legacy = [
+        "DELETE FROM stripe_charge",
+        "DELETE FROM stripe_dispute",
+        "UPDATE stripe_fact SET clawed = 0",
+        "INSERT INTO stripe_fact (business_key, account_id, state, credits, created_at, updated_at)
+         VALUES ('refund:ch_r', 'old_r', 'clawed', 250, 0, 0), ('dispute:dp_old', 'old_d', 'clawed', 500, 0, 0)",
+    ];
+    for q in legacy {
+        match backend {
+            Backend::Postgres => {
+                let q = q.replace(", 0, 0)", ", now(), now())");
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .execute(db.postgres().await.pool())
+                    .await
+                    .unwrap();
+            }
+            Backend::Sqlite => {
+                sqlx::query(sqlx::AssertSqlSafe(q.to_owned()))
+                    .execute(db.sqlite().await.pool())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    assert_eq!(balance(s, "old_r").await.unwrap().0, 250);
+    assert_eq!(balance(s, "old_d").await.unwrap().0, 0);
+    // The rest of the charge refunded: 250 more, not 500.
+    deliver("e5", None, refund("ch_r", "pi_r", PAID)).await;
+    assert_eq!(balance(s, "old_r").await.unwrap().0, 0);
+    // The old dispute won: what it took comes back, once.
+    deliver("e6", None, dispute(DisputeStatus::Won)).await;
+    deliver("e7", None, dispute(DisputeStatus::Won)).await;
+    assert_eq!(balance(s, "old_d").await.unwrap().0, CREDITS);
+    assert_ledger_balances(s).await;
+}
+
+crate::on_both_backends!(
+    stripe_histories_in_any_order_agree_with_the_model_and_the_facts,
+    claw_backs_recorded_before_the_upgrade_are_not_taken_twice,
+);
