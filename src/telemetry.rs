@@ -276,16 +276,7 @@ pub fn describe() {
         metrics::counter!("tally_clawbacks_total", "kind" => kind).absolute(0);
         metrics::counter!("tally_credits_clawed_total", "kind" => kind).absolute(0);
     }
-    for source in [
-        "purchase",
-        "subscription",
-        "allowance",
-        "signup_bonus",
-        "promotion",
-        "adjustment",
-        "refund",
-        "transfer",
-    ] {
+    for source in crate::domain::book::Source::ALL.map(crate::domain::book::Source::as_str) {
         metrics::counter!("tally_grants_total", "source" => source).absolute(0);
         metrics::counter!("tally_credits_granted_total", "source" => source).absolute(0);
     }

@@ -565,39 +565,44 @@ impl Book {
         Ok(())
     }
 
-    /// Books what a Stripe fact decided ([`super::payment::Decision`]): the grant `(id, source,
+    /// Books what a Stripe fact decided ([`super::payment::Decision`]): the grant `(source,
     /// amount, expiry)`, then `claw` credits taken back (positive; debt for what the grants
-    /// cannot cover) or given back (negative: a `refund` grant with id `give_back_id`).
+    /// cannot cover) or given back (negative: a `refund` grant). Returns the grant's id.
     ///
     /// # Errors
     /// `BalanceLimitExceeded`.
-    #[allow(clippy::too_many_arguments)]
     pub fn book_decision(
         &mut self,
-        grant: Option<(&str, Source, Credits, Option<DateTime<Utc>>)>,
+        grant: Option<(Source, Credits, Option<DateTime<Utc>>)>,
         claw: i64,
-        give_back_id: &str,
         reason: &str,
         now: DateTime<Utc>,
-    ) -> Res<()> {
-        if let Some((id, source, amount, expires_at)) = grant {
-            self.grant(
-                id,
-                source,
-                amount,
-                expires_at,
-                PRIORITY_DEFAULT,
-                reason,
-                now,
-            )?;
-        }
+        ids: &mut dyn Ids,
+    ) -> Res<Option<String>> {
+        let granted = match grant {
+            Some((source, amount, expires_at)) => {
+                let id = ids.bucket_id();
+                self.grant(
+                    &id,
+                    source,
+                    amount,
+                    expires_at,
+                    PRIORITY_DEFAULT,
+                    reason,
+                    now,
+                )?;
+                Some(id)
+            }
+            None => None,
+        };
         if claw > 0 {
             self.claw_back(claw, reason, now);
         } else if claw < 0 {
             let back = Credits::new("credits", claw.saturating_neg())
                 .map_err(|_| LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE })?;
+            let id = ids.bucket_id();
             self.grant(
-                give_back_id,
+                &id,
                 Source::Refund,
                 back,
                 None,
@@ -606,7 +611,7 @@ impl Book {
                 now,
             )?;
         }
-        Ok(())
+        Ok(granted)
     }
 
     /// Moves the book to another plan, settled under its old plan first by the caller: the new

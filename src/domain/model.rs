@@ -451,10 +451,8 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Res<()> {
         self.with_book(account, now, grant.is_some(), |b, ids| {
-            let grant_id = ids.bucket_id();
             let booked = match grant {
                 Some((amount, source)) => Some((
-                    grant_id.as_str(),
                     source,
                     super::Credits::new("credits", amount).map_err(|_| {
                         LedgerError::BalanceLimitExceeded {
@@ -465,7 +463,7 @@ impl Ledger {
                 )),
                 None => None,
             };
-            b.book_decision(booked, claw, &ids.bucket_id(), "stripe", now)?;
+            b.book_decision(booked, claw, "stripe", now, ids)?;
             Ok(())
         })
     }

@@ -362,11 +362,13 @@ fn finish(
     metrics::histogram!("tally_rpc_request_duration_seconds", "rpc" => rpc, "code" => name)
         .record(elapsed.as_secs_f64());
     let ms = elapsed.as_secs_f64() * 1000.0;
-    let trace_id = trace_id(span).unwrap_or_default();
+    // Field values are evaluated only when the line is logged (health checks are debug).
     if kind == Kind::Health {
-        debug!(target: "tally::request", rpc, code = name, reason, duration_ms = ms, trace_id, "grpc request");
+        debug!(target: "tally::request", rpc, code = name, reason, duration_ms = ms,
+               trace_id = trace_id(span).unwrap_or_default(), "grpc request");
     } else {
-        info!(target: "tally::request", caller, rpc, code = name, reason, duration_ms = ms, trace_id, "grpc request");
+        info!(target: "tally::request", caller, rpc, code = name, reason, duration_ms = ms,
+              trace_id = trace_id(span).unwrap_or_default(), "grpc request");
     }
 }
 

@@ -987,18 +987,16 @@ async fn book_fact(
         .ok_or(LedgerError::AccountNotFound)?;
     tx.load(&mut book, None, now).await?;
     book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let granted = grant.as_ref().map(|_| RandomIds.bucket_id());
-    let booked = match (&grant, &granted) {
-        (Some(g), Some(id)) => Some((
-            id.as_str(),
+    let booked = match &grant {
+        Some(g) => Some((
             g.source,
             crate::domain::Credits::new("credits", g.amount)
                 .map_err(|v| StorageError::Other(v.to_string()))?,
             g.expires_at,
         )),
-        _ => None,
+        None => None,
     };
-    book.book_decision(booked, claw, &RandomIds.bucket_id(), reason, now)?;
+    let granted = book.book_decision(booked, claw, reason, now, &mut RandomIds)?;
     tx.write(&book, now).await?;
     if let (Some(id), Some(g)) = (&granted, &grant) {
         tx.tag_grant(id, g.business_key).await?;
@@ -1200,8 +1198,13 @@ async fn apply_subscription(
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
     if book.plan != plan {
+        // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch
+        // gives at most one allowance per period key.
         tx.load(&mut book, None, now).await?;
-        switch_plan(tx, &mut book, &plan, policy, now).await?;
+        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
+            .await?;
+        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+        book.switch_plan(&plan, policy.for_plan(&plan), now, &mut RandomIds)?;
         tx.write(&book, now).await?;
     }
     Ok(())
@@ -1320,6 +1323,10 @@ pub(crate) enum Target<'a> {
     Account { id: &'a str, create: bool },
     /// The account of a hold, with that hold loaded.
     Hold(&'a str),
+    /// An account about to switch plans: the grants of the allowance periods current now are
+    /// loaded too ([`crate::domain::plan::period_keys_at`]), so the switch gives at most one
+    /// allowance per period key.
+    PlanSwitch(&'a str),
 }
 
 /// One idempotent operation on one account's book, in one transaction.
@@ -1361,6 +1368,7 @@ where
     }
     let (account, hold, create) = match target {
         Target::Account { id, create } => (id.to_owned(), None, create),
+        Target::PlanSwitch(id) => (id.to_owned(), None, false),
         Target::Hold(h) => (
             tx.hold_account(h).await?.ok_or(LedgerError::HoldNotFound)?,
             Some(h),
@@ -1373,6 +1381,10 @@ where
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
     tx.load(&mut book, hold, now).await?;
+    if matches!(target, Target::PlanSwitch(_)) {
+        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
+            .await?;
+    }
     book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
     let out = op(&mut book, now, &mut RandomIds)?;
     tx.write(&book, now).await?;
@@ -1492,52 +1504,23 @@ pub(crate) fn narrow<T: TryFrom<Outcome>>(a: Applied<Outcome>) -> StorageResult<
         .map_err(|_| LedgerError::IdempotencyKeyReused.into())
 }
 
-/// Loads what a plan switch needs beyond [`Tx::load`] and switches: the grants of the
-/// allowance periods current at `now` ([`crate::domain::plan::period_keys_at`]), so that
-/// [`Book::switch_plan`] gives at most one allowance per period key.
-async fn switch_plan(
-    tx: &mut dyn Tx,
-    book: &mut Book,
-    plan: &str,
-    policy: &Policy,
-    now: DateTime<Utc>,
-) -> StorageResult<String> {
-    tx.load_periods(book, &crate::domain::plan::period_keys_at(now))
-        .await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    Ok(book.switch_plan(plan, policy.for_plan(plan), now, &mut RandomIds)?)
-}
-
 /// Moves an account to another plan, once per idempotency key.
 pub(crate) async fn set_plan(
-    mut tx: Box<dyn Tx + '_>,
+    tx: Box<dyn Tx + '_>,
     idem: &Idempotency,
     cmd: &SetPlan,
     policy: &Policy,
 ) -> StorageResult<Applied<PlanOutcome>> {
-    let now = tx.now().await?;
-    if let Claim::Existing {
-        fingerprint,
-        response,
-    } = tx.claim(idem, now).await?
-    {
-        return replay(idem, &fingerprint, response.as_deref());
-    }
-    let (mut book, _) = tx
-        .lock_book(cmd.account_id.as_str(), None, now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, None, now).await?;
-    let previous_plan = switch_plan(tx.as_mut(), &mut book, &cmd.plan, policy, now).await?;
-    let out = PlanOutcome {
-        account_id: book.account_id.clone(),
-        previous_plan,
-        plan: cmd.plan.clone(),
-    };
-    tx.write(&book, now).await?;
-    tx.store_outcome(idem, &out.clone().into()).await?;
-    tx.commit().await?;
-    Ok(Applied::fresh(out))
+    let target = Target::PlanSwitch(cmd.account_id.as_str());
+    book_op(tx, idem, target, policy, |b, now, ids| {
+        let previous_plan = b.switch_plan(&cmd.plan, policy.for_plan(&cmd.plan), now, ids)?;
+        Ok(PlanOutcome {
+            account_id: b.account_id.clone(),
+            previous_plan,
+            plan: cmd.plan.clone(),
+        })
+    })
+    .await
 }
 
 /// Creates an account with its sign-up bonus, once.

@@ -271,12 +271,7 @@ fn subscription(status: &str, cancel: bool) -> Value {
 }
 
 async fn billing_view(app: &TestApp) -> Value {
-    reqwest::get(format!("http://{}/v1/accounts/subber/billing", app.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    crate::stripe_facts::billing(app, "subber").await
 }
 
 async fn subscriptions_mirror_state_and_paid_invoices_grant_once(backend: Backend) {

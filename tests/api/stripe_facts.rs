@@ -303,7 +303,8 @@ async fn plan_of(app: &TestApp, account: &str) -> String {
         .to_owned()
 }
 
-async fn billing(app: &TestApp, account: &str) -> Value {
+/// The billing view of an account.
+pub async fn billing(app: &TestApp, account: &str) -> Value {
     reqwest::get(format!("http://{}/v1/accounts/{account}/billing", app.http))
         .await
         .unwrap()

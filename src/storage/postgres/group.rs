@@ -264,7 +264,7 @@ impl PgStore {
         let mut holds: Vec<&str> = Vec::new();
         for j in jobs {
             match j.cmd.target() {
-                Target::Account { id, .. } => accounts.push(id),
+                Target::Account { id, .. } | Target::PlanSwitch(id) => accounts.push(id),
                 Target::Hold(h) => holds.push(h),
             }
         }
@@ -333,7 +333,7 @@ impl PgStore {
                 continue;
             }
             let account = match j.cmd.target() {
-                Target::Account { id, .. } => Some(id.to_owned()),
+                Target::Account { id, .. } | Target::PlanSwitch(id) => Some(id.to_owned()),
                 Target::Hold(h) => hold_accounts.get(h).cloned(),
             };
             let result = match account {
