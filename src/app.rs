@@ -14,12 +14,14 @@ use tracing::{info, warn};
 use crate::catalog::Catalog;
 use crate::domain::plan::Policy;
 use crate::grpc::{AdminApi, CreditApi, MAX_MESSAGE_BYTES};
+use crate::ledger::Engine;
+use crate::ledger::{Ledger, Limits};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::credit_service_server::CreditServiceServer;
-use crate::service::{Ledger, Limits};
-use crate::storage::postgres::{Batching, PgStore};
+use crate::storage::StorageError;
+use crate::storage::batch::Batching;
+use crate::storage::postgres::PgStore;
 use crate::storage::sqlite::SqliteStore;
-use crate::storage::{StorageError, Store};
 
 /// Largest header list a client may send: 16 KiB.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
@@ -34,7 +36,7 @@ pub struct Settings {
     /// Pool size.
     pub db_max_connections: u32,
     /// PostgreSQL group commit of job-path calls.
-    pub db_group: crate::storage::postgres::Batching,
+    pub db_group: Batching,
     /// TTL limits.
     pub limits: Limits,
     /// How long idempotency records are kept (at least 24 h).
@@ -167,7 +169,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Opens the store named by `url` and applies its migrations.
+/// Opens the database named by `url`, applies its migrations, and starts an engine on it.
 ///
 /// # Errors
 /// `StorageError` when the URL scheme is unknown or the database cannot be opened or migrated.
@@ -175,7 +177,7 @@ pub async fn open_store(
     url: &str,
     max_connections: u32,
     policy: Arc<Policy>,
-) -> Result<Arc<dyn Store>, StorageError> {
+) -> Result<Engine, StorageError> {
     open_store_with(url, max_connections, policy, true).await
 }
 
@@ -188,7 +190,7 @@ pub async fn open_store_with(
     max_connections: u32,
     policy: Arc<Policy>,
     migrate: bool,
-) -> Result<Arc<dyn Store>, StorageError> {
+) -> Result<Engine, StorageError> {
     open_store_tuned(url, max_connections, policy, migrate, Batching::default()).await
 }
 
@@ -202,19 +204,19 @@ pub async fn open_store_tuned(
     policy: Arc<Policy>,
     migrate: bool,
     group: Batching,
-) -> Result<Arc<dyn Store>, StorageError> {
+) -> Result<Engine, StorageError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PgStore::connect_with(url, max_connections, policy, group).await?;
         if migrate {
             store.migrate().await?;
         }
-        Ok(Arc::new(store))
+        Engine::new(Arc::new(store))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect_with(url, max_connections, policy, group).await?;
         if migrate {
             store.migrate().await?;
         }
-        Ok(Arc::new(store))
+        Engine::new(Arc::new(store))
     } else {
         Err(StorageError::Other(format!(
             "unsupported database URL {:?}: use sqlite://PATH or postgres://...",
@@ -242,11 +244,7 @@ fn spawn_http(
 
 /// Runs the ledger reconciliation every `every` until `stop`: every violation found counts in
 /// `tally_ledger_invariant_violations_total` (which must stay 0) and is logged.
-async fn run_audit(
-    store: Arc<dyn Store>,
-    every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn run_audit(store: Engine, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     if every.is_zero() {
         return;
     }
@@ -357,10 +355,10 @@ impl App {
             ledger,
             settings,
         } = self;
-        let store = Arc::clone(ledger.store());
+        let store = ledger.engine().clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         let readiness = crate::health::Readiness::default();
-        crate::health::start(store.as_ref(), &readiness, &health).await;
+        crate::health::start(&store, &readiness, &health).await;
         let reflection = |v1: bool| {
             let b = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -399,14 +397,14 @@ impl App {
             })
         };
         let watcher = tokio::spawn(crate::health::watch(
-            Arc::clone(&store),
+            store.clone(),
             readiness.clone(),
             health.clone(),
             settings.readiness_interval,
             until_stopped(stop_rx.clone()),
         ));
         let audit = tokio::spawn(run_audit(
-            Arc::clone(&store),
+            store.clone(),
             settings.audit_interval,
             stop_rx.clone(),
         ));
@@ -429,7 +427,7 @@ impl App {
             );
         }
         let http_state = crate::http::HttpState {
-            store: Arc::clone(&store),
+            ledger: ledger.clone(),
             catalog: Arc::clone(&settings.catalog),
             webhook_secrets: Arc::new(settings.webhook_secrets.clone()),
             livemode: settings.stripe_livemode,

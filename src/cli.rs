@@ -15,10 +15,10 @@ use crate::app::Settings;
 use crate::auth::{Auth, Callers, Principal, Rate, RateLimits};
 use crate::catalog::Catalog;
 use crate::config::{Secret, secret_from};
+use crate::ledger::Limits;
 use crate::pb;
 use crate::pb::admin_service_client::AdminServiceClient;
 use crate::pb::credit_service_client::CreditServiceClient;
-use crate::service::Limits;
 
 /// Tally: credits for expensive generation jobs.
 #[derive(Debug, Parser)]
@@ -665,7 +665,7 @@ impl ServeArgs {
             listen: self.listen,
             database_url: self.database_url()?,
             db_max_connections: self.db_max_connections,
-            db_group: crate::storage::postgres::Batching {
+            db_group: crate::storage::batch::Batching {
                 max: usize::from(self.db_group_max),
                 workers: usize::from(self.db_group_workers),
             },
@@ -1783,7 +1783,7 @@ pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
         .ok_or("no Stripe API key: set TALLY_STRIPE_API_KEY or --stripe-api-key")?;
     let account_id =
         crate::domain::AccountId::parse("account", &account).map_err(|e| e.to_string())?;
-    let store = crate::app::open_store(
+    let engine = crate::app::open_store(
         &settings.database_url,
         2,
         std::sync::Arc::new(settings.catalog.policy()),
@@ -1791,7 +1791,7 @@ pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     let state = crate::http::HttpState {
-        store,
+        ledger: crate::ledger::Ledger::new(engine, settings.limits),
         catalog: settings.catalog.clone(),
         webhook_secrets: std::sync::Arc::new(Vec::new()),
         livemode: settings.stripe_livemode,

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use crate::catalog::Catalog;
+use crate::ledger::Limits;
 use crate::pb;
-use crate::service::Limits;
 use crate::stripe::signature::{sign, verify};
 use crate::stripe::{Envelope, WebhookSecret, decide};
 
@@ -213,9 +213,9 @@ fn valid_hold(h: &str) -> bool {
 }
 
 /// A refusal is INVALID_ARGUMENT naming at least one field.
-fn refused(e: &crate::service::ServiceError) -> Result<(), TestCaseError> {
+fn refused(e: &crate::ledger::ServiceError) -> Result<(), TestCaseError> {
     match e {
-        crate::service::ServiceError::Invalid(v) => {
+        crate::ledger::ServiceError::Invalid(v) => {
             prop_assert!(!v.is_empty());
             Ok(())
         }

@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
-use crate::storage::Store;
+use crate::ledger::Engine;
 
 /// Health service names a probe may ask for.
 pub const LIVENESS: &str = "liveness";
@@ -83,7 +83,7 @@ pub async fn publish(health: &HealthReporter, ready: bool) {
 
 /// One readiness check: a database round trip, published to `health` when it changed (or
 /// always, when `force`).
-pub async fn check(store: &dyn Store, readiness: &Readiness, health: &HealthReporter, force: bool) {
+pub async fn check(store: &Engine, readiness: &Readiness, health: &HealthReporter, force: bool) {
     let ok = match tokio::time::timeout(PING_TIMEOUT, store.ping()).await {
         Ok(Ok(())) => true,
         // No answer in time is not a refusal: under load the check may queue behind busy
@@ -105,7 +105,7 @@ pub async fn check(store: &dyn Store, readiness: &Readiness, health: &HealthRepo
 }
 
 /// Liveness SERVING and a first readiness check; call before serving.
-pub async fn start(store: &dyn Store, readiness: &Readiness, health: &HealthReporter) {
+pub async fn start(store: &Engine, readiness: &Readiness, health: &HealthReporter) {
     health
         .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
@@ -115,7 +115,7 @@ pub async fn start(store: &dyn Store, readiness: &Readiness, health: &HealthRepo
 /// Checks the database every `every`, publishing changes to `health`, until `stop`; then
 /// everything but liveness turns NOT_SERVING.
 pub async fn watch(
-    store: Arc<dyn Store>,
+    store: Engine,
     readiness: Readiness,
     health: HealthReporter,
     every: Duration,
@@ -127,7 +127,7 @@ pub async fn watch(
             () = &mut stop => break,
             () = tokio::time::sleep(every) => {}
         }
-        check(store.as_ref(), &readiness, &health, false).await;
+        check(&store, &readiness, &health, false).await;
     }
     readiness.drain();
     publish(&health, false).await;

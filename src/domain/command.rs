@@ -4,9 +4,12 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sha2::{Digest, Sha256};
 
 use super::amount::Credits;
+use super::book::{Book, Ids};
 use super::book::{PRIORITY_DEFAULT, Source};
+use super::error::LedgerError;
 use super::hold::Metadata;
 use super::ids::{AccountId, Caller, HoldId, IdempotencyKey};
+use super::outcome::{AdjustOutcome, GrantOutcome, OpenOutcome, Outcome, PlanOutcome};
 
 /// Longest free-text reason on a grant or refund: 512 characters.
 pub const REASON_MAX_LEN: usize = 512;
@@ -314,6 +317,172 @@ impl SetPlan {
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
         fingerprint("set_plan", &[self.account_id.as_str(), &self.plan])
+    }
+}
+
+impl Grant {
+    /// Books the grant on a loaded, settled book.
+    ///
+    /// # Errors
+    /// `BalanceLimitExceeded`.
+    pub fn apply(
+        &self,
+        b: &mut Book,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Result<GrantOutcome, LedgerError> {
+        let id = ids.bucket_id();
+        b.grant(
+            &id,
+            self.source,
+            self.amount,
+            self.expires_at,
+            self.priority,
+            &self.reason,
+            now,
+        )
+    }
+}
+
+impl Adjust {
+    /// Books the correction on a loaded, settled book; its entries name the operator.
+    ///
+    /// # Errors
+    /// `InsufficientCredits`, `BalanceLimitExceeded`.
+    pub fn apply(
+        &self,
+        b: &mut Book,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Result<AdjustOutcome, LedgerError> {
+        b.adjust(
+            self.delta,
+            &format!("{} (by {})", self.reason, self.operator),
+            now,
+            ids,
+        )?;
+        Ok(AdjustOutcome {
+            account_id: b.account_id.clone(),
+            delta: self.delta,
+            available: b.net_available(),
+        })
+    }
+}
+
+impl OpenAccount {
+    /// Books the sign-up bonus (if the catalog gives one) on the new account's settled book.
+    ///
+    /// # Errors
+    /// `BalanceLimitExceeded`.
+    pub fn apply(
+        &self,
+        b: &mut Book,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Result<OpenOutcome, LedgerError> {
+        let mut bonus = 0;
+        if let Some((amount, ttl)) = self.bonus {
+            let id = ids.bucket_id();
+            let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
+            b.grant(
+                &id,
+                Source::SignupBonus,
+                amount,
+                expires_at,
+                PRIORITY_DEFAULT,
+                "sign-up bonus",
+                now,
+            )?;
+            bonus = amount.get();
+        }
+        Ok(OpenOutcome {
+            account_id: b.account_id.clone(),
+            plan: b.plan.clone(),
+            bonus,
+            available: b.net_available(),
+        })
+    }
+}
+
+impl SetPlan {
+    /// Switches the loaded book (with the current periods' grants) to the plan, its
+    /// allowance from `policy`.
+    ///
+    /// # Errors
+    /// What [`Book::switch_plan`] refuses.
+    pub fn apply(
+        &self,
+        b: &mut Book,
+        policy: &super::plan::Policy,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Result<PlanOutcome, LedgerError> {
+        let previous_plan = b.switch_plan(&self.plan, policy.for_plan(&self.plan), now, ids)?;
+        Ok(PlanOutcome {
+            account_id: b.account_id.clone(),
+            previous_plan,
+            plan: self.plan.clone(),
+        })
+    }
+}
+
+/// What a book operation acts on.
+pub enum Target<'a> {
+    /// An account, created (on the default plan) if `create`.
+    Account {
+        /// The account.
+        id: &'a str,
+        /// Whether a missing account is created.
+        create: bool,
+    },
+    /// The account of a hold, with that hold loaded.
+    Hold(&'a str),
+    /// An account about to switch plans: the grants of the allowance periods current now are
+    /// loaded too ([`super::plan::period_keys_at`]), so the switch gives at most one
+    /// allowance per period key.
+    PlanSwitch(&'a str),
+}
+
+/// A job-path command: what generation services send around every job, and what the
+/// backends coalesce into group transactions (`storage::batch`).
+#[derive(Clone, Debug)]
+pub enum HoldCmd {
+    /// Reserve credits (a new hold).
+    Reserve(Reserve),
+    /// Settle a hold.
+    Commit(CommitHold),
+    /// Release or refund a hold.
+    Refund(Refund),
+    /// Move a hold's expiry.
+    Extend(ExtendHold),
+}
+
+impl HoldCmd {
+    /// The book the command acts on.
+    pub fn target(&self) -> Target<'_> {
+        match self {
+            Self::Reserve(c) => Target::Account {
+                id: c.account_id.as_str(),
+                create: false,
+            },
+            Self::Commit(c) => Target::Hold(c.hold_id.as_str()),
+            Self::Refund(c) => Target::Hold(c.hold_id.as_str()),
+            Self::Extend(c) => Target::Hold(c.hold_id.as_str()),
+        }
+    }
+
+    /// Applies the command to a loaded, settled book (pure: the domain's rules decide).
+    pub fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
+        Ok(match self {
+            Self::Reserve(c) => b
+                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.metadata, now)?
+                .into(),
+            Self::Commit(c) => b.commit_hold(c.hold_id.as_str(), c.amount, now)?.into(),
+            Self::Refund(c) => b
+                .refund(c.hold_id.as_str(), c.amount, &c.reason, now)?
+                .into(),
+            Self::Extend(c) => b.extend_hold(c.hold_id.as_str(), c.ttl, now)?.into(),
+        })
     }
 }
 

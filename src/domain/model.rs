@@ -234,16 +234,7 @@ impl Ledger {
     ) -> Res<GrantOutcome> {
         self.idempotent(idem, |l| {
             l.with_book(cmd.account_id.as_str(), now, true, |b, ids| {
-                let id = ids.bucket_id();
-                b.grant(
-                    &id,
-                    cmd.source,
-                    cmd.amount,
-                    cmd.expires_at,
-                    cmd.priority,
-                    &cmd.reason,
-                    now,
-                )
+                cmd.apply(b, now, ids)
             })
         })
     }
@@ -264,31 +255,7 @@ impl Ledger {
                 return Err(LedgerError::AccountExists);
             }
             l.books.insert(id.to_owned(), Book::new(id, &cmd.plan));
-            l.with_book(id, now, false, |b, ids| {
-                let bonus = match cmd.bonus {
-                    Some((amount, ttl)) => {
-                        let gid = ids.bucket_id();
-                        let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
-                        b.grant(
-                            &gid,
-                            Source::SignupBonus,
-                            amount,
-                            expires_at,
-                            super::book::PRIORITY_DEFAULT,
-                            "sign-up bonus",
-                            now,
-                        )?;
-                        amount.get()
-                    }
-                    None => 0,
-                };
-                Ok(OpenOutcome {
-                    account_id: id.to_owned(),
-                    plan: cmd.plan.clone(),
-                    bonus,
-                    available: b.net_available(),
-                })
-            })
+            l.with_book(id, now, false, |b, ids| cmd.apply(b, now, ids))
         })
     }
 
@@ -381,17 +348,7 @@ impl Ledger {
     ) -> Res<AdjustOutcome> {
         self.idempotent(idem, |l| {
             l.with_book(cmd.account_id.as_str(), now, false, |b, ids| {
-                b.adjust(
-                    cmd.delta,
-                    &format!("{} (by {})", cmd.reason, cmd.operator),
-                    now,
-                    ids,
-                )?;
-                Ok(AdjustOutcome {
-                    account_id: b.account_id.clone(),
-                    delta: cmd.delta,
-                    available: b.net_available(),
-                })
+                cmd.apply(b, now, ids)
             })
         })
     }

@@ -570,6 +570,104 @@ fn newest(a: &Subscription, b: &Subscription) -> Ordering {
     (a.started, a.as_of, &a.subscription_id).cmp(&(b.started, b.as_of, &b.subscription_id))
 }
 
+// What the application layer records and applies for one verified Stripe event (plain data:
+// the transport parses it, `ledger::stripe` runs it, storage stores its rows).
+
+/// A verified Stripe event as recorded.
+#[derive(Clone, Debug)]
+pub struct StripeEvent {
+    /// `evt_...`.
+    pub event_id: String,
+    /// Its type.
+    pub kind: String,
+    /// Test or live mode.
+    pub livemode: bool,
+    /// Stripe's `created` (unix seconds).
+    pub created: Option<i64>,
+    /// What we did with it (for operators).
+    pub effect: String,
+}
+
+/// A Stripe effect, resolved against the catalog.
+#[derive(Clone, Debug)]
+pub enum StripeEffect {
+    /// Nothing beyond recording the event.
+    None,
+    /// A fact about a payment: a purchase paid, pending or failed, a refund, a dispute. What
+    /// it does is decided by [`Payment::apply`].
+    Payment {
+        /// `checkout_session:<id>` for facts of a purchase.
+        business_key: Option<String>,
+        /// The fact.
+        fact: Fact,
+        /// How a first paid purchase is granted.
+        grant: Option<PackGrant>,
+        /// Reason on the ledger lines.
+        reason: String,
+    },
+    /// Link an account (created if new) to its Stripe customer.
+    Link {
+        /// The account.
+        account_id: super::AccountId,
+        /// The customer.
+        customer: String,
+    },
+    /// Mirror a subscription onto its account if newer than what is stored for it.
+    Subscription(SubscriptionState),
+    /// Grant a paid subscription invoice's credits once.
+    InvoiceGrant {
+        /// `invoice:<id>`.
+        business_key: String,
+        /// The customer billed.
+        customer: String,
+        /// The account named by the invoice, if any.
+        account_hint: Option<super::AccountId>,
+        /// Credits.
+        amount: super::Credits,
+        /// When they expire (end of the period paid for).
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Reason on the grant.
+        reason: String,
+    },
+    /// A renewal failed: that subscription is past due, if the event is newer than its state.
+    PaymentFailed {
+        /// `sub_...`.
+        subscription: String,
+        /// The event's `created`.
+        as_of: i64,
+    },
+}
+
+/// How a paid pack is granted.
+#[derive(Clone, Debug)]
+pub struct PackGrant {
+    /// Source of the grant.
+    pub source: super::book::Source,
+    /// Lifetime of the credits.
+    pub expires_in: Option<chrono::TimeDelta>,
+}
+
+/// What recording an event did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StripeRecord {
+    /// The event id was recorded before: nothing changed.
+    DuplicateEvent,
+    /// Recorded, with the credits it moved (none when the fact was already applied through
+    /// another event or the sync path).
+    Recorded(Moved),
+}
+
+/// Credits one Stripe event moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Granted (a purchase or a paid invoice).
+    pub granted: i64,
+    /// Taken back (refunds and disputes).
+    pub clawed: i64,
+    /// Given back (a dispute won).
+    pub given_back: i64,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {

@@ -10,9 +10,9 @@ use tracing::instrument;
 use super::convert::{self, hold_to_pb};
 use super::{Reply, allow_account, allow_all_accounts, caller, respond};
 use crate::catalog::Catalog;
+use crate::ledger::Ledger;
+use crate::ledger::{EntryCursor, HoldQuery};
 use crate::pb;
-use crate::service::Ledger;
-use crate::storage::{EntryCursor, HoldQuery};
 
 /// Most CSV bytes in one ExportUsage message: 64 KiB (plus at most one line).
 pub const EXPORT_CHUNK_BYTES: usize = 64 * 1024;

@@ -11,7 +11,7 @@ use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use crate::domain::FieldViolation;
-use crate::service::ServiceError;
+use crate::ledger::ServiceError;
 
 /// prost's codec with request decode errors mapped to INVALID_ARGUMENT.
 #[derive(Debug, Clone)]

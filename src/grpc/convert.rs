@@ -17,9 +17,9 @@ use crate::domain::rules::EntryKind;
 use crate::domain::{
     AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata,
 };
+use crate::ledger::{AccountQuery, EntryCursor, EntryQuery, HoldQuery};
+use crate::ledger::{Limits, ServiceError, new_hold_id};
 use crate::pb;
-use crate::service::{Limits, ServiceError, new_hold_id};
-use crate::storage::{AccountQuery, EntryCursor, EntryQuery, HoldQuery};
 
 /// Default page size of list calls.
 pub const PAGE_SIZE_DEFAULT: u32 = 50;

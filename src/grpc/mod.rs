@@ -20,8 +20,8 @@ use tracing::instrument;
 use crate::auth::{Denied, Principal};
 use crate::catalog::Catalog;
 use crate::domain::{Caller, LedgerError};
+use crate::ledger::Ledger;
 use crate::pb;
-use crate::service::Ledger;
 use convert::hold_to_pb;
 
 /// Largest request message a service accepts: 16 KiB (the largest valid request, a Reserve
@@ -106,7 +106,7 @@ impl CreditApi {
         match self.ledger.hold(&id).await {
             Ok(h) if p.may_access(&h.account_id) => Ok(()),
             Ok(_) => Err(gate::denied_status(&Denied::Account)),
-            Err(crate::service::ServiceError::Rejected(LedgerError::HoldNotFound)) => Ok(()),
+            Err(crate::ledger::ServiceError::Rejected(LedgerError::HoldNotFound)) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -246,7 +246,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         principal(&req)?;
         let r = req.get_ref();
         let estimate = convert::price(&self.catalog, &r.operation, &r.params)
-            .map_err(crate::service::ServiceError::from)?;
+            .map_err(crate::ledger::ServiceError::from)?;
         Ok(Response::new(convert::estimate_to_pb(estimate)))
     }
 

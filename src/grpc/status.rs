@@ -9,7 +9,7 @@ use tonic_types::{ErrorDetails, FieldViolation as PbViolation, StatusExt};
 use tracing::error;
 
 use crate::domain::LedgerError;
-use crate::service::ServiceError;
+use crate::ledger::ServiceError;
 
 /// `ErrorInfo.domain` of every Tally error.
 pub const ERROR_DOMAIN: &str = "tally.v1";

@@ -113,9 +113,9 @@ fn customer_lock(account_id: &AccountId) -> &'static tokio::sync::Mutex<()> {
     CUSTOMER_LOCKS.get(i).unwrap_or(&CUSTOMER_LOCKS[0])
 }
 
-fn storage_error(e: &crate::storage::StorageError) -> Response {
+fn ledger_error(e: &crate::ledger::ServiceError) -> Response {
     match e {
-        crate::storage::StorageError::Rejected(r) => {
+        crate::ledger::ServiceError::Rejected(r) => {
             error(StatusCode::NOT_FOUND, r.reason(), r.to_string())
         }
         _ => error(
@@ -235,10 +235,10 @@ async fn customer_for(
     account_id: &AccountId,
 ) -> Result<String, Response> {
     let stored = || async {
-        s.store
+        s.ledger
             .customer_of(account_id)
             .await
-            .map_err(|e| storage_error(&e))
+            .map_err(|e| ledger_error(&e))
     };
     if let Some(c) = stored().await? {
         return Ok(c);
@@ -252,10 +252,10 @@ async fn customer_for(
         .create_customer(account_id.as_str())
         .await
         .map_err(|e| stripe_error(&e))?;
-    s.store
+    s.ledger
         .link_customer(account_id, &created)
         .await
-        .map_err(|e| storage_error(&e))
+        .map_err(|e| ledger_error(&e))
 }
 
 async fn create_checkout(
@@ -322,7 +322,7 @@ async fn create_checkout(
         }
     };
     if subscription {
-        match s.store.subscriptions(&account_id).await {
+        match s.ledger.subscriptions(&account_id).await {
             Ok(subs) => {
                 if let Some(live) = subs.iter().find(|x| x.is_live()) {
                     return error(
@@ -335,7 +335,7 @@ async fn create_checkout(
                     );
                 }
             }
-            Err(e) => return storage_error(&e),
+            Err(e) => return ledger_error(&e),
         }
     }
     let customer = match customer_for(&s, api, &account_id).await {
@@ -380,7 +380,7 @@ async fn portal(
         (Ok(a), Ok(u)) => (a, u),
         (Err(resp), _) | (_, Err(resp)) => return resp,
     };
-    let customer = match s.store.customer_of(&account_id).await {
+    let customer = match s.ledger.customer_of(&account_id).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             return error(
@@ -389,7 +389,7 @@ async fn portal(
                 "the account has never been to Checkout",
             );
         }
-        Err(e) => return storage_error(&e),
+        Err(e) => return ledger_error(&e),
     };
     match api.portal(&customer, &return_url).await {
         Ok(url) => (StatusCode::OK, Json(json!({"url": url}))).into_response(),
@@ -449,9 +449,9 @@ async fn billing(
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    let b = match s.store.balance(&account_id).await {
+    let b = match s.ledger.check_balance(&account_id).await {
         Ok(b) => b,
-        Err(e) => return storage_error(&e),
+        Err(e) => return ledger_error(&e),
     };
     let period = s
         .catalog
@@ -460,20 +460,20 @@ async fn billing(
         .and_then(|p| p.allowance.as_ref())
         .map_or(crate::domain::plan::Period::Monthly, |a| a.period);
     let since = crate::domain::plan::period_start(period, b.as_of);
-    let used = match s.store.used_since(&account_id, since).await {
+    let used = match s.ledger.used_since(&account_id, since).await {
         Ok(u) => u,
-        Err(e) => return storage_error(&e),
+        Err(e) => return ledger_error(&e),
     };
-    let subscription = match s.store.subscriptions(&account_id).await {
+    let subscription = match s.ledger.subscriptions(&account_id).await {
         Ok(subs) => crate::domain::payment::Subscription::current(&subs).map(|sub| {
             json!({"id": sub.subscription_id, "status": sub.status, "plan": sub.plan, "current_period_end": sub.period_end
                 .and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|t| t.to_rfc3339()), "cancel_at_period_end": sub.cancel_at_period_end})
         }),
-        Err(e) => return storage_error(&e),
+        Err(e) => return ledger_error(&e),
     };
-    let purchases = match s.store.purchases(&account_id, RECENT_PURCHASES).await {
+    let purchases = match s.ledger.purchases(&account_id, RECENT_PURCHASES).await {
         Ok(p) => p,
-        Err(e) => return storage_error(&e),
+        Err(e) => return ledger_error(&e),
     };
     let by_source: serde_json::Map<String, serde_json::Value> = b
         .by_source
@@ -506,7 +506,7 @@ pub async fn resync_subscription(
     account_id: &AccountId,
 ) -> Result<serde_json::Value, String> {
     let customer = s
-        .store
+        .ledger
         .customer_of(account_id)
         .await
         .map_err(|e| e.to_string())?
@@ -544,8 +544,8 @@ pub async fn resync_subscription(
         ));
     }
     let plan = s
-        .store
-        .balance(account_id)
+        .ledger
+        .check_balance(account_id)
         .await
         .map_err(|e| e.to_string())?
         .plan;

@@ -18,11 +18,11 @@ pub mod billing;
 
 use crate::catalog::Catalog;
 use crate::domain::book::Source;
-use crate::domain::payment::{Charge, Dispute, Fact};
-use crate::domain::{AccountId, Credits};
-use crate::storage::{
-    Moved, PackGrant, StorageError, Store, StripeEffect, StripeEvent, StripeRecord,
+use crate::domain::payment::{
+    Charge, Dispute, Fact, Moved, PackGrant, StripeEffect, StripeEvent, StripeRecord,
 };
+use crate::domain::{AccountId, Credits};
+use crate::ledger::{Ledger, ServiceError};
 use crate::stripe::{self, Effect, Envelope, WebhookSecret};
 
 /// Largest webhook body accepted: 256 KiB (Stripe events are a few KiB).
@@ -31,8 +31,8 @@ pub const WEBHOOK_BODY_MAX_BYTES: usize = 256 * 1024;
 /// What the sidecar needs.
 #[derive(Clone)]
 pub struct HttpState {
-    /// The storage port.
-    pub store: Arc<dyn Store>,
+    /// The use cases.
+    pub ledger: Ledger,
     /// Plans, packs and prices.
     pub catalog: Arc<Catalog>,
     /// Up to two webhook secrets (rotation).
@@ -81,7 +81,7 @@ pub fn metrics_router(state: HttpState) -> Router {
 async fn metrics(State(s): State<HttpState>) -> Response {
     // Gauges read at scrape time, so they are never staler than the scrape.
     crate::telemetry::process_metrics();
-    if let Ok(Ok(st)) = tokio::time::timeout(crate::health::PING_TIMEOUT, s.store.stats()).await {
+    if let Ok(Ok(st)) = tokio::time::timeout(crate::health::PING_TIMEOUT, s.ledger.stats()).await {
         #[allow(clippy::cast_precision_loss)] // gauges; exact below 2^53
         {
             metrics::gauge!("tally_holds_open").set(st.open_holds as f64);
@@ -421,7 +421,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         created: event.created,
         effect: why.to_owned(),
     };
-    match s.store.record_stripe_event(&record, &resolved).await {
+    match s.ledger.record_stripe_event(&record, &resolved).await {
         Ok(StripeRecord::DuplicateEvent) => {
             webhook_metric(&event.kind, "duplicate");
             info!(event_id = %event.id, kind = %event.kind, "stripe event already processed");
@@ -444,7 +444,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
             )
                 .into_response()
         }
-        Err(StorageError::Rejected(r)) => {
+        Err(ServiceError::Rejected(r)) => {
             // A business refusal (e.g. the balance limit): retrying will not help; keep the
             // event for redelivery after an operator fixes it.
             webhook_metric(&event.kind, "rejected");

@@ -27,9 +27,10 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Applied, Cmd, StorageError, StorageResult};
-use crate::domain::command::Idempotency;
+use super::{Applied, StorageError, StorageResult, Tx};
+use crate::domain::command::{HoldCmd, Idempotency};
 use crate::domain::outcome::Outcome;
+use crate::domain::plan::Policy;
 
 /// Most commands in one group transaction.
 pub const BATCH_MAX: usize = 64;
@@ -57,25 +58,87 @@ impl Default for Batching {
 }
 
 /// A queued command and where its answer goes.
-pub(crate) struct Job {
+pub struct Job {
+    /// Its idempotency scope.
     pub idem: Idempotency,
-    pub cmd: Cmd,
-    pub reply: oneshot::Sender<StorageResult<Applied<Outcome>>>,
+    /// The command.
+    pub cmd: HoldCmd,
+    pub(crate) reply: oneshot::Sender<StorageResult<Applied<Outcome>>>,
     /// When it was queued (for `tally_db_group_wait_seconds`).
-    pub queued: Instant,
+    pub(crate) queued: Instant,
 }
 
 /// A job's answer.
-pub(crate) type Answer = StorageResult<Applied<Outcome>>;
+pub type Answer = StorageResult<Applied<Outcome>>;
+
+/// The steps of one job-path command inside a transaction its caller ends: claim the key,
+/// lock, load, settle, apply, write, store the outcome. The application layer provides them
+/// (`ledger::engine::job_steps`), so a backend's transactions run the same steps as every
+/// other command.
+pub type JobSteps =
+    for<'a> fn(
+        &'a mut (dyn Tx + 'a),
+        &'a Idempotency,
+        &'a HoldCmd,
+        &'a Policy,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>;
 
 /// What a backend provides: a batch in one transaction, and one job alone. `worker` (below
 /// the worker count) names the calling worker, so a backend may keep a connection per worker.
+/// `steps` runs one command in a transaction the backend opened.
 #[async_trait]
-pub(crate) trait Executor: Send + Sync + 'static {
+pub trait Executor: Send + Sync + 'static {
     /// The jobs in one transaction: answers in job order, or an error and nothing committed.
-    async fn group(&self, worker: usize, jobs: &[Job]) -> StorageResult<Vec<Answer>>;
+    async fn group(
+        &self,
+        worker: usize,
+        jobs: &[Job],
+        steps: JobSteps,
+    ) -> StorageResult<Vec<Answer>>;
     /// One job in a transaction of its own.
-    async fn alone(&self, worker: usize, job: &Job) -> Answer;
+    async fn alone(&self, worker: usize, job: &Job, steps: JobSteps) -> Answer;
+}
+
+/// One job in `tx`, committed unless it replayed.
+pub(crate) async fn one(
+    mut tx: Box<dyn Tx + '_>,
+    job: &Job,
+    steps: JobSteps,
+    policy: &Policy,
+) -> Answer {
+    let applied = steps(tx.as_mut(), &job.idem, &job.cmd, policy).await?;
+    if !applied.replayed {
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// Job-path commands in one transaction, one savepoint each: a command the rules reject is
+/// rolled back to its savepoint (nothing of it stays, not even its key's claim) while the others
+/// commit together. Answers in job order; an error means nothing was committed.
+pub(crate) async fn savepoints(
+    mut tx: Box<dyn Tx>,
+    jobs: &[Job],
+    steps: JobSteps,
+    policy: &Policy,
+) -> StorageResult<Vec<Answer>> {
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        tx.savepoint().await?;
+        match steps(tx.as_mut(), &job.idem, &job.cmd, policy).await {
+            Ok(applied) => {
+                tx.release_savepoint().await?;
+                answers.push(Ok(applied));
+            }
+            Err(StorageError::Rejected(e)) => {
+                tx.rollback_to_savepoint().await?;
+                answers.push(Err(StorageError::Rejected(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(answers)
 }
 
 /// Runs a batch and answers every job: in one group transaction, even a lone job (its round
@@ -83,14 +146,20 @@ pub(crate) trait Executor: Send + Sync + 'static {
 /// against 48-81 pairs/s at one client, three alternating runs); a group that meets contention
 /// once more as a group; a group that fails as a whole (a constraint, a deadlock twice, a
 /// failed COMMIT) job by job, where keys that did commit replay.
-async fn execute(executor: &dyn Executor, stats: &Counters, worker: usize, jobs: Vec<Job>) {
-    let mut result = executor.group(worker, &jobs).await;
+async fn execute(
+    executor: &dyn Executor,
+    steps: JobSteps,
+    stats: &Counters,
+    worker: usize,
+    jobs: Vec<Job>,
+) {
+    let mut result = executor.group(worker, &jobs, steps).await;
     if matches!(result, Err(StorageError::Contended)) {
         // A deadlock, or another transaction recording one of these keys first (a client's
         // retry racing its first try): once more as a group, which then replays that record.
         stats.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tally_db_group_retries_total").increment(1);
-        result = executor.group(worker, &jobs).await;
+        result = executor.group(worker, &jobs, steps).await;
     }
     match result {
         Ok(answers) => {
@@ -116,14 +185,14 @@ async fn execute(executor: &dyn Executor, stats: &Counters, worker: usize, jobs:
         }
     }
     for job in jobs {
-        let answer = executor.alone(worker, &job).await;
+        let answer = executor.alone(worker, &job, steps).await;
         let _ = job.reply.send(answer);
     }
 }
 
 /// The queue in front of the workers.
 #[derive(Debug)]
-pub(crate) struct Batcher {
+pub struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
     stats: Arc<Counters>,
 }
@@ -159,11 +228,12 @@ impl Batcher {
     ///
     /// # Errors
     /// `Other` when a thread or its runtime cannot be started.
-    pub(crate) fn spawn(
+    pub fn spawn(
         executor: &Arc<dyn Executor>,
-        workers: usize,
-        max: usize,
+        batching: Batching,
+        steps: JobSteps,
     ) -> StorageResult<Self> {
+        let Batching { workers, max } = batching;
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(Counters::default());
@@ -190,7 +260,7 @@ impl Batcher {
                         #[allow(clippy::cast_precision_loss)] // at most BATCH_MAX
                         metrics::histogram!("tally_db_group_commands").record(n as f64);
                         let started = Instant::now();
-                        execute(executor.as_ref(), &stats, worker, now).await;
+                        execute(executor.as_ref(), steps, &stats, worker, now).await;
                         metrics::histogram!("tally_db_group_duration_seconds")
                             .record(started.elapsed().as_secs_f64());
                         jobs = later;
@@ -226,7 +296,7 @@ impl Batcher {
     }
 
     /// Counters since start.
-    pub(crate) fn stats(&self) -> GroupStats {
+    pub fn stats(&self) -> GroupStats {
         GroupStats {
             transactions: self.stats.transactions.load(Ordering::Relaxed),
             commands: self.stats.commands.load(Ordering::Relaxed),
@@ -237,10 +307,10 @@ impl Batcher {
     }
 
     /// Queues a command and waits for its outcome.
-    pub(crate) async fn submit(
+    pub async fn submit(
         &self,
         idem: &Idempotency,
-        cmd: Cmd,
+        cmd: HoldCmd,
     ) -> StorageResult<Applied<Outcome>> {
         let (reply, answer) = oneshot::channel();
         self.queue

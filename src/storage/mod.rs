@@ -1,29 +1,22 @@
-//! The storage port: one trait of use-case-level atomic operations, two backends.
+//! The backend port: what a database must do for the ledger, and two backends.
 //!
-//! Each mutating method runs one database transaction that claims the idempotency key, applies
-//! the change (balance columns, hold row, ledger entries) and stores the outcome for replay, so
-//! the three commit together or not at all. Business decisions come from [`crate::domain::rules`];
-//! backends only load state, call the rules, and write guarded statements (`WHERE available >= n`,
-//! row locks) so that concurrent requests cannot break what the rules decided.
-//!
-//! Because the trait speaks in commands and outcomes (never SQL or connections), a backend can
-//! later coalesce concurrent commands into one transaction (group commit) without touching the
-//! service or the API.
+//! [`Backend`] is a small trait of primitives: open a write transaction ([`Tx`]: claim an
+//! idempotency key, lock an account, load its rows into a [`Book`], write what changed, store
+//! the outcome), group commit for the job path ([`batch`]), and reads. The use cases (which
+//! steps, in which order, and what they decide) live in the ledger (`ledger/`); the decisions in
+//! [`crate::domain`]. A backend writes guarded statements (`WHERE available >= n`, row locks)
+//! so that concurrent transactions cannot break what the rules decided; it never decides a
+//! business rule.
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::domain::book::{Book, Bucket, Ids};
-use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
-    Transfer,
-};
-use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
+use crate::domain::command::Idempotency;
+use crate::domain::outcome::Outcome;
 use crate::domain::plan::Policy;
-use crate::domain::rules::EntryKind;
 use crate::domain::{
-    AccountId, AccountSummary, Balance, CommitOutcome, EntryRecord, ExtendOutcome, GrantOutcome,
-    Hold, HoldId, HoldState, LedgerError, PlanOutcome, RefundOutcome, ReserveOutcome,
+    AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError,
 };
 
 /// The columns of a hold row, in the order both backends read them.
@@ -33,169 +26,6 @@ macro_rules! hold_columns {
          created_at, expires_at, resolved_at"
     };
 }
-
-/// The Store operations both backends implement the same way, on top of their `Tx`
-/// primitives and reads (`begin`, `policy`, `read_balance`): expanded inside each
-/// `impl Store`, so the logic exists once.
-macro_rules! book_ops {
-    ($ty:ty, { $($rest:tt)* }) => {
-        #[async_trait::async_trait]
-        impl $crate::storage::Store for $ty {
-    async fn balance(&self, account_id: &$crate::domain::AccountId) -> $crate::storage::StorageResult<$crate::domain::Balance> {
-        let (balance, due) = self.read_balance(account_id.as_str()).await?;
-        if !due {
-            return Ok(balance);
-        }
-        $crate::storage::settle(self.begin().await?, account_id.as_str(), &self.policy).await?;
-        Ok(self.read_balance(account_id.as_str()).await?.0)
-    }
-
-    async fn reserve(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::Reserve,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ReserveOutcome>> {
-        $crate::storage::narrow(
-            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Reserve(cmd.clone()), &self.policy).await?,
-        )
-    }
-
-    async fn commit_hold(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::CommitHold,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::CommitOutcome>> {
-        $crate::storage::narrow(
-            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Commit(cmd.clone()), &self.policy).await?,
-        )
-    }
-
-    async fn refund(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::Refund,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::RefundOutcome>> {
-        $crate::storage::narrow(
-            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Refund(cmd.clone()), &self.policy).await?,
-        )
-    }
-
-    async fn extend_hold(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::ExtendHold,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::ExtendOutcome>> {
-        $crate::storage::narrow(
-            $crate::storage::hold_cmd(self.batcher.as_deref(), self.begin(), idem, $crate::storage::Cmd::Extend(cmd.clone()), &self.policy).await?,
-        )
-    }
-
-    async fn grant(&self, idem: &$crate::domain::command::Idempotency, cmd: &$crate::domain::command::Grant) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::GrantOutcome>> {
-        let target = $crate::storage::Target::Account {
-            id: cmd.account_id.as_str(),
-            create: true,
-        };
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, ids| {
-                let id = ids.bucket_id();
-                b.grant(
-                    &id,
-                    cmd.source,
-                    cmd.amount,
-                    cmd.expires_at,
-                    cmd.priority,
-                    &cmd.reason,
-                    now,
-                )
-            },
-        )
-        .await
-    }
-
-    async fn open_account(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::OpenAccount,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::OpenOutcome>> {
-        $crate::storage::open_account(self.begin().await?, idem, cmd, &self.policy).await
-    }
-
-    async fn adjust(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::Adjust,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::AdjustOutcome>> {
-        let target = $crate::storage::Target::Account {
-            id: cmd.account_id.as_str(),
-            create: false,
-        };
-        $crate::storage::book_op(
-            self.begin().await?,
-            idem,
-            target,
-            &self.policy,
-            |b, now, ids| {
-                b.adjust(
-                    cmd.delta,
-                    &format!("{} (by {})", cmd.reason, cmd.operator),
-                    now,
-                    ids,
-                )?;
-                Ok($crate::domain::AdjustOutcome {
-                    account_id: b.account_id.clone(),
-                    delta: cmd.delta,
-                    available: b.net_available(),
-                })
-            },
-        )
-        .await
-    }
-
-    async fn transfer(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::Transfer,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::TransferOutcome>> {
-        $crate::storage::transfer(self.begin().await?, idem, cmd, &self.policy).await
-    }
-
-    async fn set_plan(
-        &self,
-        idem: &$crate::domain::command::Idempotency,
-        cmd: &$crate::domain::command::SetPlan,
-    ) -> $crate::storage::StorageResult<$crate::storage::Applied<$crate::domain::PlanOutcome>> {
-        $crate::storage::set_plan(self.begin().await?, idem, cmd, &self.policy).await
-    }
-
-    async fn record_stripe_event(
-        &self,
-        event: &$crate::storage::StripeEvent,
-        effect: &$crate::storage::StripeEffect,
-    ) -> $crate::storage::StorageResult<$crate::storage::StripeRecord> {
-        $crate::storage::record_stripe_event(self.begin().await?, event, effect, &self.policy).await
-    }
-
-    async fn stats(&self) -> $crate::storage::StorageResult<$crate::storage::StoreStats> {
-        let open_holds: i64 = sqlx::query_scalar("SELECT count(*) FROM hold WHERE state = 'open'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok($crate::storage::StoreStats {
-            open_holds,
-            pool_size: self.pool.size(),
-            pool_idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
-            pool_max: self.pool.options().get_max_connections(),
-        })
-    }
-            $($rest)*
-        }
-    };
-}
-pub(crate) use book_ops;
 
 pub mod batch;
 pub mod postgres;
@@ -227,21 +57,6 @@ impl StorageError {
     /// Wraps an unexpected error, keeping only its message (never a connection string).
     pub fn other(e: impl std::fmt::Display) -> Self {
         Self::Other(e.to_string())
-    }
-}
-
-/// What the sweeper does when settling one account fails: a database that is unavailable
-/// (or a commit in doubt, or contention) ends the pass, to be tried again on the next tick;
-/// anything else is that account's own problem: it is logged with the account and counted
-/// (`tally_sweeper_account_failures_total`), and the pass goes on with the other accounts.
-pub(crate) fn sweep_failed(account: &str, e: StorageError) -> StorageResult<()> {
-    match e {
-        StorageError::Unavailable(_) | StorageError::InDoubt(_) | StorageError::Contended => Err(e),
-        e => {
-            metrics::counter!("tally_sweeper_account_failures_total").increment(1);
-            tracing::warn!(account_id = account, error.message = %e, "sweeper could not settle an account; the others go on");
-            Ok(())
-        }
     }
 }
 
@@ -336,7 +151,7 @@ pub struct AccountRow {
     pub debt: i64,
 }
 
-/// A broken ledger invariant found by [`Store::audit`].
+/// A broken ledger invariant found by [`Backend::audit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
     /// The account concerned.
@@ -345,69 +160,29 @@ pub struct Violation {
     pub detail: String,
 }
 
-/// The storage port. Implemented by [`postgres::PgStore`] and [`sqlite::SqliteStore`].
+/// A database the ledger runs on. Implemented by [`postgres::PgStore`] and
+/// [`sqlite::SqliteStore`]; used by the ledger (`ledger/`) only.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// The balance as callers see it now, with its breakdown. If time has done something
-    /// (an overdue hold or grant, a new allowance period), it is applied first.
-    async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance>;
-    /// Creates a hold drawn from the account's grants in consumption order.
-    async fn reserve(
-        &self,
-        idem: &Idempotency,
-        cmd: &Reserve,
-    ) -> StorageResult<Applied<ReserveOutcome>>;
-    /// Settles a hold.
-    async fn commit_hold(
-        &self,
-        idem: &Idempotency,
-        cmd: &CommitHold,
-    ) -> StorageResult<Applied<CommitOutcome>>;
-    /// Releases an open hold or returns committed credits.
-    async fn refund(
-        &self,
-        idem: &Idempotency,
-        cmd: &Refund,
-    ) -> StorageResult<Applied<RefundOutcome>>;
-    /// Moves an open hold's expiry.
-    async fn extend_hold(
-        &self,
-        idem: &Idempotency,
-        cmd: &ExtendHold,
-    ) -> StorageResult<Applied<ExtendOutcome>>;
-    /// Adds a grant, creating the account.
-    async fn grant(&self, idem: &Idempotency, cmd: &Grant) -> StorageResult<Applied<GrantOutcome>>;
-    /// Creates an account with its sign-up bonus.
-    async fn open_account(
-        &self,
-        idem: &Idempotency,
-        cmd: &OpenAccount,
-    ) -> StorageResult<Applied<OpenOutcome>>;
-    /// An operator's signed correction.
-    async fn adjust(
-        &self,
-        idem: &Idempotency,
-        cmd: &Adjust,
-    ) -> StorageResult<Applied<AdjustOutcome>>;
-    /// Moves credits between two accounts.
-    async fn transfer(
-        &self,
-        idem: &Idempotency,
-        cmd: &Transfer,
-    ) -> StorageResult<Applied<TransferOutcome>>;
-    /// Moves an account to another plan.
-    async fn set_plan(
-        &self,
-        idem: &Idempotency,
-        cmd: &SetPlan,
-    ) -> StorageResult<Applied<PlanOutcome>>;
+pub trait Backend: Send + Sync + 'static {
+    /// The plans' allowances (group commit settles books with them).
+    fn policy(&self) -> &Policy;
+    /// Opens a write transaction.
+    async fn begin(&self) -> StorageResult<Box<dyn Tx>>;
+    /// What runs job-path commands in shared transactions, and how (None: one transaction
+    /// per command).
+    fn group_commit(&self) -> Option<(std::sync::Arc<dyn batch::Executor>, batch::Batching)>;
+    /// The stored balance with its breakdown, and whether time has work to do on the account
+    /// (an overdue hold or grant, a new allowance period).
+    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)>;
+    /// Up to `limit` accounts with an overdue hold or grant.
+    async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>>;
     /// One hold, as observed now.
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold>;
     /// A page of an account's holds, as observed now.
     async fn list_holds(&self, query: &HoldQuery) -> StorageResult<Vec<Hold>>;
-    /// An account's balance, plan and creation time.
+    /// An account's stored balance, plan and creation time.
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary>;
-    /// An account's grants that still hold credits, in consumption order.
+    /// An account's stored grants that still hold credits, in consumption order.
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>>;
     /// Credits charged (commits less refunds) to an account since `since`.
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64>;
@@ -415,21 +190,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_accounts(&self, query: &AccountQuery) -> StorageResult<Vec<AccountRow>>;
     /// A page of ledger entries.
     async fn list_entries(&self, query: &EntryQuery) -> StorageResult<Vec<EntryRecord>>;
-    /// Applies time to up to `limit` accounts with overdue holds or grants; safe to run on many
-    /// replicas at once. Returns the number of expiry entries written.
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64>;
     /// Deletes up to `limit` idempotency records older than `retention`.
     async fn purge_idempotency(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64>;
     /// Checks every account: entries and grants sum to the balance columns, held equals
-    /// open holds.
+    /// open holds; and the Stripe facts: one grant per purchase, claw-backs within it.
     async fn audit(&self) -> StorageResult<Vec<Violation>>;
-    /// Records a verified Stripe event and applies its effect, in one transaction: a known
-    /// event id, or a business fact already granted, changes nothing.
-    async fn record_stripe_event(
-        &self,
-        event: &StripeEvent,
-        effect: &StripeEffect,
-    ) -> StorageResult<StripeRecord>;
     /// The Stripe customer linked to an account.
     async fn customer_of(&self, account_id: &AccountId) -> StorageResult<Option<String>>;
     /// Links an account to a Stripe customer (creating the account if new); if another
@@ -469,108 +234,15 @@ pub struct StoreStats {
     pub pool_max: u32,
 }
 
-/// A verified Stripe event as recorded.
-#[derive(Clone, Debug)]
-pub struct StripeEvent {
-    /// `evt_...`.
-    pub event_id: String,
-    /// Its type.
-    pub kind: String,
-    /// Test or live mode.
-    pub livemode: bool,
-    /// Stripe's `created` (unix seconds).
-    pub created: Option<i64>,
-    /// What we did with it (for operators).
-    pub effect: String,
-}
-
-/// A Stripe effect, resolved against the catalog.
-#[derive(Clone, Debug)]
-pub enum StripeEffect {
-    /// Nothing beyond recording the event.
-    None,
-    /// A fact about a payment: a purchase paid, pending or failed, a refund, a dispute. What
-    /// it does is decided by [`crate::domain::payment::Payment::apply`].
-    Payment {
-        /// `checkout_session:<id>` for facts of a purchase.
-        business_key: Option<String>,
-        /// The fact.
-        fact: crate::domain::payment::Fact,
-        /// How a first paid purchase is granted.
-        grant: Option<PackGrant>,
-        /// Reason on the ledger lines.
-        reason: String,
-    },
-    /// Link an account (created if new) to its Stripe customer.
-    Link {
-        /// The account.
-        account_id: AccountId,
-        /// The customer.
-        customer: String,
-    },
-    /// Mirror a subscription onto its account if newer than what is stored for it.
-    Subscription(crate::domain::payment::SubscriptionState),
-    /// Grant a paid subscription invoice's credits once.
-    InvoiceGrant {
-        /// `invoice:<id>`.
-        business_key: String,
-        /// The customer billed.
-        customer: String,
-        /// The account named by the invoice, if any.
-        account_hint: Option<AccountId>,
-        /// Credits.
-        amount: crate::domain::Credits,
-        /// When they expire (end of the period paid for).
-        expires_at: Option<DateTime<Utc>>,
-        /// Reason on the grant.
-        reason: String,
-    },
-    /// A renewal failed: that subscription is past due, if the event is newer than its state.
-    PaymentFailed {
-        /// `sub_...`.
-        subscription: String,
-        /// The event's `created`.
-        as_of: i64,
-    },
-}
-
-/// How a paid pack is granted.
-#[derive(Clone, Debug)]
-pub struct PackGrant {
-    /// Source of the grant.
-    pub source: crate::domain::book::Source,
-    /// Lifetime of the credits.
-    pub expires_in: Option<TimeDelta>,
-}
-
-/// What recording an event did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StripeRecord {
-    /// The event id was recorded before: nothing changed.
-    DuplicateEvent,
-    /// Recorded, with the credits it moved (none when the fact was already applied through
-    /// another event or the sync path).
-    Recorded(Moved),
-}
-
-/// Credits one Stripe event moved.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// Granted (a purchase or a paid invoice).
-    pub granted: i64,
-    /// Taken back (refunds and disputes).
-    pub clawed: i64,
-    /// Given back (a dispute won).
-    pub given_back: i64,
-}
-
 /// The answer of an idempotency claim.
-pub(crate) enum Claim<Now> {
+pub enum Claim<Now> {
     /// The key is ours now; the transaction's clock reads `Now`.
     New(Now),
     /// The key was used before: its fingerprint and stored outcome.
     Existing {
+        /// The fingerprint stored with the key.
         fingerprint: Vec<u8>,
+        /// The outcome stored with it (JSON of [`Outcome`]).
         response: Option<String>,
     },
 }
@@ -808,10 +480,10 @@ impl Ids for RandomIds {
     }
 }
 
-/// The primitive steps of one write transaction; each backend implements them, and the flows
-/// below compose them the same way for both.
+/// The primitive steps of one write transaction; each backend implements them, and the
+/// application layer (the ledger (`ledger/`)) composes them the same way for both.
 #[async_trait]
-pub(crate) trait Tx: Send {
+pub trait Tx: Send {
     /// The transaction's clock (PostgreSQL `now()`; SQLite: the process clock).
     async fn now(&mut self) -> StorageResult<DateTime<Utc>>;
     /// Claims the idempotency key (a concurrent duplicate waits here), or returns its record.
@@ -848,7 +520,7 @@ pub(crate) trait Tx: Send {
     /// Inserts the event row unless its id exists; true if inserted.
     async fn insert_stripe_event(
         &mut self,
-        event: &StripeEvent,
+        event: &crate::domain::payment::StripeEvent,
         now: DateTime<Utc>,
     ) -> StorageResult<bool>;
     /// The state of a business fact.
@@ -940,715 +612,6 @@ pub(crate) trait Tx: Send {
     }
     /// Commits.
     async fn commit(self: Box<Self>) -> StorageResult<()>;
-}
-
-/// The account of a customer: the stored link, else the account the event names (then linked).
-async fn account_for(
-    tx: &mut dyn Tx,
-    customer: &str,
-    hint: Option<&str>,
-    now: DateTime<Utc>,
-) -> StorageResult<Option<String>> {
-    if let Some(a) = tx.account_of_customer(customer).await? {
-        return Ok(Some(a));
-    }
-    let Some(account) = hint else { return Ok(None) };
-    tx.lock_book(account, Some(crate::domain::DEFAULT_PLAN), now)
-        .await?;
-    tx.link(account, customer, now).await?;
-    Ok(Some(account.to_owned()))
-}
-
-/// A grant the books make for a business fact.
-struct FactGrant<'a> {
-    business_key: &'a str,
-    amount: i64,
-    source: crate::domain::book::Source,
-    expires_at: Option<DateTime<Utc>>,
-}
-
-/// Books what a Stripe fact decided on one account, in the caller's transaction: the grant
-/// (named by its business key, so the database refuses a second one), then `claw` credits
-/// taken back (positive; debt for what the grants cannot cover) or given back (negative).
-/// Returns the new grant's id.
-async fn book_fact(
-    tx: &mut dyn Tx,
-    account: &str,
-    grant: Option<FactGrant<'_>>,
-    claw: i64,
-    reason: &str,
-    policy: &Policy,
-    now: DateTime<Utc>,
-) -> StorageResult<Option<String>> {
-    let create = grant.as_ref().map(|_| crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(account, create, now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let booked = match &grant {
-        Some(g) => Some((
-            g.source,
-            crate::domain::Credits::new("credits", g.amount)
-                .map_err(|v| StorageError::Other(v.to_string()))?,
-            g.expires_at,
-        )),
-        None => None,
-    };
-    let granted = book.book_decision(booked, claw, reason, now, &mut RandomIds)?;
-    tx.write(&book, now).await?;
-    if let (Some(id), Some(g)) = (&granted, &grant) {
-        tx.tag_grant(id, g.business_key).await?;
-    }
-    Ok(granted)
-}
-
-/// Loads everything known about the payment a fact concerns: its purchase (by business key,
-/// else by PaymentIntent), the PaymentIntent's charges and their disputes, and the charge and
-/// dispute the fact names. Called under [`Tx::lock_stripe`].
-async fn load_payment(
-    tx: &mut dyn Tx,
-    business_key: Option<&str>,
-    fact: &crate::domain::payment::Fact,
-) -> StorageResult<crate::domain::payment::Payment> {
-    use crate::domain::payment::Payment;
-    let (pi, charge, dispute) = fact.names();
-    let mut pi = pi.map(str::to_owned);
-    let purchase = match business_key {
-        Some(key) => tx.purchase(Some(key), None).await?,
-        None => None,
-    };
-    if pi.is_none() {
-        pi = purchase.as_ref().and_then(|p| p.payment_intent.clone());
-    }
-    // A dispute named by its charge only: the charge's refund events may know its PaymentIntent.
-    if pi.is_none()
-        && let Some(ch) = charge
-    {
-        pi = tx
-            .charges(None, Some(ch))
-            .await?
-            .into_iter()
-            .find_map(|c| c.payment_intent);
-    }
-    let purchase = match (purchase, pi.as_deref()) {
-        (Some(p), _) => Some(p),
-        (None, Some(pi)) => tx.purchase(None, Some(pi)).await?,
-        (None, None) => None,
-    };
-    let charges = if pi.is_some() || charge.is_some() {
-        tx.charges(pi.as_deref(), charge).await?
-    } else {
-        Vec::new()
-    };
-    let disputes = if pi.is_some() || charge.is_some() {
-        tx.disputes(pi.as_deref(), charge, dispute).await?
-    } else {
-        Vec::new()
-    };
-    Ok(Payment {
-        purchase,
-        charges,
-        disputes,
-    })
-}
-
-/// Folds the pre-0009 claw-back facts of the fact's charge and dispute into the payment
-/// ([`crate::domain::payment::Payment::fold_legacy`]), then forgets them: what they took is
-/// not taken again, and a dispute won later gives it back.
-async fn fold_legacy(
-    tx: &mut dyn Tx,
-    payment: &mut crate::domain::payment::Payment,
-    fact: &crate::domain::payment::Fact,
-) -> StorageResult<()> {
-    let (_, charge, dispute) = fact.names();
-    let Some(charge) = charge else {
-        return Ok(());
-    };
-    let refund_key = format!("refund:{charge}");
-    let refunded = tx
-        .legacy_claw(&refund_key)
-        .await?
-        .map(|(_, credits)| credits);
-    let dispute_key = dispute.map(|d| format!("dispute:{d}"));
-    let disputed = match (&dispute_key, dispute) {
-        (Some(key), Some(d)) => tx
-            .legacy_claw(key)
-            .await?
-            .map(|(state, credits)| (d, credits, state == "restored")),
-        _ => None,
-    };
-    if (refunded.is_some() || disputed.is_some()) && payment.fold_legacy(charge, refunded, disputed)
-    {
-        if refunded.is_some() {
-            tx.forget_legacy(&refund_key).await?;
-        }
-        if let (Some(key), Some(_)) = (&dispute_key, disputed) {
-            tx.forget_legacy(key).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Applies a fact about a payment: the domain decides, the books move, the facts are stored.
-async fn apply_payment_fact(
-    tx: &mut dyn Tx,
-    business_key: Option<&str>,
-    fact: &crate::domain::payment::Fact,
-    grant: Option<&PackGrant>,
-    reason: &str,
-    policy: &Policy,
-    now: DateTime<Utc>,
-) -> StorageResult<Moved> {
-    let mut payment = load_payment(tx, business_key, fact).await?;
-    let before = payment.clone();
-    fold_legacy(tx, &mut payment, fact).await?;
-    let decision = payment.apply(business_key, fact.clone());
-    let mut moved = Moved::default();
-    let account = payment.purchase.as_ref().and_then(|p| p.account_id.clone());
-    if decision.moves()
-        && let Some(account) = account
-    {
-        let key = payment
-            .purchase
-            .as_ref()
-            .map(|p| p.business_key.clone())
-            .unwrap_or_default();
-        let fact_grant = decision.grant.as_ref().map(|(_, amount)| FactGrant {
-            business_key: &key,
-            amount: *amount,
-            source: grant.map_or(crate::domain::book::Source::Purchase, |g| g.source),
-            expires_at: grant
-                .and_then(|g| g.expires_in)
-                .and_then(|t| now.checked_add_signed(t)),
-        });
-        let id = book_fact(tx, &account, fact_grant, decision.claw, reason, policy, now).await?;
-        if let Some(p) = payment.purchase.as_mut()
-            && id.is_some()
-        {
-            p.grant_id = id;
-        }
-        moved.granted = decision.grant.map_or(0, |(_, n)| n);
-        moved.clawed = decision.claw.max(0);
-        moved.given_back = decision.claw.min(0).saturating_neg();
-    }
-    if let Some(p) = &payment.purchase
-        && before.purchase.as_ref() != Some(p)
-    {
-        tx.put_purchase(p, now).await?;
-    }
-    for c in &payment.charges {
-        if !before.charges.contains(c) {
-            tx.put_charge(c).await?;
-        }
-    }
-    for d in &payment.disputes {
-        if !before.disputes.contains(d) {
-            tx.put_dispute(d).await?;
-        }
-    }
-    Ok(moved)
-}
-
-/// Stores a subscription state if it is at least as new as the stored one, then puts the
-/// account on the plan of its newest live subscription.
-async fn apply_subscription(
-    tx: &mut dyn Tx,
-    incoming: Option<crate::domain::payment::Subscription>,
-    failed: Option<(&str, i64)>,
-    policy: &Policy,
-    now: DateTime<Utc>,
-) -> StorageResult<()> {
-    use crate::domain::payment::Subscription;
-    let account = match (incoming, failed) {
-        (Some(incoming), _) => {
-            let mut stored = tx.subscription(&incoming.subscription_id).await?;
-            let account = stored
-                .as_ref()
-                .map_or_else(|| incoming.account_id.clone(), |s| s.account_id.clone());
-            let incoming = Subscription {
-                account_id: account.clone(),
-                ..incoming
-            };
-            if !Subscription::accept(&mut stored, incoming) {
-                return Ok(());
-            }
-            if let Some(s) = &stored {
-                tx.put_subscription(s).await?;
-            }
-            account
-        }
-        (None, Some((id, as_of))) => {
-            let Some(mut s) = tx.subscription(id).await? else {
-                return Ok(());
-            };
-            if !s.payment_failed(as_of) {
-                return Ok(());
-            }
-            tx.put_subscription(&s).await?;
-            s.account_id
-        }
-        (None, None) => return Ok(()),
-    };
-    let subs = tx.subscriptions_of(&account).await?;
-    let plan = Subscription::plan_of(&subs, crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(&account, None, now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    if book.plan != plan {
-        // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch
-        // gives at most one allowance per period key.
-        tx.load(&mut book, None, now).await?;
-        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
-            .await?;
-        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-        book.switch_plan(&plan, policy.for_plan(&plan), now, &mut RandomIds)?;
-        tx.write(&book, now).await?;
-    }
-    Ok(())
-}
-
-/// Records a Stripe event and applies its effect (see [`Store::record_stripe_event`]).
-pub(crate) async fn record_stripe_event(
-    mut tx: Box<dyn Tx>,
-    event: &StripeEvent,
-    effect: &StripeEffect,
-    policy: &Policy,
-) -> StorageResult<StripeRecord> {
-    let now = tx.now().await?;
-    tx.lock_stripe().await?;
-    if !tx.insert_stripe_event(event, now).await? {
-        return Ok(StripeRecord::DuplicateEvent);
-    }
-    let mut moved = Moved::default();
-    match effect {
-        StripeEffect::None => {}
-        StripeEffect::Payment {
-            business_key,
-            fact,
-            grant,
-            reason,
-        } => {
-            moved = apply_payment_fact(
-                tx.as_mut(),
-                business_key.as_deref(),
-                fact,
-                grant.as_ref(),
-                reason,
-                policy,
-                now,
-            )
-            .await?;
-        }
-        StripeEffect::Link {
-            account_id,
-            customer,
-        } => {
-            tx.lock_book(account_id.as_str(), Some(crate::domain::DEFAULT_PLAN), now)
-                .await?;
-            tx.link(account_id.as_str(), customer, now).await?;
-        }
-        StripeEffect::Subscription(state) => {
-            if let Some(account) = account_for(
-                tx.as_mut(),
-                &state.customer,
-                state.account_hint.as_deref(),
-                now,
-            )
-            .await?
-            {
-                let incoming = crate::domain::payment::Subscription {
-                    subscription_id: state.subscription.clone(),
-                    account_id: account,
-                    customer: state.customer.clone(),
-                    status: state.status.clone(),
-                    plan: state.plan.clone(),
-                    period_end: state.period_end,
-                    cancel_at_period_end: state.cancel_at_period_end,
-                    as_of: state.as_of,
-                    started: state.started,
-                };
-                apply_subscription(tx.as_mut(), Some(incoming), None, policy, now).await?;
-            }
-        }
-        StripeEffect::PaymentFailed {
-            subscription,
-            as_of,
-        } => {
-            apply_subscription(tx.as_mut(), None, Some((subscription, *as_of)), policy, now)
-                .await?;
-        }
-        StripeEffect::InvoiceGrant {
-            business_key,
-            customer,
-            account_hint,
-            amount,
-            expires_at,
-            reason,
-        } => {
-            let hint = account_hint.as_ref().map(AccountId::as_str);
-            if tx.fact_state(business_key).await?.as_deref() != Some("granted")
-                && let Some(account) = account_for(tx.as_mut(), customer, hint, now).await?
-            {
-                let grant = FactGrant {
-                    business_key,
-                    amount: amount.get(),
-                    source: crate::domain::book::Source::Subscription,
-                    expires_at: *expires_at,
-                };
-                let id =
-                    book_fact(tx.as_mut(), &account, Some(grant), 0, reason, policy, now).await?;
-                tx.put_fact(
-                    business_key,
-                    Some(&account),
-                    "granted",
-                    amount.get(),
-                    id.as_deref(),
-                    now,
-                )
-                .await?;
-                moved.granted = amount.get();
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok(StripeRecord::Recorded(moved))
-}
-
-/// What a book operation acts on.
-pub(crate) enum Target<'a> {
-    /// An account, created (on the default plan) if `create`.
-    Account { id: &'a str, create: bool },
-    /// The account of a hold, with that hold loaded.
-    Hold(&'a str),
-    /// An account about to switch plans: the grants of the allowance periods current now are
-    /// loaded too ([`crate::domain::plan::period_keys_at`]), so the switch gives at most one
-    /// allowance per period key.
-    PlanSwitch(&'a str),
-}
-
-/// One idempotent operation on one account's book, in one transaction.
-pub(crate) async fn book_op<T>(
-    mut tx: Box<dyn Tx + '_>,
-    idem: &Idempotency,
-    target: Target<'_>,
-    policy: &Policy,
-    op: impl FnOnce(&mut Book, DateTime<Utc>, &mut dyn Ids) -> Result<T, LedgerError> + Send,
-) -> StorageResult<Applied<T>>
-where
-    T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
-{
-    let applied = book_steps(tx.as_mut(), idem, target, policy, op).await?;
-    if !applied.replayed {
-        tx.commit().await?;
-    }
-    Ok(applied)
-}
-
-/// The steps of [`book_op`] inside a transaction the caller ends.
-async fn book_steps<T>(
-    tx: &mut dyn Tx,
-    idem: &Idempotency,
-    target: Target<'_>,
-    policy: &Policy,
-    op: impl FnOnce(&mut Book, DateTime<Utc>, &mut dyn Ids) -> Result<T, LedgerError> + Send,
-) -> StorageResult<Applied<T>>
-where
-    T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
-{
-    let now = tx.now().await?;
-    if let Claim::Existing {
-        fingerprint,
-        response,
-    } = tx.claim(idem, now).await?
-    {
-        return replay(idem, &fingerprint, response.as_deref());
-    }
-    let (account, hold, create) = match target {
-        Target::Account { id, create } => (id.to_owned(), None, create),
-        Target::PlanSwitch(id) => (id.to_owned(), None, false),
-        Target::Hold(h) => (
-            tx.hold_account(h).await?.ok_or(LedgerError::HoldNotFound)?,
-            Some(h),
-            false,
-        ),
-    };
-    let plan = create.then_some(crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(&account, plan, now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, hold, now).await?;
-    if matches!(target, Target::PlanSwitch(_)) {
-        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
-            .await?;
-    }
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let out = op(&mut book, now, &mut RandomIds)?;
-    tx.write(&book, now).await?;
-    tx.store_outcome(idem, &out.clone().into()).await?;
-    Ok(Applied::fresh(out))
-}
-
-/// Job-path commands in one transaction, one savepoint each: a command the rules reject is
-/// rolled back to its savepoint (nothing of it stays, not even its key's claim) while the others
-/// commit together. Answers in job order; an error means nothing was committed.
-pub(crate) async fn run_group(
-    mut tx: Box<dyn Tx>,
-    jobs: &[batch::Job],
-    policy: &Policy,
-) -> StorageResult<Vec<StorageResult<Applied<Outcome>>>> {
-    let mut answers = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        tx.savepoint().await?;
-        let cmd = &job.cmd;
-        match book_steps(tx.as_mut(), &job.idem, cmd.target(), policy, |b, now, _| {
-            cmd.apply(b, now)
-        })
-        .await
-        {
-            Ok(applied) => {
-                tx.release_savepoint().await?;
-                answers.push(Ok(applied));
-            }
-            Err(StorageError::Rejected(e)) => {
-                tx.rollback_to_savepoint().await?;
-                answers.push(Err(StorageError::Rejected(e)));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    tx.commit().await?;
-    Ok(answers)
-}
-
-/// A job-path command: what generation services send around every job, and what the
-/// PostgreSQL backend coalesces into group transactions (see [`batch`]).
-#[derive(Clone, Debug)]
-pub(crate) enum Cmd {
-    /// Reserve credits (a new hold).
-    Reserve(Reserve),
-    /// Settle a hold.
-    Commit(CommitHold),
-    /// Release or refund a hold.
-    Refund(Refund),
-    /// Move a hold's expiry.
-    Extend(ExtendHold),
-}
-
-impl Cmd {
-    /// The book the command acts on.
-    pub(crate) fn target(&self) -> Target<'_> {
-        match self {
-            Self::Reserve(c) => Target::Account {
-                id: c.account_id.as_str(),
-                create: false,
-            },
-            Self::Commit(c) => Target::Hold(c.hold_id.as_str()),
-            Self::Refund(c) => Target::Hold(c.hold_id.as_str()),
-            Self::Extend(c) => Target::Hold(c.hold_id.as_str()),
-        }
-    }
-
-    /// Applies the command to a loaded, settled book (pure: the domain's rules decide).
-    pub(crate) fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
-        Ok(match self {
-            Self::Reserve(c) => b
-                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.metadata, now)?
-                .into(),
-            Self::Commit(c) => b.commit_hold(c.hold_id.as_str(), c.amount, now)?.into(),
-            Self::Refund(c) => b
-                .refund(c.hold_id.as_str(), c.amount, &c.reason, now)?
-                .into(),
-            Self::Extend(c) => b.extend_hold(c.hold_id.as_str(), c.ttl, now)?.into(),
-        })
-    }
-}
-
-/// A job-path command through the backend's group commit, or (turned off) in a transaction of
-/// its own; `begin` is only awaited then.
-pub(crate) async fn hold_cmd(
-    batcher: Option<&batch::Batcher>,
-    begin: impl std::future::Future<Output = StorageResult<Box<dyn Tx>>> + Send,
-    idem: &Idempotency,
-    cmd: Cmd,
-    policy: &Policy,
-) -> StorageResult<Applied<Outcome>> {
-    match batcher {
-        Some(b) => b.submit(idem, cmd).await,
-        None => cmd_op(begin.await?, idem, &cmd, policy).await,
-    }
-}
-
-/// One command in a transaction of its own.
-pub(crate) async fn cmd_op(
-    tx: Box<dyn Tx + '_>,
-    idem: &Idempotency,
-    cmd: &Cmd,
-    policy: &Policy,
-) -> StorageResult<Applied<Outcome>> {
-    book_op(tx, idem, cmd.target(), policy, |b, now, _| {
-        cmd.apply(b, now)
-    })
-    .await
-}
-
-/// An outcome as the operation's own type; another operation's outcome means the key was
-/// used for a different request.
-pub(crate) fn narrow<T: TryFrom<Outcome>>(a: Applied<Outcome>) -> StorageResult<Applied<T>> {
-    let replayed = a.replayed;
-    T::try_from(a.outcome)
-        .map(|outcome| Applied { outcome, replayed })
-        .map_err(|_| LedgerError::IdempotencyKeyReused.into())
-}
-
-/// Moves an account to another plan, once per idempotency key.
-pub(crate) async fn set_plan(
-    tx: Box<dyn Tx + '_>,
-    idem: &Idempotency,
-    cmd: &SetPlan,
-    policy: &Policy,
-) -> StorageResult<Applied<PlanOutcome>> {
-    let target = Target::PlanSwitch(cmd.account_id.as_str());
-    book_op(tx, idem, target, policy, |b, now, ids| {
-        let previous_plan = b.switch_plan(&cmd.plan, policy.for_plan(&cmd.plan), now, ids)?;
-        Ok(PlanOutcome {
-            account_id: b.account_id.clone(),
-            previous_plan,
-            plan: cmd.plan.clone(),
-        })
-    })
-    .await
-}
-
-/// Creates an account with its sign-up bonus, once.
-pub(crate) async fn open_account(
-    mut tx: Box<dyn Tx>,
-    idem: &Idempotency,
-    cmd: &OpenAccount,
-    policy: &Policy,
-) -> StorageResult<Applied<OpenOutcome>> {
-    let now = tx.now().await?;
-    if let Claim::Existing {
-        fingerprint,
-        response,
-    } = tx.claim(idem, now).await?
-    {
-        return replay(idem, &fingerprint, response.as_deref());
-    }
-    let (mut book, created) = tx
-        .lock_book(cmd.account_id.as_str(), Some(&cmd.plan), now)
-        .await?
-        .ok_or(LedgerError::AccountNotFound)?;
-    if !created {
-        return Err(LedgerError::AccountExists.into());
-    }
-    let mut bonus = 0;
-    if let Some((amount, ttl)) = cmd.bonus {
-        let id = RandomIds.bucket_id();
-        let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
-        book.grant(
-            &id,
-            crate::domain::book::Source::SignupBonus,
-            amount,
-            expires_at,
-            crate::domain::book::PRIORITY_DEFAULT,
-            "sign-up bonus",
-            now,
-        )?;
-        bonus = amount.get();
-    }
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let out = OpenOutcome {
-        account_id: book.account_id.clone(),
-        plan: book.plan.clone(),
-        bonus,
-        available: book.net_available(),
-    };
-    tx.write(&book, now).await?;
-    tx.store_outcome(idem, &out.clone().into()).await?;
-    tx.commit().await?;
-    Ok(Applied::fresh(out))
-}
-
-/// Moves credits between two accounts: both rows locked in id order, so concurrent transfers
-/// cannot deadlock; the credits keep their source and expiry.
-pub(crate) async fn transfer(
-    mut tx: Box<dyn Tx>,
-    idem: &Idempotency,
-    cmd: &Transfer,
-    policy: &Policy,
-) -> StorageResult<Applied<TransferOutcome>> {
-    let now = tx.now().await?;
-    if let Claim::Existing {
-        fingerprint,
-        response,
-    } = tx.claim(idem, now).await?
-    {
-        return replay(idem, &fingerprint, response.as_deref());
-    }
-    let (from_id, to_id) = (cmd.from.as_str(), cmd.to.as_str());
-    let mut books = Vec::with_capacity(2);
-    let mut order = [(from_id, false), (to_id, true)];
-    order.sort_by_key(|(id, _)| *id);
-    for (id, create) in order {
-        let plan = create.then_some(crate::domain::DEFAULT_PLAN);
-        let (mut book, _) = tx
-            .lock_book(id, plan, now)
-            .await?
-            .ok_or(LedgerError::AccountNotFound)?;
-        tx.load(&mut book, None, now).await?;
-        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-        books.push(book);
-    }
-    let (mut from, mut to) = match (books.pop(), books.pop()) {
-        (Some(b), Some(a)) if a.account_id == from_id => (a, b),
-        (Some(b), Some(a)) => (b, a),
-        _ => return Err(StorageError::Other("transfer lost a book".into())),
-    };
-    let pieces = from.take(cmd.amount.get(), EntryKind::TransferOut, &cmd.reason, now)?;
-    to.give(
-        &pieces,
-        EntryKind::TransferIn,
-        &cmd.reason,
-        now,
-        &mut RandomIds,
-    )?;
-    let out = TransferOutcome {
-        from: (from.account_id.clone(), from.net_available()),
-        to: (to.account_id.clone(), to.net_available()),
-        amount: cmd.amount.get(),
-    };
-    tx.write(&from, now).await?;
-    tx.write(&to, now).await?;
-    tx.store_outcome(idem, &out.clone().into()).await?;
-    tx.commit().await?;
-    Ok(Applied::fresh(out))
-}
-
-/// Applies time to one account (overdue holds and grants, a new allowance period) without an
-/// idempotency key: what reads and the sweeper do. Returns the expiry entries written.
-pub(crate) async fn settle(
-    mut tx: Box<dyn Tx>,
-    account_id: &str,
-    policy: &Policy,
-) -> StorageResult<u64> {
-    let now = tx.now().await?;
-    let Some((mut book, _)) = tx.lock_book(account_id, None, now).await? else {
-        return Ok(0);
-    };
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    let expiries = book
-        .entries
-        .iter()
-        .filter(|e| matches!(e.kind, EntryKind::Expire | EntryKind::Expiration))
-        .count();
-    tx.write(&book, now).await?;
-    tx.commit().await?;
-    Ok(u64::try_from(expiries).unwrap_or(u64::MAX))
 }
 
 /// Ids of the holds a book has loaded, for loading their draws.

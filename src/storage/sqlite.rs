@@ -19,15 +19,18 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::batch::{Answer, Batching, Job, JobSteps};
+
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Claim, EntryCursor, EntryQuery, HoldQuery,
-    StorageError, StorageResult, StripeEvent, Tx, Violation, constraint_rejection, entry_kind,
+    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
+    HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
     kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
     violation,
 };
 use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
+use crate::domain::payment::StripeEvent;
 use crate::domain::plan::Policy;
 use crate::domain::{
     AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
@@ -52,8 +55,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     write_lock: Arc<Mutex<()>>,
     policy: Arc<Policy>,
-    /// Group commit for the job path (None: one transaction per command).
-    batcher: Option<Arc<super::batch::Batcher>>,
+    /// How the job path shares transactions (one worker: SQLite has one writer).
+    batching: Batching,
 }
 
 /// Files up to this size get `PRAGMA quick_check` at start: 1 GiB (a few seconds).
@@ -172,13 +175,7 @@ impl SqliteStore {
         max_connections: u32,
         policy: Arc<Policy>,
     ) -> StorageResult<Self> {
-        Self::connect_with(
-            url,
-            max_connections,
-            policy,
-            super::batch::Batching::default(),
-        )
-        .await
+        Self::connect_with(url, max_connections, policy, Batching::default()).await
     }
 
     /// [`SqliteStore::connect`] with group commit settings (`max`; SQLite has one writer, so
@@ -190,7 +187,7 @@ impl SqliteStore {
         url: &str,
         max_connections: u32,
         policy: Arc<Policy>,
-        batching: super::batch::Batching,
+        batching: Batching,
     ) -> StorageResult<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StorageError::Other(format!("bad SQLite URL: {e}")))?
@@ -230,27 +227,15 @@ impl SqliteStore {
                 )));
             }
         }
-        let mut store = Self {
+        Ok(Self {
             pool,
             write_lock: Arc::new(Mutex::new(())),
             policy,
-            batcher: None,
-        };
-        if batching.max > 1 {
-            // The worker holds a copy without the batcher, so dropping the last store stops it.
-            let core: Arc<dyn super::batch::Executor> = Arc::new(store.clone());
-            store.batcher = Some(Arc::new(super::batch::Batcher::spawn(
-                &core,
-                1,
-                batching.max,
-            )?));
-        }
-        Ok(store)
-    }
-
-    /// What group commit has done (None when it is off).
-    pub fn group_stats(&self) -> Option<super::batch::GroupStats> {
-        self.batcher.as_ref().map(|b| b.stats())
+            batching: Batching {
+                workers: 1,
+                ..batching
+            },
+        })
     }
 
     /// Applies `migrations/sqlite`.
@@ -267,67 +252,6 @@ impl SqliteStore {
     /// The pool (for tests and tooling).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
-    }
-
-    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
-        let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        Ok(Box::new(SqliteTx { tx, _lock: lock }))
-    }
-
-    /// Columns of the balance read, and whether time has work to do on the account.
-    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
-        let now = to_time(now_micros())?;
-        let row = sqlx::query(
-            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period,
-                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
-                              AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
-                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
-                              AND b.remaining > 0 AND b.expires_at <= ?2) AS due_grants,
-                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
-                       AND h.state = 'open') AS open_holds
-             FROM account a WHERE a.account_id = ?1",
-        )
-        .bind(account_id)
-        .bind(now.timestamp_micros())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?
-        .ok_or(LedgerError::AccountNotFound)?;
-        let plan: String = row.try_get("plan").map_err(map_err)?;
-        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
-        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
-            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
-            || self.policy.allowance_due(&plan, period.as_deref(), now);
-        let buckets: Vec<Bucket> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
-        )
-        .bind(account_id)
-        .bind(period.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?
-        .iter()
-        .map(bucket_from_row)
-        .collect::<StorageResult<_>>()?;
-        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
-        let balance = Balance {
-            account_id: account_id.to_owned(),
-            available: row.try_get("available").map_err(map_err)?,
-            held: row.try_get("held").map_err(map_err)?,
-            debt: row.try_get("debt").map_err(map_err)?,
-            open_holds: row.try_get("open_holds").map_err(map_err)?,
-            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
-            plan,
-            by_source,
-            next_expiry,
-            as_of: now,
-        };
-        Ok((balance, due))
     }
 }
 
@@ -1007,17 +931,116 @@ impl super::batch::Executor for SqliteStore {
     async fn group(
         &self,
         _worker: usize,
-        jobs: &[super::batch::Job],
-    ) -> StorageResult<Vec<super::batch::Answer>> {
-        super::run_group(self.begin().await?, jobs, &self.policy).await
+        jobs: &[Job],
+        steps: JobSteps,
+    ) -> StorageResult<Vec<Answer>> {
+        super::batch::savepoints(self.begin().await?, jobs, steps, &self.policy).await
     }
 
-    async fn alone(&self, _worker: usize, job: &super::batch::Job) -> super::batch::Answer {
-        super::cmd_op(self.begin().await?, &job.idem, &job.cmd, &self.policy).await
+    async fn alone(&self, _worker: usize, job: &Job, steps: JobSteps) -> Answer {
+        super::batch::one(self.begin().await?, job, steps, &self.policy).await
     }
 }
 
-super::book_ops!(SqliteStore, {
+#[async_trait]
+impl Backend for SqliteStore {
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn group_commit(&self) -> Option<(Arc<dyn super::batch::Executor>, Batching)> {
+        let executor: Arc<dyn super::batch::Executor> = Arc::new(self.clone());
+        Some((executor, self.batching))
+    }
+
+    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
+        let lock = Arc::clone(&self.write_lock).lock_owned().await;
+        let tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
+        Ok(Box::new(SqliteTx { tx, _lock: lock }))
+    }
+
+    /// Columns of the balance read, and whether time has work to do on the account.
+    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+        let now = to_time(now_micros())?;
+        let row = sqlx::query(
+            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period,
+                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
+                              AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
+                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
+                              AND b.remaining > 0 AND b.expires_at <= ?2) AS due_grants,
+                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
+                       AND h.state = 'open') AS open_holds
+             FROM account a WHERE a.account_id = ?1",
+        )
+        .bind(account_id)
+        .bind(now.timestamp_micros())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .ok_or(LedgerError::AccountNotFound)?;
+        let plan: String = row.try_get("plan").map_err(map_err)?;
+        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
+        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
+            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let buckets: Vec<Bucket> = sqlx::query(
+            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
+        )
+        .bind(account_id)
+        .bind(period.as_deref())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(bucket_from_row)
+        .collect::<StorageResult<_>>()?;
+        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
+        let balance = Balance {
+            account_id: account_id.to_owned(),
+            available: row.try_get("available").map_err(map_err)?,
+            held: row.try_get("held").map_err(map_err)?,
+            debt: row.try_get("debt").map_err(map_err)?,
+            open_holds: row.try_get("open_holds").map_err(map_err)?,
+            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
+            plan,
+            by_source,
+            next_expiry,
+            as_of: now,
+        };
+        Ok((balance, due))
+    }
+
+    async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1
+             UNION
+             SELECT account_id FROM bucket WHERE remaining > 0 AND expires_at <= ?1
+             LIMIT ?2",
+        )
+        .bind(now_micros())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn stats(&self) -> StorageResult<crate::storage::StoreStats> {
+        let open_holds: i64 = sqlx::query_scalar("SELECT count(*) FROM hold WHERE state = 'open'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(crate::storage::StoreStats {
+            open_holds,
+            pool_size: self.pool.size(),
+            pool_idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            pool_max: self.pool.options().get_max_connections(),
+        })
+    }
+
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64> {
         let used: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(-SUM(available_delta + held_delta), 0) AS BIGINT) FROM entry
@@ -1032,7 +1055,6 @@ super::book_ops!(SqliteStore, {
     }
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
-        self.balance(account_id).await?;
         let mut v: Vec<Bucket> = sqlx::query(
             "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR held > 0)",
         )
@@ -1045,29 +1067,6 @@ super::book_ops!(SqliteStore, {
         .collect::<StorageResult<_>>()?;
         v.sort_by(consumption_order);
         Ok(v)
-    }
-
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        // Look without the write lock first: most sweeps find nothing to do.
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= ?1
-             UNION
-             SELECT account_id FROM bucket WHERE remaining > 0 AND expires_at <= ?1
-             LIMIT ?2",
-        )
-        .bind(now_micros())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        let mut total = 0u64;
-        for account in accounts {
-            match super::settle(self.begin().await?, &account, &self.policy).await {
-                Ok(n) => total = total.saturating_add(n),
-                Err(e) => super::sweep_failed(&account, e)?,
-            }
-        }
-        Ok(total)
     }
 
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold> {
@@ -1109,7 +1108,7 @@ super::book_ops!(SqliteStore, {
     }
 
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
-        let balance = self.balance(account_id).await?;
+        let balance = self.read_balance(account_id.as_str()).await?.0;
         let (created_at,): (i64,) =
             sqlx::query_as("SELECT created_at FROM account WHERE account_id = ?1")
                 .bind(account_id.as_str())
@@ -1307,4 +1306,4 @@ super::book_ops!(SqliteStore, {
             .map_err(map_err)
             .map(|_| ())
     }
-});
+}

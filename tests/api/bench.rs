@@ -76,7 +76,7 @@ async fn a_counted_run_reports_what_the_ledger_holds(backend: Backend) {
 
     let mut committed = 0;
     for i in 0..3 {
-        let holds = holds_of(app.store.as_ref(), &format!("b-{i}")).await;
+        let holds = holds_of(&app.store, &format!("b-{i}")).await;
         assert!(
             holds
                 .iter()
@@ -111,7 +111,7 @@ async fn a_counted_run_reports_what_the_ledger_holds(backend: Backend) {
         (Some(true), Some(1))
     );
     let refunded = r["ops"].as_u64().unwrap();
-    let holds = holds_of(app.store.as_ref(), "b-0").await;
+    let holds = holds_of(&app.store, "b-0").await;
     let released = holds
         .iter()
         .filter(|h| h.state == HoldState::Released)

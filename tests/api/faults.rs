@@ -173,7 +173,7 @@ async fn crash_campaign(backend: Backend) {
     );
     let mut stored = HashSet::new();
     for a in 0..4 {
-        let holds = crate::support::holds_of(store.as_ref(), &format!("acct-{a}")).await;
+        let holds = crate::support::holds_of(&store, &format!("acct-{a}")).await;
         for h in holds {
             if let Some(amount) = acked.commits.get(&h.hold_id) {
                 assert_eq!(
@@ -192,7 +192,7 @@ async fn crash_campaign(backend: Backend) {
     // Every acknowledged hold exists exactly once, and nothing exists that no key produced
     // (a client's unacknowledged last call is retried until acknowledged, so none is left).
     assert_eq!(stored, acked_ids);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 /// Cancels the client at random points during 500 Reserves, then retries each with its key:
@@ -222,7 +222,7 @@ async fn cancelled_reserves_resolve_to_one_hold_each(backend: Backend) {
         ids.insert(r.hold.unwrap().hold_id);
     }
     assert_eq!(ids.len(), 500);
-    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
+    let holds = crate::support::holds_of(&app.store, "acct").await;
     assert_eq!(holds.len(), 500, "no key made two holds, and none was lost");
     assert_eq!(
         c.check_balance(pb::CheckBalanceRequest {
@@ -462,7 +462,7 @@ async fn database_loss_fails_fast_and_recovers_without_a_restart() {
     );
     // Nothing acknowledged was lost; nothing failed was stored.
     let acked: HashSet<&String> = o.iter().filter_map(|x| x.1.as_ref().ok()).collect();
-    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
+    let holds = crate::support::holds_of(&app.store, "acct").await;
     let stored: HashSet<&String> = holds.iter().map(|h| &h.hold_id).collect();
     assert!(
         acked.is_subset(&stored),

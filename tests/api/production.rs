@@ -300,7 +300,7 @@ async fn rate_limits_refuse_with_retry_info_and_write_nothing(backend: Backend) 
     // 3 from the burst, plus one per second the loop took (a slow machine).
     assert!((3..=5).contains(&ok) && limited >= 5, "{ok} passed");
     assert_eq!(ok + limited, 10);
-    let holds = crate::support::holds_of(app.store.as_ref(), "acct").await;
+    let holds = crate::support::holds_of(&app.store, "acct").await;
     assert_eq!(holds.len(), ok, "a refused call writes nothing");
     assert_eq!(
         balance(&app, "acct").await,

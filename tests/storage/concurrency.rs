@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use tally::domain::{Caller, HoldState, IdempotencyKey, LedgerError};
-use tally::service::ServiceError;
-use tally::storage::Store;
+use tally::ledger::Engine;
+use tally::ledger::ServiceError;
 use tokio::task::JoinSet;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
@@ -20,7 +20,7 @@ fn key(s: &str) -> IdempotencyKey {
 async fn concurrent_reserves_never_overdraw(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 100).await;
+    grant(&store, "acct", 100).await;
     let ledger = ledger(&store);
     let mut set = JoinSet::new();
     for i in 0..64 {
@@ -48,13 +48,13 @@ async fn concurrent_reserves_never_overdraw(backend: Backend) {
     assert_eq!((ok, refused), (14, 50));
     let b = store.balance(&crate::account("acct")).await.unwrap();
     assert_eq!((b.available, b.held, b.open_holds), (2, 98, 14));
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn identical_concurrent_reserves_make_one_hold(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 1_000).await;
+    grant(&store, "acct", 1_000).await;
     let ledger = ledger(&store);
     let mut set = JoinSet::new();
     for _ in 0..50 {
@@ -86,7 +86,7 @@ async fn identical_concurrent_reserves_make_one_hold(backend: Backend) {
     );
     let b = store.balance(&crate::account("acct")).await.unwrap();
     assert_eq!((b.available, b.held, b.open_holds), (970, 30, 1));
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
@@ -97,13 +97,13 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
     // Ten accounts, so the race is between each commit and the sweeper, not a queue on one row.
     let start = ROUNDS as i64;
     for a in 0..10 {
-        grant(store.as_ref(), &format!("acct{a}"), start).await;
+        grant(&store, &format!("acct{a}"), start).await;
     }
     let ledger = ledger(&store);
 
     let stop = Arc::new(AtomicBool::new(false));
     let sweeper = {
-        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        let (store, stop) = (store.clone(), Arc::clone(&stop));
         tokio::spawn(async move {
             let mut swept = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -188,15 +188,15 @@ async fn commit_racing_the_sweeper_has_one_outcome(backend: Backend) {
         total += b.available;
     }
     assert_eq!(total, 10 * start - charged);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn two_sweepers_expire_each_hold_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let other: Arc<dyn Store> = db.store().await; // a second replica on the same database
+    let other: Engine = db.store().await; // a second replica on the same database
     for a in 0..20 {
-        grant(store.as_ref(), &format!("a{a}"), 100).await;
+        grant(&store, &format!("a{a}"), 100).await;
         for i in 0..10 {
             let cmd = reserve_cmd(&format!("a{a}"), 1 + i, TimeDelta::milliseconds(500));
             store
@@ -254,7 +254,7 @@ async fn two_sweepers_expire_each_hold_once(backend: Backend) {
             .unwrap();
         assert_eq!((b.available, b.held), (100, 0));
     }
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 crate::on_both_backends!(

@@ -1,7 +1,6 @@
 //! Differential test: random command sequences on a real backend and on the reference model
 //! (`tally::domain::model::Ledger`) must give the same answers and the same balances.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -12,8 +11,9 @@ use tally::domain::command::{Adjust, CommitHold, ExtendHold, Grant, Refund, Rese
 use tally::domain::model::Ledger as Model;
 use tally::domain::outcome::Outcome;
 use tally::domain::{HoldId, HoldState, LedgerError, Metadata};
-use tally::service::new_hold_id;
-use tally::storage::{StorageError, Store};
+use tally::ledger::Engine;
+use tally::ledger::new_hold_id;
+use tally::storage::StorageError;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
 use crate::{account, credits, idem};
@@ -133,7 +133,7 @@ fn rejected<T>(r: Result<T, StorageError>) -> Result<T, LedgerError> {
     })
 }
 
-async fn on_store(store: &dyn Store, key: &str, cmd: &Cmd) -> Result<Outcome, LedgerError> {
+async fn on_store(store: &Engine, key: &str, cmd: &Cmd) -> Result<Outcome, LedgerError> {
     let i = |fp| idem("diff", key, fp);
     match cmd {
         Cmd::Grant(c) => {
@@ -184,7 +184,7 @@ fn on_model(
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
-async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> {
+async fn run_case(store: &Engine, ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Every case (and every shrink step) works on accounts and keys of its own.
     let run = RUN.fetch_add(1, Ordering::Relaxed);
     let acct = |a: u8| format!("r{run}-a{a}");
@@ -294,7 +294,7 @@ async fn run_case(store: &dyn Store, ops: Vec<Op>) -> Result<(), TestCaseError> 
 
 async fn backend_agrees_with_the_reference_model(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let store: Arc<dyn Store> = db.store().await;
+    let store: Engine = db.store().await;
     let handle = tokio::runtime::Handle::current();
     let mut runner = TestRunner::new(Config {
         cases: 24,
@@ -302,12 +302,12 @@ async fn backend_agrees_with_the_reference_model(backend: Backend) {
         ..Config::default()
     });
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
-        tokio::task::block_in_place(|| handle.block_on(run_case(store.as_ref(), ops)))
+        tokio::task::block_in_place(|| handle.block_on(run_case(&store, ops)))
     });
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 crate::on_both_backends!(backend_agrees_with_the_reference_model);

@@ -1,7 +1,6 @@
 //! Grants on both backends: allowances once per period, the sign-up bonus once, expiry,
 //! corrections and transfers.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
@@ -10,7 +9,8 @@ use tally::domain::command::{Adjust, Grant, OpenAccount, Refund, Transfer};
 use tally::domain::plan::{Allowance, Period, Policy, Rollover};
 use tally::domain::rules::EntryKind;
 use tally::domain::{HoldId, LedgerError};
-use tally::storage::{EntryCursor, EntryQuery, StorageError, Store};
+use tally::ledger::Engine;
+use tally::storage::{EntryCursor, EntryQuery, StorageError};
 use tokio::task::JoinSet;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
@@ -31,7 +31,7 @@ fn daily(amount: i64) -> Policy {
     }
 }
 
-async fn entries(store: &dyn Store, acct: &str, kind: EntryKind) -> usize {
+async fn entries(store: &Engine, acct: &str, kind: EntryKind) -> usize {
     let q = EntryQuery {
         account_id: Some(account(acct)),
         kinds: vec![kind],
@@ -46,15 +46,11 @@ async fn entries(store: &dyn Store, acct: &str, kind: EntryKind) -> usize {
 async fn concurrent_first_calls_on_two_instances_grant_one_allowance(backend: Backend) {
     let db = TestDb::new(backend).await;
     // The account exists from before its plan had an allowance.
-    grant(db.store().await.as_ref(), "user", 10).await;
+    grant(&db.store().await, "user", 10).await;
     let (a, b) = (db.store_with(daily(5)).await, db.store_with(daily(5)).await);
     let mut set = JoinSet::new();
     for i in 0..20 {
-        let store = if i % 2 == 0 {
-            Arc::clone(&a)
-        } else {
-            Arc::clone(&b)
-        };
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
         set.spawn(async move {
             if i % 3 == 0 {
                 let r = reserve_cmd("user", 1, TimeDelta::minutes(5));
@@ -86,8 +82,8 @@ async fn concurrent_first_calls_on_two_instances_grant_one_allowance(backend: Ba
         Some(5),
         "reserves drew the expiring allowance first"
     );
-    assert_eq!(entries(a.as_ref(), "user", EntryKind::Grant).await, 2);
-    assert_ledger_balances(a.as_ref()).await;
+    assert_eq!(entries(&a, "user", EntryKind::Grant).await, 2);
+    assert_ledger_balances(&a).await;
 }
 
 async fn open_account_raced_gives_one_bonus(backend: Backend) {
@@ -100,7 +96,7 @@ async fn open_account_raced_gives_one_bonus(backend: Backend) {
     };
     let mut set = JoinSet::new();
     for i in 0..20 {
-        let (store, open) = (Arc::clone(&store), open.clone());
+        let (store, open) = (store.clone(), open.clone());
         set.spawn(async move {
             store
                 .open_account(&idem("c", &format!("o{i}"), open.fingerprint()), &open)
@@ -130,7 +126,7 @@ async fn open_account_raced_gives_one_bonus(backend: Backend) {
     let (at, amount) = bal.next_expiry.unwrap();
     assert_eq!(amount, 100);
     assert!((at - Utc::now() - TimeDelta::days(30)).num_seconds().abs() < 60);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: Backend) {
@@ -148,7 +144,7 @@ async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: B
         .grant(&idem("c", "promo", promo.fingerprint()), &promo)
         .await
         .unwrap();
-    grant(store.as_ref(), "u", 50).await;
+    grant(&store, "u", 50).await;
     // The reserve takes the expiring promo credits first.
     let r = reserve_cmd("u", 40, TimeDelta::minutes(5));
     let hold = store
@@ -184,7 +180,7 @@ async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: B
         (40, 50),
         "the 30 promo credits came back and expired at once"
     );
-    assert_eq!(entries(store.as_ref(), "u", EntryKind::Expiration).await, 1);
+    assert_eq!(entries(&store, "u", EntryKind::Expiration).await, 1);
 
     // A grant that expires unused leaves by an `expiration` entry, seen on the next read.
     let short = Grant {
@@ -198,8 +194,8 @@ async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: B
     assert_eq!(store.balance(&account("u")).await.unwrap().available, 80);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.balance(&account("u")).await.unwrap().available, 50);
-    assert_eq!(entries(store.as_ref(), "u", EntryKind::Expiration).await, 2);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_eq!(entries(&store, "u", EntryKind::Expiration).await, 2);
+    assert_ledger_balances(&store).await;
 }
 
 async fn corrections_and_transfers_move_grants_with_their_expiry(backend: Backend) {
@@ -218,7 +214,7 @@ async fn corrections_and_transfers_move_grants_with_their_expiry(backend: Backen
         .grant(&idem("c", "g1", promo.fingerprint()), &promo)
         .await
         .unwrap();
-    grant(store.as_ref(), "alice", 30).await;
+    grant(&store, "alice", 30).await;
     let t = Transfer {
         from: account("alice"),
         to: account("bob"),
@@ -306,7 +302,7 @@ async fn corrections_and_transfers_move_grants_with_their_expiry(backend: Backen
             .all(|e| e.reason == "double grant (by support@x)" && e.bucket_id.is_some()),
         "{adj:?}"
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 crate::on_both_backends!(

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use chrono::TimeDelta;
 use tally::domain::command::Refund;
 use tally::domain::{HoldId, LedgerError};
+use tally::ledger::Engine;
+use tally::storage::StorageError;
+use tally::storage::batch::Batching;
 use tally::storage::batch::GroupStats;
-use tally::storage::postgres::{Batching, PgStore};
+use tally::storage::postgres::PgStore;
 use tally::storage::sqlite::SqliteStore;
-use tally::storage::{StorageError, Store};
 use tokio::task::JoinSet;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
@@ -34,7 +36,7 @@ fn got<T>(r: Result<tally::storage::Applied<T>, StorageError>, hold: impl Fn(&T)
 
 /// A store with one group worker: while it runs a transaction, everything else queues and
 /// goes in the next. Also returns how to read its counters.
-async fn grouped(db: &TestDb, backend: Backend) -> (Arc<dyn Store>, Box<dyn Fn() -> GroupStats>) {
+async fn grouped(db: &TestDb, backend: Backend) -> (Engine, Box<dyn Fn() -> GroupStats>) {
     let batching = Batching {
         max: 64,
         workers: 1,
@@ -45,19 +47,18 @@ async fn grouped(db: &TestDb, backend: Backend) -> (Arc<dyn Store>, Box<dyn Fn()
                 .await
                 .unwrap();
             pg.migrate().await.unwrap();
-            let stats = pg.clone();
-            (Arc::new(pg), Box::new(move || stats.group_stats().unwrap()))
+            let engine = Engine::new(Arc::new(pg)).unwrap();
+            let stats = engine.clone();
+            (engine, Box::new(move || stats.group_stats().unwrap()))
         }
         Backend::Sqlite => {
             let lite = SqliteStore::connect_with(&db.url, 8, Arc::default(), batching)
                 .await
                 .unwrap();
             lite.migrate().await.unwrap();
-            let stats = lite.clone();
-            (
-                Arc::new(lite),
-                Box::new(move || stats.group_stats().unwrap()),
-            )
+            let engine = Engine::new(Arc::new(lite)).unwrap();
+            let stats = engine.clone();
+            (engine, Box::new(move || stats.group_stats().unwrap()))
         }
     }
 }
@@ -66,7 +67,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
     let db = TestDb::new(backend).await;
     let (store, stats) = grouped(&db, backend).await;
     for a in 0..4 {
-        grant(store.as_ref(), &format!("a{a}"), 1_000).await;
+        grant(&store, &format!("a{a}"), 1_000).await;
     }
     let ttl = TimeDelta::minutes(5);
 
@@ -81,7 +82,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
         let cmd = reserve_cmd(&acct, amount, ttl);
         let id = idem("svc", &format!("r{i}"), cmd.fingerprint());
         for _ in 0..if i < 10 { 2 } else { 1 } {
-            let (store, cmd, id) = (Arc::clone(&store), cmd.clone(), id.clone());
+            let (store, cmd, id) = (store.clone(), cmd.clone(), id.clone());
             set.spawn(async move {
                 let r = store.reserve(&id, &cmd).await;
                 (i, got(r, |o| o.hold.hold_id.clone()))
@@ -114,7 +115,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
     // refusal left no record, so they run fresh.
     let mut set = JoinSet::new();
     for (i, h) in holds.iter().enumerate() {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         let h = h.clone();
         set.spawn(async move {
             if i % 2 == 0 {
@@ -137,9 +138,9 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
         });
     }
     {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         set.spawn(async move {
-            let cmd = commit_cmd(tally::service::new_hold_id().as_str(), 1);
+            let cmd = commit_cmd(tally::ledger::new_hold_id().as_str(), 1);
             let r = store
                 .commit_hold(&idem("svc", "c-none", cmd.fingerprint()), &cmd)
                 .await;
@@ -150,7 +151,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
         });
     }
     {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         set.spawn(async move {
             let cmd = reserve_cmd("a0", 1, ttl);
             let r = store
@@ -160,7 +161,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
         });
     }
     for i in 40..44 {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         set.spawn(async move {
             let cmd = reserve_cmd(&format!("a{}", i % 4), 10, ttl);
             let r = store
@@ -195,7 +196,7 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
             "a{a}"
         );
     }
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
     let stats = stats();
     assert!(
         stats.largest > 1 && stats.transactions < stats.commands,
@@ -213,14 +214,16 @@ async fn coalescing_can_be_turned_off() {
         .await
         .unwrap();
     pg.migrate().await.unwrap();
+    let pg = Engine::new(Arc::new(pg)).unwrap();
     assert_eq!(pg.group_stats(), None);
     let lite_db = TestDb::new(Backend::Sqlite).await;
     let lite = SqliteStore::connect_with(&lite_db.url, 4, Arc::default(), batching)
         .await
         .unwrap();
+    let lite = Engine::new(Arc::new(lite)).unwrap();
     assert_eq!(lite.group_stats(), None);
-    let store: Arc<dyn Store> = Arc::new(pg);
-    grant(store.as_ref(), "a", 100).await;
+    let store: Engine = pg;
+    grant(&store, "a", 100).await;
     let cmd = reserve_cmd("a", 60, TimeDelta::minutes(1));
     store
         .reserve(&idem("svc", "k", cmd.fingerprint()), &cmd)
@@ -253,11 +256,11 @@ async fn group_plans_are_made_again_as_the_tables_grow() {
     let db = TestDb::new(Backend::Postgres).await;
     let (store, _) = grouped(&db, Backend::Postgres).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    grant(store.as_ref(), "a", 1_000_000).await;
+    grant(&store, "a", 1_000_000).await;
     // Statistics of the new tables, as autovacuum takes them on a new database: no holds.
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
     let pair = |n: u32| {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         async move {
             let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
             let held = store
@@ -298,7 +301,7 @@ async fn group_plans_are_made_again_as_the_tables_grow() {
         read < 3_000,
         "two Reserve+Commit pairs read {read} hold tuples among 30,000 holds"
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 /// Returns once some session waits for a lock (within 5 s, or the test fails).
@@ -326,7 +329,7 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
     let db = TestDb::new(Backend::Postgres).await;
     let (store, stats) = grouped(&db, Backend::Postgres).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    grant(store.as_ref(), "a", 100).await;
+    grant(&store, "a", 100).await;
 
     let mut tx = pool.begin().await.unwrap();
     for sql in [
@@ -343,7 +346,7 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
         sqlx::query(sql).execute(&mut *tx).await.unwrap();
     }
     let reserve = {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         tokio::spawn(async move {
             let cmd = reserve_cmd("a", 400, TimeDelta::minutes(5));
             store
@@ -385,7 +388,7 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
         0,
         "the group itself answered, not the one-call path"
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 /// A group does not claim its keys up front: it looks them up, and its write inserts the
@@ -399,7 +402,7 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
     let db = TestDb::new(Backend::Postgres).await;
     let (store, stats) = grouped(&db, Backend::Postgres).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    grant(store.as_ref(), "a", 100).await;
+    grant(&store, "a", 100).await;
     let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
     let first = store
         .reserve(&idem("svc", "first", cmd.fingerprint()), &cmd)
@@ -424,7 +427,7 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
         );
     }
     let retry = {
-        let (store, cmd) = (Arc::clone(&store), cmd.clone());
+        let (store, cmd) = (store.clone(), cmd.clone());
         tokio::spawn(async move {
             store
                 .reserve(&idem("svc", "retry", cmd.fingerprint()), &cmd)
@@ -455,7 +458,7 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
         (1, 0),
         "the group ran again as a group"
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 /// ExtendHold moves a hold and no balance, yet writes its account row, grouped or alone: that
@@ -468,8 +471,9 @@ async fn extend_hold_writes_its_account_row() {
     let alone = PgStore::connect_with(&db.url, 4, Arc::default(), Batching { max: 1, workers: 1 })
         .await
         .unwrap();
+    let alone = Engine::new(Arc::new(alone)).unwrap();
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    grant(grouped_store.as_ref(), "a", 100).await;
+    grant(&grouped_store, "a", 100).await;
     let cmd = reserve_cmd("a", 10, TimeDelta::minutes(5));
     let reserved = grouped_store
         .reserve(&idem("svc", "r", cmd.fingerprint()), &cmd)
@@ -482,7 +486,7 @@ async fn extend_hold_writes_its_account_row() {
             .await
             .unwrap()
     };
-    let stores: [&dyn Store; 2] = [grouped_store.as_ref(), &alone];
+    let stores: [&Engine; 2] = [&grouped_store, &alone];
     for (n, store) in stores.into_iter().enumerate() {
         let before = version().await;
         let x = tally::domain::command::ExtendHold {

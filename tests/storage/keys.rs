@@ -11,7 +11,7 @@ use crate::{grant, reserve_cmd};
 async fn records_of_the_old_fingerprint_encoding_still_replay(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let s = store.as_ref();
+    let s = &store;
     grant(s, "old", 100).await;
     let cmd = reserve_cmd("old", 7, TimeDelta::minutes(5));
     let key = |fingerprint, legacy| Idempotency {

@@ -30,14 +30,12 @@ mod plans;
 mod rules;
 mod stripe;
 
-use std::sync::Arc;
-
 use chrono::TimeDelta;
 use tally::domain::book::Source;
 use tally::domain::command::{CommitHold, Grant, Idempotency, Reserve};
 use tally::domain::{AccountId, Caller, Credits, GrantOutcome, HoldId, IdempotencyKey, Metadata};
-use tally::service::{Ledger, new_hold_id};
-use tally::storage::Store;
+use tally::ledger::Engine;
+use tally::ledger::{Ledger, new_hold_id};
 
 pub fn idem(caller: &str, key: &str, fingerprint: [u8; 32]) -> Idempotency {
     Idempotency {
@@ -75,7 +73,7 @@ pub fn commit_cmd(hold: &str, amount: i64) -> CommitHold {
     }
 }
 
-pub async fn grant(store: &dyn Store, acct: &str, amount: i64) -> GrantOutcome {
+pub async fn grant(store: &Engine, acct: &str, amount: i64) -> GrantOutcome {
     let cmd = Grant::simple(account(acct), credits(amount), Source::Adjustment, "test");
     store
         .grant(
@@ -91,6 +89,6 @@ pub async fn grant(store: &dyn Store, acct: &str, amount: i64) -> GrantOutcome {
         .outcome
 }
 
-pub fn ledger(store: &Arc<dyn Store>) -> Ledger {
-    Ledger::new(Arc::clone(store), support::limits())
+pub fn ledger(store: &Engine) -> Ledger {
+    Ledger::new(store.clone(), support::limits())
 }

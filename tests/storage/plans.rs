@@ -6,7 +6,7 @@ use chrono::TimeDelta;
 use tally::domain::book::Source;
 use tally::domain::command::SetPlan;
 use tally::domain::plan::{Allowance, Period, Policy, Rollover};
-use tally::storage::Store;
+use tally::ledger::Engine;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
 use crate::{account, grant, idem, reserve_cmd};
@@ -29,7 +29,7 @@ fn policy() -> Policy {
     }
 }
 
-async fn set_plan(store: &dyn Store, acct: &str, plan: &str, key: &str) {
+async fn set_plan(store: &Engine, acct: &str, plan: &str, key: &str) {
     let cmd = SetPlan {
         account_id: account(acct),
         plan: plan.into(),
@@ -40,7 +40,7 @@ async fn set_plan(store: &dyn Store, acct: &str, plan: &str, key: &str) {
         .unwrap_or_else(|e| panic!("set_plan {plan}: {e}"));
 }
 
-async fn available(store: &dyn Store, acct: &str) -> i64 {
+async fn available(store: &Engine, acct: &str) -> i64 {
     store
         .balance(&account(acct))
         .await
@@ -48,7 +48,7 @@ async fn available(store: &dyn Store, acct: &str) -> i64 {
         .available
 }
 
-async fn allowances(store: &dyn Store, acct: &str) -> usize {
+async fn allowances(store: &Engine, acct: &str) -> usize {
     // Every allowance grant of the account, live or not, by its ledger entries.
     let q = tally::storage::EntryQuery {
         account_id: Some(account(acct)),
@@ -70,7 +70,7 @@ async fn allowances(store: &dyn Store, acct: &str) -> usize {
 async fn switching_plans_back_and_forth_never_locks_an_account(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store_with(policy()).await;
-    let s = store.as_ref();
+    let s = &store;
     grant(s, "a1", 10).await;
     assert_eq!(available(s, "a1").await, 15, "10 + today's 5");
     set_plan(s, "a1", "monthly", "p1").await;
@@ -99,7 +99,7 @@ async fn switching_plans_back_and_forth_never_locks_an_account(backend: Backend)
 async fn the_sweeper_goes_on_past_an_account_it_cannot_settle(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let s = store.as_ref();
+    let s = &store;
     for acct in ["bad", "good"] {
         grant(s, acct, 10).await;
         let r = reserve_cmd(acct, 2, TimeDelta::seconds(1));
@@ -156,7 +156,7 @@ async fn the_sweeper_goes_on_past_an_account_it_cannot_settle(backend: Backend) 
 async fn an_account_at_the_balance_limit_keeps_working(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store_with(policy()).await;
-    let s = store.as_ref();
+    let s = &store;
     grant(s, "rich", 1).await;
     set_plan(s, "rich", "none", "n1").await;
     let max = tally::domain::MAX_BALANCE;

@@ -15,7 +15,7 @@ async fn a_retry_after_restart_replays_and_a_reused_key_changes_nothing(backend:
     let cmd = reserve_cmd("acct", 40, TimeDelta::minutes(5));
     let first = {
         let store = db.store().await;
-        grant(store.as_ref(), "acct", 100).await;
+        grant(&store, "acct", 100).await;
         store
             .reserve(&idem("svc-a", "job-1", cmd.fingerprint()), &cmd)
             .await
@@ -25,7 +25,7 @@ async fn a_retry_after_restart_replays_and_a_reused_key_changes_nothing(backend:
     // A new pool on the same database: what a restarted process sees.
     let store = db.store().await;
     let mut retry = cmd.clone();
-    retry.hold_id = tally::service::new_hold_id();
+    retry.hold_id = tally::ledger::new_hold_id();
     let again = store
         .reserve(&idem("svc-a", "job-1", retry.fingerprint()), &retry)
         .await
@@ -53,13 +53,13 @@ async fn a_retry_after_restart_replays_and_a_reused_key_changes_nothing(backend:
     assert!(!b.replayed);
     let bal = store.balance(&account("acct")).await.unwrap();
     assert_eq!((bal.available, bal.held), (19, 81));
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn a_refused_call_stores_no_key_so_it_can_be_retried(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 10).await;
+    grant(&store, "acct", 10).await;
     let cmd = reserve_cmd("acct", 40, TimeDelta::minutes(5));
     let err = store
         .reserve(&idem("c", "job-9", cmd.fingerprint()), &cmd)
@@ -75,20 +75,20 @@ async fn a_refused_call_stores_no_key_so_it_can_be_retried(backend: Backend) {
         ),
         "{err:?}"
     );
-    grant(store.as_ref(), "acct", 30).await;
+    grant(&store, "acct", 30).await;
     let ok = store
         .reserve(&idem("c", "job-9", cmd.fingerprint()), &cmd)
         .await
         .unwrap();
     assert!(!ok.replayed);
     assert_eq!(ok.outcome.available, 0);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn overdue_holds_are_expired_for_every_operation_before_any_sweep(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 100).await;
+    grant(&store, "acct", 100).await;
     let short = reserve_cmd("acct", 60, TimeDelta::milliseconds(50));
     let h = store
         .reserve(&idem("c", "r1", short.fingerprint()), &short)
@@ -151,13 +151,13 @@ async fn overdue_holds_are_expired_for_every_operation_before_any_sweep(backend:
         0,
         "nothing left for the sweeper"
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn commit_of_more_than_held_draws_extra_or_leaves_the_hold_open(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 50).await;
+    grant(&store, "acct", 50).await;
     let r = reserve_cmd("acct", 40, TimeDelta::minutes(5));
     let h = store
         .reserve(&idem("c", "r", r.fingerprint()), &r)
@@ -234,14 +234,14 @@ async fn commit_of_more_than_held_draws_extra_or_leaves_the_hold_open(backend: B
         "{err:?}"
     );
     assert_eq!(store.balance(&account("acct")).await.unwrap().available, 50);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn the_balance_limit_is_a_typed_refusal(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     for _ in 0..1_000 {
-        grant(store.as_ref(), "rich", tally::domain::Credits::MAX).await;
+        grant(&store, "rich", tally::domain::Credits::MAX).await;
     }
     let cmd = tally::domain::command::Grant::simple(
         account("rich"),
@@ -264,13 +264,13 @@ async fn the_balance_limit_is_a_typed_refusal(backend: Backend) {
         store.balance(&account("rich")).await.unwrap().available,
         tally::domain::MAX_BALANCE
     );
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn entries_are_append_only(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 5).await;
+    grant(&store, "acct", 5).await;
     let (update, delete) = match backend {
         Backend::Sqlite => {
             let s = db.sqlite().await;
@@ -301,7 +301,7 @@ async fn entries_are_append_only(backend: Backend) {
     };
     assert!(update.unwrap_err().to_string().contains("append-only"));
     assert!(delete.unwrap_err().to_string().contains("append-only"));
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn unknown_accounts_and_holds_are_not_found(backend: Backend) {
@@ -321,7 +321,7 @@ async fn unknown_accounts_and_holds_are_not_found(backend: Backend) {
         matches!(err, StorageError::Rejected(LedgerError::AccountNotFound)),
         "{err:?}"
     );
-    let c = commit_cmd(tally::service::new_hold_id().as_str(), 1);
+    let c = commit_cmd(tally::ledger::new_hold_id().as_str(), 1);
     let err = store
         .commit_hold(&idem("c", "c", c.fingerprint()), &c)
         .await
@@ -335,7 +335,7 @@ async fn unknown_accounts_and_holds_are_not_found(backend: Backend) {
 async fn purged_keys_are_forgotten(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 100).await;
+    grant(&store, "acct", 100).await;
     let cmd = reserve_cmd("acct", 10, TimeDelta::minutes(5));
     store
         .reserve(&idem("c", "old", cmd.fingerprint()), &cmd)
@@ -359,20 +359,20 @@ async fn purged_keys_are_forgotten(backend: Backend) {
     );
     // A key past retention is a new request (as with Stripe): the retry makes a second hold.
     let mut retry = cmd.clone();
-    retry.hold_id = tally::service::new_hold_id();
+    retry.hold_id = tally::ledger::new_hold_id();
     let again = store
         .reserve(&idem("c", "old", retry.fingerprint()), &retry)
         .await
         .unwrap();
     assert!(!again.replayed);
     assert_eq!(store.balance(&account("acct")).await.unwrap().open_holds, 2);
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 async fn the_audit_finds_an_injected_imbalance(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    grant(store.as_ref(), "acct", 5).await;
+    grant(&store, "acct", 5).await;
     assert!(store.audit().await.unwrap().is_empty());
     // An entry written behind the ledger's back: the balance columns no longer agree.
     let sql = "INSERT INTO entry (account_id, kind, available_delta, held_delta, reason, created_at) \

@@ -7,7 +7,6 @@
 //! the end they equal what the facts say (computed here from the history itself, independently
 //! of any order) and the audit is clean.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::Utc;
@@ -16,7 +15,9 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tally::domain::book::Source;
 use tally::domain::model::{Ledger as Model, Stripe as StripeModel};
 use tally::domain::payment::{Charge, Dispute, DisputeStatus, Fact, Subscription};
-use tally::storage::{PackGrant, StorageError, Store, StripeEffect, StripeEvent};
+use tally::domain::payment::{PackGrant, StripeEffect, StripeEvent};
+use tally::ledger::Engine;
+use tally::storage::StorageError;
 use tally::stripe::event::SubscriptionState;
 
 use crate::support::{Backend, TestDb, assert_ledger_balances};
@@ -284,7 +285,7 @@ fn event(id: &str) -> StripeEvent {
 
 /// Sends one delivery to the backend and to the model.
 async fn deliver(
-    store: &dyn Store,
+    store: &Engine,
     model: &mut Model,
     stripe: &mut StripeModel,
     d: &Delivery,
@@ -357,7 +358,7 @@ async fn deliver(
     }
 }
 
-async fn balance(store: &dyn Store, account: &str) -> Option<(i64, String)> {
+async fn balance(store: &Engine, account: &str) -> Option<(i64, String)> {
     match store.balance(&crate::account(account)).await {
         Ok(b) => Some((b.available, b.plan)),
         Err(StorageError::Rejected(_)) => None,
@@ -366,7 +367,7 @@ async fn balance(store: &dyn Store, account: &str) -> Option<(i64, String)> {
 }
 
 async fn run_case(
-    store: &dyn Store,
+    store: &Engine,
     run: u64,
     histories: Vec<History>,
     subs: Vec<SubHistory>,
@@ -443,7 +444,7 @@ async fn run_case(
 
 async fn stripe_histories_in_any_order_agree_with_the_model_and_the_facts(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let store: Arc<dyn Store> = db.store().await;
+    let store: Engine = db.store().await;
     let handle = tokio::runtime::Handle::current();
     let runs = AtomicU64::new(1);
     let mut runner = TestRunner::new(Config {
@@ -459,13 +460,13 @@ async fn stripe_histories_in_any_order_agree_with_the_model_and_the_facts(backen
     let result = runner.run(&strategy, |(histories, subs, order)| {
         let run = runs.fetch_add(1, Ordering::Relaxed);
         tokio::task::block_in_place(|| {
-            handle.block_on(run_case(store.as_ref(), run, histories, subs, order))
+            handle.block_on(run_case(&store, run, histories, subs, order))
         })
     });
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert_ledger_balances(store.as_ref()).await;
+    assert_ledger_balances(&store).await;
 }
 
 /// Claw-backs recorded before charges and disputes were facts of their own (before migration
@@ -474,8 +475,8 @@ async fn stripe_histories_in_any_order_agree_with_the_model_and_the_facts(backen
 /// dispute is won.
 async fn claw_backs_recorded_before_the_upgrade_are_not_taken_twice(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let store: Arc<dyn Store> = db.store().await;
-    let s = store.as_ref();
+    let store: Engine = db.store().await;
+    let s = &store;
     let deliver = |id: &'static str, key: Option<&str>, fact: Fact| {
         let key = key.map(str::to_owned);
         async move {

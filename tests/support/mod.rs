@@ -19,10 +19,10 @@ use chrono::TimeDelta;
 use sqlx::Connection;
 use tally::app::{App, Settings};
 use tally::domain::plan::Policy;
+use tally::ledger::Engine;
+use tally::ledger::Limits;
 use tally::pb::admin_service_client::AdminServiceClient;
 use tally::pb::credit_service_client::CreditServiceClient;
-use tally::service::Limits;
-use tally::storage::Store;
 use tally::storage::postgres::PgStore;
 use tally::storage::sqlite::SqliteStore;
 use tonic::transport::Channel;
@@ -102,12 +102,12 @@ impl TestDb {
     }
 
     /// Opens and migrates a store on this database (plans grant no allowance).
-    pub async fn store(&self) -> Arc<dyn Store> {
+    pub async fn store(&self) -> Engine {
         self.store_with(Policy::default()).await
     }
 
     /// Opens and migrates a store whose plans grant the allowances of `policy`.
-    pub async fn store_with(&self, policy: Policy) -> Arc<dyn Store> {
+    pub async fn store_with(&self, policy: Policy) -> Engine {
         tally::app::open_store(&self.url, 32, Arc::new(policy))
             .await
             .unwrap()
@@ -133,7 +133,7 @@ impl TestDb {
 }
 
 /// Every hold of `account` (any state, newest first).
-pub async fn holds_of(store: &dyn Store, account: &str) -> Vec<tally::domain::Hold> {
+pub async fn holds_of(store: &Engine, account: &str) -> Vec<tally::domain::Hold> {
     store
         .list_holds(&tally::storage::HoldQuery {
             account_id: tally::domain::AccountId::parse("account", account).unwrap(),
@@ -174,7 +174,7 @@ pub async fn set_database_reachable(db: &TestDb, reachable: bool) {
 }
 
 /// Fails the test if any account's entries, balance columns and open holds disagree.
-pub async fn assert_ledger_balances(store: &dyn Store) {
+pub async fn assert_ledger_balances(store: &Engine) {
     let violations = store.audit().await.unwrap();
     assert!(
         violations.is_empty(),
@@ -195,7 +195,7 @@ pub struct TestApp {
     pub http: SocketAddr,
     pub metrics: SocketAddr,
     pub db: TestDb,
-    pub store: Arc<dyn Store>,
+    pub store: Engine,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -259,7 +259,7 @@ pub fn settings(db: &TestDb) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: db.url.clone(),
         db_max_connections: 16,
-        db_group: tally::storage::postgres::Batching::default(),
+        db_group: tally::storage::batch::Batching::default(),
         limits: limits(),
         idempotency_retention: TimeDelta::hours(24),
         sweep_interval: Duration::from_millis(50),
@@ -327,7 +327,7 @@ impl TestApp {
         let addr = app.local_addr().unwrap();
         let http = app.http_addr().unwrap();
         let metrics = app.metrics_addr().unwrap();
-        let store = Arc::clone(app.ledger().store());
+        let store = app.ledger().engine().clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(async move {
             app.run_until_stopped(async move {
@@ -411,7 +411,7 @@ impl TestApp {
 
     /// Checks the ledger invariants, stops the server and returns its database.
     pub async fn finish(mut self) -> TestDb {
-        assert_ledger_balances(self.store.as_ref()).await;
+        assert_ledger_balances(&self.store).await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -21,8 +21,9 @@ use sqlx::Row;
 use super::{CONNECT_TIMEOUT, PgStore, commit_err, map_err, metadata_json};
 use crate::domain::LedgerError;
 use crate::domain::book::{Book, Bucket, Draw};
-use crate::storage::batch::{Answer, Executor, Job};
-use crate::storage::{Applied, RandomIds, StorageError, StorageResult, Target, replay};
+use crate::domain::command::Target;
+use crate::storage::batch::{Answer, Executor, Job, JobSteps};
+use crate::storage::{Applied, RandomIds, StorageError, StorageResult, replay};
 
 /// The loads' common expressions: live grants of the accounts in `accounts`, open holds past
 /// expiry and the holds in `named`, their draws, the grants those name, and each account's
@@ -143,7 +144,12 @@ type Recorded<'r> = (Vec<u8>, Option<&'r str>);
 
 #[async_trait]
 impl Executor for PgStore {
-    async fn group(&self, worker: usize, jobs: &[Job]) -> StorageResult<Vec<Answer>> {
+    async fn group(
+        &self,
+        worker: usize,
+        jobs: &[Job],
+        _steps: JobSteps,
+    ) -> StorageResult<Vec<Answer>> {
         let mut session = self.session(worker).await?;
         let conn = &mut session.as_mut().ok_or_else(no_session)?.conn;
         let result = self.group_tx(conn, jobs).await;
@@ -159,13 +165,13 @@ impl Executor for PgStore {
 
     /// The fallback when a group fails as a whole: the one-call path, each job in its own
     /// transaction.
-    async fn alone(&self, worker: usize, job: &Job) -> Answer {
+    async fn alone(&self, worker: usize, job: &Job, steps: JobSteps) -> Answer {
         let mut session = self.session(worker).await?;
         let conn = &mut session.as_mut().ok_or_else(no_session)?.conn;
         let result = match sqlx::Connection::begin(&mut *conn).await {
             Ok(tx) => {
                 let tx: Box<dyn crate::storage::Tx + '_> = Box::new(super::PgTx { tx });
-                crate::storage::cmd_op(tx, &job.idem, &job.cmd, &self.policy).await
+                crate::storage::batch::one(tx, job, steps, &self.policy).await
             }
             Err(e) => Err(map_err(e)),
         };

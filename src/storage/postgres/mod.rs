@@ -16,16 +16,16 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::batch::Batcher;
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Claim, EntryCursor, EntryQuery, HoldQuery,
-    StorageError, StorageResult, StripeEvent, Tx, Violation, constraint_rejection, entry_kind,
+    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
+    HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
     kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
     violation,
 };
 use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
+use crate::domain::payment::StripeEvent;
 use crate::domain::plan::Policy;
 use crate::domain::{
     AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
@@ -49,8 +49,8 @@ pub struct PgStore {
     /// For readiness pings on their own connection, so a busy pool never looks like a dead
     /// database.
     options: PgConnectOptions,
-    /// Group commit for the job path (None: one transaction per command).
-    batcher: Option<Arc<Batcher>>,
+    /// How the job path shares transactions.
+    batching: Batching,
     /// One connection per group-commit worker, opened outside the pool on the worker's own
     /// thread and runtime: a pooled checkout costs two round trips (sqlx pings a connection
     /// when it is taken and when it is given back), and the worker's planner settings must
@@ -60,7 +60,7 @@ pub struct PgStore {
 
 mod group;
 
-pub use super::batch::Batching;
+use super::batch::Batching;
 
 /// Why PostgreSQL could not be reached at start, for an operator: host, port, database and
 /// user (never the password), and the cause of one direct attempt (the pool only says it timed
@@ -251,31 +251,15 @@ impl PgStore {
             Ok(p) => p,
             Err(e) => return Err(unreachable_at_start(&options, e).await),
         };
-        let mut store = Self {
+        Ok(Self {
             pool,
             policy,
             options,
-            batcher: None,
+            batching,
             sessions: (0..batching.workers.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
-        };
-        if batching.max > 1 {
-            // The workers hold a copy without the batcher, so dropping the last store stops them.
-            let core = store.clone();
-            let core: Arc<dyn super::batch::Executor> = Arc::new(core);
-            store.batcher = Some(Arc::new(Batcher::spawn(
-                &core,
-                batching.workers,
-                batching.max,
-            )?));
-        }
-        Ok(store)
-    }
-
-    /// What group commit has done (None when it is off).
-    pub fn group_stats(&self) -> Option<super::batch::GroupStats> {
-        self.batcher.as_ref().map(|b| b.stats())
+        })
     }
 
     /// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas may race).
@@ -294,11 +278,6 @@ impl PgStore {
         &self.pool
     }
 
-    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
-        let tx = self.pool.begin().await.map_err(map_err)?;
-        Ok(Box::new(PgTx { tx }))
-    }
-
     /// The grants a query selects.
     async fn buckets(
         &self,
@@ -310,54 +289,6 @@ impl PgStore {
             .iter()
             .map(bucket_from_row)
             .collect()
-    }
-
-    /// Columns of the balance read, and whether time has work to do on the account.
-    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
-        let row = sqlx::query(
-            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, now() AS now,
-                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
-                              AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
-                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
-                              AND b.live AND b.remaining > 0 AND b.expires_at <= now()) AS due_grants,
-                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
-                       AND h.state = 'open') AS open_holds
-             FROM account a WHERE a.account_id = $1",
-        )
-        .bind(account_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?
-        .ok_or(LedgerError::AccountNotFound)?;
-        let now: DateTime<Utc> = row.try_get("now").map_err(map_err)?;
-        let plan: String = row.try_get("plan").map_err(map_err)?;
-        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
-        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
-            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
-            || self.policy.allowance_due(&plan, period.as_deref(), now);
-        let buckets = self
-            .buckets(
-                sqlx::query(
-                    "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
-                )
-                .bind(account_id)
-                .bind(period.as_deref()),
-            )
-            .await?;
-        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
-        let balance = Balance {
-            account_id: account_id.to_owned(),
-            available: row.try_get("available").map_err(map_err)?,
-            held: row.try_get("held").map_err(map_err)?,
-            debt: row.try_get("debt").map_err(map_err)?,
-            open_holds: row.try_get("open_holds").map_err(map_err)?,
-            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
-            plan,
-            by_source,
-            next_expiry,
-            as_of: now,
-        };
-        Ok((balance, due))
     }
 }
 
@@ -1027,7 +958,96 @@ macro_rules! entries_sql {
 const ENTRIES_NEWEST_FIRST: &str = entries_sql!("DESC");
 const ENTRIES_OLDEST_FIRST: &str = entries_sql!("ASC");
 
-super::book_ops!(PgStore, {
+#[async_trait]
+impl Backend for PgStore {
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn group_commit(&self) -> Option<(Arc<dyn super::batch::Executor>, Batching)> {
+        let executor: Arc<dyn super::batch::Executor> = Arc::new(self.clone());
+        Some((executor, self.batching))
+    }
+
+    async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
+        let tx = self.pool.begin().await.map_err(map_err)?;
+        Ok(Box::new(PgTx { tx }))
+    }
+
+    /// Columns of the balance read, and whether time has work to do on the account.
+    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+        let row = sqlx::query(
+            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, now() AS now,
+                    EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
+                              AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
+                    EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
+                              AND b.live AND b.remaining > 0 AND b.expires_at <= now()) AS due_grants,
+                    (SELECT count(*) FROM hold h WHERE h.account_id = a.account_id
+                       AND h.state = 'open') AS open_holds
+             FROM account a WHERE a.account_id = $1",
+        )
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .ok_or(LedgerError::AccountNotFound)?;
+        let now: DateTime<Utc> = row.try_get("now").map_err(map_err)?;
+        let plan: String = row.try_get("plan").map_err(map_err)?;
+        let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
+        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
+            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let buckets = self
+            .buckets(
+                sqlx::query(
+                    "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
+                )
+                .bind(account_id)
+                .bind(period.as_deref()),
+            )
+            .await?;
+        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
+        let balance = Balance {
+            account_id: account_id.to_owned(),
+            available: row.try_get("available").map_err(map_err)?,
+            held: row.try_get("held").map_err(map_err)?,
+            debt: row.try_get("debt").map_err(map_err)?,
+            open_holds: row.try_get("open_holds").map_err(map_err)?,
+            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
+            plan,
+            by_source,
+            next_expiry,
+            as_of: now,
+        };
+        Ok((balance, due))
+    }
+
+    async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= now()
+             UNION
+             SELECT account_id FROM bucket WHERE live AND remaining > 0 AND expires_at <= now()
+             LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn stats(&self) -> StorageResult<crate::storage::StoreStats> {
+        let open_holds: i64 = sqlx::query_scalar("SELECT count(*) FROM hold WHERE state = 'open'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(crate::storage::StoreStats {
+            open_holds,
+            pool_size: self.pool.size(),
+            pool_idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            pool_max: self.pool.options().get_max_connections(),
+        })
+    }
+
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64> {
         let used: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(-SUM(available_delta + held_delta), 0) AS BIGINT) FROM entry
@@ -1042,7 +1062,6 @@ super::book_ops!(PgStore, {
     }
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
-        self.balance(account_id).await?;
         let mut v = self
             .buckets(
                 sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
@@ -1051,28 +1070,6 @@ super::book_ops!(PgStore, {
             .await?;
         v.sort_by(consumption_order);
         Ok(v)
-    }
-
-    async fn expire_due(&self, limit: u32) -> StorageResult<u64> {
-        // One short transaction per account: the same settle every operation does first.
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT account_id FROM hold WHERE state = 'open' AND expires_at <= now()
-             UNION
-             SELECT account_id FROM bucket WHERE live AND remaining > 0 AND expires_at <= now()
-             LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        let mut total = 0u64;
-        for account in accounts {
-            match super::settle(self.begin().await?, &account, &self.policy).await {
-                Ok(n) => total = total.saturating_add(n),
-                Err(e) => super::sweep_failed(&account, e)?,
-            }
-        }
-        Ok(total)
     }
 
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold> {
@@ -1119,7 +1116,7 @@ super::book_ops!(PgStore, {
     }
 
     async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
-        let balance = self.balance(account_id).await?;
+        let balance = self.read_balance(account_id.as_str()).await?.0;
         let (created_at,): (DateTime<Utc>,) =
             sqlx::query_as("SELECT created_at FROM account WHERE account_id = $1")
                 .bind(account_id.as_str())
@@ -1311,4 +1308,4 @@ super::book_ops!(PgStore, {
         let _ = conn.close().await;
         Ok(())
     }
-});
+}

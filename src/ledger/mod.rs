@@ -1,9 +1,21 @@
-//! Use cases: one async method per operation, over the storage port.
+//! The application layer: every use case, for every transport. gRPC and HTTP call
+//! [`Ledger`]; neither touches storage.
 //!
-//! The service owns what is neither a pure rule nor SQL: request fingerprints, hold-id
-//! generation, the bounded retry on contention, and the background sweeper.
+//! - [`Ledger`] (here): what a request needs around a use case: its idempotency scope and
+//!   fingerprint, hold ids, the bounded retry on contention, the background sweeper.
+//! - [`engine`]: the transaction scripts, one attempt each: claim the key, lock, load,
+//!   settle, let the domain decide, write, store the outcome.
+//! - [`stripe`]: Stripe effects, applied exactly once in any order.
 
-use std::sync::Arc;
+pub mod engine;
+pub mod stripe;
+
+/// The page requests and rows of the reads, as the transports build and show them.
+pub use crate::storage::{
+    AccountQuery, AccountRow, EntryCursor, EntryQuery, HoldQuery, StoreStats, Violation,
+};
+pub use engine::Engine;
+
 use std::time::Duration;
 
 use chrono::TimeDelta;
@@ -14,14 +26,13 @@ use crate::domain::command::{
     Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
     Transfer,
 };
+use crate::domain::payment::{StripeEffect, StripeEvent, StripeRecord, Subscription};
 use crate::domain::{
     AccountId, AccountSummary, AdjustOutcome, Balance, Caller, CommitOutcome, EntryRecord,
     ExtendOutcome, FieldViolation, GrantOutcome, Hold, HoldId, IdempotencyKey, LedgerError,
     OpenOutcome, PlanOutcome, RefundOutcome, ReserveOutcome, TransferOutcome,
 };
-use crate::storage::{
-    AccountQuery, AccountRow, Applied, EntryQuery, HoldQuery, StorageError, Store,
-};
+use crate::storage::{Applied, StorageError};
 
 /// Attempts per call when the database reports contention (then ABORTED).
 pub const CONTENTION_ATTEMPTS: u32 = 3;
@@ -117,7 +128,7 @@ impl Limits {
 /// The ledger service.
 #[derive(Clone)]
 pub struct Ledger {
-    store: Arc<dyn Store>,
+    engine: Engine,
     limits: Limits,
 }
 
@@ -164,9 +175,9 @@ pub fn new_hold_id() -> HoldId {
 }
 
 impl Ledger {
-    /// A service over `store`.
-    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
-        Self { store, limits }
+    /// The use cases over `engine`.
+    pub fn new(engine: Engine, limits: Limits) -> Self {
+        Self { engine, limits }
     }
 
     /// The configured limits.
@@ -174,14 +185,14 @@ impl Ledger {
         self.limits
     }
 
-    /// The storage port (for health checks and audits).
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// The engine (health checks, audits, metrics).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Balance of an account.
     pub async fn check_balance(&self, account_id: &AccountId) -> ServiceResult<Balance> {
-        with_retry(|| self.store.balance(account_id)).await
+        with_retry(|| self.engine.balance(account_id)).await
     }
 
     /// Reserve credits.
@@ -195,7 +206,7 @@ impl Ledger {
             legacy: Some(cmd.legacy_fingerprint()),
             ..idem(caller, key, cmd.fingerprint())
         };
-        with_retry(|| self.store.reserve(&idem, cmd)).await
+        with_retry(|| self.engine.reserve(&idem, cmd)).await
     }
 
     /// Commit a hold.
@@ -206,7 +217,7 @@ impl Ledger {
         cmd: &CommitHold,
     ) -> ServiceResult<Applied<CommitOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.commit_hold(&idem, cmd)).await
+        with_retry(|| self.engine.commit_hold(&idem, cmd)).await
     }
 
     /// Refund a hold.
@@ -217,7 +228,7 @@ impl Ledger {
         cmd: &Refund,
     ) -> ServiceResult<Applied<RefundOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.refund(&idem, cmd)).await
+        with_retry(|| self.engine.refund(&idem, cmd)).await
     }
 
     /// Extend a hold.
@@ -228,7 +239,7 @@ impl Ledger {
         cmd: &ExtendHold,
     ) -> ServiceResult<Applied<ExtendOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.extend_hold(&idem, cmd)).await
+        with_retry(|| self.engine.extend_hold(&idem, cmd)).await
     }
 
     /// Grant credits.
@@ -239,17 +250,17 @@ impl Ledger {
         cmd: &Grant,
     ) -> ServiceResult<Applied<GrantOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.grant(&idem, cmd)).await
+        with_retry(|| self.engine.grant(&idem, cmd)).await
     }
 
     /// One hold.
     pub async fn hold(&self, hold_id: &HoldId) -> ServiceResult<Hold> {
-        with_retry(|| self.store.hold(hold_id)).await
+        with_retry(|| self.engine.hold(hold_id)).await
     }
 
     /// A page of holds.
     pub async fn list_holds(&self, query: &HoldQuery) -> ServiceResult<Vec<Hold>> {
-        with_retry(|| self.store.list_holds(query)).await
+        with_retry(|| self.engine.list_holds(query)).await
     }
 
     /// Move an account to another plan.
@@ -260,7 +271,7 @@ impl Ledger {
         cmd: &SetPlan,
     ) -> ServiceResult<Applied<PlanOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.set_plan(&idem, cmd)).await
+        with_retry(|| self.engine.set_plan(&idem, cmd)).await
     }
 
     /// Open an account with its bonus.
@@ -271,7 +282,7 @@ impl Ledger {
         cmd: &OpenAccount,
     ) -> ServiceResult<Applied<OpenOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.open_account(&idem, cmd)).await
+        with_retry(|| self.engine.open_account(&idem, cmd)).await
     }
 
     /// A signed correction.
@@ -282,7 +293,7 @@ impl Ledger {
         cmd: &Adjust,
     ) -> ServiceResult<Applied<AdjustOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.adjust(&idem, cmd)).await
+        with_retry(|| self.engine.adjust(&idem, cmd)).await
     }
 
     /// Move credits between accounts.
@@ -293,7 +304,7 @@ impl Ledger {
         cmd: &Transfer,
     ) -> ServiceResult<Applied<TransferOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
-        with_retry(|| self.store.transfer(&idem, cmd)).await
+        with_retry(|| self.engine.transfer(&idem, cmd)).await
     }
 
     /// Credits charged since `since`.
@@ -302,34 +313,76 @@ impl Ledger {
         account_id: &AccountId,
         since: chrono::DateTime<chrono::Utc>,
     ) -> ServiceResult<i64> {
-        with_retry(|| self.store.used_since(account_id, since)).await
+        with_retry(|| self.engine.used_since(account_id, since)).await
     }
 
     /// An account's live grants.
     pub async fn grants(&self, account_id: &AccountId) -> ServiceResult<Vec<Bucket>> {
-        with_retry(|| self.store.grants(account_id)).await
+        with_retry(|| self.engine.grants(account_id)).await
     }
 
     /// An account summary.
     pub async fn account(&self, account_id: &AccountId) -> ServiceResult<AccountSummary> {
-        with_retry(|| self.store.account(account_id)).await
+        with_retry(|| self.engine.account(account_id)).await
     }
 
     /// A page of accounts.
     pub async fn list_accounts(&self, query: &AccountQuery) -> ServiceResult<Vec<AccountRow>> {
-        with_retry(|| self.store.list_accounts(query)).await
+        with_retry(|| self.engine.list_accounts(query)).await
     }
 
     /// A page of entries.
     pub async fn list_entries(&self, query: &EntryQuery) -> ServiceResult<Vec<EntryRecord>> {
-        with_retry(|| self.store.list_entries(query)).await
+        with_retry(|| self.engine.list_entries(query)).await
+    }
+
+    /// Records a verified Stripe event and applies its effect, once.
+    pub async fn record_stripe_event(
+        &self,
+        event: &StripeEvent,
+        effect: &StripeEffect,
+    ) -> ServiceResult<StripeRecord> {
+        with_retry(|| self.engine.record_stripe_event(event, effect)).await
+    }
+
+    /// The Stripe customer linked to an account.
+    pub async fn customer_of(&self, account_id: &AccountId) -> ServiceResult<Option<String>> {
+        with_retry(|| self.engine.customer_of(account_id)).await
+    }
+
+    /// Links an account to a Stripe customer; the first link wins and is returned.
+    pub async fn link_customer(
+        &self,
+        account_id: &AccountId,
+        customer_id: &str,
+    ) -> ServiceResult<String> {
+        with_retry(|| self.engine.link_customer(account_id, customer_id)).await
+    }
+
+    /// The newest purchases granted to an account (business key, credits, when).
+    pub async fn purchases(
+        &self,
+        account_id: &AccountId,
+        limit: u32,
+    ) -> ServiceResult<Vec<(String, i64, chrono::DateTime<chrono::Utc>)>> {
+        with_retry(|| self.engine.purchases(account_id, limit)).await
+    }
+
+    /// An account's mirrored subscriptions (any status).
+    pub async fn subscriptions(&self, account_id: &AccountId) -> ServiceResult<Vec<Subscription>> {
+        with_retry(|| self.engine.subscriptions(account_id)).await
+    }
+
+    /// Gauges for metrics: open holds and the connection pool.
+    pub async fn stats(&self) -> ServiceResult<StoreStats> {
+        Ok(self.engine.stats().await?)
     }
 
     /// One sweeper pass: expire overdue holds in batches until none are left.
     pub async fn sweep_once(&self) -> ServiceResult<u64> {
         let mut total = 0u64;
         loop {
-            let n = self.store.expire_due(SWEEP_BATCH).await?;
+            let n = self.engine.expire_due(SWEEP_BATCH).await?;
             total = total.saturating_add(n);
             if n < u64::from(SWEEP_BATCH) {
                 return Ok(total);
@@ -364,7 +417,7 @@ impl Ledger {
             // Purge about once a minute at the default one-second sweep interval.
             ticks = ticks.wrapping_add(1);
             if ticks % 60 == 1
-                && let Err(e) = self.store.purge_idempotency(retention, PURGE_BATCH).await
+                && let Err(e) = self.engine.purge_idempotency(retention, PURGE_BATCH).await
             {
                 warn!(error.message = %e, "idempotency purge failed");
             }
