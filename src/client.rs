@@ -168,7 +168,7 @@ fn jitter(max: Duration) -> Duration {
 /// A Tally client (cheap to clone; clones share the connection).
 #[derive(Clone)]
 pub struct Client {
-    credit: CreditServiceClient<Channel>,
+    channel: Channel,
     token: Option<Arc<MetadataValue<tonic::metadata::Ascii>>>,
     config: Config,
 }
@@ -211,7 +211,7 @@ impl Client {
             .transpose()?
             .map(Arc::new);
         Ok(Self {
-            credit: CreditServiceClient::new(channel),
+            channel,
             token,
             config,
         })
@@ -230,6 +230,56 @@ impl Client {
         F: Fn(CreditServiceClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
+        self.attempts(message, |channel, r| {
+            call(CreditServiceClient::new(channel), r)
+        })
+        .await
+        .map_err(|(status, attempts)| {
+            if retryable(&status) || status.code() == Code::DeadlineExceeded {
+                Error::Exhausted {
+                    attempts,
+                    last: status,
+                    key: key.map(str::to_owned),
+                }
+            } else {
+                Error::from_status(&status)
+            }
+        })
+    }
+
+    /// Any RPC of any Tally service, with this client's token, deadline and retries (the same
+    /// message, so the same idempotency key, on every attempt); the last status when it fails.
+    /// What the `tally` command line's client commands are built on.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tally::client::Client) -> Result<(), tonic::Status> {
+    /// use tally::pb::admin_service_client::AdminServiceClient;
+    /// let m = tally::pb::GetAccountRequest { account_id: "user_1".into() };
+    /// let account = client
+    ///     .call(m, |ch, r| async move { AdminServiceClient::new(ch).get_account(r).await })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The status that ended the call: a refusal, or the last of the attempts.
+    pub async fn call<M, R, F, Fut>(&self, message: M, call: F) -> Result<R, Status>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        self.attempts(message, call).await.map_err(|(s, _)| s)
+    }
+
+    /// The attempts of one call: its result, or the status that ended it and how many were
+    /// made.
+    async fn attempts<M, R, F, Fut>(&self, message: M, call: F) -> Result<R, (Status, u32)>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
         let deadline = Instant::now() + self.config.deadline;
         let mut backoff = self.config.initial_backoff;
         let mut attempt = 0;
@@ -241,20 +291,15 @@ impl Client {
             if let Some(t) = &self.token {
                 req.metadata_mut().insert("authorization", (**t).clone());
             }
-            let status = match call(self.credit.clone(), req).await {
+            let status = match call(self.channel.clone(), req).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
             };
-            let exhausted = |last| Error::Exhausted {
-                attempts: attempt,
-                last,
-                key: key.map(str::to_owned),
-            };
-            if !retryable(&status) && status.code() != Code::DeadlineExceeded {
-                return Err(Error::from_status(&status));
-            }
-            if status.code() == Code::DeadlineExceeded || attempt >= self.config.attempts {
-                return Err(exhausted(status));
+            if !retryable(&status)
+                || status.code() == Code::DeadlineExceeded
+                || attempt >= self.config.attempts
+            {
+                return Err((status, attempt));
             }
             let hint = status
                 .get_details_retry_info()
@@ -262,7 +307,7 @@ impl Client {
                 .unwrap_or_default();
             let wait = jitter(backoff).max(hint);
             if Instant::now() + wait >= deadline {
-                return Err(exhausted(status));
+                return Err((status, attempt));
             }
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(self.config.max_backoff);
