@@ -151,6 +151,61 @@ pub type Breakdown = (
     Option<i64>,
 );
 
+/// An account's balance as stored: its row, its grants that hold credits (and those of its
+/// current allowance period), and whether one of its holds or grants is past its expiry. What
+/// both backends read, turned into the [`super::Balance`] callers see by one rule.
+#[derive(Clone, Debug)]
+pub struct StoredBalance {
+    /// The account.
+    pub account_id: String,
+    /// The `available` column less debt.
+    pub available: i64,
+    /// The `held` column.
+    pub held: i64,
+    /// The `debt` column.
+    pub debt: i64,
+    /// Holds in state open.
+    pub open_holds: i64,
+    /// The plan.
+    pub plan: String,
+    /// The allowance period last granted.
+    pub allowance_period: Option<String>,
+    /// Grants that hold credits, and those of `allowance_period`.
+    pub grants: Vec<Bucket>,
+    /// An open hold or a grant with credits is past its expiry.
+    pub overdue: bool,
+    /// When it was read (the database clock).
+    pub now: DateTime<Utc>,
+}
+
+impl StoredBalance {
+    /// Whether time has work to do on the account: something past its expiry, or a new
+    /// allowance period of its plan (`policy`) has begun.
+    #[must_use]
+    pub fn due(&self, policy: &super::plan::Policy) -> bool {
+        self.overdue || policy.allowance_due(&self.plan, self.allowance_period.as_deref(), self.now)
+    }
+
+    /// The balance callers see; `allowance` is the plan's (none: no allowance left to show).
+    #[must_use]
+    pub fn balance(self, allowance: Option<&Allowance>) -> super::Balance {
+        let (by_source, next_expiry, allowance_left) =
+            breakdown(&self.grants, self.allowance_period.as_deref(), self.now);
+        super::Balance {
+            account_id: self.account_id,
+            available: self.available,
+            held: self.held,
+            debt: self.debt,
+            open_holds: self.open_holds,
+            allowance_left: allowance.and(allowance_left.or(Some(0))),
+            plan: self.plan,
+            by_source,
+            next_expiry,
+            as_of: self.now,
+        }
+    }
+}
+
 /// A balance's breakdown from its live buckets: available credits per source, the next expiry
 /// (time and amount), and what is left of the allowance granted for `allowance_period`.
 #[must_use]

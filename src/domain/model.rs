@@ -118,20 +118,19 @@ impl Ledger {
             .values()
             .filter(|h| h.state == super::hold::HoldState::Open)
             .count();
-        let (by_source, next_expiry, allowance_left) =
-            super::book::breakdown(book.buckets.values(), book.allowance_period.as_deref(), now);
-        Ok(Balance {
-            by_source,
-            next_expiry,
-            allowance_left: self.allowance.as_ref().and(allowance_left),
+        let stored = super::book::StoredBalance {
             account_id: account_id.to_owned(),
             available: book.net_available(),
-            debt: book.debt,
             held: book.held,
+            debt: book.debt,
             open_holds: i64::try_from(open).unwrap_or(i64::MAX),
+            allowance_period: book.allowance_period.clone(),
+            grants: book.buckets.into_values().collect(),
             plan: book.plan,
-            as_of: now,
-        })
+            overdue: false,
+            now,
+        };
+        Ok(stored.balance(self.allowance.as_ref()))
     }
 
     /// Runs `op` atomically under an idempotency key: a stored outcome is replayed, a key

@@ -85,17 +85,14 @@ impl Engine {
     /// # Errors
     /// `AccountNotFound`, or what the backend reports.
     pub async fn balance(&self, account_id: &AccountId) -> StorageResult<Balance> {
-        let (balance, due) = self.backend.read_balance(account_id.as_str()).await?;
-        if !due {
-            return Ok(balance);
+        let policy = self.policy();
+        let mut stored = self.backend.read_balance(account_id.as_str()).await?;
+        if stored.due(policy) {
+            settle(self.backend.begin().await?, account_id.as_str(), policy).await?;
+            stored = self.backend.read_balance(account_id.as_str()).await?;
         }
-        settle(
-            self.backend.begin().await?,
-            account_id.as_str(),
-            self.policy(),
-        )
-        .await?;
-        Ok(self.backend.read_balance(account_id.as_str()).await?.0)
+        let allowance = policy.for_plan(&stored.plan);
+        Ok(stored.balance(allowance))
     }
 
     /// An account's balance, plan and creation time, time applied first.
@@ -104,7 +101,7 @@ impl Engine {
     /// `AccountNotFound`, or what the backend reports.
     pub async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
         let balance = self.balance(account_id).await?;
-        let created_at = self.backend.account(account_id).await?.created_at;
+        let created_at = self.backend.created_at(account_id).await?;
         Ok(AccountSummary {
             balance,
             created_at,
@@ -339,6 +336,38 @@ where
     Ok(applied)
 }
 
+/// What an operation loads besides the account's live grants and due holds.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Load<'a> {
+    /// Create the account (on this plan) if it does not exist.
+    pub create: Option<&'a str>,
+    /// The hold operated on.
+    pub hold: Option<&'a str>,
+    /// The grants of the allowance periods current now (a plan switch must see them).
+    pub periods: bool,
+}
+
+/// Locks an account's row, loads its book and applies time to it: the first steps of every
+/// write. `None` when the account does not exist (and `load.create` is not set).
+pub(super) async fn open_book(
+    tx: &mut dyn Tx,
+    account: &str,
+    load: Load<'_>,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<Option<Book>> {
+    let Some((mut book, _)) = tx.lock_book(account, load.create, now).await? else {
+        return Ok(None);
+    };
+    tx.load(&mut book, load.hold, now).await?;
+    if load.periods {
+        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
+            .await?;
+    }
+    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
+    Ok(Some(book))
+}
+
 /// The steps of [`book_op`] inside a transaction the caller ends.
 pub(super) async fn book_steps<T>(
     tx: &mut dyn Tx,
@@ -367,17 +396,14 @@ where
             false,
         ),
     };
-    let plan = create.then_some(crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(&account, plan, now)
+    let load = Load {
+        create: create.then_some(crate::domain::DEFAULT_PLAN),
+        hold,
+        periods: matches!(target, Target::PlanSwitch(_)),
+    };
+    let mut book = open_book(tx, &account, load, policy, now)
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, hold, now).await?;
-    if matches!(target, Target::PlanSwitch(_)) {
-        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
-            .await?;
-    }
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
     let out = op(&mut book, now, &mut RandomIds)?;
     tx.write(&book, now).await?;
     tx.store_outcome(idem, &out.clone().into()).await?;
@@ -463,13 +489,13 @@ async fn transfer(
     let mut order = [(from_id, false), (to_id, true)];
     order.sort_by_key(|(id, _)| *id);
     for (id, create) in order {
-        let plan = create.then_some(crate::domain::DEFAULT_PLAN);
-        let (mut book, _) = tx
-            .lock_book(id, plan, now)
+        let load = Load {
+            create: create.then_some(crate::domain::DEFAULT_PLAN),
+            ..Load::default()
+        };
+        let book = open_book(tx.as_mut(), id, load, policy, now)
             .await?
             .ok_or(LedgerError::AccountNotFound)?;
-        tx.load(&mut book, None, now).await?;
-        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
         books.push(book);
     }
     let (mut from, mut to) = match (books.pop(), books.pop()) {
@@ -505,11 +531,9 @@ pub(super) async fn settle(
     policy: &Policy,
 ) -> StorageResult<u64> {
     let now = tx.now().await?;
-    let Some((mut book, _)) = tx.lock_book(account_id, None, now).await? else {
+    let Some(book) = open_book(tx.as_mut(), account_id, Load::default(), policy, now).await? else {
         return Ok(0);
     };
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
     let expiries = book
         .entries
         .iter()

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::engine::{Load, open_book};
 use crate::domain::payment::{Moved, PackGrant, StripeEffect, StripeEvent, StripeRecord};
 use crate::domain::plan::Policy;
 use crate::domain::{AccountId, LedgerError};
@@ -49,13 +50,13 @@ async fn book_fact(
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> StorageResult<Option<String>> {
-    let create = grant.as_ref().map(|_| crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(account, create, now)
+    let load = Load {
+        create: grant.as_ref().map(|_| crate::domain::DEFAULT_PLAN),
+        ..Load::default()
+    };
+    let mut book = open_book(tx, account, load, policy, now)
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
-    tx.load(&mut book, None, now).await?;
-    book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
     let booked = match &grant {
         Some(g) => Some((
             g.source,
@@ -262,20 +263,19 @@ async fn apply_subscription(
     };
     let subs = tx.subscriptions_of(&account).await?;
     let plan = Subscription::plan_of(&subs, crate::domain::DEFAULT_PLAN);
-    let (mut book, _) = tx
-        .lock_book(&account, None, now)
+    // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch gives
+    // at most one allowance per period key.
+    let load = Load {
+        periods: true,
+        ..Load::default()
+    };
+    let mut book = open_book(tx, &account, load, policy, now)
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
     if book.plan != plan {
-        // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch
-        // gives at most one allowance per period key.
-        tx.load(&mut book, None, now).await?;
-        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
-            .await?;
-        book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
         book.switch_plan(&plan, policy.for_plan(&plan), now, &mut RandomIds)?;
-        tx.write(&book, now).await?;
     }
+    tx.write(&book, now).await?;
     Ok(())
 }
 

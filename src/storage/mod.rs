@@ -15,9 +15,7 @@ use crate::domain::book::{Book, Bucket, Ids};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::plan::Policy;
-use crate::domain::{
-    AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError,
-};
+use crate::domain::{AccountId, EntryRecord, Hold, HoldId, HoldState, LedgerError};
 
 /// The columns of a hold row, in the order both backends read them.
 macro_rules! hold_columns {
@@ -171,17 +169,20 @@ pub trait Backend: Send + Sync + 'static {
     /// What runs job-path commands in shared transactions, and how (None: one transaction
     /// per command).
     fn group_commit(&self) -> Option<(std::sync::Arc<dyn batch::Executor>, batch::Batching)>;
-    /// The stored balance with its breakdown, and whether time has work to do on the account
-    /// (an overdue hold or grant, a new allowance period).
-    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)>;
+    /// The account's balance as stored (its row, grants with credits, whether something is
+    /// past its expiry).
+    async fn read_balance(
+        &self,
+        account_id: &str,
+    ) -> StorageResult<crate::domain::book::StoredBalance>;
     /// Up to `limit` accounts with an overdue hold or grant.
     async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>>;
     /// One hold, as observed now.
     async fn hold(&self, hold_id: &HoldId) -> StorageResult<Hold>;
     /// A page of an account's holds, as observed now.
     async fn list_holds(&self, query: &HoldQuery) -> StorageResult<Vec<Hold>>;
-    /// An account's stored balance, plan and creation time.
-    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary>;
+    /// When an account was created.
+    async fn created_at(&self, account_id: &AccountId) -> StorageResult<DateTime<Utc>>;
     /// An account's stored grants that still hold credits, in consumption order.
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>>;
     /// Credits charged (commits less refunds) to an account since `since`.

@@ -27,14 +27,12 @@ use super::{
     kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
     violation,
 };
-use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
+use crate::domain::book::{Book, Bucket, Draw, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::payment::StripeEvent;
 use crate::domain::plan::Policy;
-use crate::domain::{
-    AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
-};
+use crate::domain::{AccountId, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata};
 
 /// How long a writer waits for the write lock before the call reports contention.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -963,8 +961,7 @@ impl Backend for SqliteStore {
         Ok(Box::new(SqliteTx { tx, _lock: lock }))
     }
 
-    /// Columns of the balance read, and whether time has work to do on the account.
-    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+    async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
         let now = to_time(now_micros())?;
         let row = sqlx::query(
             "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period,
@@ -984,9 +981,8 @@ impl Backend for SqliteStore {
         .ok_or(LedgerError::AccountNotFound)?;
         let plan: String = row.try_get("plan").map_err(map_err)?;
         let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
-        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
-            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
-            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
         let buckets: Vec<Bucket> = sqlx::query(
             "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
         )
@@ -998,20 +994,18 @@ impl Backend for SqliteStore {
         .iter()
         .map(bucket_from_row)
         .collect::<StorageResult<_>>()?;
-        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
-        let balance = Balance {
+        Ok(StoredBalance {
             account_id: account_id.to_owned(),
             available: row.try_get("available").map_err(map_err)?,
             held: row.try_get("held").map_err(map_err)?,
             debt: row.try_get("debt").map_err(map_err)?,
             open_holds: row.try_get("open_holds").map_err(map_err)?,
-            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
             plan,
-            by_source,
-            next_expiry,
-            as_of: now,
-        };
-        Ok((balance, due))
+            allowance_period: period,
+            grants: buckets,
+            overdue,
+            now,
+        })
     }
 
     async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>> {
@@ -1107,8 +1101,7 @@ impl Backend for SqliteStore {
             .collect()
     }
 
-    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
-        let balance = self.read_balance(account_id.as_str()).await?.0;
+    async fn created_at(&self, account_id: &AccountId) -> StorageResult<DateTime<Utc>> {
         let (created_at,): (i64,) =
             sqlx::query_as("SELECT created_at FROM account WHERE account_id = ?1")
                 .bind(account_id.as_str())
@@ -1116,10 +1109,7 @@ impl Backend for SqliteStore {
                 .await
                 .map_err(map_err)?
                 .ok_or(LedgerError::AccountNotFound)?;
-        Ok(AccountSummary {
-            balance,
-            created_at: to_time(created_at)?,
-        })
+        to_time(created_at)
     }
 
     async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {

@@ -18,7 +18,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{CONNECT_TIMEOUT, PgStore, commit_err, map_err, metadata_json};
+use super::{
+    CONNECT_TIMEOUT, Columns, PgStore, bucket_from, col, commit_err, draw_from, hold_from, map_err,
+    metadata_json,
+};
 use crate::domain::LedgerError;
 use crate::domain::book::{Book, Bucket, Draw};
 use crate::domain::command::Target;
@@ -423,7 +426,7 @@ fn place_loaded(
     // Holds first: a draw belongs to a book through its hold.
     let mut hold_account: HashMap<String, String> = HashMap::new();
     for r in rows.iter().filter(|r| kind(r) == b'h') {
-        let h = loaded_hold(r)?;
+        let h = hold_from(r, &LOADED_HOLD)?;
         if let Some(book) = books.get_mut(&h.account_id) {
             hold_account.insert(h.hold_id.clone(), h.account_id.clone());
             book.holds.entry(h.hold_id.clone()).or_insert(h);
@@ -432,13 +435,13 @@ fn place_loaded(
     for r in rows {
         match kind(r) {
             b'b' => {
-                let b = loaded_bucket(r)?;
+                let b = bucket_from(r, &LOADED_BUCKET)?;
                 if let Some(book) = books.get_mut(&b.account_id) {
                     book.buckets.insert(b.bucket_id.clone(), b);
                 }
             }
             b'd' => {
-                let d = loaded_draw(r)?;
+                let d = draw_from(r, &LOADED_DRAW)?;
                 if let Some(book) = hold_account.get(&d.hold_id).and_then(|a| books.get_mut(a)) {
                     book.draws.insert((d.hold_id.clone(), d.seq), d);
                 }
@@ -467,60 +470,13 @@ fn kind(r: &sqlx::postgres::PgRow) -> u8 {
         .unwrap_or(0)
 }
 
-fn col<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
-    r: &'r sqlx::postgres::PgRow,
-    name: &str,
-) -> StorageResult<T> {
-    r.try_get(name)
-        .map_err(|e| StorageError::Other(format!("unreadable loaded row: {e}")))
-}
-
-fn loaded_bucket(r: &sqlx::postgres::PgRow) -> StorageResult<Bucket> {
-    let kind: String = col(r, "s3")?;
-    Ok(Bucket {
-        bucket_id: col(r, "s1")?,
-        account_id: col(r, "s2")?,
-        source: crate::storage::source(&kind)?,
-        period: col(r, "s4")?,
-        reason: col(r, "s5")?,
-        granted: col(r, "i1")?,
-        remaining: col(r, "i2")?,
-        held: col(r, "i3")?,
-        expired: col(r, "i4")?,
-        priority: col(r, "n")?,
-        expires_at: col(r, "t1")?,
-        created_at: col(r, "t2")?,
-    })
-}
-
-fn loaded_hold(r: &sqlx::postgres::PgRow) -> StorageResult<crate::domain::Hold> {
-    let state: String = col(r, "s4")?;
-    let metadata: String = col(r, "s3")?;
-    Ok(crate::domain::Hold {
-        hold_id: col(r, "s1")?,
-        account_id: col(r, "s2")?,
-        amount: col(r, "i1")?,
-        state: crate::domain::HoldState::parse(&state)
-            .ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
-        committed_amount: col(r, "i2")?,
-        refunded_amount: col(r, "i3")?,
-        created_at: col(r, "t1")?,
-        expires_at: col(r, "t2")?,
-        resolved_at: col(r, "t3")?,
-        metadata: serde_json::from_str(&metadata).map_err(StorageError::other)?,
-    })
-}
-
-fn loaded_draw(r: &sqlx::postgres::PgRow) -> StorageResult<Draw> {
-    Ok(Draw {
-        hold_id: col(r, "s1")?,
-        bucket_id: col(r, "s2")?,
-        held: col(r, "i1")?,
-        consumed: col(r, "i2")?,
-        refunded: col(r, "i3")?,
-        seq: col(r, "n")?,
-    })
-}
+/// Where group commit's load puts each table's columns (`load_rows!`).
+const LOADED_HOLD: Columns<10> =
+    Columns(["s1", "s2", "s3", "s4", "i1", "i2", "i3", "t1", "t2", "t3"]);
+const LOADED_BUCKET: Columns<12> = Columns([
+    "s1", "s2", "s3", "s4", "s5", "i1", "i2", "i3", "i4", "n", "t1", "t2",
+]);
+const LOADED_DRAW: Columns<6> = Columns(["s1", "s2", "i1", "i2", "i3", "n"]);
 
 /// Writes what the books' commands changed: each table's new rows in one INSERT and changed
 /// rows in one UPDATE, in foreign-key order. New rows go in with their final values and are

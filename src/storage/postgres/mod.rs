@@ -22,14 +22,12 @@ use super::{
     kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
     violation,
 };
-use crate::domain::book::{Book, Bucket, Draw, breakdown, consumption_order};
+use crate::domain::book::{Book, Bucket, Draw, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::payment::StripeEvent;
 use crate::domain::plan::Policy;
-use crate::domain::{
-    AccountId, AccountSummary, Balance, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata,
-};
+use crate::domain::{AccountId, EntryRecord, Hold, HoldId, HoldState, LedgerError, Metadata};
 
 /// An account's subscriptions, as [`super::SubscriptionRow`]s.
 const SUBSCRIPTIONS_SQL: &str =
@@ -160,52 +158,144 @@ pub(crate) fn commit_err(e: sqlx::Error) -> StorageError {
     }
 }
 
-fn hold_from_row(row: &PgRow) -> StorageResult<Hold> {
-    let get = |e: sqlx::Error| StorageError::Other(format!("unreadable hold row: {e}"));
-    let state: String = row.try_get("state").map_err(get)?;
-    let metadata: String = row.try_get("metadata").map_err(get)?;
+/// Where a row's columns are, by name: as its table names them (the one-call path), or as
+/// group commit's one-statement load lays every table out (`load_rows!` in `group.rs`). One
+/// decoder per table reads both.
+pub(super) struct Columns<const N: usize>(pub [&'static str; N]);
+
+/// A hold's columns, in [`hold_from`]'s order.
+pub(super) const HOLD: Columns<10> = Columns([
+    "hold_id",
+    "account_id",
+    "metadata",
+    "state",
+    "amount",
+    "committed_amount",
+    "refunded_amount",
+    "created_at",
+    "expires_at",
+    "resolved_at",
+]);
+/// A grant's columns, in [`bucket_from`]'s order.
+pub(super) const BUCKET: Columns<12> = Columns([
+    "bucket_id",
+    "account_id",
+    "source",
+    "period",
+    "reason",
+    "granted",
+    "remaining",
+    "held",
+    "expired",
+    "priority",
+    "expires_at",
+    "created_at",
+]);
+/// A draw's columns, in [`draw_from`]'s order.
+pub(super) const DRAW: Columns<6> = Columns([
+    "hold_id",
+    "bucket_id",
+    "held",
+    "consumed",
+    "refunded",
+    "seq",
+]);
+
+pub(super) fn col<'r, T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>>(
+    r: &'r PgRow,
+    name: &str,
+) -> StorageResult<T> {
+    r.try_get(name)
+        .map_err(|e| StorageError::Other(format!("unreadable row ({name}): {e}")))
+}
+
+/// A hold from its row.
+pub(super) fn hold_from(r: &PgRow, c: &Columns<10>) -> StorageResult<Hold> {
+    let [
+        id,
+        account,
+        metadata,
+        state,
+        amount,
+        committed,
+        refunded,
+        created,
+        expires,
+        resolved,
+    ] = c.0;
+    let state: String = col(r, state)?;
+    let metadata: String = col(r, metadata)?;
     Ok(Hold {
-        hold_id: row.try_get("hold_id").map_err(get)?,
-        account_id: row.try_get("account_id").map_err(get)?,
-        amount: row.try_get("amount").map_err(get)?,
+        hold_id: col(r, id)?,
+        account_id: col(r, account)?,
+        amount: col(r, amount)?,
         state: HoldState::parse(&state)
             .ok_or_else(|| StorageError::Other(format!("unknown hold state {state:?}")))?,
-        committed_amount: row.try_get("committed_amount").map_err(get)?,
-        refunded_amount: row.try_get("refunded_amount").map_err(get)?,
-        created_at: row.try_get("created_at").map_err(get)?,
-        expires_at: row.try_get("expires_at").map_err(get)?,
-        resolved_at: row.try_get("resolved_at").map_err(get)?,
+        committed_amount: col(r, committed)?,
+        refunded_amount: col(r, refunded)?,
+        created_at: col(r, created)?,
+        expires_at: col(r, expires)?,
+        resolved_at: col(r, resolved)?,
         metadata: serde_json::from_str::<Metadata>(&metadata).map_err(StorageError::other)?,
     })
 }
 
-fn bucket_from_row(row: &PgRow) -> StorageResult<Bucket> {
-    let kind: String = row.try_get("source").map_err(map_err)?;
+/// A grant from its row.
+pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
+    let [
+        id,
+        account,
+        kind,
+        period,
+        reason,
+        granted,
+        remaining,
+        held,
+        expired,
+        priority,
+        expires,
+        created,
+    ] = c.0;
+    let kind: String = col(r, kind)?;
     Ok(Bucket {
-        bucket_id: row.try_get("bucket_id").map_err(map_err)?,
-        account_id: row.try_get("account_id").map_err(map_err)?,
+        bucket_id: col(r, id)?,
+        account_id: col(r, account)?,
         source: source(&kind)?,
-        granted: row.try_get("granted").map_err(map_err)?,
-        remaining: row.try_get("remaining").map_err(map_err)?,
-        held: row.try_get("held").map_err(map_err)?,
-        expired: row.try_get("expired").map_err(map_err)?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        priority: row.try_get("priority").map_err(map_err)?,
-        period: row.try_get("period").map_err(map_err)?,
-        reason: row.try_get("reason").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
+        period: col(r, period)?,
+        reason: col(r, reason)?,
+        granted: col(r, granted)?,
+        remaining: col(r, remaining)?,
+        held: col(r, held)?,
+        expired: col(r, expired)?,
+        priority: col(r, priority)?,
+        expires_at: col(r, expires)?,
+        created_at: col(r, created)?,
     })
 }
 
-fn draw_from_row(r: &PgRow) -> StorageResult<Draw> {
+/// A draw from its row.
+pub(super) fn draw_from(r: &PgRow, c: &Columns<6>) -> StorageResult<Draw> {
+    let [hold, bucket, held, consumed, refunded, seq] = c.0;
     Ok(Draw {
-        hold_id: r.try_get("hold_id").map_err(map_err)?,
-        seq: r.try_get("seq").map_err(map_err)?,
-        bucket_id: r.try_get("bucket_id").map_err(map_err)?,
-        held: r.try_get("held").map_err(map_err)?,
-        consumed: r.try_get("consumed").map_err(map_err)?,
-        refunded: r.try_get("refunded").map_err(map_err)?,
+        hold_id: col(r, hold)?,
+        bucket_id: col(r, bucket)?,
+        held: col(r, held)?,
+        consumed: col(r, consumed)?,
+        refunded: col(r, refunded)?,
+        seq: col(r, seq)?,
     })
+}
+
+fn hold_from_row(r: &PgRow) -> StorageResult<Hold> {
+    hold_from(r, &HOLD)
+}
+
+fn bucket_from_row(r: &PgRow) -> StorageResult<Bucket> {
+    bucket_from(r, &BUCKET)
+}
+
+fn draw_from_row(r: &PgRow) -> StorageResult<Draw> {
+    draw_from(r, &DRAW)
 }
 
 fn metadata_json(m: &Metadata) -> StorageResult<String> {
@@ -974,8 +1064,7 @@ impl Backend for PgStore {
         Ok(Box::new(PgTx { tx }))
     }
 
-    /// Columns of the balance read, and whether time has work to do on the account.
-    async fn read_balance(&self, account_id: &str) -> StorageResult<(Balance, bool)> {
+    async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
         let row = sqlx::query(
             "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, now() AS now,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
@@ -994,9 +1083,8 @@ impl Backend for PgStore {
         let now: DateTime<Utc> = row.try_get("now").map_err(map_err)?;
         let plan: String = row.try_get("plan").map_err(map_err)?;
         let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
-        let due = row.try_get::<bool, _>("due_holds").map_err(map_err)?
-            || row.try_get::<bool, _>("due_grants").map_err(map_err)?
-            || self.policy.allowance_due(&plan, period.as_deref(), now);
+        let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
+            || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
         let buckets = self
             .buckets(
                 sqlx::query(
@@ -1006,20 +1094,18 @@ impl Backend for PgStore {
                 .bind(period.as_deref()),
             )
             .await?;
-        let (by_source, next_expiry, allowance_left) = breakdown(&buckets, period.as_deref(), now);
-        let balance = Balance {
+        Ok(StoredBalance {
             account_id: account_id.to_owned(),
             available: row.try_get("available").map_err(map_err)?,
             held: row.try_get("held").map_err(map_err)?,
             debt: row.try_get("debt").map_err(map_err)?,
             open_holds: row.try_get("open_holds").map_err(map_err)?,
-            allowance_left: self.policy.for_plan(&plan).and(allowance_left.or(Some(0))),
             plan,
-            by_source,
-            next_expiry,
-            as_of: now,
-        };
-        Ok((balance, due))
+            allowance_period: period,
+            grants: buckets,
+            overdue,
+            now,
+        })
     }
 
     async fn due_accounts(&self, limit: u32) -> StorageResult<Vec<String>> {
@@ -1115,8 +1201,7 @@ impl Backend for PgStore {
             .collect()
     }
 
-    async fn account(&self, account_id: &AccountId) -> StorageResult<AccountSummary> {
-        let balance = self.read_balance(account_id.as_str()).await?.0;
+    async fn created_at(&self, account_id: &AccountId) -> StorageResult<DateTime<Utc>> {
         let (created_at,): (DateTime<Utc>,) =
             sqlx::query_as("SELECT created_at FROM account WHERE account_id = $1")
                 .bind(account_id.as_str())
@@ -1124,10 +1209,7 @@ impl Backend for PgStore {
                 .await
                 .map_err(map_err)?
                 .ok_or(LedgerError::AccountNotFound)?;
-        Ok(AccountSummary {
-            balance,
-            created_at,
-        })
+        Ok(created_at)
     }
 
     async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
