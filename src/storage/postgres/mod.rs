@@ -253,7 +253,7 @@ pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
         held,
         expired,
         priority,
-        expires,
+        expiry,
         created,
     ] = c.0;
     let kind: String = col(r, kind)?;
@@ -268,17 +268,17 @@ pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
         held: col(r, held)?,
         expired: col(r, expired)?,
         priority: col(r, priority)?,
-        expires_at: col(r, expires)?,
+        expires_at: col(r, expiry)?,
         created_at: col(r, created)?,
     })
 }
 
 /// A draw from its row.
 pub(super) fn draw_from(r: &PgRow, c: &Columns<6>) -> StorageResult<Draw> {
-    let [hold, bucket, held, consumed, refunded, seq] = c.0;
+    let [hold_id, bucket_id, held, consumed, refunded, seq] = c.0;
     Ok(Draw {
-        hold_id: col(r, hold)?,
-        bucket_id: col(r, bucket)?,
+        hold_id: col(r, hold_id)?,
+        bucket_id: col(r, bucket_id)?,
         held: col(r, held)?,
         consumed: col(r, consumed)?,
         refunded: col(r, refunded)?,
