@@ -405,19 +405,19 @@ impl OpenAccount {
 }
 
 impl SetPlan {
-    /// Switches the loaded book (with the current periods' grants) to the plan, its
-    /// allowance from `policy`.
+    /// Switches the loaded book (with the current periods' grants) to the plan, whose
+    /// allowance is `allowance`.
     ///
     /// # Errors
     /// What [`Book::switch_plan`] refuses.
     pub fn apply(
         &self,
         b: &mut Book,
-        policy: &super::plan::Policy,
+        allowance: Option<&super::plan::Allowance>,
         now: DateTime<Utc>,
         ids: &mut dyn Ids,
     ) -> Result<PlanOutcome, LedgerError> {
-        let previous_plan = b.switch_plan(&self.plan, policy.for_plan(&self.plan), now, ids)?;
+        let previous_plan = b.switch_plan(&self.plan, allowance, now, ids)?;
         Ok(PlanOutcome {
             account_id: b.account_id.clone(),
             previous_plan,

@@ -11,13 +11,14 @@ use chrono::{DateTime, Utc};
 
 use super::book::{Book, Ids, Source};
 use super::command::{
-    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, Transfer,
+    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Transfer,
 };
 use super::error::LedgerError;
 use super::hold::Hold;
 use super::outcome::{
     AdjustOutcome, Balance, CommitOutcome, ExtendOutcome, GrantOutcome, OpenOutcome, Outcome,
-    RefundOutcome, ReserveOutcome, TransferOutcome,
+    PlanOutcome, RefundOutcome, ReserveOutcome, TransferOutcome,
 };
 use super::payment::{
     Charge, Decision, Dispute, Fact, Payment, Purchase, PurchaseState, Subscription,
@@ -348,6 +349,24 @@ impl Ledger {
         self.idempotent(idem, |l| {
             l.with_book(cmd.account_id.as_str(), now, false, |b, ids| {
                 cmd.apply(b, now, ids)
+            })
+        })
+    }
+
+    /// Moves an account to another plan (every plan of the model grants its one allowance).
+    ///
+    /// # Errors
+    /// `IdempotencyKeyReused`, `AccountNotFound`.
+    pub fn set_plan(
+        &mut self,
+        idem: &Idempotency,
+        cmd: &SetPlan,
+        now: DateTime<Utc>,
+    ) -> Res<PlanOutcome> {
+        let allowance = self.allowance.clone();
+        self.idempotent(idem, |l| {
+            l.with_book(cmd.account_id.as_str(), now, false, |b, ids| {
+                cmd.apply(b, allowance.as_ref(), now, ids)
             })
         })
     }

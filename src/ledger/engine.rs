@@ -239,7 +239,7 @@ impl Engine {
             idem,
             target,
             policy,
-            |b, now, ids| cmd.apply(b, policy, now, ids),
+            |b, now, ids| cmd.apply(b, policy.for_plan(&cmd.plan), now, ids),
         )
         .await
     }

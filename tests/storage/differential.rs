@@ -7,7 +7,9 @@ use chrono::{DateTime, TimeDelta, Utc};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tally::domain::book::Source;
-use tally::domain::command::{Adjust, CommitHold, ExtendHold, Grant, Refund, Reserve, Transfer};
+use tally::domain::command::{
+    Adjust, CommitHold, ExtendHold, Grant, OpenAccount, Refund, Reserve, SetPlan, Transfer,
+};
 use tally::domain::model::Ledger as Model;
 use tally::domain::outcome::Outcome;
 use tally::domain::{HoldId, HoldState, LedgerError, Metadata};
@@ -28,6 +30,8 @@ enum Op {
     Refund(usize, Option<i64>),
     Extend(usize),
     Retry(usize),
+    Open(u8, Option<i64>),
+    SetPlan(u8, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +44,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), proptest::option::of(1i64..50)).prop_map(|(h, n)| Op::Refund(h, n)),
         1 => any::<usize>().prop_map(Op::Extend),
         2 => any::<usize>().prop_map(Op::Retry),
+        1 => (0u8..3, proptest::option::of(1i64..80)).prop_map(|(a, b)| Op::Open(a, b)),
+        1 => (0u8..3, any::<bool>()).prop_map(|(a, pro)| Op::SetPlan(a, pro)),
     ]
 }
 
@@ -52,6 +58,8 @@ enum Cmd {
     Commit(CommitHold),
     Refund(Refund),
     Extend(ExtendHold),
+    Open(OpenAccount),
+    SetPlan(SetPlan),
 }
 
 /// What must agree between model and backend: everything but ids and timestamps.
@@ -80,7 +88,13 @@ enum Summary {
         available: i64,
     },
     Plan {
+        previous: String,
         plan: String,
+    },
+    Open {
+        plan: String,
+        bonus: i64,
+        available: i64,
     },
     Moved {
         available: (i64, i64),
@@ -109,11 +123,16 @@ fn summary(r: Result<Outcome, LedgerError>) -> Summary {
         Ok(Outcome::Extend(o)) => Summary::Extend {
             state: o.hold.state,
         },
-        Ok(Outcome::Plan(o)) => Summary::Plan { plan: o.plan },
+        Ok(Outcome::Plan(o)) => Summary::Plan {
+            previous: o.previous_plan,
+            plan: o.plan,
+        },
         Ok(Outcome::Adjust(o)) => Summary::Grant {
             available: o.available,
         },
-        Ok(Outcome::Open(o)) => Summary::Grant {
+        Ok(Outcome::Open(o)) => Summary::Open {
+            plan: o.plan,
+            bonus: o.bonus,
             available: o.available,
         },
         Ok(Outcome::Transfer(o)) => Summary::Moved {
@@ -157,6 +176,12 @@ async fn on_store(store: &Engine, key: &str, cmd: &Cmd) -> Result<Outcome, Ledge
         Cmd::Extend(c) => {
             rejected(store.extend_hold(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
         }
+        Cmd::Open(c) => {
+            rejected(store.open_account(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
+        Cmd::SetPlan(c) => {
+            rejected(store.set_plan(&i(c.fingerprint()), c).await).map(|a| a.outcome.into())
+        }
     }
 }
 
@@ -179,6 +204,10 @@ fn on_model(
         Cmd::Extend(c) => model
             .extend_hold(&i(c.fingerprint()), c, now)
             .map(Into::into),
+        Cmd::Open(c) => model
+            .open_account(&i(c.fingerprint()), c, now)
+            .map(Into::into),
+        Cmd::SetPlan(c) => model.set_plan(&i(c.fingerprint()), c, now).map(Into::into),
     }
 }
 
@@ -266,6 +295,21 @@ async fn run_case(store: &Engine, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 ),
                 None => continue,
             },
+            Op::Open(a, bonus) => (
+                format!("r{run}-{step}"),
+                Cmd::Open(OpenAccount {
+                    account_id: account(&acct(a)),
+                    plan: "free".into(),
+                    bonus: bonus.map(|n| (credits(n), Some(TimeDelta::days(30)))),
+                }),
+            ),
+            Op::SetPlan(a, pro) => (
+                format!("r{run}-{step}"),
+                Cmd::SetPlan(SetPlan {
+                    account_id: account(&acct(a)),
+                    plan: if pro { "pro" } else { "free" }.into(),
+                }),
+            ),
             Op::Retry(back) if !sent.is_empty() => sent[back % sent.len()].clone(),
             Op::Retry(_) => continue,
         };
@@ -280,11 +324,11 @@ async fn run_case(store: &Engine, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 .balance(&account(&acct(a)))
                 .await
                 .ok()
-                .map(|b| (b.available, b.held, b.open_holds));
+                .map(|b| (b.available, b.held, b.open_holds, b.plan));
             let m = model
                 .balance(&acct(a), now)
                 .ok()
-                .map(|b| (b.available, b.held, b.open_holds));
+                .map(|b| (b.available, b.held, b.open_holds, b.plan));
             prop_assert_eq!(b, m, "balance of {} after step {}", acct(a), step);
         }
         sent.push((key, cmd));
