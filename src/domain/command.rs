@@ -177,7 +177,7 @@ impl ExtendHold {
 
 /// Add credits to an account as a new grant (creating the account on its first grant).
 #[derive(Clone, Debug)]
-pub struct Grant {
+pub struct GrantCredits {
     /// The account.
     pub account_id: AccountId,
     /// Credits to add.
@@ -192,7 +192,7 @@ pub struct Grant {
     pub priority: i32,
 }
 
-impl Grant {
+impl GrantCredits {
     /// A grant of `amount` from `source` that never expires, at the default priority.
     #[must_use]
     pub fn simple(account_id: AccountId, amount: Credits, source: Source, reason: &str) -> Self {
@@ -320,7 +320,7 @@ impl SetPlan {
     }
 }
 
-impl Grant {
+impl GrantCredits {
     /// Books the grant on a loaded, settled book.
     ///
     /// # Errors
@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn fingerprints_differ_when_any_field_differs() {
-        let a = Grant::simple(
+        let a = GrantCredits::simple(
             AccountId::parse("a", "u1").unwrap(),
             Credits::new("n", 5).unwrap(),
             Source::Adjustment,

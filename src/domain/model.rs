@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::book::{Book, Ids, Source};
 use super::command::{
-    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
     Transfer,
 };
 use super::error::LedgerError;
@@ -229,7 +229,7 @@ impl Ledger {
     pub fn grant(
         &mut self,
         idem: &Idempotency,
-        cmd: &Grant,
+        cmd: &GrantCredits,
         now: DateTime<Utc>,
     ) -> Res<GrantOutcome> {
         self.idempotent(idem, |l| {
@@ -774,7 +774,7 @@ mod tests {
     /// A mutating command as sent, so it can be retried.
     #[derive(Clone, Debug)]
     enum Sent {
-        Grant(Grant),
+        Grant(GrantCredits),
         Reserve(Reserve),
         Commit(CommitHold),
         Refund(Refund),
@@ -887,7 +887,7 @@ mod tests {
                 let key = format!("k{step}");
                 let pick = |i: usize| hold_ids.get(i % hold_ids.len().max(1)).cloned();
                 let cmd = match op {
-                    Op::Grant { account, amount, expires_in, priority } => Some(Sent::Grant(Grant {
+                    Op::Grant { account, amount, expires_in, priority } => Some(Sent::Grant(GrantCredits {
                         account_id: acct(account), amount: credits(amount), reason: "test".into(), source: Source::Promotion,
                         expires_at: expires_in.map(|s| now + TimeDelta::seconds(s)), priority })),
                     Op::Reserve { account, amount, ttl_secs } => {
@@ -952,7 +952,7 @@ mod tests {
                         let (k, _, first) = &sent[back % sent.len()];
                         if let Answer::Ok(_) = first {
                             let before = l.clone();
-                            let other = Sent::Grant(Grant::simple(acct(0), credits(1), Source::Adjustment, &format!("other {step}")));
+                            let other = Sent::Grant(GrantCredits::simple(acct(0), credits(1), Source::Adjustment, &format!("other {step}")));
                             prop_assert_eq!(send(&mut l, k, &other, now), Answer::Err(LedgerError::IdempotencyKeyReused));
                             prop_assert_eq!(&l, &before, "a reused key changes nothing");
                         }
@@ -994,7 +994,7 @@ mod tests {
         expires_at: Option<DateTime<Utc>>,
         priority: i32,
     ) -> String {
-        let cmd = Grant {
+        let cmd = GrantCredits {
             account_id: AccountId::parse("a", acct_).unwrap(),
             amount: credits(amount),
             reason: String::new(),

@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::domain::EntryRecord;
 use crate::domain::book::{Bucket, PRIORITY_DEFAULT, PRIORITY_MAX, Source};
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, OpenAccount, REASON_MAX_LEN, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, GrantCredits, OpenAccount, REASON_MAX_LEN, Refund, Reserve, SetPlan,
     Transfer,
 };
 use crate::domain::pricing::Estimate;
@@ -179,7 +179,7 @@ pub fn extend(
 }
 
 /// Parses a Grant request.
-pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceError> {
+pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, GrantCredits), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
     let amount = c.field(Credits::new("amount", r.amount));
@@ -215,7 +215,7 @@ pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, Grant), ServiceErr
     let value = (|| {
         Some((
             key?,
-            Grant {
+            GrantCredits {
                 account_id: account_id?,
                 amount: amount?,
                 reason: why?,

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::book::{Book, Bucket, Ids};
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, HoldCmd, Idempotency, OpenAccount, Refund, Reserve,
+    Adjust, CommitHold, ExtendHold, GrantCredits, HoldCmd, Idempotency, OpenAccount, Refund, Reserve,
     SetPlan, Target, Transfer,
 };
 use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
@@ -184,7 +184,7 @@ impl Engine {
     pub async fn grant(
         &self,
         idem: &Idempotency,
-        cmd: &Grant,
+        cmd: &GrantCredits,
     ) -> StorageResult<Applied<GrantOutcome>> {
         let target = Target::Account {
             id: cmd.account_id.as_str(),

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::domain::book::Bucket;
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
+    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
     Transfer,
 };
 use crate::domain::payment::{StripeEffect, StripeEvent, StripeRecord, Subscription};
@@ -247,7 +247,7 @@ impl Ledger {
         &self,
         caller: &Caller,
         key: IdempotencyKey,
-        cmd: &Grant,
+        cmd: &GrantCredits,
     ) -> ServiceResult<Applied<GrantOutcome>> {
         let idem = idem(caller, key, cmd.fingerprint());
         with_retry(|| self.engine.grant(&idem, cmd)).await

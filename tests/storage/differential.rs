@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tally::domain::book::Source;
 use tally::domain::command::{
-    Adjust, CommitHold, ExtendHold, Grant, OpenAccount, Refund, Reserve, SetPlan, Transfer,
+    Adjust, CommitHold, ExtendHold, GrantCredits, OpenAccount, Refund, Reserve, SetPlan, Transfer,
 };
 use tally::domain::model::Ledger as Model;
 use tally::domain::outcome::Outcome;
@@ -51,7 +51,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Clone, Debug)]
 enum Cmd {
-    Grant(Grant),
+    Grant(GrantCredits),
     Adjust(Adjust),
     Transfer(Transfer),
     Reserve(Reserve),
@@ -228,7 +228,7 @@ async fn run_case(store: &Engine, ops: Vec<Op>) -> Result<(), TestCaseError> {
         let (key, cmd) = match op {
             Op::Grant(a, n, days, priority) => (
                 format!("r{run}-{step}"),
-                Cmd::Grant(Grant {
+                Cmd::Grant(GrantCredits {
                     account_id: account(&acct(a)),
                     amount: credits(n),
                     reason: "d".into(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use tally::domain::book::Source;
-use tally::domain::command::{Adjust, Grant, OpenAccount, Refund, Transfer};
+use tally::domain::command::{Adjust, GrantCredits, OpenAccount, Refund, Transfer};
 use tally::domain::plan::{Allowance, Period, Policy, Rollover};
 use tally::domain::rules::EntryKind;
 use tally::domain::{HoldId, LedgerError};
@@ -132,7 +132,7 @@ async fn open_account_raced_gives_one_bonus(backend: Backend) {
 async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let promo = Grant {
+    let promo = GrantCredits {
         account_id: account("u"),
         amount: credits(30),
         reason: "winter promo".into(),
@@ -183,7 +183,7 @@ async fn expired_grants_leave_as_entries_and_refunds_into_them_expire(backend: B
     assert_eq!(entries(&store, "u", EntryKind::Expiration).await, 1);
 
     // A grant that expires unused leaves by an `expiration` entry, seen on the next read.
-    let short = Grant {
+    let short = GrantCredits {
         expires_at: Some(Utc::now() + TimeDelta::milliseconds(200)),
         ..promo.clone()
     };
@@ -202,7 +202,7 @@ async fn corrections_and_transfers_move_grants_with_their_expiry(backend: Backen
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     let expiry = Utc::now() + TimeDelta::days(3);
-    let promo = Grant {
+    let promo = GrantCredits {
         account_id: account("alice"),
         amount: credits(20),
         reason: String::new(),

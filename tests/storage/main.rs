@@ -32,7 +32,7 @@ mod stripe;
 
 use chrono::TimeDelta;
 use tally::domain::book::Source;
-use tally::domain::command::{CommitHold, Grant, Idempotency, Reserve};
+use tally::domain::command::{CommitHold, GrantCredits, Idempotency, Reserve};
 use tally::domain::{AccountId, Caller, Credits, GrantOutcome, HoldId, IdempotencyKey, Metadata};
 use tally::ledger::Engine;
 use tally::ledger::{Ledger, new_hold_id};
@@ -74,7 +74,7 @@ pub fn commit_cmd(hold: &str, amount: i64) -> CommitHold {
 }
 
 pub async fn grant(store: &Engine, acct: &str, amount: i64) -> GrantOutcome {
-    let cmd = Grant::simple(account(acct), credits(amount), Source::Adjustment, "test");
+    let cmd = GrantCredits::simple(account(acct), credits(amount), Source::Adjustment, "test");
     store
         .grant(
             &idem(

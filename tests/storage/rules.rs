@@ -243,7 +243,7 @@ async fn the_balance_limit_is_a_typed_refusal(backend: Backend) {
     for _ in 0..1_000 {
         grant(&store, "rich", tally::domain::Credits::MAX).await;
     }
-    let cmd = tally::domain::command::Grant::simple(
+    let cmd = tally::domain::command::GrantCredits::simple(
         account("rich"),
         credits(1),
         tally::domain::book::Source::Adjustment,
