@@ -1,13 +1,14 @@
-//! An account's book: its grants (buckets), the holds being worked on, and the rules that move
-//! credits between them.
+//! An account's book: its grants, the holds being worked on, and the rules that move credits
+//! between them.
 //!
-//! A balance is the sum of grants. Each grant (a *bucket*) has a source, an optional expiry
+//! A balance is the sum of grants. Each grant ([`Grant`]; the table is still called `bucket`,
+//! as `GRANT` is an SQL keyword) has a source, an optional expiry
 //! and a priority; `remaining` is its available part and `held` the part reserved by open
-//! holds. Reserves and commits consume buckets in one documented order (see
+//! holds. Reserves and commits consume grants in one documented order (see
 //! [`consumption_order`]), and every hold remembers its draws, so commits, releases and
-//! refunds put credits back into the buckets they came from. A credit returned into a bucket
+//! refunds put credits back into the grants they came from. A credit returned into a grant
 //! that has expired meanwhile expires at once (an `expiration` entry): credits never outlive
-//! their bucket, and promotional credits cannot be laundered through a hold.
+//! their grant, and promotional credits cannot be laundered through a hold.
 //!
 //! Storage loads a book under the account's lock, calls these methods, and writes what they
 //! changed (`dirty`, `entries`). The in-memory model keeps whole books. Every change of
@@ -92,9 +93,9 @@ impl Source {
 
 /// A grant: credits from one source with one expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Bucket {
+pub struct Grant {
     /// Id (`grt_` + 32 hex digits).
-    pub bucket_id: String,
+    pub grant_id: String,
     /// The account.
     pub account_id: String,
     /// Where the credits came from.
@@ -109,7 +110,7 @@ pub struct Bucket {
     pub expired: i64,
     /// When the remaining credits expire (never if `None`).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Consumption priority among buckets with the same expiry; lower first.
+    /// Consumption priority among grants with the same expiry; lower first.
     pub priority: i32,
     /// For allowance grants, the period key (one allowance grant per account and period).
     pub period: Option<String>,
@@ -119,7 +120,7 @@ pub struct Bucket {
     pub created_at: DateTime<Utc>,
 }
 
-impl Bucket {
+impl Grant {
     /// Whether the bucket's expiry has passed at `now`.
     #[must_use]
     pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
@@ -130,8 +131,8 @@ impl Bucket {
 /// The documented consumption order: soonest-expiring first (grants that never expire last),
 /// then lower priority value, then oldest, then by id.
 #[must_use]
-pub fn consumption_order(a: &Bucket, b: &Bucket) -> Ordering {
-    let key = |x: &Bucket| {
+pub fn consumption_order(a: &Grant, b: &Grant) -> Ordering {
+    let key = |x: &Grant| {
         (
             x.expires_at.is_none(),
             x.expires_at,
@@ -141,7 +142,7 @@ pub fn consumption_order(a: &Bucket, b: &Bucket) -> Ordering {
     };
     key(a)
         .cmp(&key(b))
-        .then_with(|| a.bucket_id.cmp(&b.bucket_id))
+        .then_with(|| a.grant_id.cmp(&b.grant_id))
 }
 
 /// Available credits per source, the next expiry (time, amount), and the allowance left.
@@ -171,7 +172,7 @@ pub struct StoredBalance {
     /// The allowance period last granted.
     pub allowance_period: Option<String>,
     /// Grants that hold credits, and those of `allowance_period`.
-    pub grants: Vec<Bucket>,
+    pub grants: Vec<Grant>,
     /// An open hold or a grant with credits is past its expiry.
     pub overdue: bool,
     /// When it was read (the database clock).
@@ -206,18 +207,18 @@ impl StoredBalance {
     }
 }
 
-/// A balance's breakdown from its live buckets: available credits per source, the next expiry
+/// A balance's breakdown from its live grants: available credits per source, the next expiry
 /// (time and amount), and what is left of the allowance granted for `allowance_period`.
 #[must_use]
 pub fn breakdown<'b>(
-    buckets: impl IntoIterator<Item = &'b Bucket>,
+    grants: impl IntoIterator<Item = &'b Grant>,
     allowance_period: Option<&str>,
     now: DateTime<Utc>,
 ) -> Breakdown {
     let mut by_source = BTreeMap::new();
     let mut next: Option<(DateTime<Utc>, i64)> = None;
     let mut allowance = None;
-    for b in buckets {
+    for b in grants {
         if allowance_period.is_some() && b.period.as_deref() == allowance_period {
             allowance = Some(if b.expired_at(now) { 0 } else { b.remaining });
         }
@@ -245,7 +246,7 @@ pub struct Draw {
     /// Order of the draw within the hold (consumption order).
     pub seq: i32,
     /// The bucket.
-    pub bucket_id: String,
+    pub grant_id: String,
     /// Credits held from the bucket when the hold was created (0 for a commit's extra draw).
     pub held: i64,
     /// Credits of this draw charged by the commit.
@@ -260,7 +261,7 @@ pub struct NewEntry {
     /// The hold involved.
     pub hold_id: Option<String>,
     /// The bucket involved.
-    pub bucket_id: Option<String>,
+    pub grant_id: Option<String>,
     /// What happened.
     pub kind: EntryKind,
     /// Change to available.
@@ -277,9 +278,9 @@ pub struct NewEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dirty {
     /// Buckets updated.
-    pub buckets: BTreeSet<String>,
+    pub grants: BTreeSet<String>,
     /// Buckets created.
-    pub new_buckets: BTreeSet<String>,
+    pub new_grants: BTreeSet<String>,
     /// Holds updated.
     pub holds: BTreeSet<String>,
     /// Holds created.
@@ -299,8 +300,8 @@ impl Dirty {
     #[must_use]
     pub fn any(&self) -> bool {
         self.account
-            || !self.buckets.is_empty()
-            || !self.new_buckets.is_empty()
+            || !self.grants.is_empty()
+            || !self.new_grants.is_empty()
             || !self.holds.is_empty()
             || !self.new_holds.is_empty()
             || !self.draws.is_empty()
@@ -322,7 +323,7 @@ pub struct Piece {
 /// Makes ids for rows an operation creates (storage: random UUIDv7; the model: a counter).
 pub trait Ids {
     /// A new grant id.
-    fn bucket_id(&mut self) -> String;
+    fn grant_id(&mut self) -> String;
 }
 
 /// One account's state as an operation sees it.
@@ -334,15 +335,15 @@ pub struct Book {
     pub plan: String,
     /// The last allowance period granted.
     pub allowance_period: Option<String>,
-    /// Sum of `remaining` over the buckets.
+    /// Sum of `remaining` over the grants.
     pub available: i64,
-    /// Sum of `held` over the buckets (= amounts of open holds).
+    /// Sum of `held` over the grants (= amounts of open holds).
     pub held: i64,
     /// Credits owed after a claw-back larger than the balance. Incoming credits pay it off
     /// first, and while it is positive no grant has credits left to reserve.
     pub debt: i64,
     /// Buckets with credits in them, and any others an operation needs.
-    pub buckets: BTreeMap<String, Bucket>,
+    pub grants: BTreeMap<String, Grant>,
     /// Holds an operation needs (its target, and open holds past their expiry).
     pub holds: BTreeMap<String, Hold>,
     /// Draws of the loaded holds, by (hold, seq).
@@ -366,7 +367,7 @@ impl Book {
             available: 0,
             held: 0,
             debt: 0,
-            buckets: BTreeMap::new(),
+            grants: BTreeMap::new(),
             holds: BTreeMap::new(),
             draws: BTreeMap::new(),
             entries: Vec::new(),
@@ -392,7 +393,7 @@ impl Book {
         self.dirty.account = true;
         self.entries.push(NewEntry {
             hold_id: hold.map(str::to_owned),
-            bucket_id: bucket.map(str::to_owned),
+            grant_id: bucket.map(str::to_owned),
             kind,
             available_delta,
             held_delta,
@@ -426,7 +427,7 @@ impl Book {
             self.dirty.account = true;
             self.entries.push(NewEntry {
                 hold_id: None,
-                bucket_id: None,
+                grant_id: None,
                 kind: EntryKind::Clawback,
                 available_delta: 0,
                 held_delta: 0,
@@ -450,7 +451,7 @@ impl Book {
             }
             let x = left.min(b.remaining);
             left = left.saturating_sub(x);
-            plan.push((b.bucket_id.clone(), x));
+            plan.push((b.grant_id.clone(), x));
         }
         for (id, x) in plan {
             if let Ok(b) = self.bucket_mut(&id) {
@@ -461,7 +462,7 @@ impl Book {
             self.dirty.account = true;
             self.entries.push(NewEntry {
                 hold_id: None,
-                bucket_id: Some(id),
+                grant_id: Some(id),
                 kind: EntryKind::DebtPayment,
                 available_delta: x.saturating_neg(),
                 held_delta: 0,
@@ -471,12 +472,12 @@ impl Book {
         }
     }
 
-    fn bucket_mut(&mut self, id: &str) -> Res<&mut Bucket> {
-        if !self.dirty.new_buckets.contains(id) {
-            self.dirty.buckets.insert(id.to_owned());
+    fn bucket_mut(&mut self, id: &str) -> Res<&mut Grant> {
+        if !self.dirty.new_grants.contains(id) {
+            self.dirty.grants.insert(id.to_owned());
         }
         // A draw always names a loaded bucket; a missing one is a corrupt book.
-        self.buckets.get_mut(id).ok_or(LedgerError::HoldNotFound)
+        self.grants.get_mut(id).ok_or(LedgerError::HoldNotFound)
     }
 
     fn hold_mut(&mut self, id: &str) -> Res<&mut Hold> {
@@ -513,18 +514,18 @@ impl Book {
     /// Puts credits back into a bucket; if it has expired, they expire at once.
     fn return_to_bucket(
         &mut self,
-        bucket_id: &str,
+        grant_id: &str,
         amount: i64,
         hold: Option<&str>,
         now: DateTime<Utc>,
     ) -> Res<()> {
-        let b = self.bucket_mut(bucket_id)?;
+        let b = self.bucket_mut(grant_id)?;
         if b.expired_at(now) {
             b.expired = b.expired.saturating_add(amount);
             self.entry(
                 EntryKind::Expiration,
                 hold,
-                Some(bucket_id),
+                Some(grant_id),
                 (amount.saturating_neg(), 0),
                 "",
             );
@@ -535,9 +536,9 @@ impl Book {
     }
 
     /// Buckets usable at `now`, in consumption order.
-    fn usable(&self, now: DateTime<Utc>) -> Vec<&Bucket> {
-        let mut v: Vec<&Bucket> = self
-            .buckets
+    fn usable(&self, now: DateTime<Utc>) -> Vec<&Grant> {
+        let mut v: Vec<&Grant> = self
+            .grants
             .values()
             .filter(|b| b.remaining > 0 && !b.expired_at(now))
             .collect();
@@ -545,10 +546,10 @@ impl Book {
         v
     }
 
-    /// Which buckets `amount` would come from, in consumption order.
+    /// Which grants `amount` would come from, in consumption order.
     ///
     /// # Errors
-    /// `InsufficientCredits` when the usable buckets hold less.
+    /// `InsufficientCredits` when the usable grants hold less.
     pub fn plan_draw(&self, amount: i64, now: DateTime<Utc>) -> Res<Vec<(String, i64)>> {
         let mut left = amount;
         let mut out = Vec::new();
@@ -557,7 +558,7 @@ impl Book {
                 break;
             }
             let take = left.min(b.remaining);
-            out.push((b.bucket_id.clone(), take));
+            out.push((b.grant_id.clone(), take));
             left = left.saturating_sub(take);
         }
         if left > 0 {
@@ -574,7 +575,7 @@ impl Book {
         Ok(out)
     }
 
-    /// Applies what time has done: open holds past expiry are expired, buckets past expiry
+    /// Applies what time has done: open holds past expiry are expired, grants past expiry
     /// lose their remaining credits, and a new allowance period grants its allowance (once).
     ///
     /// # Errors
@@ -595,10 +596,10 @@ impl Book {
             self.release(&id, EntryKind::Expire, "", now)?;
         }
         let expiring: Vec<String> = self
-            .buckets
+            .grants
             .values()
             .filter(|b| b.remaining > 0 && b.expired_at(now))
-            .map(|b| b.bucket_id.clone())
+            .map(|b| b.grant_id.clone())
             .collect();
         for id in expiring {
             let b = self.bucket_mut(&id)?;
@@ -636,7 +637,7 @@ impl Book {
     ) -> Res<Option<String>> {
         let granted = match grant {
             Some((source, amount, expires_at)) => {
-                let id = ids.bucket_id();
+                let id = ids.grant_id();
                 self.grant(
                     &id,
                     source,
@@ -655,7 +656,7 @@ impl Book {
         } else if claw < 0 {
             let back = Credits::new("credits", claw.saturating_neg())
                 .map_err(|_| LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE })?;
-            let id = ids.bucket_id();
+            let id = ids.grant_id();
             self.grant(
                 &id,
                 Source::Refund,
@@ -701,7 +702,7 @@ impl Book {
         // Granted already this period, under another plan of the same period kind (the
         // account left and came back): that grant is this period's.
         if self
-            .buckets
+            .grants
             .values()
             .any(|b| b.period.as_deref() == Some(key.as_str()))
         {
@@ -714,7 +715,7 @@ impl Book {
         let carry = match a.rollover {
             Rollover::None => 0,
             Rollover::Capped(cap) => self
-                .buckets
+                .grants
                 .values()
                 .find(|b| {
                     b.period.as_deref() == Some(previous.as_str())
@@ -744,7 +745,7 @@ impl Book {
             String::new()
         };
         let reason = format!("allowance {key}{rolled}{capped}");
-        let id = ids.bucket_id();
+        let id = ids.grant_id();
         self.add_bucket(
             &id,
             Source::Allowance,
@@ -778,10 +779,10 @@ impl Book {
             Some(total) if total <= MAX_BALANCE => {}
             _ => return Err(LedgerError::BalanceLimitExceeded { limit: MAX_BALANCE }),
         }
-        self.buckets.insert(
+        self.grants.insert(
             id.to_owned(),
-            Bucket {
-                bucket_id: id.to_owned(),
+            Grant {
+                grant_id: id.to_owned(),
                 account_id: self.account_id.clone(),
                 source,
                 granted: amount,
@@ -795,7 +796,7 @@ impl Book {
                 created_at: now,
             },
         );
-        self.dirty.new_buckets.insert(id.to_owned());
+        self.dirty.new_grants.insert(id.to_owned());
         self.entry(kind, None, Some(id), (amount, 0), reason);
         self.pay_debt(now);
         Ok(())
@@ -808,7 +809,7 @@ impl Book {
     #[allow(clippy::too_many_arguments)]
     pub fn grant(
         &mut self,
-        bucket_id: &str,
+        grant_id: &str,
         source: Source,
         amount: Credits,
         expires_at: Option<DateTime<Utc>>,
@@ -817,7 +818,7 @@ impl Book {
         now: DateTime<Utc>,
     ) -> Res<GrantOutcome> {
         self.add_bucket(
-            bucket_id,
+            grant_id,
             source,
             amount.get(),
             expires_at,
@@ -829,12 +830,12 @@ impl Book {
         )?;
         Ok(GrantOutcome {
             account_id: self.account_id.clone(),
-            grant_id: bucket_id.to_owned(),
+            grant_id: grant_id.to_owned(),
             available: self.net_available(),
         })
     }
 
-    /// Creates a hold drawn from the buckets in consumption order.
+    /// Creates a hold drawn from the grants in consumption order.
     ///
     /// # Errors
     /// `InsufficientCredits`.
@@ -847,8 +848,8 @@ impl Book {
         now: DateTime<Utc>,
     ) -> Res<ReserveOutcome> {
         let draws = self.plan_draw(amount.get(), now)?;
-        for (seq, (bucket_id, take)) in draws.into_iter().enumerate() {
-            let b = self.bucket_mut(&bucket_id)?;
+        for (seq, (grant_id, take)) in draws.into_iter().enumerate() {
+            let b = self.bucket_mut(&grant_id)?;
             b.remaining = b.remaining.saturating_sub(take);
             b.held = b.held.saturating_add(take);
             let key = (hold_id.to_owned(), i32::try_from(seq).unwrap_or(i32::MAX));
@@ -857,7 +858,7 @@ impl Book {
                 Draw {
                     hold_id: hold_id.to_owned(),
                     seq: key.1,
-                    bucket_id,
+                    grant_id,
                     held: take,
                     consumed: 0,
                     refunded: 0,
@@ -899,7 +900,7 @@ impl Book {
             .ok_or(LedgerError::HoldNotFound)
     }
 
-    /// Releases an open hold's draws back into their buckets (a refund before commit, or
+    /// Releases an open hold's draws back into their grants (a refund before commit, or
     /// expiry), resolving it with `kind`.
     fn release(
         &mut self,
@@ -917,13 +918,13 @@ impl Book {
             reason,
         );
         for key in self.draws_of(hold_id) {
-            let (bucket_id, held) = {
+            let (grant_id, held) = {
                 let d = self.draws.get(&key).ok_or(LedgerError::HoldNotFound)?;
-                (d.bucket_id.clone(), d.held)
+                (d.grant_id.clone(), d.held)
             };
-            let b = self.bucket_mut(&bucket_id)?;
+            let b = self.bucket_mut(&grant_id)?;
             b.held = b.held.saturating_sub(held);
-            self.return_to_bucket(&bucket_id, held, Some(hold_id), now)?;
+            self.return_to_bucket(&grant_id, held, Some(hold_id), now)?;
         }
         let h = self.hold_mut(hold_id)?;
         if kind == EntryKind::Expire {
@@ -939,7 +940,7 @@ impl Book {
     /// Settles a hold with what the job cost.
     ///
     /// # Errors
-    /// `HoldNotFound`, the not-open refusals, `InsufficientCredits` for an extra the buckets
+    /// `HoldNotFound`, the not-open refusals, `InsufficientCredits` for an extra the grants
     /// cannot cover (nothing changes then).
     pub fn commit_hold(
         &mut self,
@@ -978,17 +979,17 @@ impl Book {
             let consumed = left.min(d.held);
             d.consumed = consumed;
             left = left.saturating_sub(consumed);
-            let (bucket_id, drawn) = (d.bucket_id.clone(), d.held);
-            let b = self.bucket_mut(&bucket_id)?;
+            let (grant_id, drawn) = (d.grant_id.clone(), d.held);
+            let b = self.bucket_mut(&grant_id)?;
             b.held = b.held.saturating_sub(drawn);
             let back = drawn.saturating_sub(consumed);
             if back > 0 {
-                self.return_to_bucket(&bucket_id, back, Some(hold_id), now)?;
+                self.return_to_bucket(&grant_id, back, Some(hold_id), now)?;
             }
         }
         let mut seq = self.next_seq(hold_id);
-        for (bucket_id, take) in extra {
-            let b = self.bucket_mut(&bucket_id)?;
+        for (grant_id, take) in extra {
+            let b = self.bucket_mut(&grant_id)?;
             b.remaining = b.remaining.saturating_sub(take);
             let key = (hold_id.to_owned(), seq);
             self.draws.insert(
@@ -996,7 +997,7 @@ impl Book {
                 Draw {
                     hold_id: hold_id.to_owned(),
                     seq,
-                    bucket_id,
+                    grant_id,
                     held: 0,
                     consumed: take,
                     refunded: 0,
@@ -1019,7 +1020,7 @@ impl Book {
         })
     }
 
-    /// Releases an open hold, or returns committed credits to the buckets they came from
+    /// Releases an open hold, or returns committed credits to the grants they came from
     /// (latest-consumed first).
     ///
     /// # Errors
@@ -1055,8 +1056,8 @@ impl Book {
                     }
                     d.refunded = d.refunded.saturating_add(take);
                     left = left.saturating_sub(take);
-                    let bucket_id = d.bucket_id.clone();
-                    self.return_to_bucket(&bucket_id, take, Some(hold_id), now)?;
+                    let grant_id = d.grant_id.clone();
+                    self.return_to_bucket(&grant_id, take, Some(hold_id), now)?;
                 }
                 let h = self.hold_mut(hold_id)?;
                 h.refunded_amount = h.refunded_amount.saturating_add(amount);
@@ -1088,7 +1089,7 @@ impl Book {
         Ok(ExtendOutcome { hold: h.clone() })
     }
 
-    /// Takes `amount` from the usable buckets in consumption order, one entry of `kind` per
+    /// Takes `amount` from the usable grants in consumption order, one entry of `kind` per
     /// bucket touched, and returns the pieces (source, expiry, amount) taken.
     ///
     /// # Errors
@@ -1102,8 +1103,8 @@ impl Book {
     ) -> Res<Vec<Piece>> {
         let draws = self.plan_draw(amount, now)?;
         let mut pieces = Vec::new();
-        for (bucket_id, take) in draws {
-            let b = self.bucket_mut(&bucket_id)?;
+        for (grant_id, take) in draws {
+            let b = self.bucket_mut(&grant_id)?;
             b.remaining = b.remaining.saturating_sub(take);
             pieces.push(Piece {
                 source: b.source,
@@ -1113,7 +1114,7 @@ impl Book {
             self.entry(
                 kind,
                 None,
-                Some(&bucket_id),
+                Some(&grant_id),
                 (take.saturating_neg(), 0),
                 reason,
             );
@@ -1121,7 +1122,7 @@ impl Book {
         Ok(pieces)
     }
 
-    /// Adds credits as new buckets (one per piece) with an entry of `kind` each.
+    /// Adds credits as new grants (one per piece) with an entry of `kind` each.
     ///
     /// # Errors
     /// `BalanceLimitExceeded`.
@@ -1134,7 +1135,7 @@ impl Book {
         ids: &mut dyn Ids,
     ) -> Res<()> {
         for p in pieces {
-            let id = ids.bucket_id();
+            let id = ids.grant_id();
             self.add_bucket(
                 &id,
                 p.source,
@@ -1151,7 +1152,7 @@ impl Book {
     }
 
     /// An operator's signed correction: a new `adjustment` grant for a positive delta; for a
-    /// negative one, credits taken from the buckets in consumption order.
+    /// negative one, credits taken from the grants in consumption order.
     ///
     /// # Errors
     /// `InsufficientCredits` (a correction never takes the balance negative),
@@ -1164,7 +1165,7 @@ impl Book {
         ids: &mut dyn Ids,
     ) -> Res<()> {
         if delta > 0 {
-            let id = ids.bucket_id();
+            let id = ids.grant_id();
             self.add_bucket(
                 &id,
                 Source::Adjustment,
@@ -1182,7 +1183,7 @@ impl Book {
         }
     }
 
-    /// Checks the book's own invariants (sums of buckets and draws).
+    /// Checks the book's own invariants (sums of grants and draws).
     ///
     /// # Errors
     /// A description of the first violation.
@@ -1194,12 +1195,12 @@ impl Book {
             ));
         }
         let remaining = self
-            .buckets
+            .grants
             .values()
             .map(|b| b.remaining)
             .fold(0i64, i64::saturating_add);
         let held = self
-            .buckets
+            .grants
             .values()
             .map(|b| b.held)
             .fold(0i64, i64::saturating_add);
@@ -1209,9 +1210,9 @@ impl Book {
                 self.account_id, self.available, self.held
             ));
         }
-        for b in self.buckets.values() {
+        for b in self.grants.values() {
             if b.remaining < 0 || b.held < 0 || b.expired < 0 {
-                return Err(format!("{}: negative bucket {b:?}", b.bucket_id));
+                return Err(format!("{}: negative bucket {b:?}", b.grant_id));
             }
         }
         for h in self.holds.values() {
@@ -1254,7 +1255,7 @@ mod plan_switch_tests {
     struct Seq(u64);
 
     impl Ids for Seq {
-        fn bucket_id(&mut self) -> String {
+        fn grant_id(&mut self) -> String {
             self.0 = self.0.saturating_add(1);
             format!("grt_{:04}", self.0)
         }
@@ -1294,7 +1295,7 @@ mod plan_switch_tests {
                 now += chrono::TimeDelta::hours(hours);
                 book.settle(now, p.for_plan(&book.plan), &mut ids).unwrap();
                 book.switch_plan(plans[plan], p.for_plan(plans[plan]), now, &mut ids).unwrap();
-                let mut keys: Vec<&str> = book.buckets.values().filter_map(|b| b.period.as_deref()).collect();
+                let mut keys: Vec<&str> = book.grants.values().filter_map(|b| b.period.as_deref()).collect();
                 let n = keys.len();
                 keys.sort_unstable();
                 keys.dedup();

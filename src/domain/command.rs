@@ -331,7 +331,7 @@ impl GrantCredits {
         now: DateTime<Utc>,
         ids: &mut dyn Ids,
     ) -> Result<GrantOutcome, LedgerError> {
-        let id = ids.bucket_id();
+        let id = ids.grant_id();
         b.grant(
             &id,
             self.source,
@@ -382,7 +382,7 @@ impl OpenAccount {
     ) -> Result<OpenOutcome, LedgerError> {
         let mut bonus = 0;
         if let Some((amount, ttl)) = self.bonus {
-            let id = ids.bucket_id();
+            let id = ids.grant_id();
             let expires_at = ttl.and_then(|t| now.checked_add_signed(t));
             b.grant(
                 &id,

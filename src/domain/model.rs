@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 
 use super::book::{Book, Ids, Source};
 use super::command::{
-    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
-    Transfer,
+    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve,
+    SetPlan, Transfer,
 };
 use super::error::LedgerError;
 use super::hold::Hold;
@@ -46,7 +46,7 @@ pub struct Entry {
 struct Counter<'a>(&'a mut u64);
 
 impl Ids for Counter<'_> {
-    fn bucket_id(&mut self) -> String {
+    fn grant_id(&mut self) -> String {
         *self.0 = self.0.saturating_add(1);
         format!("grt_{:032x}", *self.0)
     }
@@ -99,7 +99,7 @@ impl Ledger {
 
     /// A grant id the next grant will not collide with (for tests that build grants).
     pub fn next_grant_id(&mut self) -> String {
-        Counter(&mut self.next_id).bucket_id()
+        Counter(&mut self.next_id).grant_id()
     }
 
     /// The balance a caller sees at `now` (time applied first, as CheckBalance does).
@@ -126,7 +126,7 @@ impl Ledger {
             debt: book.debt,
             open_holds: i64::try_from(open).unwrap_or(i64::MAX),
             allowance_period: book.allowance_period.clone(),
-            grants: book.buckets.into_values().collect(),
+            grants: book.grants.into_values().collect(),
             plan: book.plan,
             overdue: false,
             now,
@@ -849,24 +849,24 @@ mod tests {
             .draws
             .values()
             .filter(|d| d.hold_id == hold.hold_id)
-            .map(|d| &d.bucket_id)
+            .map(|d| &d.grant_id)
             .collect();
-        let mut usable: Vec<&crate::domain::book::Bucket> = before
-            .buckets
+        let mut usable: Vec<&crate::domain::book::Grant> = before
+            .grants
             .values()
             .filter(|b| b.remaining > 0 && !b.expired_at(now))
             .collect();
         usable.sort_by(|a, b| consumption_order(a, b));
         let last = usable
             .iter()
-            .rposition(|b| drawn.contains(&&b.bucket_id))
+            .rposition(|b| drawn.contains(&&b.grant_id))
             .ok_or("drew from nothing usable")?;
         for b in &usable[..last] {
-            let after = &book.buckets[&b.bucket_id];
+            let after = &book.grants[&b.grant_id];
             if after.remaining != 0 {
                 return Err(format!(
                     "bucket {} ordered earlier still has {}",
-                    b.bucket_id, after.remaining
+                    b.grant_id, after.remaining
                 ));
             }
         }
@@ -931,7 +931,7 @@ mod tests {
                         prop_assert_eq!(before, after, "sweeping changes no balance a caller sees");
                         for a in ACCOUNTS {
                             if let Some(book) = l.book(a) {
-                                for b in book.buckets.values() {
+                                for b in book.grants.values() {
                                     prop_assert!(!(b.expired_at(now) && b.remaining > 0), "no credit outlives its bucket: {:?}", b);
                                 }
                             }
@@ -1033,7 +1033,7 @@ mod tests {
         let order: Vec<(&str, i64)> = book
             .draws
             .values()
-            .map(|d| (d.bucket_id.as_str(), d.held))
+            .map(|d| (d.grant_id.as_str(), d.held))
             .collect();
         assert_eq!(
             order,

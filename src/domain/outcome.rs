@@ -50,7 +50,7 @@ pub struct EntryRecord {
     /// The hold involved, if any.
     pub hold_id: Option<String>,
     /// The grant involved, if any.
-    pub bucket_id: Option<String>,
+    pub grant_id: Option<String>,
     /// What happened.
     pub kind: super::rules::EntryKind,
     /// Change to available.

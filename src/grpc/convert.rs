@@ -7,10 +7,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::catalog::Catalog;
 use crate::domain::EntryRecord;
-use crate::domain::book::{Bucket, PRIORITY_DEFAULT, PRIORITY_MAX, Source};
+use crate::domain::book::{Grant, PRIORITY_DEFAULT, PRIORITY_MAX, Source};
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, GrantCredits, OpenAccount, REASON_MAX_LEN, Refund, Reserve, SetPlan,
-    Transfer,
+    Adjust, CommitHold, ExtendHold, GrantCredits, OpenAccount, REASON_MAX_LEN, Refund, Reserve,
+    SetPlan, Transfer,
 };
 use crate::domain::pricing::Estimate;
 use crate::domain::rules::EntryKind;
@@ -356,9 +356,9 @@ fn known_plan(catalog: &Catalog, plan: &str) -> Result<String, FieldViolation> {
 
 /// A grant as a protobuf message.
 #[must_use]
-pub fn grant_to_pb(b: Bucket) -> pb::CreditGrant {
+pub fn grant_to_pb(b: Grant) -> pb::CreditGrant {
     pb::CreditGrant {
-        grant_id: b.bucket_id,
+        grant_id: b.grant_id,
         source: b.source.as_str().to_owned(),
         granted: b.granted,
         remaining: b.remaining,
@@ -683,7 +683,7 @@ pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
         entry_id: e.entry_id,
         account_id: e.account_id,
         hold_id: e.hold_id.unwrap_or_default(),
-        grant_id: e.bucket_id.unwrap_or_default(),
+        grant_id: e.grant_id.unwrap_or_default(),
         kind: e.kind.as_str().to_owned(),
         available_delta: e.available_delta,
         held_delta: e.held_delta,

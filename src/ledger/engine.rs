@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::book::{Book, Bucket, Ids};
+use crate::domain::book::{Book, Grant, Ids};
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, GrantCredits, HoldCmd, Idempotency, OpenAccount, Refund, Reserve,
-    SetPlan, Target, Transfer,
+    Adjust, CommitHold, ExtendHold, GrantCredits, HoldCmd, Idempotency, OpenAccount, Refund,
+    Reserve, SetPlan, Target, Transfer,
 };
 use crate::domain::outcome::{AdjustOutcome, OpenOutcome, Outcome, TransferOutcome};
 use crate::domain::payment::{StripeEffect, StripeEvent, StripeRecord};
@@ -112,7 +112,7 @@ impl Engine {
     ///
     /// # Errors
     /// `AccountNotFound`, or what the backend reports.
-    pub async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
+    pub async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>> {
         self.balance(account_id).await?;
         self.backend.grants(account_id).await
     }

@@ -21,10 +21,10 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use tracing::{debug, warn};
 
-use crate::domain::book::Bucket;
+use crate::domain::book::Grant;
 use crate::domain::command::{
-    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve, SetPlan,
-    Transfer,
+    Adjust, CommitHold, ExtendHold, GrantCredits, Idempotency, OpenAccount, Refund, Reserve,
+    SetPlan, Transfer,
 };
 use crate::domain::payment::{StripeEffect, StripeEvent, StripeRecord, Subscription};
 use crate::domain::{
@@ -317,7 +317,7 @@ impl Ledger {
     }
 
     /// An account's live grants.
-    pub async fn grants(&self, account_id: &AccountId) -> ServiceResult<Vec<Bucket>> {
+    pub async fn grants(&self, account_id: &AccountId) -> ServiceResult<Vec<Grant>> {
         with_retry(|| self.engine.grants(account_id)).await
     }
 

@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::domain::book::{Book, Bucket, Ids};
+use crate::domain::book::{Book, Grant, Ids};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::plan::Policy;
@@ -184,7 +184,7 @@ pub trait Backend: Send + Sync + 'static {
     /// When an account was created.
     async fn created_at(&self, account_id: &AccountId) -> StorageResult<DateTime<Utc>>;
     /// An account's stored grants that still hold credits, in consumption order.
-    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>>;
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>>;
     /// Credits charged (commits less refunds) to an account since `since`.
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64>;
     /// A page of accounts by id.
@@ -476,7 +476,7 @@ pub(crate) fn thresholds_json(t: &[(String, i64)]) -> StorageResult<String> {
 pub(crate) struct RandomIds;
 
 impl Ids for RandomIds {
-    fn bucket_id(&mut self) -> String {
+    fn grant_id(&mut self) -> String {
         format!("grt_{}", uuid::Uuid::now_v7().simple())
     }
 }
@@ -585,7 +585,7 @@ pub trait Tx: Send {
     /// Forgets a folded pre-0009 claw-back fact (its ledger entries stay).
     async fn forget_legacy(&mut self, key: &str) -> StorageResult<()>;
     /// Names the business fact a grant was made for (unique: a second grant is refused).
-    async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()>;
+    async fn tag_grant(&mut self, grant_id: &str, business_key: &str) -> StorageResult<()>;
     /// Creates or updates a business fact (invoices).
     async fn put_fact(
         &mut self,
@@ -621,12 +621,12 @@ pub(crate) fn loaded_hold_ids(book: &Book) -> Vec<String> {
 }
 
 /// Grant ids named by loaded draws but not loaded yet.
-pub(crate) fn missing_buckets(book: &Book) -> Vec<String> {
+pub(crate) fn missing_grants(book: &Book) -> Vec<String> {
     let mut v: Vec<String> = book
         .draws
         .values()
-        .map(|d| d.bucket_id.clone())
-        .filter(|b| !book.buckets.contains_key(b))
+        .map(|d| d.grant_id.clone())
+        .filter(|b| !book.grants.contains_key(b))
         .collect();
     v.sort();
     v.dedup();

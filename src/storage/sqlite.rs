@@ -24,10 +24,10 @@ use super::batch::{Answer, Batching, Job, JobSteps};
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
     HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
-    kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
+    kind_names, loaded_hold_ids, missing_grants, source, state_names, thresholds_json, to_record,
     violation,
 };
-use crate::domain::book::{Book, Bucket, Draw, StoredBalance, consumption_order};
+use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::payment::StripeEvent;
@@ -141,10 +141,10 @@ fn opt_time(micros: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
     micros.map(to_time).transpose()
 }
 
-fn bucket_from_row(row: &SqliteRow) -> StorageResult<Bucket> {
+fn bucket_from_row(row: &SqliteRow) -> StorageResult<Grant> {
     let kind: String = row.try_get("source").map_err(map_err)?;
-    Ok(Bucket {
-        bucket_id: row.try_get("bucket_id").map_err(map_err)?,
+    Ok(Grant {
+        grant_id: row.try_get("bucket_id").map_err(map_err)?,
         account_id: row.try_get("account_id").map_err(map_err)?,
         source: source(&kind)?,
         granted: row.try_get("granted").map_err(map_err)?,
@@ -363,7 +363,7 @@ impl Tx for SqliteTx {
             .map_err(map_err)?;
         for r in &rows {
             let b = bucket_from_row(r)?;
-            book.buckets.entry(b.bucket_id.clone()).or_insert(b);
+            book.grants.entry(b.grant_id.clone()).or_insert(b);
         }
         Ok(())
     }
@@ -385,7 +385,7 @@ impl Tx for SqliteTx {
         .map_err(map_err)?;
         for r in &rows {
             let b = bucket_from_row(r)?;
-            book.buckets.insert(b.bucket_id.clone(), b);
+            book.grants.insert(b.grant_id.clone(), b);
         }
         let sql = concat!(
             "SELECT ",
@@ -415,14 +415,14 @@ impl Tx for SqliteTx {
             let d = Draw {
                 hold_id: r.try_get("hold_id").map_err(map_err)?,
                 seq: r.try_get("seq").map_err(map_err)?,
-                bucket_id: r.try_get("bucket_id").map_err(map_err)?,
+                grant_id: r.try_get("bucket_id").map_err(map_err)?,
                 held: r.try_get("held").map_err(map_err)?,
                 consumed: r.try_get("consumed").map_err(map_err)?,
                 refunded: r.try_get("refunded").map_err(map_err)?,
             };
             book.draws.insert((d.hold_id.clone(), d.seq), d);
         }
-        let missing = missing_buckets(book);
+        let missing = missing_grants(book);
         if !missing.is_empty() {
             let ids = serde_json::to_string(&missing).map_err(StorageError::other)?;
             let rows = sqlx::query(
@@ -434,7 +434,7 @@ impl Tx for SqliteTx {
             .map_err(map_err)?;
             for r in &rows {
                 let b = bucket_from_row(r)?;
-                book.buckets.insert(b.bucket_id.clone(), b);
+                book.grants.insert(b.grant_id.clone(), b);
             }
         }
         Ok(())
@@ -443,8 +443,8 @@ impl Tx for SqliteTx {
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()> {
         let tx = &mut *self.tx;
         let d = &book.dirty;
-        for id in &d.new_buckets {
-            let Some(b) = book.buckets.get(id) else {
+        for id in &d.new_grants {
+            let Some(b) = book.grants.get(id) else {
                 continue;
             };
             sqlx::query(
@@ -452,7 +452,7 @@ impl Tx for SqliteTx {
                                      expires_at, priority, period, reason, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
-            .bind(&b.bucket_id)
+            .bind(&b.grant_id)
             .bind(&b.account_id)
             .bind(b.source.as_str())
             .bind(b.granted)
@@ -468,14 +468,14 @@ impl Tx for SqliteTx {
             .await
             .map_err(map_err)?;
         }
-        for id in &d.buckets {
-            let Some(b) = book.buckets.get(id) else {
+        for id in &d.grants {
+            let Some(b) = book.grants.get(id) else {
                 continue;
             };
             sqlx::query(
                 "UPDATE bucket SET remaining = ?2, held = ?3, expired = ?4 WHERE bucket_id = ?1",
             )
-            .bind(&b.bucket_id)
+            .bind(&b.grant_id)
             .bind(b.remaining)
             .bind(b.held)
             .bind(b.expired)
@@ -528,7 +528,7 @@ impl Tx for SqliteTx {
             )
             .bind(&w.hold_id)
             .bind(w.seq)
-            .bind(&w.bucket_id)
+            .bind(&w.grant_id)
             .bind(w.held)
             .bind(w.consumed)
             .bind(w.refunded)
@@ -558,7 +558,7 @@ impl Tx for SqliteTx {
             )
             .bind(&book.account_id)
             .bind(e.hold_id.as_deref())
-            .bind(e.bucket_id.as_deref())
+            .bind(e.grant_id.as_deref())
             .bind(e.kind.as_str())
             .bind(e.available_delta)
             .bind(e.held_delta)
@@ -834,9 +834,9 @@ impl Tx for SqliteTx {
         Ok(())
     }
 
-    async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()> {
+    async fn tag_grant(&mut self, grant_id: &str, business_key: &str) -> StorageResult<()> {
         sqlx::query("UPDATE bucket SET business_key = ?2 WHERE bucket_id = ?1")
-            .bind(bucket_id)
+            .bind(grant_id)
             .bind(business_key)
             .execute(&mut *self.tx)
             .await
@@ -983,7 +983,7 @@ impl Backend for SqliteStore {
         let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
         let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
-        let buckets: Vec<Bucket> = sqlx::query(
+        let grants: Vec<Grant> = sqlx::query(
             "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
         )
         .bind(account_id)
@@ -1002,7 +1002,7 @@ impl Backend for SqliteStore {
             open_holds: row.try_get("open_holds").map_err(map_err)?,
             plan,
             allowance_period: period,
-            grants: buckets,
+            grants,
             overdue,
             now,
         })
@@ -1048,8 +1048,8 @@ impl Backend for SqliteStore {
         Ok(used)
     }
 
-    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
-        let mut v: Vec<Bucket> = sqlx::query(
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>> {
+        let mut v: Vec<Grant> = sqlx::query(
             "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR held > 0)",
         )
         .bind(account_id.as_str())
@@ -1171,13 +1171,13 @@ impl Backend for SqliteStore {
                     held_delta,
                     reason,
                     created_at,
-                    bucket_id,
+                    grant_id,
                 )| {
                     Ok(EntryRecord {
                         entry_id,
                         account_id,
                         hold_id,
-                        bucket_id,
+                        grant_id,
                         kind: entry_kind(&kind)?,
                         available_delta,
                         held_delta,

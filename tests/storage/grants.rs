@@ -299,7 +299,7 @@ async fn corrections_and_transfers_move_grants_with_their_expiry(backend: Backen
     let adj = store.list_entries(&q).await.unwrap();
     assert!(
         adj.iter()
-            .all(|e| e.reason == "double grant (by support@x)" && e.bucket_id.is_some()),
+            .all(|e| e.reason == "double grant (by support@x)" && e.grant_id.is_some()),
         "{adj:?}"
     );
     assert_ledger_balances(&store).await;

@@ -23,7 +23,7 @@ use super::{
     metadata_json,
 };
 use crate::domain::LedgerError;
-use crate::domain::book::{Book, Bucket, Draw};
+use crate::domain::book::{Book, Draw, Grant};
 use crate::domain::command::Target;
 use crate::storage::batch::{Answer, Executor, Job, JobSteps};
 use crate::storage::{Applied, RandomIds, StorageError, StorageResult, replay};
@@ -437,7 +437,7 @@ fn place_loaded(
             b'b' => {
                 let b = bucket_from(r, &LOADED_BUCKET)?;
                 if let Some(book) = books.get_mut(&b.account_id) {
-                    book.buckets.insert(b.bucket_id.clone(), b);
+                    book.grants.insert(b.grant_id.clone(), b);
                 }
             }
             b'd' => {
@@ -497,7 +497,7 @@ async fn write_books(
     let mut ua = Rows::default();
     for book in books.values() {
         let d = &book.dirty;
-        for (b, new) in created_or_changed(&d.new_buckets, &d.buckets, &book.buckets) {
+        for (b, new) in created_or_changed(&d.new_grants, &d.grants, &book.grants) {
             if new { nb.bucket(b) } else { ub.bucket(b) }
         }
         for (h, new) in created_or_changed(&d.new_holds, &d.holds, &book.holds) {
@@ -509,7 +509,7 @@ async fn write_books(
         for e in &book.entries {
             ne.text[0].push(Some(book.account_id.clone()));
             ne.text[1].push(e.hold_id.clone());
-            ne.text[2].push(e.bucket_id.clone());
+            ne.text[2].push(e.grant_id.clone());
             ne.text[3].push(Some(e.kind.as_str().to_owned()));
             ne.text[4].push(Some(e.reason.clone()));
             ne.int[0].push(e.available_delta);
@@ -529,7 +529,7 @@ async fn write_books(
     // One statement: every part runs, with no rows when its arrays are empty. Foreign keys
     // are checked at the end of the statement, when every part's rows exist.
     let q = sqlx::query(WRITE_ALL.as_str());
-    let q = bind_new_buckets(q, &nb);
+    let q = bind_new_grants(q, &nb);
     let q = bind_new_holds(q, &nh);
     let q = bind_new_draws(q, &nd);
     let q = bind_hold_updates(q, &uh);
@@ -568,7 +568,7 @@ const INSERT_BUCKETS: &str =
  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
                       $7::int8[], $8::int8[], $9::int8[], $10::int4[], $11::timestamptz[],
                       $12::timestamptz[])";
-fn bind_new_buckets<'q>(q: Q<'q>, r: &'q Rows) -> Q<'q> {
+fn bind_new_grants<'q>(q: Q<'q>, r: &'q Rows) -> Q<'q> {
     q.bind(&r.text[0])
         .bind(&r.text[1])
         .bind(&r.text[2])
@@ -790,8 +790,8 @@ struct Rows {
 impl Rows {
     /// text: id, account, source, period, reason; int: granted, remaining, held, expired;
     /// int4: priority; time: expires_at, created_at.
-    fn bucket(&mut self, b: &Bucket) {
-        self.text[0].push(Some(b.bucket_id.clone()));
+    fn bucket(&mut self, b: &Grant) {
+        self.text[0].push(Some(b.grant_id.clone()));
         self.text[1].push(Some(b.account_id.clone()));
         self.text[2].push(Some(b.source.as_str().to_owned()));
         self.text[3].push(b.period.clone());
@@ -824,7 +824,7 @@ impl Rows {
     /// text: hold, bucket; int4: seq; int: held, consumed, refunded.
     fn draw(&mut self, w: &Draw) {
         self.text[0].push(Some(w.hold_id.clone()));
-        self.text[1].push(Some(w.bucket_id.clone()));
+        self.text[1].push(Some(w.grant_id.clone()));
         self.int4.push(w.seq);
         self.int[0].push(w.held);
         self.int[1].push(w.consumed);

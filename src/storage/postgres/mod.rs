@@ -19,10 +19,10 @@ use sqlx::{Postgres, Row, Transaction};
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
     HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
-    kind_names, loaded_hold_ids, missing_buckets, source, state_names, thresholds_json, to_record,
+    kind_names, loaded_hold_ids, missing_grants, source, state_names, thresholds_json, to_record,
     violation,
 };
-use crate::domain::book::{Book, Bucket, Draw, StoredBalance, consumption_order};
+use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
 use crate::domain::outcome::Outcome;
 use crate::domain::payment::StripeEvent;
@@ -241,7 +241,7 @@ pub(super) fn hold_from(r: &PgRow, c: &Columns<10>) -> StorageResult<Hold> {
 }
 
 /// A grant from its row.
-pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
+pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Grant> {
     let [
         id,
         account,
@@ -257,8 +257,8 @@ pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
         created,
     ] = c.0;
     let kind: String = col(r, kind)?;
-    Ok(Bucket {
-        bucket_id: col(r, id)?,
+    Ok(Grant {
+        grant_id: col(r, id)?,
         account_id: col(r, account)?,
         source: source(&kind)?,
         period: col(r, period)?,
@@ -275,10 +275,10 @@ pub(super) fn bucket_from(r: &PgRow, c: &Columns<12>) -> StorageResult<Bucket> {
 
 /// A draw from its row.
 pub(super) fn draw_from(r: &PgRow, c: &Columns<6>) -> StorageResult<Draw> {
-    let [hold_id, bucket_id, held, consumed, refunded, seq] = c.0;
+    let [hold_id, grant_id, held, consumed, refunded, seq] = c.0;
     Ok(Draw {
         hold_id: col(r, hold_id)?,
-        bucket_id: col(r, bucket_id)?,
+        grant_id: col(r, grant_id)?,
         held: col(r, held)?,
         consumed: col(r, consumed)?,
         refunded: col(r, refunded)?,
@@ -290,7 +290,7 @@ fn hold_from_row(r: &PgRow) -> StorageResult<Hold> {
     hold_from(r, &HOLD)
 }
 
-fn bucket_from_row(r: &PgRow) -> StorageResult<Bucket> {
+fn bucket_from_row(r: &PgRow) -> StorageResult<Grant> {
     bucket_from(r, &BUCKET)
 }
 
@@ -369,10 +369,10 @@ impl PgStore {
     }
 
     /// The grants a query selects.
-    async fn buckets(
+    async fn grants(
         &self,
         q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
-    ) -> StorageResult<Vec<Bucket>> {
+    ) -> StorageResult<Vec<Grant>> {
         q.fetch_all(&self.pool)
             .await
             .map_err(map_err)?
@@ -495,7 +495,7 @@ impl Tx for PgTx<'_> {
             .map_err(map_err)?;
         for r in &rows {
             let b = bucket_from_row(r)?;
-            book.buckets.entry(b.bucket_id.clone()).or_insert(b);
+            book.grants.entry(b.grant_id.clone()).or_insert(b);
         }
         Ok(())
     }
@@ -517,7 +517,7 @@ impl Tx for PgTx<'_> {
         .map_err(map_err)?;
         for r in &rows {
             let b = bucket_from_row(r)?;
-            book.buckets.insert(b.bucket_id.clone(), b);
+            book.grants.insert(b.grant_id.clone(), b);
         }
         let sql = concat!(
             "SELECT ",
@@ -545,7 +545,7 @@ impl Tx for PgTx<'_> {
             let d = draw_from_row(r)?;
             book.draws.insert((d.hold_id.clone(), d.seq), d);
         }
-        let missing = missing_buckets(book);
+        let missing = missing_grants(book);
         if !missing.is_empty() {
             let rows = sqlx::query("SELECT * FROM bucket WHERE bucket_id = ANY($1)")
                 .bind(missing)
@@ -554,7 +554,7 @@ impl Tx for PgTx<'_> {
                 .map_err(map_err)?;
             for r in &rows {
                 let b = bucket_from_row(r)?;
-                book.buckets.insert(b.bucket_id.clone(), b);
+                book.grants.insert(b.grant_id.clone(), b);
             }
         }
         Ok(())
@@ -563,8 +563,8 @@ impl Tx for PgTx<'_> {
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()> {
         let tx = &mut *self.tx;
         let d = &book.dirty;
-        for id in &d.new_buckets {
-            let Some(b) = book.buckets.get(id) else {
+        for id in &d.new_grants {
+            let Some(b) = book.grants.get(id) else {
                 continue;
             };
             sqlx::query(
@@ -572,7 +572,7 @@ impl Tx for PgTx<'_> {
                                      expires_at, priority, period, reason, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
-            .bind(&b.bucket_id)
+            .bind(&b.grant_id)
             .bind(&b.account_id)
             .bind(b.source.as_str())
             .bind(b.granted)
@@ -588,14 +588,14 @@ impl Tx for PgTx<'_> {
             .await
             .map_err(map_err)?;
         }
-        for id in &d.buckets {
-            let Some(b) = book.buckets.get(id) else {
+        for id in &d.grants {
+            let Some(b) = book.grants.get(id) else {
                 continue;
             };
             sqlx::query(
                 "UPDATE bucket SET remaining = $2, held = $3, expired = $4 WHERE bucket_id = $1",
             )
-            .bind(&b.bucket_id)
+            .bind(&b.grant_id)
             .bind(b.remaining)
             .bind(b.held)
             .bind(b.expired)
@@ -648,7 +648,7 @@ impl Tx for PgTx<'_> {
             )
             .bind(&w.hold_id)
             .bind(w.seq)
-            .bind(&w.bucket_id)
+            .bind(&w.grant_id)
             .bind(w.held)
             .bind(w.consumed)
             .bind(w.refunded)
@@ -678,7 +678,7 @@ impl Tx for PgTx<'_> {
             )
             .bind(&book.account_id)
             .bind(e.hold_id.as_deref())
-            .bind(e.bucket_id.as_deref())
+            .bind(e.grant_id.as_deref())
             .bind(e.kind.as_str())
             .bind(e.available_delta)
             .bind(e.held_delta)
@@ -958,9 +958,9 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn tag_grant(&mut self, bucket_id: &str, business_key: &str) -> StorageResult<()> {
+    async fn tag_grant(&mut self, grant_id: &str, business_key: &str) -> StorageResult<()> {
         sqlx::query("UPDATE bucket SET business_key = $2 WHERE bucket_id = $1")
-            .bind(bucket_id)
+            .bind(grant_id)
             .bind(business_key)
             .execute(&mut *self.tx)
             .await
@@ -1085,8 +1085,8 @@ impl Backend for PgStore {
         let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
         let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
-        let buckets = self
-            .buckets(
+        let grants = self
+            .grants(
                 sqlx::query(
                     "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
                 )
@@ -1102,7 +1102,7 @@ impl Backend for PgStore {
             open_holds: row.try_get("open_holds").map_err(map_err)?,
             plan,
             allowance_period: period,
-            grants: buckets,
+            grants,
             overdue,
             now,
         })
@@ -1147,9 +1147,9 @@ impl Backend for PgStore {
         Ok(used)
     }
 
-    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Bucket>> {
+    async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>> {
         let mut v = self
-            .buckets(
+            .grants(
                 sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
                     .bind(account_id.as_str()),
             )
@@ -1267,13 +1267,13 @@ impl Backend for PgStore {
                     held_delta,
                     reason,
                     created_at,
-                    bucket_id,
+                    grant_id,
                 )| {
                     Ok(EntryRecord {
                         entry_id,
                         account_id,
                         hold_id,
-                        bucket_id,
+                        grant_id,
                         kind: entry_kind(&kind)?,
                         available_delta,
                         held_delta,
