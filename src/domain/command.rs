@@ -471,6 +471,29 @@ impl HoldCmd {
         }
     }
 
+    /// Applies time, then the command, to a loaded book (`allowance`: its plan's); a command
+    /// the rules refuse leaves the book as it was, as if it had run alone and rolled back.
+    /// What group commit runs per command on books it shares.
+    ///
+    /// # Errors
+    /// The rules' refusal.
+    pub fn settle_and_apply(
+        &self,
+        b: &mut Book,
+        allowance: Option<&super::plan::Allowance>,
+        now: DateTime<Utc>,
+        ids: &mut dyn Ids,
+    ) -> Result<Outcome, LedgerError> {
+        let before = b.clone();
+        let result = b
+            .settle(now, allowance, ids)
+            .and_then(|()| self.apply(b, now));
+        if result.is_err() {
+            *b = before;
+        }
+        result
+    }
+
     /// Applies the command to a loaded, settled book (pure: the domain's rules decide).
     pub fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
         Ok(match self {

@@ -350,14 +350,8 @@ impl PgStore {
                 Some(a) => match books.get_mut(&a) {
                     None => Err(LedgerError::AccountNotFound),
                     Some(book) => {
-                        let before = book.clone();
-                        let r = book
-                            .settle(now, self.policy.for_plan(&book.plan), &mut RandomIds)
-                            .and_then(|()| j.cmd.apply(book, now));
-                        if r.is_err() {
-                            *book = before;
-                        }
-                        r
+                        let allowance = self.policy.for_plan(&book.plan);
+                        j.cmd.settle_and_apply(book, allowance, now, &mut RandomIds)
                     }
                 },
             };
