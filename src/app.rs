@@ -63,6 +63,8 @@ pub struct Settings {
     pub metrics_listen: SocketAddr,
     /// Serve gRPC reflection (v1 and v1alpha).
     pub reflection: bool,
+    /// Browser origins allowed to call with gRPC-Web (CORS); empty: no CORS headers at all.
+    pub grpc_web_origins: Vec<http::HeaderValue>,
     /// gRPC calls in flight at once over all connections; more are shed with UNAVAILABLE.
     pub max_concurrent_requests: usize,
     /// How often the ledger reconciliation runs (zero: never).
@@ -167,6 +169,68 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Most browser origins `--grpc-web-origins` may list: 32.
+pub const GRPC_WEB_ORIGINS_MAX: usize = 32;
+
+/// How long a browser may cache a gRPC-Web preflight answer: 10 minutes.
+pub const GRPC_WEB_PREFLIGHT_MAX_AGE: Duration = Duration::from_mins(10);
+
+/// Checks `--grpc-web-origins`: at most [`GRPC_WEB_ORIGINS_MAX`], each `http(s)://host[:port]`
+/// with nothing after it (what a browser sends as `Origin`).
+///
+/// # Errors
+/// A message naming the bad origin.
+pub fn web_origins(origins: &[String]) -> Result<Vec<http::HeaderValue>, String> {
+    if origins.len() > GRPC_WEB_ORIGINS_MAX {
+        return Err(format!(
+            "--grpc-web-origins: {} origins, at most {GRPC_WEB_ORIGINS_MAX}",
+            origins.len()
+        ));
+    }
+    origins
+        .iter()
+        .map(|o| {
+            let o = o.trim();
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            match rest {
+                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '*', ' ']) => {
+                    http::HeaderValue::from_str(o).map_err(|_| format!("--grpc-web-origins: {o:?} is not a header value"))
+                }
+                _ => Err(format!(
+                    "--grpc-web-origins: {o:?} is not an origin (scheme://host[:port], e.g. https://app.example.com)"
+                )),
+            }
+        })
+        .collect()
+}
+
+/// CORS for gRPC-Web from `origins`: the methods, request headers and exposed headers a
+/// gRPC-Web client uses (connect-es, grpc-web), nothing else.
+fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE};
+    let name = http::HeaderName::from_static;
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins.to_vec())
+        .allow_methods([http::Method::POST, http::Method::OPTIONS])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            name("x-grpc-web"),
+            name("x-user-agent"),
+            name("grpc-timeout"),
+            name("traceparent"),
+            name("tracestate"),
+        ])
+        .expose_headers([
+            name("grpc-status"),
+            name("grpc-message"),
+            name("grpc-status-details-bin"),
+        ])
+        .max_age(GRPC_WEB_PREFLIGHT_MAX_AGE)
 }
 
 /// Opens the database named by `url`, applies its migrations, and starts an engine on it.
@@ -460,10 +524,18 @@ impl App {
             builder = builder.tls_config(tls.server_config())?;
             info!(mutual = tls.client_ca.is_some(), "gRPC listener uses TLS");
         }
+        // gRPC-Web (HTTP/1.1 or HTTP/2) on the same port: CORS for the configured origins
+        // (outermost, so a preflight needs no token), then the translation to gRPC, then the
+        // gate, so auth, limits and metrics are exactly those of gRPC.
+        let cors =
+            (!settings.grpc_web_origins.is_empty()).then(|| cors(&settings.grpc_web_origins));
         let server = builder
+            .accept_http1(true)
             .timeout(settings.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .layer(tower::util::option_layer(cors))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(gate)
             .add_service(health_service)
             .add_optional_service(reflection_v1)
@@ -510,5 +582,37 @@ impl App {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_web_origins_are_checked() {
+        let ok =
+            |o: &[&str]| super::web_origins(&o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            ok(&["https://app.example.com", "http://localhost:3000"])
+                .unwrap()
+                .len(),
+            2
+        );
+        for bad in [
+            "app.example.com",
+            "https://",
+            "https://a.example/path",
+            "*",
+            "https://*.example.com",
+            "ftp://a",
+        ] {
+            assert!(
+                ok(&[bad]).unwrap_err().contains("--grpc-web-origins"),
+                "{bad}"
+            );
+        }
+        let many: Vec<String> = (0..=super::GRPC_WEB_ORIGINS_MAX)
+            .map(|i| format!("https://a{i}.example"))
+            .collect();
+        assert!(super::web_origins(&many).is_err());
     }
 }

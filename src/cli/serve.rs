@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Serve gRPC reflection (v1 and v1alpha) to authenticated callers.
     #[arg(long, env = "TALLY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
+    /// Browser origins allowed to call the gRPC port with gRPC-Web (CORS), comma-separated,
+    /// e.g. `https://app.example.com` (at most 32; none by default: server-side callers such as
+    /// Next.js routes and Edge functions need no CORS).
+    #[arg(long, env = "TALLY_GRPC_WEB_ORIGINS", value_delimiter = ',')]
+    pub grpc_web_origins: Vec<String>,
     /// Calls per second per caller (0: unlimited); a caller's `rate_limit_rps` overrides it.
     #[arg(long, env = "TALLY_RATE_LIMIT_RPS", default_value_t = 5000)]
     pub rate_limit_rps: u32,
@@ -165,6 +170,12 @@ fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
 }
 
 impl ServeArgs {
+    /// The gRPC-Web origins, checked: at most [`crate::app::GRPC_WEB_ORIGINS_MAX`], each
+    /// `scheme://host[:port]` with no path.
+    fn web_origins(&self) -> Result<Vec<http::HeaderValue>, String> {
+        crate::app::web_origins(&self.grpc_web_origins)
+    }
+
     fn stripe_api(&self) -> Result<Option<crate::stripe::client::StripeApi>, String> {
         let Some(key) = secret_from(
             "--stripe-api-key",
@@ -345,6 +356,7 @@ impl ServeArgs {
             auth: std::sync::Arc::new(self.auth()?),
             metrics_listen: self.metrics_listen,
             reflection: self.reflection,
+            grpc_web_origins: self.web_origins()?,
             max_concurrent_requests: self.max_concurrent_requests as usize,
             audit_interval: self.audit_interval,
             readiness_interval: self.readiness_interval,

@@ -25,6 +25,7 @@ mod client;
 mod credit;
 mod edges;
 mod faults;
+mod grpc_web;
 mod operator;
 mod ops;
 mod pricing;

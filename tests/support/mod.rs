@@ -278,6 +278,7 @@ pub fn settings(db: &TestDb) -> Settings {
         ))),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         reflection: true,
+        grpc_web_origins: Vec::new(),
         max_concurrent_requests: 512,
         audit_interval: Duration::ZERO,
         readiness_interval: Duration::from_millis(100),
