@@ -537,4 +537,16 @@ mod tests {
             assert_eq!(label, format!("{service}/{method}"));
         }
     }
+
+    /// The proto's `ErrorReason` enum is the set of reasons the server sends, both ways: a
+    /// client decoding ErrorInfo by it never meets a reason it does not know.
+    #[test]
+    fn the_proto_names_every_reason_the_server_sends() {
+        let in_proto: std::collections::BTreeSet<&str> = (1..1_000)
+            .filter_map(|n| crate::pb::ErrorReason::try_from(n).ok())
+            .map(|r| r.as_str_name())
+            .collect();
+        let sent: std::collections::BTreeSet<&str> = REASONS.iter().copied().collect();
+        assert_eq!(in_proto, sent);
+    }
 }
