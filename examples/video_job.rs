@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tally::client::{Client, Config, Error};
 use tally::pb;
+use tally::pb::reserve_request::Cost;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,14 +36,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The server prices the job from its table: no price is hard-coded here.
     let request = pb::ReserveRequest {
         account_id: account.clone(),
-        operation: Some(pb::PricedOperation {
-            operation: "video_export".into(),
+        cost: Some(Cost::Operation(pb::PricedOperation {
+            name: "video_export".into(),
             params: [
                 ("seconds".to_owned(), seconds.to_string()),
                 ("resolution".to_owned(), "1080p".to_owned()),
             ]
             .into(),
-        }),
+        })),
         ..Default::default()
     };
     let job = match client.reserve_job(request).await {

@@ -258,7 +258,7 @@ async fn client_loop(
                         .reserve(authed(
                             pb::ReserveRequest {
                                 account_id: account.clone(),
-                                amount: 5,
+                                cost: Some(pb::reserve_request::Cost::Amount(5)),
                                 idempotency_key: format!("r{key}"),
                                 ttl: Some(prost_types::Duration {
                                     seconds: 60,

@@ -413,7 +413,7 @@ impl Client {
     pub async fn reserve(&self, account: &str, amount: i64) -> Result<Job, Error> {
         self.reserve_job(pb::ReserveRequest {
             account_id: account.to_owned(),
-            amount,
+            cost: Some(pb::reserve_request::Cost::Amount(amount)),
             ..Default::default()
         })
         .await

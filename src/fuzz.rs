@@ -135,10 +135,13 @@ proptest! {
         let catalog = Catalog::builtin().unwrap();
         let limits = Limits { hold_ttl_default: chrono::TimeDelta::minutes(10), hold_ttl_max: chrono::TimeDelta::hours(24) };
         let r = pb::ReserveRequest {
-            account_id: account.clone(), amount, idempotency_key: key.clone(),
+            account_id: account.clone(), idempotency_key: key.clone(),
             ttl: has_ttl.then_some(prost_types::Duration { seconds: ttl_s, nanos: ttl_n }),
             metadata: meta.into_iter().collect::<HashMap<_, _>>(),
-            operation: op.map(|(operation, params)| pb::PricedOperation { operation, params: params.into_iter().collect() }),
+            cost: Some(match op {
+                Some((name, params)) => pb::reserve_request::Cost::Operation(pb::PricedOperation { name, params: params.into_iter().collect() }),
+                None => pb::reserve_request::Cost::Amount(amount),
+            }),
         };
         match crate::grpc::convert::reserve(r, &limits, &catalog) {
             Ok((k, cmd)) => {

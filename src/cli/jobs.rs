@@ -112,16 +112,28 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                 seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
             });
+            let cost = match (amount, operation) {
+                (Some(_), Some(_)) => {
+                    return Err(ClientError::new(
+                        "INVALID_ARGUMENT",
+                        "give an AMOUNT or --operation, not both",
+                        Vec::new(),
+                    ));
+                }
+                (None, Some(name)) => {
+                    Some(pb::reserve_request::Cost::Operation(pb::PricedOperation {
+                        name,
+                        params: params.into_iter().collect(),
+                    }))
+                }
+                (amount, None) => Some(pb::reserve_request::Cost::Amount(amount.unwrap_or(0))),
+            };
             let req = pb::ReserveRequest {
                 account_id: account,
-                amount: amount.unwrap_or(0),
+                cost,
                 idempotency_key: k.clone(),
                 ttl,
                 metadata: metadata.into_iter().collect(),
-                operation: operation.map(|operation| pb::PricedOperation {
-                    operation,
-                    params: params.into_iter().collect(),
-                }),
             };
             let r = api
                 .call(Some(&k), req, |ch, r| async move {

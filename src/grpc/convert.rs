@@ -74,6 +74,14 @@ pub fn hold_id(hold_id: &str) -> Result<HoldId, ServiceError> {
     HoldId::parse("hold_id", hold_id).map_err(ServiceError::from)
 }
 
+/// The credits a Reserve asks for by number (0 for a priced operation), for its span.
+pub fn amount_asked(r: &pb::ReserveRequest) -> i64 {
+    match r.cost {
+        Some(pb::reserve_request::Cost::Amount(n)) => n,
+        _ => 0,
+    }
+}
+
 /// Parses a Reserve request.
 pub fn reserve(
     r: pb::ReserveRequest,
@@ -82,19 +90,16 @@ pub fn reserve(
 ) -> Result<(IdempotencyKey, Reserve), ServiceError> {
     let mut c = Check::default();
     let account_id = c.field(AccountId::parse("account_id", &r.account_id));
-    let (amount, priced) = match (r.amount, r.operation) {
-        (0, Some(op)) => match price(catalog, &op.operation, &op.params) {
-            Ok(e) => (Some(e.cost), Some(canonical(&op.operation, &op.params))),
-            Err(v) => (c.field(Err(v)), None),
-        },
-        (n, None) => (c.field(Credits::new("amount", n)), None),
-        (_, Some(_)) => (
-            c.field(Err(FieldViolation::new(
-                "amount",
-                "set either amount or operation, not both",
-            ))),
-            None,
-        ),
+    let (amount, priced) = match r.cost {
+        Some(pb::reserve_request::Cost::Operation(op)) => {
+            match price(catalog, &op.name, &op.params) {
+                Ok(e) => (Some(e.cost), Some(canonical(&op.name, &op.params))),
+                Err(v) => (c.field(Err(v)), None),
+            }
+        }
+        Some(pb::reserve_request::Cost::Amount(n)) => (c.field(Credits::new("amount", n)), None),
+        // Neither: the amount's own violation (required, 1..=10^12).
+        None => (c.field(Credits::new("amount", 0)), None),
     };
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
     let ttl = c.field(duration("ttl", r.ttl).and_then(|t| limits.ttl(t)));

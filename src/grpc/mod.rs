@@ -143,7 +143,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         }))
     }
 
-    #[instrument(name = "tally.v1.CreditService/Reserve", skip_all, fields(account_id = %req.get_ref().account_id, amount = req.get_ref().amount))]
+    #[instrument(name = "tally.v1.CreditService/Reserve", skip_all, fields(account_id = %req.get_ref().account_id, amount = convert::amount_asked(req.get_ref())))]
     async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Reply<pb::ReserveResponse> {
         allow_account(&req, &req.get_ref().account_id)?;
         let caller = caller(&req);

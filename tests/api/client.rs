@@ -91,7 +91,7 @@ async fn retries_ride_out_shedding_without_reserving_twice(backend: Backend) {
         set.spawn(async move {
             c.reserve_request(pb::ReserveRequest {
                 account_id: "acct".into(),
-                amount: 1,
+                cost: Some(pb::reserve_request::Cost::Amount(1)),
                 ..Default::default()
             })
             .await

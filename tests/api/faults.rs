@@ -120,7 +120,7 @@ async fn crash_campaign(backend: Backend) {
                 let r = client
                     .reserve_request(pb::ReserveRequest {
                         account_id: format!("acct-{}", i % 4),
-                        amount: 3,
+                        cost: Some(pb::reserve_request::Cost::Amount(3)),
                         idempotency_key: key.clone(),
                         ..Default::default()
                     })

@@ -55,7 +55,7 @@ pub fn expect_error(s: &Status, code: Code, why: &str) {
 pub fn reserve_req(account: &str, amount: i64, key: &str) -> pb::ReserveRequest {
     pb::ReserveRequest {
         account_id: account.into(),
-        amount,
+        cost: Some(pb::reserve_request::Cost::Amount(amount)),
         idempotency_key: key.into(),
         ..Default::default()
     }

@@ -9,7 +9,7 @@ use crate::{expect_error, grant_req, reserve_req};
 
 fn op(name: &str, params: &[(&str, &str)]) -> pb::PricedOperation {
     pb::PricedOperation {
-        operation: name.into(),
+        name: name.into(),
         params: params
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -28,7 +28,7 @@ async fn operations_are_priced_by_the_server(backend: Backend) {
     );
     let e = credit
         .estimate_cost(pb::EstimateCostRequest {
-            operation: video.operation.clone(),
+            operation: video.name.clone(),
             params: video.params.clone(),
         })
         .await
@@ -39,7 +39,7 @@ async fn operations_are_priced_by_the_server(backend: Backend) {
     assert_eq!(names, ["base", "seconds", "resolution", "rounding"]);
 
     let mut req = reserve_req("acct", 0, "job-1");
-    req.operation = Some(video.clone());
+    req.cost = Some(pb::reserve_request::Cost::Operation(video.clone()));
     let r = credit.reserve(req.clone()).await.unwrap().into_inner();
     assert_eq!((r.hold.as_ref().unwrap().amount, r.available), (22, 78));
     let again = credit.reserve(req).await.unwrap();
@@ -54,7 +54,7 @@ async fn operations_are_priced_by_the_server(backend: Backend) {
         &[("images", "3"), ("complexity", "high")],
     );
     let mut req = reserve_req("acct", 0, "job-2");
-    req.operation = Some(images);
+    req.cost = Some(pb::reserve_request::Cost::Operation(images));
     assert_eq!(
         credit
             .reserve(req)
@@ -89,18 +89,16 @@ async fn operations_are_priced_by_the_server(backend: Backend) {
     let bad = op("video_export", &[("seconds", "3"), ("resolution", "8k")]);
     let e = credit
         .estimate_cost(pb::EstimateCostRequest {
-            operation: bad.operation,
+            operation: bad.name,
             params: bad.params,
         })
         .await
         .unwrap_err();
     assert_eq!(field(&e), "params");
-    let mut both = reserve_req("acct", 5, "job-3");
-    both.operation = Some(op(
-        "video_export",
-        &[("seconds", "1"), ("resolution", "720p")],
-    ));
-    let e = credit.reserve(both).await.unwrap_err();
+    // Neither an amount nor an operation (the oneof unset): the amount is required.
+    let mut neither = reserve_req("acct", 5, "job-3");
+    neither.cost = None;
+    let e = credit.reserve(neither).await.unwrap_err();
     assert_eq!(field(&e), "amount");
     let b = credit
         .check_balance(pb::CheckBalanceRequest {
