@@ -6,10 +6,17 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::remote::{ClientError, Remote, hold_json, hold_line, print, time};
+use super::remote::{
+    ClientError, Remote, hold_json, hold_line, kind_word, parse_word, print, source_word, time,
+};
 use super::{AccountCommand, Command};
 use crate::pb;
 use crate::pb::admin_service_client::AdminServiceClient;
+
+/// The names of an API enum's values (from its generated type, so they cannot drift).
+fn names(name_of: impl Fn(i32) -> Option<&'static str>) -> Vec<&'static str> {
+    (0..256).filter_map(name_of).collect()
+}
 
 /// Runs an account command (other commands are not this module's: `Ok`).
 #[allow(clippy::too_many_lines, clippy::many_single_char_names)] // one arm per command: decode → call → print
@@ -37,7 +44,7 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                 "created_at": time(a.created_at.as_ref()),
                 "holds": r.open_holds.iter().map(hold_json).collect::<Vec<_>>(),
                 "grants": r.grants.iter().map(|g| json!({
-                    "grant_id": g.grant_id, "source": g.source, "granted": g.granted, "remaining": g.remaining,
+                    "grant_id": g.grant_id, "source": source_word(g.source), "granted": g.granted, "remaining": g.remaining,
                     "held": g.held, "expired": g.expired, "expires_at": time(g.expires_at.as_ref()), "priority": g.priority,
                 })).collect::<Vec<_>>(),
             });
@@ -68,7 +75,12 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                 let _ = write!(
                     text,
                     "\n{}  {:<12} {:>8} of {:<8} held {:<6} priority {:<3} {expiry}",
-                    g.grant_id, g.source, g.remaining, g.granted, g.held, g.priority
+                    g.grant_id,
+                    source_word(g.source),
+                    g.remaining,
+                    g.granted,
+                    g.held,
+                    g.priority
                 );
             }
             for h in &r.open_holds {
@@ -169,6 +181,19 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
             limit,
             client,
         } => {
+            let kinds = kinds
+                .iter()
+                .map(|k| {
+                    parse_word(
+                        k,
+                        "ENTRY_KIND_",
+                        "--kind",
+                        pb::EntryKind::from_str_name,
+                        &names(|n| pb::EntryKind::try_from(n).ok().map(|k| k.as_str_name())),
+                    )
+                    .map(i32::from)
+                })
+                .collect::<Result<Vec<i32>, _>>()?;
             let api = Remote::connect(&client).await?;
             let mut entries = Vec::new();
             let mut page_token = String::new();
@@ -194,7 +219,7 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                 page_token = r.next_page_token;
             }
             let v = Value::Array(entries.iter().map(|e| json!({
-                "entry_id": e.entry_id, "account_id": e.account_id, "hold_id": e.hold_id, "kind": e.kind,
+                "entry_id": e.entry_id, "account_id": e.account_id, "hold_id": e.hold_id, "kind": kind_word(e.kind),
                 "available_delta": e.available_delta, "held_delta": e.held_delta, "reason": e.reason,
                 "created_at": time(e.created_at.as_ref()),
             })).collect());
@@ -205,7 +230,7 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                         "{:>8}  {}  {:<8} {:<24} available {:+} held {:+} {}",
                         e.entry_id,
                         time(e.created_at.as_ref()).as_str().unwrap_or("?"),
-                        e.kind,
+                        kind_word(e.kind),
                         e.account_id,
                         e.available_delta,
                         e.held_delta,
@@ -280,12 +305,23 @@ pub(super) async fn run(command: Command) -> Result<(), ClientError> {
                     seconds: t.timestamp(),
                     nanos: 0,
                 });
+            let source = if source.is_empty() {
+                pb::GrantSource::Unspecified
+            } else {
+                parse_word(
+                    &source,
+                    "GRANT_SOURCE_",
+                    "--source",
+                    pb::GrantSource::from_str_name,
+                    &names(|n| pb::GrantSource::try_from(n).ok().map(|k| k.as_str_name())),
+                )?
+            };
             let req = pb::GrantRequest {
                 account_id: account,
                 amount,
                 reason,
                 idempotency_key: k.clone(),
-                source,
+                source: source.into(),
                 expires_at,
                 priority,
             };

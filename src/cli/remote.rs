@@ -289,6 +289,51 @@ impl Remote {
     }
 }
 
+/// An API enum value's name as the CLI prints and takes it: lower case, without its type's
+/// prefix (`GRANT_SOURCE_SIGNUP_BONUS` → `signup_bonus`).
+pub(super) fn enum_word(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_lowercase()
+}
+
+/// A grant source's word.
+pub(super) fn source_word(v: i32) -> String {
+    pb::GrantSource::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |s| enum_word(s.as_str_name(), "GRANT_SOURCE_"),
+    )
+}
+
+/// An entry kind's word.
+pub(super) fn kind_word(v: i32) -> String {
+    pb::EntryKind::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |k| enum_word(k.as_str_name(), "ENTRY_KIND_"),
+    )
+}
+
+/// Parses a word of an API enum (`purchase`, `transfer_out`) given its prefix; `field` names
+/// the option in the error, which lists the words known.
+pub(super) fn parse_word<E: Copy>(
+    word: &str,
+    prefix: &str,
+    field: &str,
+    from_name: fn(&str) -> Option<E>,
+    all: &[&str],
+) -> Result<E, ClientError> {
+    from_name(&format!("{prefix}{}", word.to_uppercase())).ok_or_else(|| {
+        let known: Vec<String> = all
+            .iter()
+            .filter(|n| !n.ends_with("_UNSPECIFIED"))
+            .map(|n| enum_word(n, prefix))
+            .collect();
+        ClientError::new(
+            "INVALID_ARGUMENT",
+            format!("{field}: unknown {word:?}; known: {}", known.join(", ")),
+            Vec::new(),
+        )
+    })
+}
+
 pub(super) fn time(t: Option<&prost_types::Timestamp>) -> Value {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .map_or(Value::Null, |t| {

@@ -190,16 +190,13 @@ pub fn grant(r: &pb::GrantRequest) -> Result<(IdempotencyKey, GrantCredits), Ser
     let amount = c.field(Credits::new("amount", r.amount));
     let why = c.field(reason("reason", &r.reason, true));
     let key = c.field(IdempotencyKey::parse("idempotency_key", &r.idempotency_key));
-    let src = c.field(if r.source.is_empty() {
-        Ok(Source::Adjustment)
-    } else {
-        Source::parse(&r.source).ok_or_else(|| {
-            let known: Vec<&str> = Source::ALL.iter().map(|s| s.as_str()).collect();
-            FieldViolation::new(
-                "source",
-                format!("unknown source {:?}; known: {}", r.source, known.join(", ")),
-            )
-        })
+    let src = c.field(match pb::GrantSource::try_from(r.source) {
+        Ok(pb::GrantSource::Unspecified) => Ok(Source::Adjustment),
+        Ok(known) => Ok(source_from_pb(known)),
+        Err(_) => Err(FieldViolation::new(
+            "source",
+            format!("unknown grant source {}", r.source),
+        )),
     });
     let expires_at = c.field(
         time("expires_at", r.expires_at.as_ref()).and_then(|t| match t {
@@ -364,7 +361,7 @@ fn known_plan(catalog: &Catalog, plan: &str) -> Result<String, FieldViolation> {
 pub fn grant_to_pb(b: Grant) -> pb::CreditGrant {
     pb::CreditGrant {
         grant_id: b.grant_id,
-        source: b.source.as_str().to_owned(),
+        source: source_to_pb(b.source).into(),
         granted: b.granted,
         remaining: b.remaining,
         held: b.held,
@@ -573,19 +570,68 @@ fn time(
     .transpose()
 }
 
-fn kinds(names: &[String]) -> Result<Vec<EntryKind>, FieldViolation> {
-    names
+fn kinds(values: &[i32]) -> Result<Vec<EntryKind>, FieldViolation> {
+    values
         .iter()
-        .map(|k| {
-            EntryKind::parse(k).ok_or_else(|| {
-                let known: Vec<&str> = EntryKind::ALL.iter().map(|k| k.as_str()).collect();
-                FieldViolation::new(
-                    "kinds",
-                    format!("unknown kind {k:?}; known: {}", known.join(", ")),
-                )
-            })
+        .map(|v| {
+            pb::EntryKind::try_from(*v)
+                .ok()
+                .and_then(kind_from_pb)
+                .ok_or_else(|| FieldViolation::new("kinds", format!("unknown entry kind {v}")))
         })
         .collect()
+}
+
+/// A grant source as the API names it.
+#[must_use]
+pub fn source_to_pb(s: Source) -> pb::GrantSource {
+    match s {
+        Source::Purchase => pb::GrantSource::Purchase,
+        Source::Subscription => pb::GrantSource::Subscription,
+        Source::Allowance => pb::GrantSource::Allowance,
+        Source::SignupBonus => pb::GrantSource::SignupBonus,
+        Source::Promotion => pb::GrantSource::Promotion,
+        Source::Adjustment => pb::GrantSource::Adjustment,
+        Source::Refund => pb::GrantSource::Refund,
+        Source::Transfer => pb::GrantSource::Transfer,
+    }
+}
+
+/// A known, set grant source of the API as the domain's (unspecified: adjustment).
+fn source_from_pb(s: pb::GrantSource) -> Source {
+    match s {
+        pb::GrantSource::Purchase => Source::Purchase,
+        pb::GrantSource::Subscription => Source::Subscription,
+        pb::GrantSource::Allowance => Source::Allowance,
+        pb::GrantSource::SignupBonus => Source::SignupBonus,
+        pb::GrantSource::Promotion => Source::Promotion,
+        pb::GrantSource::Unspecified | pb::GrantSource::Adjustment => Source::Adjustment,
+        pb::GrantSource::Refund => Source::Refund,
+        pb::GrantSource::Transfer => Source::Transfer,
+    }
+}
+
+/// An entry kind as the API names it.
+#[must_use]
+pub fn kind_to_pb(k: EntryKind) -> pb::EntryKind {
+    match k {
+        EntryKind::Grant => pb::EntryKind::Grant,
+        EntryKind::Reserve => pb::EntryKind::Reserve,
+        EntryKind::Commit => pb::EntryKind::Commit,
+        EntryKind::Release => pb::EntryKind::Release,
+        EntryKind::Expire => pb::EntryKind::Expire,
+        EntryKind::Refund => pb::EntryKind::Refund,
+        EntryKind::Expiration => pb::EntryKind::Expiration,
+        EntryKind::Adjustment => pb::EntryKind::Adjustment,
+        EntryKind::TransferOut => pb::EntryKind::TransferOut,
+        EntryKind::TransferIn => pb::EntryKind::TransferIn,
+        EntryKind::Clawback => pb::EntryKind::Clawback,
+        EntryKind::DebtPayment => pb::EntryKind::DebtPayment,
+    }
+}
+
+fn kind_from_pb(k: pb::EntryKind) -> Option<EntryKind> {
+    EntryKind::ALL.into_iter().find(|d| kind_to_pb(*d) == k)
 }
 
 /// The binding of an entry listing.
@@ -598,7 +644,11 @@ pub fn entries_binding(r: &pb::ListEntriesRequest) -> String {
     format!(
         "entries|{}|{}|{}|{}",
         r.account_id,
-        r.kinds.join(","),
+        r.kinds
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         t(r.since.as_ref()),
         t(r.until.as_ref())
     )
@@ -689,7 +739,7 @@ pub fn entry_to_pb(e: EntryRecord) -> pb::Entry {
         account_id: e.account_id,
         hold_id: e.hold_id.unwrap_or_default(),
         grant_id: e.grant_id.unwrap_or_default(),
-        kind: e.kind.as_str().to_owned(),
+        kind: kind_to_pb(e.kind).into(),
         available_delta: e.available_delta,
         held_delta: e.held_delta,
         reason: e.reason,
@@ -850,5 +900,42 @@ pub fn estimate_to_pb(e: Estimate) -> pb::EstimateCostResponse {
                 detail: f.detail,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every domain kind and source has its API value, named as the domain stores it
+    /// (`TRANSFER_OUT` ↔ `transfer_out`: the words the CLI and `by_source` use), and back.
+    #[test]
+    fn entry_kinds_and_grant_sources_map_one_to_one_by_name() {
+        for k in EntryKind::ALL {
+            let pb = kind_to_pb(k);
+            assert_eq!(
+                pb.as_str_name(),
+                format!("ENTRY_KIND_{}", k.as_str().to_uppercase())
+            );
+            assert_eq!(kind_from_pb(pb), Some(k));
+        }
+        for s in Source::ALL {
+            let pb = source_to_pb(s);
+            assert_eq!(
+                pb.as_str_name(),
+                format!("GRANT_SOURCE_{}", s.as_str().to_uppercase())
+            );
+            assert_eq!(source_from_pb(pb), s);
+        }
+        let api_kinds = (1..256)
+            .filter(|n| pb::EntryKind::try_from(*n).is_ok())
+            .count();
+        let api_sources = (1..256)
+            .filter(|n| pb::GrantSource::try_from(*n).is_ok())
+            .count();
+        assert_eq!(
+            (api_kinds, api_sources),
+            (EntryKind::ALL.len(), Source::ALL.len())
+        );
     }
 }

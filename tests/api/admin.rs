@@ -238,7 +238,7 @@ async fn entry_pages_have_no_gaps_or_duplicates_under_concurrent_appends(backend
     }
     let reserves = admin
         .list_entries(pb::ListEntriesRequest {
-            kinds: vec!["grant".into()],
+            kinds: vec![pb::EntryKind::Grant.into()],
             ..Default::default()
         })
         .await
@@ -247,7 +247,8 @@ async fn entry_pages_have_no_gaps_or_duplicates_under_concurrent_appends(backend
     assert_eq!(reserves.entries.len(), 1);
     let e = admin
         .list_entries(pb::ListEntriesRequest {
-            kinds: vec!["bogus".into()],
+            // A kind this server does not know (a newer client's).
+            kinds: vec![999],
             ..Default::default()
         })
         .await
@@ -394,10 +395,10 @@ async fn a_new_user_gets_bonus_allowance_and_a_breakdown(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let sources: Vec<&str> = a.grants.iter().map(|g| g.source.as_str()).collect();
+    let sources: Vec<pb::GrantSource> = a.grants.iter().map(pb::CreditGrant::source).collect();
     assert_eq!(
         sources,
-        ["allowance", "signup_bonus"],
+        [pb::GrantSource::Allowance, pb::GrantSource::SignupBonus],
         "in consumption order"
     );
 
@@ -443,13 +444,13 @@ async fn a_new_user_gets_bonus_allowance_and_a_breakdown(backend: Backend) {
     // The friend's account is new: it gets the free plan's allowance on its first operation too.
     assert_eq!((t.from_available, t.to_available), (60, 45));
     let mut g = grant_req("friend", 10, "g1");
-    g.source = "promotion".into();
+    g.source = pb::GrantSource::Promotion.into();
     g.expires_at = Some(ts(chrono::Utc::now() + chrono::TimeDelta::days(7)));
     g.priority = Some(10);
     let grant = admin.grant(g).await.unwrap().into_inner();
     assert!(grant.grant_id.starts_with("grt_"), "{}", grant.grant_id);
     let mut bad = grant_req("friend", 10, "g2");
-    bad.source = "gift".into();
+    bad.source = 999; // not a source this server knows
     bad.priority = Some(101);
     let e = admin.grant(bad).await.unwrap_err();
     assert_eq!(
