@@ -176,7 +176,7 @@ RESERVE = pb.ReserveRequest(account_id=ACCOUNT, amount=30, idempotency_key="py-r
 
 def check_grant() -> None:
     r = admin.Grant(pb.GrantRequest(account_id=ACCOUNT, amount=100, reason="python client test",
-                                    idempotency_key="py-grant-1", source="purchase"),
+                                    idempotency_key="py-grant-1", source=pb.GRANT_SOURCE_PURCHASE),
                     metadata=AUTH, timeout=TIMEOUT)
     expect_eq(r.account_id, ACCOUNT, "Grant account_id")
     expect_eq(r.available, 100, "Grant available")
