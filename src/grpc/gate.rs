@@ -419,6 +419,30 @@ impl Drop for Unfinished {
     }
 }
 
+/// Most of a refused request's body read before answering: 64 KiB (a valid request is at most
+/// 16 KiB), for at most 1 s.
+pub const REFUSED_BODY_DRAIN_BYTES: usize = 64 * 1024;
+const REFUSED_BODY_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and drops a refused request's body, within [`REFUSED_BODY_DRAIN_BYTES`] and
+/// [`REFUSED_BODY_DRAIN_TIME`].
+async fn drain(mut body: Body) {
+    use http_body::Body as _;
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let Ok(frame) = frame else { return };
+            seen = seen.saturating_add(frame.data_ref().map_or(0, axum::body::Bytes::len));
+            if seen > REFUSED_BODY_DRAIN_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSED_BODY_DRAIN_TIME, read).await;
+}
+
 impl<S> Service<http::Request<Body>> for Gate<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -462,7 +486,13 @@ where
                     (code_of(&resp), reason_of(&resp)),
                     start,
                 );
-                return Box::pin(std::future::ready(Ok(resp)));
+                // Read what the client is still sending first: over HTTP/1.1 (gRPC-Web), an
+                // answer before the body was read makes the server close the connection while
+                // the client writes, and the client sees a broken pipe instead of the refusal.
+                return Box::pin(async move {
+                    drain(req.into_body()).await;
+                    Ok(resp)
+                });
             }
         };
         let caller = principal
