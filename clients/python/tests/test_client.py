@@ -69,6 +69,11 @@ def test_invalid_argument_names_the_fields(server):
             c.check_balance("py:nobody")
 
 
+def test_the_token_never_shows_in_a_repr(server):
+    with client(server) as c:
+        assert server.token not in repr(c) and server.token not in str(c)
+
+
 def test_a_wrong_token_is_unauthenticated(server):
     with tc.Client(server.target, "tly_wrong") as c:
         with pytest.raises(tc.Unauthenticated):

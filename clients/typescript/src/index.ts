@@ -231,7 +231,8 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** A Tally client (share one per process). */
 export class TallyClient {
   private readonly credit: Client<typeof CreditService>;
-  private readonly headers: Record<string, string>;
+  // A #private field: util.inspect and console.log never show it (it holds the token).
+  readonly #headers: Record<string, string>;
   readonly deadlineMs: number;
   readonly attempts: number;
   readonly initialBackoffMs: number;
@@ -240,7 +241,7 @@ export class TallyClient {
 
   constructor(options: Options) {
     this.credit = createClient(CreditService, options.transport);
-    this.headers = options.token ? { authorization: `Bearer ${options.token}` } : {};
+    this.#headers = options.token ? { authorization: `Bearer ${options.token}` } : {};
     this.deadlineMs = options.deadlineMs ?? 5_000;
     this.attempts = options.attempts ?? 6;
     this.initialBackoffMs = options.initialBackoffMs ?? 25;
@@ -254,7 +255,7 @@ export class TallyClient {
     let backoff = this.initialBackoffMs;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await call({ timeoutMs: Math.max(end - Date.now(), 1), headers: this.headers });
+        return await call({ timeoutMs: Math.max(end - Date.now(), 1), headers: this.#headers });
       } catch (raw) {
         const e = ConnectError.from(raw);
         const deadline = e.code === Code.DeadlineExceeded;

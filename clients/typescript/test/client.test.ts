@@ -174,6 +174,12 @@ for (const [name, make] of Object.entries(transports)) {
       assert.equal((await client.checkBalance(a)).available, start - 32);
     });
 
+    test("the token never shows when the client is logged", async () => {
+      const { inspect } = await import("node:util");
+      assert.ok(!inspect(client, { depth: 5 }).includes(token));
+      assert.ok(!JSON.stringify(client).includes(token));
+    });
+
     test("a wrong token is UNAUTHENTICATED", async () => {
       const stranger = createTallyClient({ transport, token: "tly_wrong" });
       await assert.rejects(stranger.checkBalance("ts:any"), (e) => isReason(e, "UNAUTHENTICATED"));

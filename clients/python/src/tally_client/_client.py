@@ -154,6 +154,9 @@ class Client:
         self.max_backoff = max_backoff
         self.hold_ttl = hold_ttl
 
+    def __repr__(self) -> str:  # never the token
+        return f"Client(deadline={self.deadline}, attempts={self.attempts}, hold_ttl={self.hold_ttl})"
+
     def close(self) -> None:
         self._channel.close()
 
