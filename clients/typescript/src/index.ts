@@ -89,13 +89,58 @@ export class BalanceLimitExceededError extends TallyError {
 
 /** The call may or may not have happened: retry it with `key` (it replays or applies). */
 export class OutcomeUnknownError extends TallyError {}
+/** A field breaks a limit: `violations` names each. */
+export class InvalidArgumentError extends TallyError {}
+/** No such account (accounts begin with a grant or OpenAccount). */
+export class AccountNotFoundError extends TallyError {}
+/** No such hold. */
+export class HoldNotFoundError extends TallyError {}
+/** The key was used for a different request: a caller bug, never retried. */
+export class IdempotencyKeyReusedError extends TallyError {}
+/** OpenAccount of an account that exists. */
+export class AccountExistsError extends TallyError {}
+/** The hold is no longer open: committed, released or expired (see `reason`). */
+export class HoldNotOpenError extends TallyError {}
+/** A partial refund of an open hold. */
+export class HoldNotCommittedError extends TallyError {}
+/** No, malformed or unknown bearer token. */
+export class UnauthenticatedError extends TallyError {}
+/** The caller may not do this, or not on this account. */
+export class PermissionDeniedError extends TallyError {}
+/** Busy, overloaded, rate limited or without its database through every retry. */
+export class UnavailableError extends TallyError {}
+/** A bug in Tally. */
+export class InternalError extends TallyError {}
 
-const classes: Partial<Record<string, typeof TallyError>> = {
+const classes: Record<Reason, typeof TallyError> = {
+  INVALID_ARGUMENT: InvalidArgumentError,
+  ACCOUNT_NOT_FOUND: AccountNotFoundError,
+  HOLD_NOT_FOUND: HoldNotFoundError,
+  IDEMPOTENCY_KEY_REUSED: IdempotencyKeyReusedError,
+  ACCOUNT_EXISTS: AccountExistsError,
   INSUFFICIENT_CREDITS: InsufficientCreditsError,
+  HOLD_ALREADY_COMMITTED: HoldNotOpenError,
+  HOLD_RELEASED: HoldNotOpenError,
+  HOLD_EXPIRED: HoldNotOpenError,
+  HOLD_NOT_COMMITTED: HoldNotCommittedError,
   REFUND_EXCEEDS_CHARGE: RefundExceedsChargeError,
   BALANCE_LIMIT_EXCEEDED: BalanceLimitExceededError,
+  CONCURRENT_MODIFICATION: UnavailableError,
+  DATABASE_UNAVAILABLE: UnavailableError,
   OUTCOME_UNKNOWN: OutcomeUnknownError,
+  INTERNAL: InternalError,
+  UNAUTHENTICATED: UnauthenticatedError,
+  PERMISSION_DENIED: PermissionDeniedError,
+  RATE_LIMITED: UnavailableError,
+  OVERLOADED: UnavailableError,
+  UNIMPLEMENTED: TallyError,
+  CLIENT_GAVE_UP: TallyError,
 };
+
+/** The error class of a reason (`TallyError` for one this client does not know). */
+export function errorClassFor(reason: string): typeof TallyError {
+  return (classes as Record<string, typeof TallyError>)[reason] ?? TallyError;
+}
 
 /** Whether `e` is a Tally error with this reason. */
 export function isReason(e: unknown, reason: Reason): e is TallyError {
@@ -107,7 +152,7 @@ function typed(e: ConnectError, key?: string): TallyError {
   const bad = e.findDetails(BadRequestSchema)[0];
   const reason = info?.reason ?? Code[e.code] ?? "UNKNOWN";
   const violations = Object.fromEntries((bad?.fieldViolations ?? []).map((v) => [v.field, v.description]));
-  const Cls = classes[reason] ?? TallyError;
+  const Cls = errorClassFor(reason);
   return new Cls(e.code, reason, e.rawMessage, { ...(info?.metadata ?? {}) }, key, violations);
 }
 

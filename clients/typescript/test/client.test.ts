@@ -187,6 +187,17 @@ for (const [name, make] of Object.entries(transports)) {
   });
 }
 
+test("every ErrorReason of the proto has its error class", async () => {
+  const { ErrorReason } = await import("../src/index.js");
+  const { errorClassFor, InsufficientCreditsError: Insufficient, HoldNotOpenError } = await import("../src/index.js");
+  const names = Object.keys(ErrorReason).filter((k) => Number.isNaN(Number(k)) && k !== "ERROR_REASON_UNSPECIFIED");
+  assert.ok(names.length >= 20);
+  for (const n of names) assert.ok(errorClassFor(n), n);
+  assert.equal(errorClassFor("INSUFFICIENT_CREDITS"), Insufficient);
+  assert.equal(errorClassFor("HOLD_EXPIRED"), HoldNotOpenError);
+  assert.equal(errorClassFor("SOMETHING_NEWER"), TallyError);
+});
+
 test("a server that is gone: retried within the deadline, then the key to retry with", async () => {
   const closed = await freePort();
   const c = createTallyClient({ transport: createGrpcTransport({ baseUrl: `http://127.0.0.1:${closed}` }), token, deadlineMs: 800 });
