@@ -170,12 +170,6 @@ fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
 }
 
 impl ServeArgs {
-    /// The gRPC-Web origins, checked: at most [`crate::app::GRPC_WEB_ORIGINS_MAX`], each
-    /// `scheme://host[:port]` with no path.
-    fn web_origins(&self) -> Result<Vec<http::HeaderValue>, String> {
-        crate::app::web_origins(&self.grpc_web_origins)
-    }
-
     fn stripe_api(&self) -> Result<Option<crate::stripe::client::StripeApi>, String> {
         let Some(key) = secret_from(
             "--stripe-api-key",
@@ -356,7 +350,7 @@ impl ServeArgs {
             auth: std::sync::Arc::new(self.auth()?),
             metrics_listen: self.metrics_listen,
             reflection: self.reflection,
-            grpc_web_origins: self.web_origins()?,
+            grpc_web_origins: crate::app::web_origins(&self.grpc_web_origins)?,
             max_concurrent_requests: self.max_concurrent_requests as usize,
             audit_interval: self.audit_interval,
             readiness_interval: self.readiness_interval,

@@ -511,16 +511,10 @@ impl Stripe {
         }
         ledger.with_book(&incoming.account_id, now, true, |_, _| Ok(()))?;
         let mut stored = self.subscriptions.get(&incoming.subscription_id).cloned();
-        let account = stored
-            .as_ref()
-            .map_or_else(|| incoming.account_id.clone(), |s| s.account_id.clone());
-        let incoming = Subscription {
-            account_id: account.clone(),
-            ..incoming
-        };
         if Subscription::accept(&mut stored, incoming)
             && let Some(s) = stored
         {
+            let account = s.account_id.clone();
             self.subscriptions.insert(s.subscription_id.clone(), s);
             self.replan(ledger, &account, now)?;
         }

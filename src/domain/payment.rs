@@ -524,11 +524,20 @@ impl Subscription {
         matches!(self.status.as_str(), "active" | "trialing" | "past_due")
     }
 
-    /// Takes `incoming` if it is at least as new as what is stored; true if it did.
+    /// Takes `incoming` if it is at least as new as what is stored; true if it did. A
+    /// subscription stays on the account it was first stored for, whatever a later event names.
     pub fn accept(stored: &mut Option<Self>, incoming: Self) -> bool {
         match stored {
             Some(s) if incoming.as_of < s.as_of => false,
-            _ => {
+            Some(s) => {
+                let account_id = std::mem::take(&mut s.account_id);
+                *s = Self {
+                    account_id,
+                    ..incoming
+                };
+                true
+            }
+            None => {
                 *stored = Some(incoming);
                 true
             }

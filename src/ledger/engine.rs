@@ -65,11 +65,6 @@ impl Engine {
         Ok(Self { backend, batcher })
     }
 
-    /// The backend (reads, health, audits).
-    pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.backend
-    }
-
     fn policy(&self) -> &Policy {
         self.backend.policy()
     }
@@ -170,11 +165,21 @@ impl Engine {
         if let Some(b) = &self.batcher {
             return b.submit(idem, cmd).await;
         }
-        let tx = self.backend.begin().await?;
-        book_op(tx, idem, cmd.target(), self.policy(), |b, now, _| {
-            cmd.apply(b, now)
-        })
-        .await
+        self.on_book(idem, cmd.target(), |b, now, _| cmd.apply(b, now))
+            .await
+    }
+
+    /// [`book_op`] in a transaction of its own.
+    async fn on_book<T>(
+        &self,
+        idem: &Idempotency,
+        target: Target<'_>,
+        op: impl FnOnce(&mut Book, DateTime<Utc>, &mut dyn Ids) -> Result<T, LedgerError> + Send,
+    ) -> StorageResult<Applied<T>>
+    where
+        T: Clone + Into<Outcome> + TryFrom<Outcome> + Send,
+    {
+        book_op(self.backend.begin().await?, idem, target, self.policy(), op).await
     }
 
     /// Adds a grant, creating the account.
@@ -190,14 +195,8 @@ impl Engine {
             id: cmd.account_id.as_str(),
             create: true,
         };
-        book_op(
-            self.backend.begin().await?,
-            idem,
-            target,
-            self.policy(),
-            |b, now, ids| cmd.apply(b, now, ids),
-        )
-        .await
+        self.on_book(idem, target, |b, now, ids| cmd.apply(b, now, ids))
+            .await
     }
 
     /// An operator's signed correction.
@@ -213,14 +212,8 @@ impl Engine {
             id: cmd.account_id.as_str(),
             create: false,
         };
-        book_op(
-            self.backend.begin().await?,
-            idem,
-            target,
-            self.policy(),
-            |b, now, ids| cmd.apply(b, now, ids),
-        )
-        .await
+        self.on_book(idem, target, |b, now, ids| cmd.apply(b, now, ids))
+            .await
     }
 
     /// Moves an account to another plan, once per idempotency key.
@@ -234,13 +227,9 @@ impl Engine {
     ) -> StorageResult<Applied<PlanOutcome>> {
         let policy = self.policy();
         let target = Target::PlanSwitch(cmd.account_id.as_str());
-        book_op(
-            self.backend.begin().await?,
-            idem,
-            target,
-            policy,
-            |b, now, ids| cmd.apply(b, policy.for_plan(&cmd.plan), now, ids),
-        )
+        self.on_book(idem, target, |b, now, ids| {
+            cmd.apply(b, policy.for_plan(&cmd.plan), now, ids)
+        })
         .await
     }
 
@@ -359,13 +348,25 @@ pub(super) async fn open_book(
     let Some((mut book, _)) = tx.lock_book(account, load.create, now).await? else {
         return Ok(None);
     };
-    tx.load(&mut book, load.hold, now).await?;
+    fill_book(tx, &mut book, load, policy, now).await?;
+    Ok(Some(book))
+}
+
+/// [`open_book`] of a book already locked: its rows loaded, time applied.
+pub(super) async fn fill_book(
+    tx: &mut dyn Tx,
+    book: &mut Book,
+    load: Load<'_>,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> StorageResult<()> {
+    tx.load(book, load.hold, now).await?;
     if load.periods {
-        tx.load_periods(&mut book, &crate::domain::plan::period_keys_at(now))
+        tx.load_periods(book, &crate::domain::plan::period_keys_at(now))
             .await?;
     }
     book.settle(now, policy.for_plan(&book.plan), &mut RandomIds)?;
-    Ok(Some(book))
+    Ok(())
 }
 
 /// The steps of [`book_op`] inside a transaction the caller ends.

@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::engine::{Load, open_book};
+use super::engine::{Load, fill_book, open_book};
 use crate::domain::payment::{Moved, PackGrant, StripeEffect, StripeEvent, StripeRecord};
 use crate::domain::plan::Policy;
 use crate::domain::{AccountId, LedgerError};
@@ -234,20 +234,12 @@ async fn apply_subscription(
     let account = match (incoming, failed) {
         (Some(incoming), _) => {
             let mut stored = tx.subscription(&incoming.subscription_id).await?;
-            let account = stored
-                .as_ref()
-                .map_or_else(|| incoming.account_id.clone(), |s| s.account_id.clone());
-            let incoming = Subscription {
-                account_id: account.clone(),
-                ..incoming
-            };
             if !Subscription::accept(&mut stored, incoming) {
                 return Ok(());
             }
-            if let Some(s) = &stored {
-                tx.put_subscription(s).await?;
-            }
-            account
+            let Some(s) = stored else { return Ok(()) };
+            tx.put_subscription(&s).await?;
+            s.account_id
         }
         (None, Some((id, as_of))) => {
             let Some(mut s) = tx.subscription(id).await? else {
@@ -263,19 +255,21 @@ async fn apply_subscription(
     };
     let subs = tx.subscriptions_of(&account).await?;
     let plan = Subscription::plan_of(&subs, crate::domain::DEFAULT_PLAN);
-    // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch gives
-    // at most one allowance per period key.
-    let load = Load {
-        periods: true,
-        ..Load::default()
-    };
-    let mut book = open_book(tx, &account, load, policy, now)
+    let (mut book, _) = tx
+        .lock_book(&account, None, now)
         .await?
         .ok_or(LedgerError::AccountNotFound)?;
     if book.plan != plan {
+        // As SetPlan's `Target::PlanSwitch`: the current periods' grants too, so the switch
+        // gives at most one allowance per period key.
+        let load = Load {
+            periods: true,
+            ..Load::default()
+        };
+        fill_book(tx, &mut book, load, policy, now).await?;
         book.switch_plan(&plan, policy.for_plan(&plan), now, &mut RandomIds)?;
+        tx.write(&book, now).await?;
     }
-    tx.write(&book, now).await?;
     Ok(())
 }
 

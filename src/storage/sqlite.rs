@@ -236,6 +236,19 @@ impl SqliteStore {
         })
     }
 
+    /// The grants a query selects.
+    async fn grants_where(
+        &self,
+        q: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> StorageResult<Vec<Grant>> {
+        q.fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(bucket_from_row)
+            .collect()
+    }
+
     /// Applies `migrations/sqlite`.
     ///
     /// # Errors
@@ -983,17 +996,15 @@ impl Backend for SqliteStore {
         let period: Option<String> = row.try_get("allowance_period").map_err(map_err)?;
         let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
-        let grants: Vec<Grant> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
-        )
-        .bind(account_id)
-        .bind(period.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?
-        .iter()
-        .map(bucket_from_row)
-        .collect::<StorageResult<_>>()?;
+        let grants = self
+            .grants_where(
+                sqlx::query(
+                    "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR period = ?2)",
+                )
+                .bind(account_id)
+                .bind(period.as_deref()),
+            )
+            .await?;
         Ok(StoredBalance {
             account_id: account_id.to_owned(),
             available: row.try_get("available").map_err(map_err)?,
@@ -1049,16 +1060,14 @@ impl Backend for SqliteStore {
     }
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>> {
-        let mut v: Vec<Grant> = sqlx::query(
-            "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR held > 0)",
-        )
-        .bind(account_id.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?
-        .iter()
-        .map(bucket_from_row)
-        .collect::<StorageResult<_>>()?;
+        let mut v = self
+            .grants_where(
+                sqlx::query(
+                    "SELECT * FROM bucket WHERE account_id = ?1 AND (remaining > 0 OR held > 0)",
+                )
+                .bind(account_id.as_str()),
+            )
+            .await?;
         v.sort_by(consumption_order);
         Ok(v)
     }

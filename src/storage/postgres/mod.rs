@@ -369,7 +369,7 @@ impl PgStore {
     }
 
     /// The grants a query selects.
-    async fn grants(
+    async fn grants_where(
         &self,
         q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
     ) -> StorageResult<Vec<Grant>> {
@@ -1086,7 +1086,7 @@ impl Backend for PgStore {
         let overdue = row.try_get::<bool, _>("due_holds").map_err(map_err)?
             || row.try_get::<bool, _>("due_grants").map_err(map_err)?;
         let grants = self
-            .grants(
+            .grants_where(
                 sqlx::query(
                     "SELECT * FROM bucket WHERE account_id = $1 AND ((live AND remaining > 0) OR period = $2)",
                 )
@@ -1149,7 +1149,7 @@ impl Backend for PgStore {
 
     async fn grants(&self, account_id: &AccountId) -> StorageResult<Vec<Grant>> {
         let mut v = self
-            .grants(
+            .grants_where(
                 sqlx::query("SELECT * FROM bucket WHERE account_id = $1 AND live")
                     .bind(account_id.as_str()),
             )
