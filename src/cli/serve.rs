@@ -101,6 +101,11 @@ pub struct ServeArgs {
     /// SQLite runs one.
     #[arg(long, env = "TALLY_DB_GROUP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub db_group_workers: u16,
+    /// Group commit on PostgreSQL: account books kept in memory between calls (0 = none), so a
+    /// call on a known account is one statement in one round trip, checked against the
+    /// account's version (another replica's write makes it run again under row locks).
+    #[arg(long, env = "TALLY_DB_BOOK_CACHE", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub db_book_cache: u32,
     /// Hold TTL when a Reserve gives none.
     #[arg(long, env = "TALLY_HOLD_TTL_DEFAULT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub hold_ttl_default: Duration,
@@ -334,6 +339,7 @@ impl ServeArgs {
             db_group: crate::storage::batch::Batching {
                 max: usize::from(self.db_group_max),
                 workers: usize::from(self.db_group_workers),
+                books: self.db_book_cache as usize,
             },
             limits: Limits {
                 hold_ttl_default: delta("--hold-ttl-default", self.hold_ttl_default)?,

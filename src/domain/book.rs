@@ -375,6 +375,23 @@ impl Book {
         }
     }
 
+    /// The book as the next load of its account would find it, once this operation's changes
+    /// are stored: no entries or dirty marks, only open holds and their draws, and only grants
+    /// with credits left or held plus the current allowance period's. (A load returns those,
+    /// and more only when a command names a resolved hold: a book kept between commands keeps
+    /// exactly what every command needs.)
+    pub fn trim_to_loaded(&mut self) {
+        self.entries.clear();
+        self.dirty = Dirty::default();
+        self.holds.retain(|_, h| h.state == HoldState::Open);
+        let holds = &self.holds;
+        self.draws.retain(|(hold, _), _| holds.contains_key(hold));
+        let period = self.allowance_period.as_deref();
+        self.grants.retain(|_, g| {
+            g.remaining > 0 || g.held > 0 || (g.period.is_some() && g.period.as_deref() == period)
+        });
+    }
+
     /// Appends an entry and applies it to the balance columns: the only way they change.
     fn entry(
         &mut self,

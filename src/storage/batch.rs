@@ -46,6 +46,8 @@ pub struct Batching {
     pub max: usize,
     /// Group transactions in flight at once.
     pub workers: usize,
+    /// Books kept in memory between groups (PostgreSQL; 0: none, each group locks and loads).
+    pub books: usize,
 }
 
 impl Default for Batching {
@@ -53,6 +55,7 @@ impl Default for Batching {
         Self {
             max: BATCH_MAX,
             workers: BATCH_WORKERS,
+            books: super::cache::BOOK_CACHE,
         }
     }
 }
@@ -233,7 +236,7 @@ impl Batcher {
         batching: Batching,
         steps: JobSteps,
     ) -> StorageResult<Self> {
-        let Batching { workers, max } = batching;
+        let Batching { workers, max, .. } = batching;
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(Counters::default());

@@ -26,6 +26,7 @@ macro_rules! hold_columns {
 }
 
 pub mod batch;
+pub mod cache;
 pub mod postgres;
 pub mod sqlite;
 

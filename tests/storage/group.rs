@@ -40,6 +40,7 @@ async fn grouped(db: &TestDb, backend: Backend) -> (Engine, Box<dyn Fn() -> Grou
     let batching = Batching {
         max: 64,
         workers: 1,
+        ..Batching::default()
     };
     match backend {
         Backend::Postgres => {
@@ -209,7 +210,11 @@ async fn coalesced_commands_keep_their_own_outcomes(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalescing_can_be_turned_off() {
     let db = TestDb::new(Backend::Postgres).await;
-    let batching = Batching { max: 1, workers: 1 };
+    let batching = Batching {
+        max: 1,
+        workers: 1,
+        ..Batching::default()
+    };
     let pg = PgStore::connect_with(&db.url, 4, Arc::default(), batching)
         .await
         .unwrap();
@@ -396,7 +401,8 @@ async fn a_group_that_waited_for_an_account_lock_loads_what_the_holder_wrote() {
 /// went to another group and committed first) makes the insert fail: the group must then run
 /// again and replay that record, not commit a second hold. Here the other transaction (raw
 /// SQL) holds the account's lock and records the key, with a first Reserve's outcome, while
-/// the Reserve under that key waits for the lock.
+/// the Reserve under that key waits for the lock (on a kept book, its one-statement write
+/// waits for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_recorded_while_its_group_waited_replays_that_record() {
     let db = TestDb::new(Backend::Postgres).await;
@@ -452,11 +458,12 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
         (1, 90, 10),
         "one hold, reserved once"
     );
+    // On the kept book the write failed on the key and the group ran again under locks
+    // inside the same worker call; from cold books the locked group failed and ran again.
     let s = stats();
-    assert_eq!(
-        (s.retries, s.fallbacks),
-        (1, 0),
-        "the group ran again as a group"
+    assert!(
+        s.retries <= 1 && s.fallbacks == 0,
+        "the group ran again as a group: {s:?}"
     );
     assert_ledger_balances(&store).await;
 }
@@ -468,9 +475,18 @@ async fn a_key_recorded_while_its_group_waited_replays_that_record() {
 async fn extend_hold_writes_its_account_row() {
     let db = TestDb::new(Backend::Postgres).await;
     let (grouped_store, stats) = grouped(&db, Backend::Postgres).await;
-    let alone = PgStore::connect_with(&db.url, 4, Arc::default(), Batching { max: 1, workers: 1 })
-        .await
-        .unwrap();
+    let alone = PgStore::connect_with(
+        &db.url,
+        4,
+        Arc::default(),
+        Batching {
+            max: 1,
+            workers: 1,
+            ..Batching::default()
+        },
+    )
+    .await
+    .unwrap();
     let alone = Engine::new(Arc::new(alone)).unwrap();
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     grant(&grouped_store, "a", 100).await;

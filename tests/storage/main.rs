@@ -27,6 +27,7 @@ mod grants;
 mod group;
 mod keys;
 mod plans;
+mod replicas;
 mod rules;
 mod stripe;
 

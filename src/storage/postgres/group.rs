@@ -26,11 +26,13 @@ use crate::domain::LedgerError;
 use crate::domain::book::{Book, Draw, Grant};
 use crate::domain::command::Target;
 use crate::storage::batch::{Answer, Executor, Job, JobSteps};
+use crate::storage::cache::{Cached, Lease};
 use crate::storage::{Applied, RandomIds, StorageError, StorageResult, replay};
 
-/// The loads' common expressions: live grants of the accounts in `accounts`, open holds past
-/// expiry and the holds in `named`, their draws, the grants those name, and each account's
-/// current allowance grant (`periods`). (`= ANY(ARRAY(...))` rather than `IN (SELECT ...)`:
+/// The loads' common expressions: live grants of the accounts in `accounts`, their open holds
+/// (every one, not only those past expiry: a book kept in memory must know them all, to expire
+/// them and to find their account) and the holds in `named`, their draws, the grants those
+/// name, and each account's current allowance grant (`periods`). (`= ANY(ARRAY(...))` rather than `IN (SELECT ...)`:
 /// the planner cannot estimate a CTE's rows and chose sequential scans of `draw` and `bucket`
 /// for the latter.)
 macro_rules! load_ctes {
@@ -38,7 +40,7 @@ macro_rules! load_ctes {
         "
 h AS (
   SELECT * FROM hold WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])
-    AND state = 'open' AND expires_at <= now()
+    AND state = 'open'
   UNION ALL
   SELECT * FROM hold WHERE hold_id = ANY((SELECT hold_ids FROM named)::text[])),
 d AS (SELECT * FROM draw WHERE hold_id = ANY(ARRAY(SELECT hold_id FROM h))),
@@ -78,7 +80,7 @@ SELECT 'd', hold_id, bucket_id, NULL, NULL, NULL, held, consumed, refunded, NULL
 /// id order and loads what their commands need, in one statement and one round trip. Rows (the
 /// layout of `load_rows!`): one per key already recorded (`t` = 'k': caller, key, response and
 /// the fingerprint in hex in `s1..s4`), one per locked account ('a': id, plan and allowance
-/// period in `s1..s3`, available, held and debt in `i1..i3`), each with the transaction's clock
+/// period in `s1..s3`, available, held, debt and version in `i1..i4`), each with the transaction's clock
 /// in `t1`, then the loaded grants, holds and draws.
 ///
 /// A key is not claimed here: the write inserts its record, with the response, once the
@@ -106,7 +108,7 @@ named AS (SELECT $4::text[] AS hold_ids),
 accounts AS MATERIALIZED (
   SELECT $3::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($4)) AS account_ids),
 locked AS MATERIALIZED (
-  SELECT account_id, plan, allowance_period, available, held, debt, ctid AS c FROM account
+  SELECT account_id, plan, allowance_period, available, held, debt, version, ctid AS c FROM account
   WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])
   ORDER BY account_id FOR UPDATE),
 periods AS MATERIALIZED (
@@ -121,7 +123,7 @@ SELECT 'k' AS t, caller AS s1, idempotency_key AS s2, response AS s3,
   FROM found
 UNION ALL
 SELECT 'a', l.account_id, l.plan, l.allowance_period, NULL, NULL, l.available, l.held, l.debt,
-       NULL, COALESCE(p.c = l.c, false)::int4, now(), NULL, NULL
+       l.version, COALESCE(p.c = l.c, false)::int4, now(), NULL, NULL
   FROM locked l LEFT JOIN periods p ON p.account_id = l.account_id
 UNION ALL",
     load_rows!()
@@ -155,7 +157,12 @@ impl Executor for PgStore {
     ) -> StorageResult<Vec<Answer>> {
         let mut session = self.session(worker).await?;
         let conn = &mut session.as_mut().ok_or_else(no_session)?.conn;
-        let result = self.group_tx(conn, jobs).await;
+        let jobs: Vec<&Job> = jobs.iter().collect();
+        let result = if self.books.enabled() {
+            self.kept_group(conn, &jobs).await
+        } else {
+            self.group_tx(conn, &jobs).await
+        };
         match &result {
             // The transaction was dropped, its ROLLBACK queued ahead of the connection's next
             // statement: the connection stays for the retry.
@@ -261,7 +268,7 @@ impl PgStore {
     async fn group_tx(
         &self,
         conn: &mut sqlx::PgConnection,
-        jobs: &[Job],
+        jobs: &[&Job],
     ) -> StorageResult<Vec<Answer>> {
         let mut tx = sqlx::Connection::begin(conn).await.map_err(map_err)?;
 
@@ -288,29 +295,24 @@ impl PgStore {
         // Recorded keys, borrowed from the rows.
         let mut found: HashMap<(&str, &str), Recorded<'_>> = HashMap::new();
         let mut books: BTreeMap<String, Book> = BTreeMap::new();
+        let mut versions: HashMap<String, i64> = HashMap::new();
         let mut now: Option<DateTime<Utc>> = None;
         let mut stale = false;
         for row in &rows {
             let k = kind(row);
-            if k != b'k' && k != b'a' {
-                continue;
-            }
-            now = Some(col(row, "t1")?);
-            let id: &str = col(row, "s1")?;
             if k == b'k' {
+                now = Some(col(row, "t1")?);
                 let print = hex::decode(col::<&str>(row, "s4")?).map_err(|_| {
                     StorageError::Other("unreadable idempotency fingerprint".into())
                 })?;
-                found.insert((id, col(row, "s2")?), (print, col(row, "s3")?));
-                continue;
+                found.insert((col(row, "s1")?, col(row, "s2")?), (print, col(row, "s3")?));
+            } else if k == b'a' {
+                now = Some(col(row, "t1")?);
+                stale |= col::<i32>(row, "n")? == 0;
+                let (book, version) = account_from(row)?;
+                versions.insert(book.account_id.clone(), version);
+                books.insert(book.account_id.clone(), book);
             }
-            let mut book = Book::new(id, col(row, "s2")?);
-            book.allowance_period = col(row, "s3")?;
-            book.available = col(row, "i1")?;
-            book.held = col(row, "i2")?;
-            book.debt = col(row, "i3")?;
-            stale |= col::<i32>(row, "n")? == 0;
-            books.insert(id.to_owned(), book);
         }
 
         // 3. What the commands need: loaded with the locks, or again if that was stale.
@@ -365,22 +367,190 @@ impl PgStore {
             }
         }
 
-        // 5. Write every book's changes and the outcomes' records, in one statement. Records
-        // go in key order, so two groups that race for two keys wait in the same order.
-        stored.sort_unstable_by(|(a, _), (b, _)| {
-            let (a, b) = (&jobs[*a].idem, &jobs[*b].idem);
-            (a.caller.as_str(), a.key.as_str()).cmp(&(b.caller.as_str(), b.key.as_str()))
-        });
-        let mut responses = Responses::default();
-        for (i, r) in &stored {
-            responses.caller.push(jobs[*i].idem.caller.as_str());
-            responses.key.push(jobs[*i].idem.key.as_str());
-            responses.fingerprint.push(&jobs[*i].idem.fingerprint[..]);
-            responses.response.push(r.as_str());
-        }
-        write_books(&mut tx, &books, now, &responses).await?;
+        // 5. Write every book's changes and the outcomes' records, in one statement.
+        let responses = records_of(jobs, &mut stored);
+        let written: Vec<(&Book, i64)> = books.values().map(|b| (b, 0)).collect();
+        write_books(&mut tx, &written, now, &responses, false).await?;
         tx.commit().await.map_err(commit_err)?;
+        self.clock.observe(now);
+        // What was read and written under the locks is the stored book: keep it. (A written
+        // account row moved its version once.)
+        for (id, mut book) in books {
+            let version =
+                versions.get(&id).copied().unwrap_or_default() + i64::from(book.dirty.any());
+            book.trim_to_loaded();
+            self.books.offer(Cached { version, book });
+        }
         Ok(answers)
+    }
+
+    /// A group on kept books ([`crate::storage::cache::BookCache`]): the accounts' books taken out of the cache, or
+    /// read without locks ([`READ_BOOKS`]) when not kept, the rules applied, and every change
+    /// written in one statement in autocommit that updates each account only at the version its
+    /// book was read at ([`WRITE_CHECKED`]). On a warm cache a group is that one statement: one
+    /// round trip and one WAL flush. A command the rules refuse, or whose hold no book knows,
+    /// runs after it in a locked transaction ([`PgStore::group_tx`]), where a refusal is
+    /// confirmed on the stored rows; when the write finds a version moved (another replica,
+    /// the sweeper) or a key already recorded (a retry), nothing of it stays and the whole
+    /// group runs there instead.
+    async fn kept_group(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        jobs: &[&Job],
+    ) -> StorageResult<Vec<Answer>> {
+        let (mut lease, hold_account, now) = self.lease_books(conn, jobs).await?;
+
+        // 2. The rules, per command in arrival order, on the leased books.
+        let mut answers: Vec<Option<Answer>> = Vec::with_capacity(jobs.len());
+        let mut later: Vec<usize> = Vec::new();
+        let mut stored: Vec<(usize, String)> = Vec::new();
+        let mut used: BTreeSet<String> = BTreeSet::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let account = match j.cmd.target() {
+                Target::Account { id, .. } | Target::PlanSwitch(id) => Some(id.to_owned()),
+                Target::Hold(h) => hold_account.get(h).cloned().or_else(|| {
+                    // Made by an earlier command of this group.
+                    lease
+                        .books
+                        .iter()
+                        .find(|(_, c)| c.book.holds.contains_key(h))
+                        .map(|(a, _)| a.clone())
+                }),
+            };
+            let applied = account.and_then(|a| {
+                let c = lease.books.get_mut(&a)?;
+                let allowance = self.policy.for_plan(&c.book.plan);
+                let out = j
+                    .cmd
+                    .settle_and_apply(&mut c.book, allowance, now, &mut RandomIds)
+                    .ok()?;
+                Some((a, out))
+            });
+            if let Some((a, out)) = applied {
+                stored.push((i, crate::storage::to_record(out.clone())?));
+                answers.push(Some(Ok(Applied::fresh(out))));
+                used.insert(a);
+            } else {
+                answers.push(None);
+                later.push(i);
+            }
+        }
+
+        // 3. One statement, checked against the versions read.
+        if !stored.is_empty() {
+            let responses = records_of(jobs, &mut stored);
+            let written: Vec<(&Book, i64)> = used
+                .iter()
+                .filter_map(|a| lease.books.get(a).map(|c| (&c.book, c.version)))
+                .collect();
+            match write_books(conn, &written, now, &responses, true).await {
+                Ok(()) => {
+                    for a in &used {
+                        if let Some(c) = lease.books.get_mut(a) {
+                            c.version += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    lease.forget();
+                    drop(lease);
+                    return match e {
+                        StorageError::Contended => {
+                            metrics::counter!("tally_db_book_conflicts_total").increment(1);
+                            self.group_tx(conn, jobs).await
+                        }
+                        e => Err(e),
+                    };
+                }
+            }
+        }
+        for c in lease.books.values_mut() {
+            c.book.trim_to_loaded();
+        }
+        drop(lease);
+
+        // 4. The rest under row locks.
+        if !later.is_empty() {
+            let rest: Vec<&Job> = later.iter().map(|&i| jobs[i]).collect();
+            for (i, answer) in later.into_iter().zip(self.group_tx(conn, &rest).await?) {
+                answers[i] = Some(answer);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(|| StorageError::Other("a group command went unanswered".into())))
+            .collect()
+    }
+
+    /// The books of a group's accounts (named, or owning a kept open hold) on a lease: those
+    /// kept, and the others, with the accounts of holds no kept book knows, read in one
+    /// statement ([`READ_BOOKS`]). Also each known hold's account, and the clock to run at.
+    async fn lease_books(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        jobs: &[&Job],
+    ) -> StorageResult<(Lease<'_>, HashMap<String, String>, DateTime<Utc>)> {
+        let mut accounts: Vec<&str> = Vec::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        let mut hold_account: HashMap<String, String> = HashMap::new();
+        for j in jobs {
+            match j.cmd.target() {
+                Target::Account { id, .. } | Target::PlanSwitch(id) => accounts.push(id),
+                Target::Hold(h) => match self.books.hold_account(h) {
+                    Some(a) => {
+                        hold_account.insert(h.to_owned(), a);
+                    }
+                    None => unknown.push(h),
+                },
+            }
+        }
+        accounts.extend(hold_account.values().map(String::as_str));
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut lease = self.books.lease(&accounts).await;
+        let missing: Vec<&str> = accounts
+            .iter()
+            .copied()
+            .filter(|a| !lease.books.contains_key(*a))
+            .collect();
+        let mut now = None;
+        if !missing.is_empty() || !unknown.is_empty() {
+            metrics::counter!("tally_db_book_reads_total").increment(1);
+            let rows = sqlx::query(READ_BOOKS)
+                .bind(&missing)
+                .bind(&unknown)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(map_err)?;
+            let mut books: BTreeMap<String, Book> = BTreeMap::new();
+            let mut versions: HashMap<String, i64> = HashMap::new();
+            for row in rows.iter().filter(|r| kind(r) == b'a') {
+                now = Some(col(row, "t1")?);
+                let (book, version) = account_from(row)?;
+                versions.insert(book.account_id.clone(), version);
+                books.insert(book.account_id.clone(), book);
+            }
+            place_loaded(&mut books, &rows)?;
+            for (id, book) in books {
+                // Read now, so newer than a kept one; an account out on another worker's
+                // lease (found through a hold) is left to the locked transaction.
+                if lease.try_add(&id) {
+                    for h in book.holds.keys() {
+                        hold_account.insert(h.clone(), id.clone());
+                    }
+                    let version = versions.get(&id).copied().unwrap_or_default();
+                    lease.books.insert(id, Cached { version, book });
+                }
+            }
+        }
+        let now = match now {
+            Some(n) => {
+                self.clock.observe(n);
+                n
+            }
+            None => self.clock.now(),
+        };
+        Ok((lease, hold_account, now))
     }
 
     /// Loads the books again, under the locks this transaction holds ([`LOAD_BOOKS`]).
@@ -472,14 +642,92 @@ const LOADED_BUCKET: Columns<12> = Columns([
 ]);
 const LOADED_DRAW: Columns<6> = Columns(["s1", "s2", "i1", "i2", "i3", "n"]);
 
+/// The idempotency records of the commands that ran (`stored`: job index and outcome), in key
+/// order, so two groups that race for two keys wait in the same order.
+fn records_of<'a>(jobs: &[&'a Job], stored: &'a mut [(usize, String)]) -> Responses<'a> {
+    stored.sort_unstable_by(|(a, _), (b, _)| {
+        let (a, b) = (&jobs[*a].idem, &jobs[*b].idem);
+        (a.caller.as_str(), a.key.as_str()).cmp(&(b.caller.as_str(), b.key.as_str()))
+    });
+    let mut responses = Responses::default();
+    for (i, r) in stored.iter() {
+        let idem = &jobs[*i].idem;
+        responses.caller.push(idem.caller.as_str());
+        responses.key.push(idem.key.as_str());
+        responses.fingerprint.push(&idem.fingerprint[..]);
+        responses.response.push(r.as_str());
+    }
+    responses
+}
+
+/// An account row of a load ('a': id, plan, allowance period in `s1..s3`; available, held,
+/// debt, version in `i1..i4`) as an empty book, and its version.
+fn account_from(row: &sqlx::postgres::PgRow) -> StorageResult<(Book, i64)> {
+    let mut book = Book::new(col(row, "s1")?, col(row, "s2")?);
+    book.allowance_period = col(row, "s3")?;
+    book.available = col(row, "i1")?;
+    book.held = col(row, "i2")?;
+    book.debt = col(row, "i3")?;
+    Ok((book, col(row, "i4")?))
+}
+
+/// The books of accounts `$1` and of the accounts of holds `$2`, read without locks in one
+/// snapshot, each account row ('a', as [`LOOKUP_LOCK_LOAD`] lays it out) with its version and
+/// the statement's clock, then the rows of `load_rows!`.
+const READ_BOOKS: &str = concat!(
+    "
+WITH named AS (SELECT $2::text[] AS hold_ids),
+accounts AS MATERIALIZED (
+  SELECT $1::text[] || ARRAY(SELECT account_id FROM hold WHERE hold_id = ANY($2)) AS account_ids),
+read AS MATERIALIZED (
+  SELECT account_id, plan, allowance_period, available, held, debt, version FROM account
+  WHERE account_id = ANY((SELECT account_ids FROM accounts)::text[])),
+periods AS MATERIALIZED (SELECT account_id, allowance_period AS period FROM read),",
+    load_ctes!(),
+    "
+SELECT 'a' AS t, account_id AS s1, plan AS s2, allowance_period AS s3, NULL::text AS s4,
+       NULL::text AS s5, available AS i1, held AS i2, debt AS i3, version AS i4, NULL::int4 AS n,
+       now() AS t1, NULL::timestamptz AS t2, NULL::timestamptz AS t3
+  FROM read
+UNION ALL",
+    load_rows!()
+);
+
+/// The database's clock as this process sees it: the offset of PostgreSQL's `now()` from the
+/// local clock, taken at each read, so a group on kept books (which reads nothing) still runs
+/// its rules at the database's time.
+#[derive(Debug, Default)]
+pub(super) struct DbClock {
+    offset_micros: std::sync::atomic::AtomicI64,
+}
+
+impl DbClock {
+    fn observe(&self, db_now: DateTime<Utc>) {
+        let offset = (db_now - Utc::now()).num_microseconds().unwrap_or(0);
+        self.offset_micros
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+            + chrono::TimeDelta::microseconds(
+                self.offset_micros
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+    }
+}
+
 /// Writes what the books' commands changed: each table's new rows in one INSERT and changed
 /// rows in one UPDATE, in foreign-key order. New rows go in with their final values and are
-/// left out of the updates.
+/// left out of the updates. `checked`: every book's account row is written, only at the
+/// version paired with it, or nothing is ([`WRITE_CHECKED`]); otherwise the rows of the books
+/// that changed ([`WRITE_ALL`], under the locks of a transaction).
 async fn write_books(
     tx: &mut sqlx::PgConnection,
-    books: &BTreeMap<String, Book>,
+    books: &[(&Book, i64)],
     now: DateTime<Utc>,
     responses: &Responses<'_>,
+    checked: bool,
 ) -> StorageResult<()> {
     let mut nb = Rows::default();
     let mut ub = Rows::default();
@@ -489,7 +737,8 @@ async fn write_books(
     let mut ud = Rows::default();
     let mut ne = Rows::default();
     let mut ua = Rows::default();
-    for book in books.values() {
+    let mut versions: Vec<i64> = Vec::new();
+    for &(book, version) in books {
         let d = &book.dirty;
         for (b, new) in created_or_changed(&d.new_grants, &d.grants, &book.grants) {
             if new { nb.bucket(b) } else { ub.bucket(b) }
@@ -510,8 +759,9 @@ async fn write_books(
             ne.int[1].push(e.held_delta);
             ne.int[2].push(e.debt_delta);
         }
-        if d.any() {
+        if d.any() || checked {
             // Also when only a hold moved: see [`LOOKUP_LOCK_LOAD`].
+            versions.push(version);
             ua.text[0].push(Some(book.account_id.clone()));
             ua.text[1].push(Some(book.plan.clone()));
             ua.text[2].push(book.allowance_period.clone());
@@ -522,19 +772,32 @@ async fn write_books(
     }
     // One statement: every part runs, with no rows when its arrays are empty. Foreign keys
     // are checked at the end of the statement, when every part's rows exist.
-    let q = sqlx::query(WRITE_ALL.as_str());
+    let q = sqlx::query(if checked {
+        WRITE_CHECKED.as_str()
+    } else {
+        WRITE_ALL.as_str()
+    });
     let q = bind_new_grants(q, &nb);
     let q = bind_new_holds(q, &nh);
     let q = bind_new_draws(q, &nd);
     let q = bind_hold_updates(q, &uh);
     let q = bind_draw_updates(q, &ud);
     let q = bind_bucket_updates(q, &ub);
-    let q = bind_account_updates(q, &ua, now);
+    let mut q = bind_account_updates(q, &ua, now);
+    if checked {
+        q = q.bind(&versions);
+    }
     let q = bind_entries(q, &ne);
-    bind_records(q, responses)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+    let q = bind_records(q, responses);
+    if checked {
+        // Autocommit: this statement is the commit.
+        q.bind(i64::try_from(versions.len()).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(commit_err)?;
+    } else {
+        q.execute(&mut *tx).await.map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -712,6 +975,42 @@ static WRITE_ALL: LazyLock<String> = LazyLock::new(|| {
         INSERT_RECORDS,
     ])
 });
+
+/// [`WRITE_ALL`] at the versions read, for a group on kept books in autocommit: the account
+/// updates (the seventh statement, `w7`) touch only rows still at the version in the extra
+/// array (after the records' parameters), and the records' insert asks
+/// `tally_expect_accounts` (migration 0010) to raise a serialization failure unless every
+/// account was at it; the rows go in account id order (the books are), and the records'
+/// insert reads `w7` first, so account rows are locked before anything else, in id order, as
+/// [`LOOKUP_LOCK_LOAD`] locks them.
+static WRITE_CHECKED: LazyLock<String> = LazyLock::new(|| {
+    chain(&[
+        INSERT_BUCKETS,
+        INSERT_HOLDS,
+        INSERT_DRAWS,
+        UPDATE_HOLDS,
+        UPDATE_DRAWS,
+        UPDATE_BUCKETS,
+        UPDATE_ACCOUNTS_AT_VERSION,
+        INSERT_ENTRIES,
+        INSERT_RECORDS_CHECKED,
+    ])
+});
+
+/// [`UPDATE_ACCOUNTS`] for rows still at version `$8`, one row out per account updated.
+const UPDATE_ACCOUNTS_AT_VERSION: &str =
+    "UPDATE account a SET plan = u.plan, allowance_period = u.period, available = u.available,
+                     held = u.held, debt = u.debt, updated_at = $7
+ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $8::int8[])
+      AS u(id, plan, period, available, held, debt, version)
+ WHERE a.account_id = u.id AND a.account_id = ANY($1) AND a.version = u.version
+ RETURNING 1";
+
+/// [`INSERT_RECORDS`] once `w7` ([`UPDATE_ACCOUNTS_AT_VERSION`]) updated `$5` accounts.
+const INSERT_RECORDS_CHECKED: &str =
+    "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, response)
+ SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[])
+ WHERE tally_expect_accounts($5::int8, (SELECT count(*) FROM w7))";
 
 /// Statements as one, `WITH w1 AS (a), w2 AS (b) c`, each one's parameters numbered after
 /// those of the ones before it.

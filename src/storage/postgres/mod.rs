@@ -54,6 +54,10 @@ pub struct PgStore {
     /// when it is taken and when it is given back), and the worker's planner settings must
     /// never reach a pooled connection. Closed after an error, so a broken one is replaced.
     sessions: Arc<[tokio::sync::Mutex<Option<group::Session>>]>,
+    /// Books kept between group transactions ([`crate::storage::cache`]).
+    books: Arc<crate::storage::cache::BookCache>,
+    /// PostgreSQL's clock as last read, for groups that read nothing.
+    clock: Arc<group::DbClock>,
 }
 
 mod group;
@@ -349,6 +353,8 @@ impl PgStore {
             sessions: (0..batching.workers.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
+            books: Arc::new(crate::storage::cache::BookCache::new(batching.books)),
+            clock: Arc::default(),
         })
     }
 
