@@ -30,6 +30,10 @@
 #                      Tally cases (workload:dist:clients); an empty list skips that backend
 #   HALF_LOAD="postgres"  backends that get the open-loop run at half their measured
 #                      reserve-commit:uniform:N peak (--rate), reporting Reserve p99 ("" = none)
+#   OVERLOAD="postgres"   backends that get a closed-loop run far past their peak after the
+#                      cases: OVERLOAD_CLIENTS clients (default 2000) doing reserve-commit
+#                      uniform; reports goodput as a fraction of the reserve-commit:uniform:N
+#                      peak, the accepted calls' p99 and the refusals/s ("" = none)
 #   DB_MAX_CONNECTIONS=32   tally serve --db-max-connections
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
 #   SERVER_FLAGS=""    more `tally serve` flags for every server, e.g. "--db-group-workers 3"
@@ -73,6 +77,8 @@ MODEL_SQL=$ROOT/scripts/pgbench
 PG_CASES=${PG_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N reserve-refund:uniform:N reserve-commit:uniform:1"}
 SQLITE_CASES=${SQLITE_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check-balance:uniform:N"}
 HALF_LOAD=${HALF_LOAD-postgres}
+OVERLOAD=${OVERLOAD-postgres}
+OVERLOAD_CLIENTS=${OVERLOAD_CLIENTS:-2000}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 read -r -a SERVER_FLAGS_A <<<"${SERVER_FLAGS:-}"
@@ -416,7 +422,7 @@ tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
     t0=$(now_ns)
     RUST_LOG=$SERVER_RUST_LOG "${ON_APP[@]}" "$TALLY" serve --database-url "$url" \
         --listen "127.0.0.1:$p1" --http-listen "127.0.0.1:$p2" --metrics-listen "127.0.0.1:$p3" \
-        --rate-limit-rps 0 --admin-rate-limit-rps 0 --max-concurrent-requests 4096 \
+        --rate-limit-rps 0 --admin-rate-limit-rps 0 --max-concurrent-requests 512 \
         --db-max-connections "$DB_MAX_CONNECTIONS" --log-format json "${SERVER_FLAGS_A[@]}" "$@" >>"$BASE/tally-$backend.log" 2>&1 &
     SRV_PID=$!
     while :; do
@@ -531,6 +537,20 @@ tally_backend() { # backend url cases
             half="half load: skipped (no reserve-commit:uniform:$CLIENTS peak measured)"
         fi
     fi
+    local over=""
+    if [[ " $OVERLOAD " == *" $backend "* ]] && [ -n "$peak" ]; then
+        [[ $funded == *" uniform "* ]] || fund uniform
+        tally_case "$backend" reserve-commit uniform "$OVERLOAD_CLIENTS" 0
+        local oj=$BASE/run.$backend.reserve-commit.uniform.$OVERLOAD_CLIENTS/out.json refused="-" cp99="-"
+        if [ -s "$oj" ]; then
+            if [ "$JSON" = jq ]; then
+                read -r refused cp99 < <(tail -n 1 "$oj" | jq -r '[(.refused_per_s // 0), (.rpc_latency_ms.Commit.p99 // "-")] | @tsv')
+            else
+                read -r refused cp99 < <(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(r.get("refused_per_s",0), r.get("rpc_latency_ms",{}).get("Commit",{}).get("p99","-"))' "$oj")
+            fi
+        fi
+        over="overload ($OVERLOAD_CLIENTS closed-loop clients, reserve-commit uniform): goodput $(printf '%.0f' "$C_OPS") pairs/s = $(awk -v a="$C_OPS" -v p="$peak" 'BEGIN{printf "%.2f", a/p}')x the ${CLIENTS}-client peak, accepted calls p99 Reserve $(printf '%.2f' "$C_RES_P99") ms / Commit $cp99 ms, refused $(printf '%.0f' "$refused")/s (waited out as RetryInfo asks), errors $C_ERRS"
+    fi
     sleep 2; local after; after=$(rss_kib "$SRV_PID")
     tally_stop
     tally_start "$backend" "$url"; local warm=$STARTUP_MS
@@ -542,6 +562,7 @@ tally_backend() { # backend url cases
     SUMMARY+=("tally/$backend: start-up to SERVING (spawn -> /readyz 200) ${cold} ms on a new database (migrations), ${warm} ms on restart")
     SUMMARY+=("tally/$backend: RSS idle $(mib "$idle") MiB, ${CLIENTS}-client load max $(mib "$LOAD_RSS") MiB, idle after the runs $(mib "$after") MiB${fundinfo:+; $fundinfo}")
     [ -n "$half" ] && SUMMARY+=("tally/$backend: $half")
+    [ -n "$over" ] && SUMMARY+=("tally/$backend: $over")
     [ -n "$lw" ] && SUMMARY+=("tally/$backend: server log WARN/ERROR: $lw")
     return 0
 }

@@ -67,6 +67,9 @@ pub struct Settings {
     pub grpc_web_origins: Vec<http::HeaderValue>,
     /// gRPC calls in flight at once over all connections; more are shed with UNAVAILABLE.
     pub max_concurrent_requests: usize,
+    /// The mean CreditService call latency the adaptive concurrency limit aims at (zero: no
+    /// adaptive limit, only `max_concurrent_requests`).
+    pub overload_latency_target: Duration,
     /// How often the ledger reconciliation runs (zero: never).
     pub audit_interval: Duration,
     /// How often readiness checks the database.
@@ -513,12 +516,15 @@ impl App {
         )?;
         let addr = listener.local_addr()?;
         info!(%addr, database = %redact_url(&settings.database_url), "tally serving gRPC");
-        let gate = crate::grpc::gate::GateLayer::new(crate::grpc::gate::GateState::new(
-            Arc::clone(&settings.auth),
-            settings.max_concurrent_requests,
-            readiness.clone(),
-            addr.port(),
-        ));
+        let gate = crate::grpc::gate::GateLayer::new(
+            crate::grpc::gate::GateState::new(
+                Arc::clone(&settings.auth),
+                settings.max_concurrent_requests,
+                readiness.clone(),
+                addr.port(),
+            )
+            .with_latency_target(settings.overload_latency_target),
+        );
         let mut builder = Server::builder();
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(tls.server_config())?;

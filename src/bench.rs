@@ -131,6 +131,26 @@ struct Tally {
     second: Samples,
     errors: BTreeMap<String, u64>,
     ops: u64,
+    /// Calls the server refused with a retry delay (OVERLOADED, RATE_LIMITED): waited out as
+    /// a well-behaved client does, and counted apart from errors.
+    refused: u64,
+}
+
+/// Why a call failed: refused with a retry delay, or an error.
+enum Fail {
+    Refused(Duration),
+    Code(Code),
+}
+
+#[allow(clippy::needless_pass_by_value)] // the shape map_err hands it
+fn fail(s: tonic::Status) -> Fail {
+    use tonic_types::StatusExt as _;
+    match (s.code(), s.get_details_retry_info()) {
+        (Code::Unavailable | Code::ResourceExhausted, Some(info)) => {
+            Fail::Refused(info.retry_delay.unwrap_or(Duration::from_millis(100)))
+        }
+        (code, _) => Fail::Code(code),
+    }
 }
 
 fn code_name(c: Code) -> String {
@@ -237,7 +257,8 @@ async fn client_loop(
         }
         let measuring = shared.measuring.load(Ordering::Relaxed);
         let key = uuid::Uuid::now_v7().simple().to_string();
-        let result: Result<(), Code> = async {
+        let mut refused = 0u64;
+        let result: Result<(), Fail> = async {
             match workload {
                 Workload::CheckBalance => {
                     credit
@@ -248,7 +269,7 @@ async fn client_loop(
                             token.as_ref(),
                         ))
                         .await
-                        .map_err(|s| s.code())?;
+                        .map_err(fail)?;
                     if measuring {
                         t.first.push(start.elapsed());
                     }
@@ -269,38 +290,50 @@ async fn client_loop(
                             token.as_ref(),
                         ))
                         .await
-                        .map_err(|s| s.code())?
+                        .map_err(fail)?
                         .into_inner();
                     let reserved = Instant::now();
                     if measuring {
                         t.first.push(reserved.duration_since(start));
                     }
                     let hold_id = r.hold.map(|h| h.hold_id).unwrap_or_default();
-                    if workload == Workload::ReserveCommit {
-                        credit
-                            .commit(authed(
-                                pb::CommitRequest {
-                                    hold_id,
-                                    amount: 4,
-                                    idempotency_key: format!("c{key}"),
-                                },
-                                token.as_ref(),
-                            ))
-                            .await
-                            .map_err(|s| s.code())?;
-                    } else {
-                        credit
-                            .refund(authed(
-                                pb::RefundRequest {
-                                    hold_id,
-                                    amount: None,
-                                    reason: "bench".into(),
-                                    idempotency_key: format!("f{key}"),
-                                },
-                                token.as_ref(),
-                            ))
-                            .await
-                            .map_err(|s| s.code())?;
+                    // Finishing the pair: a refusal is waited out and the call retried with
+                    // the same key (abandoning it would leave the credits held).
+                    loop {
+                        let done = if workload == Workload::ReserveCommit {
+                            credit
+                                .commit(authed(
+                                    pb::CommitRequest {
+                                        hold_id: hold_id.clone(),
+                                        amount: 4,
+                                        idempotency_key: format!("c{key}"),
+                                    },
+                                    token.as_ref(),
+                                ))
+                                .await
+                                .map(drop)
+                        } else {
+                            credit
+                                .refund(authed(
+                                    pb::RefundRequest {
+                                        hold_id: hold_id.clone(),
+                                        amount: None,
+                                        reason: "bench".into(),
+                                        idempotency_key: format!("f{key}"),
+                                    },
+                                    token.as_ref(),
+                                ))
+                                .await
+                                .map(drop)
+                        };
+                        match done.map_err(fail) {
+                            Ok(()) => break,
+                            Err(Fail::Refused(wait)) => {
+                                refused += 1;
+                                tokio::time::sleep(wait).await;
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     if measuring {
                         t.second.push(reserved.elapsed());
@@ -311,6 +344,11 @@ async fn client_loop(
         }
         .await;
         if !measuring {
+            match result {
+                Err(Fail::Refused(wait)) => tokio::time::sleep(wait).await,
+                Err(Fail::Code(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(()) => {}
+            }
             continue;
         }
         match result {
@@ -325,12 +363,19 @@ async fn client_loop(
                     shared.stop.store(true, Ordering::Relaxed);
                 }
             }
-            Err(code) => {
+            Err(Fail::Refused(wait)) => {
+                t.refused += 1;
+                tokio::time::sleep(wait).await;
+            }
+            Err(Fail::Code(code)) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 *t.errors.entry(code_name(code)).or_default() += 1;
                 // Do not spin on a dead server.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+        }
+        if measuring {
+            t.refused += refused;
         }
     }
     t
@@ -445,6 +490,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         total.first.0.extend(t.first.0);
         total.second.0.extend(t.second.0);
         total.ops += t.ops;
+        total.refused += t.refused;
         for (k, v) in t.errors {
             *total.errors.entry(k).or_default() += v;
         }
@@ -473,6 +519,8 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         "latency_ms": total.op.summary(),
         "rpc_latency_ms": rpc,
         "errors": total.errors,
+        "refused": total.refused,
+        "refused_per_s": total.refused as f64 / elapsed.max(1e-9),
     });
     if args.json {
         println!("{report}");
@@ -498,6 +546,11 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
                 s["p50"], s["p90"], s["p99"], s["max"]
             );
         }
+        println!(
+            "refused     {} ({:.0}/s; waited out, retried as their RetryInfo asks)",
+            total.refused,
+            total.refused as f64 / elapsed.max(1e-9)
+        );
         if total.errors.is_empty() {
             println!("errors      none");
         } else {

@@ -83,6 +83,12 @@ pub struct ServeArgs {
     /// gRPC calls in flight at once; more are refused at once with UNAVAILABLE (OVERLOADED).
     #[arg(long, env = "TALLY_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,
+    /// The mean CreditService call latency the adaptive concurrency limit keeps (0s: off,
+    /// only --max-concurrent-requests). Past the limit, calls that start work (Reserve,
+    /// CheckBalance) are refused at once with UNAVAILABLE (OVERLOADED) and a retry delay;
+    /// Commit, Refund and ExtendHold are never refused by it.
+    #[arg(long, env = "TALLY_OVERLOAD_LATENCY_TARGET", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub overload_latency_target: Duration,
     /// How often the ledger reconciliation checks entries against balances (0s: never).
     #[arg(long, env = "TALLY_AUDIT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub audit_interval: Duration,
@@ -358,6 +364,7 @@ impl ServeArgs {
             reflection: self.reflection,
             grpc_web_origins: crate::app::web_origins(&self.grpc_web_origins)?,
             max_concurrent_requests: self.max_concurrent_requests as usize,
+            overload_latency_target: self.overload_latency_target,
             audit_interval: self.audit_interval,
             readiness_interval: self.readiness_interval,
             auto_migrate: self.auto_migrate,

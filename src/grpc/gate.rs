@@ -114,9 +114,9 @@ pub fn denied_status(d: &Denied) -> Status {
     Status::with_error_details(code, d.to_string(), details)
 }
 
-fn overloaded() -> Status {
+fn overloaded(wait: Duration) -> Status {
     let mut details = ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, HashMap::new());
-    details.set_retry_info(Some(OVERLOAD_RETRY));
+    details.set_retry_info(Some(wait));
     Status::with_error_details(
         Code::Unavailable,
         "the server is at its concurrency limit; retry shortly with the same idempotency key",
@@ -128,6 +128,8 @@ fn overloaded() -> Status {
 pub struct GateState {
     auth: Arc<Auth>,
     permits: Arc<Semaphore>,
+    /// The adaptive limit on CreditService calls ([`super::limit`]), when on.
+    limit: Option<Arc<super::limit::AdaptiveLimit>>,
     readiness: crate::health::Readiness,
     /// The listener's port (a span attribute).
     port: u16,
@@ -147,10 +149,30 @@ impl GateState {
         Self {
             auth,
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            limit: None,
             readiness,
             port,
         }
     }
+
+    /// Adds the adaptive limit on CreditService calls, aiming at a mean latency of `target`
+    /// (zero: none, only the fixed cap).
+    #[must_use]
+    pub fn with_latency_target(mut self, target: Duration) -> Self {
+        self.limit = (!target.is_zero()).then(|| {
+            Arc::new(super::limit::AdaptiveLimit::new(
+                target,
+                self.permits.available_permits(),
+            ))
+        });
+        self
+    }
+}
+
+/// Calls that finish work an admitted Reserve began: never refused by the adaptive limit.
+fn finishes_work(rpc: &str) -> bool {
+    rpc.strip_prefix("tally.v1.CreditService/")
+        .is_some_and(|m| matches!(m, "Commit" | "Refund" | "ExtendHold"))
 }
 
 fn database_down() -> Status {
@@ -245,7 +267,7 @@ fn admit(
         .map_err(|_| {
             metrics::counter!("tally_requests_refused_total", "reason" => "overloaded")
                 .increment(1);
-            overloaded()
+            overloaded(OVERLOAD_RETRY)
         })?;
     Ok((Some(principal), Some(permit)))
 }
@@ -474,7 +496,20 @@ where
             "tally.caller" = Empty,
         );
         crate::telemetry::adopt_parent(&span, req.headers());
-        let (principal, permit) = match admit(&self.state, kind, req.headers()) {
+        let admitted = admit(&self.state, kind, req.headers()).and_then(|(principal, permit)| {
+            let in_flight = match (&self.state.limit, kind) {
+                (Some(limit), Kind::Credit) => {
+                    Some(limit.admit(!finishes_work(rpc)).map_err(|wait| {
+                        metrics::counter!("tally_requests_refused_total", "reason" => "overloaded")
+                            .increment(1);
+                        overloaded(wait)
+                    })?)
+                }
+                _ => None,
+            };
+            Ok((principal, (permit, in_flight)))
+        });
+        let (principal, permit) = match admitted {
             Ok(admitted) => admitted,
             Err(status) => {
                 let resp = status.into_http();

@@ -7,6 +7,7 @@ mod admin;
 pub mod codec;
 pub mod convert;
 pub mod gate;
+pub mod limit;
 pub mod status;
 
 pub use admin::AdminApi;
