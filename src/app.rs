@@ -68,8 +68,9 @@ pub struct Settings {
     /// gRPC calls in flight at once over all connections; more are shed with UNAVAILABLE.
     pub max_concurrent_requests: usize,
     /// The mean CreditService call latency the adaptive concurrency limit aims at (zero: no
-    /// adaptive limit, only `max_concurrent_requests`).
-    pub overload_latency_target: Duration,
+    /// adaptive limit, only `max_concurrent_requests`; none: the backend's default,
+    /// [`overload_latency_target`]).
+    pub overload_latency_target: Option<Duration>,
     /// How often the ledger reconciliation runs (zero: never).
     pub audit_interval: Duration,
     /// How often readiness checks the database.
@@ -234,6 +235,19 @@ fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
             name("grpc-status-details-bin"),
         ])
         .max_age(GRPC_WEB_PREFLIGHT_MAX_AGE)
+}
+
+/// The adaptive concurrency limit's default latency target: 20 ms on PostgreSQL, whose group
+/// commit reaches its peak at about 17 ms a call (64 clients, `scripts/bench.sh`), and 250 ms
+/// on SQLite, whose single writer reaches its peak only with a deeper queue (about 150 ms a
+/// pair at 64 clients): a tighter target there would cut the peak itself.
+#[must_use]
+pub fn overload_latency_target(database_url: &str) -> Duration {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(250)
+    }
 }
 
 /// Opens the database named by `url`, applies its migrations, and starts an engine on it.
@@ -523,7 +537,11 @@ impl App {
                 readiness.clone(),
                 addr.port(),
             )
-            .with_latency_target(settings.overload_latency_target),
+            .with_latency_target(
+                settings
+                    .overload_latency_target
+                    .unwrap_or_else(|| overload_latency_target(&settings.database_url)),
+            ),
         );
         let mut builder = Server::builder();
         if let Some(tls) = &settings.tls {

@@ -87,8 +87,9 @@ pub struct ServeArgs {
     /// only --max-concurrent-requests). Past the limit, calls that start work (Reserve,
     /// CheckBalance) are refused at once with UNAVAILABLE (OVERLOADED) and a retry delay;
     /// Commit, Refund and ExtendHold are never refused by it.
-    #[arg(long, env = "TALLY_OVERLOAD_LATENCY_TARGET", default_value = "20ms", value_parser = humantime::parse_duration)]
-    pub overload_latency_target: Duration,
+    /// Default: 20ms on PostgreSQL, 250ms on SQLite.
+    #[arg(long, env = "TALLY_OVERLOAD_LATENCY_TARGET", value_parser = humantime::parse_duration)]
+    pub overload_latency_target: Option<Duration>,
     /// How often the ledger reconciliation checks entries against balances (0s: never).
     #[arg(long, env = "TALLY_AUDIT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub audit_interval: Duration,

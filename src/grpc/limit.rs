@@ -4,9 +4,10 @@
 //! Every CreditService call counts while in flight; only calls that start work (Reserve,
 //! CheckBalance, ...) are refused at the limit. Commit, Refund and ExtendHold finish work an
 //! admitted Reserve began, and refusing them would leave credits held. Each window (every
-//! [`WINDOW`]) the limit moves by the mean latency of the calls that ended in it: above the
-//! target it shrinks by a tenth (multiplicative decrease), below it and with calls refused
-//! or the limit reached it grows by a sixteenth, at least one (additive increase). Between
+//! [`WINDOW`]) in which the limit was reached (calls refused, or as many in flight), it moves
+//! by the mean latency of the calls that ended in it: above the target it shrinks by a tenth
+//! (multiplicative decrease), below it it grows by a sixteenth, at least one (additive
+//! increase). Below the limit nothing is refused, so the limit stays. Between
 //! [`MIN_LIMIT`] and the hard cap (`--max-concurrent-requests`). A refusal carries a retry
 //! delay, jittered so the callers do not come back together, that grows by half each window
 //! in which refusals were more than a quarter of the calls served and shrinks once they are
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 pub const WINDOW: Duration = Duration::from_millis(100);
 /// The limit never goes below this.
 pub const MIN_LIMIT: usize = 8;
-/// Where the limit starts.
-pub const INITIAL_LIMIT: usize = 64;
+/// Where the limit starts (or the hard cap, if lower).
+pub const INITIAL_LIMIT: usize = 128;
 /// Shortest and longest retry delay suggested to a refused caller.
 pub const BASE_RETRY: Duration = Duration::from_millis(50);
 /// See [`BASE_RETRY`].
@@ -134,7 +135,9 @@ impl AdaptiveLimit {
         if w.started.elapsed() >= WINDOW && w.ended > 0 {
             let mean = w.latency_sum / u32::try_from(w.ended).unwrap_or(u32::MAX);
             let limit = self.limit.load(Ordering::Relaxed);
-            let next = if mean > self.target {
+            // Latency counts against the limit only when the limit was reached: a slow
+            // window below it (a re-plan, a checkpoint) is not this queue's doing.
+            let next = if mean > self.target && w.full {
                 (limit - limit / 10).max(MIN_LIMIT)
             } else if w.full {
                 (limit + (limit / 16).max(1)).min(self.max)
@@ -190,12 +193,19 @@ mod tests {
     #[test]
     fn the_limit_shrinks_above_the_target_and_grows_below_it_under_demand() {
         let l = std::sync::Arc::new(AdaptiveLimit::new(Duration::from_millis(5), 1000));
-        // Slow calls: down, never under the floor.
-        for _ in 0..30 {
+        // Slow calls below the limit: it stays.
+        for _ in 0..3 {
             let c = l.admit(true).unwrap();
             std::thread::sleep(WINDOW / 10);
             drop(c);
             std::thread::sleep(WINDOW);
+        }
+        assert_eq!(l.current(), INITIAL_LIMIT);
+        // Slow calls at the limit: down, never under the floor.
+        for _ in 0..30 {
+            let held: Vec<_> = (0..l.current()).map(|_| l.admit(true).unwrap()).collect();
+            std::thread::sleep(WINDOW + WINDOW / 10);
+            drop(held);
         }
         assert_eq!(l.current(), MIN_LIMIT);
         // Fast calls with callers refused: up again.

@@ -280,7 +280,7 @@ pub fn settings(db: &TestDb) -> Settings {
         reflection: true,
         grpc_web_origins: Vec::new(),
         max_concurrent_requests: 512,
-        overload_latency_target: std::time::Duration::ZERO,
+        overload_latency_target: Some(std::time::Duration::ZERO),
         audit_interval: Duration::ZERO,
         readiness_interval: Duration::from_millis(100),
         auto_migrate: true,
