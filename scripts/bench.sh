@@ -34,6 +34,9 @@
 #                      cases: OVERLOAD_CLIENTS clients (default 2000) doing reserve-commit
 #                      uniform; reports goodput as a fraction of the reserve-commit:uniform:N
 #                      peak, the accepted calls' p99 and the refusals/s ("" = none)
+#   REPLICAS="postgres"   backends that get a run on two `tally serve` replicas of one database
+#                      (reserve-commit uniform, N/2 clients on each), against the one-replica
+#                      reserve-commit:uniform:N peak ("" = none)
 #   DB_MAX_CONNECTIONS=32   tally serve --db-max-connections
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
 #   SERVER_FLAGS=""    more `tally serve` flags for every server, e.g. "--db-group-workers 3"
@@ -79,6 +82,7 @@ SQLITE_CASES=${SQLITE_CASES-"reserve-commit:uniform:N reserve-commit:hot:N check
 HALF_LOAD=${HALF_LOAD-postgres}
 OVERLOAD=${OVERLOAD-postgres}
 OVERLOAD_CLIENTS=${OVERLOAD_CLIENTS:-2000}
+REPLICAS=${REPLICAS-postgres}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 read -r -a SERVER_FLAGS_A <<<"${SERVER_FLAGS:-}"
@@ -509,6 +513,28 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     C_OPS=$ops_s C_RES_P99=$resp99 C_P99=$p99 C_ERRS=$errs
 }
 
+# Two replicas of `tally serve` on one database, CLIENTS/2 clients on each at once.
+replicas_case() { # backend url one-replica-peak -> prints the summary line
+    local backend=$1 url=$2 peak=$3 u1 p1 u2 p2 o1 o2 rc=0 half=$((CLIENTS / 2))
+    local conns=$(( CONNECTIONS / 2 > 0 ? CONNECTIONS / 2 : 1 ))
+    tally_start "$backend" "$url"; u1=$SRV_URL p1=$SRV_PID
+    tally_start "$backend" "$url"; u2=$SRV_URL p2=$SRV_PID; SRV_PID=""
+    note "== tally/$backend reserve-commit uniform on 2 replicas, ${half}c each (${WARMUP}s + ${DURATION}s)"
+    wait_quiet
+    o1=$BASE/run.$backend.replicas.1.json o2=$BASE/run.$backend.replicas.2.json
+    local args=(bench --workload reserve-commit --clients "$half" --connections "$conns"
+        --duration "${DURATION}s" --warmup "${WARMUP}s" --no-setup --json --accounts "$ACCOUNTS" --prefix uni)
+    "${ON_APP[@]}" "$TALLY" "${args[@]}" --server "$u1" >"$o1" 2>&1 & local b1=$!
+    "${ON_APP[@]}" "$TALLY" "${args[@]}" --server "$u2" >"$o2" 2>&1 & local b2=$!
+    wait "$b1" || rc=$?; wait "$b2" || rc=$?
+    stop_pid "$p1"; stop_pid "$p2"
+    if [ "$rc" != 0 ]; then echo "2 replicas: FAILED (rc=$rc)"; return 0; fi
+    local a b e1 e2
+    IFS=$'\t' read -r a _ _ _ _ _ _ e1 < <(parse_json "$o1")
+    IFS=$'\t' read -r b _ _ _ _ _ _ e2 < <(parse_json "$o2")
+    echo "2 replicas on one PostgreSQL (${half} clients each, reserve-commit uniform): $(printf '%.0f + %.0f' "$a" "$b") = $(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.0f", a+b}') pairs/s = $(awk -v a="$a" -v b="$b" -v p="$peak" 'BEGIN{printf "%.2f", (a+b)/p}')x one replica's ${CLIENTS}-client peak, errors $e1 / $e2"
+}
+
 SUMMARY=()
 tally_backend() { # backend url cases
     local backend=$1 url=$2 cases=$3 cs w dist c peak=""
@@ -555,6 +581,10 @@ tally_backend() { # backend url cases
     tally_stop
     tally_start "$backend" "$url"; local warm=$STARTUP_MS
     tally_stop
+    local two=""
+    if [[ " $REPLICAS " == *" $backend "* ]] && [ -n "$peak" ]; then
+        two=$(replicas_case "$backend" "$url" "$peak")
+    fi
     # server warnings beyond the expected start-up one (no callers file: auth off on loopback)
     local lw; lw=$(grep -E '"level":"(WARN|ERROR)"' "$BASE/tally-$backend.log" | grep -v 'no callers configured' \
         | grep -o '"message":"[^"]*"' | cut -c12- | tr -d '"' | sort | uniq -c | sort -rn | head -3 \
@@ -563,6 +593,7 @@ tally_backend() { # backend url cases
     SUMMARY+=("tally/$backend: RSS idle $(mib "$idle") MiB, ${CLIENTS}-client load max $(mib "$LOAD_RSS") MiB, idle after the runs $(mib "$after") MiB${fundinfo:+; $fundinfo}")
     [ -n "$half" ] && SUMMARY+=("tally/$backend: $half")
     [ -n "$over" ] && SUMMARY+=("tally/$backend: $over")
+    [ -n "$two" ] && SUMMARY+=("tally/$backend: $two")
     [ -n "$lw" ] && SUMMARY+=("tally/$backend: server log WARN/ERROR: $lw")
     return 0
 }

@@ -138,7 +138,7 @@ impl AdaptiveLimit {
             // Latency counts against the limit only when the limit was reached: a slow
             // window below it (a re-plan, a checkpoint) is not this queue's doing.
             let next = if mean > self.target && w.full {
-                (limit - limit / 10).max(MIN_LIMIT)
+                limit.saturating_sub((limit / 10).max(1)).max(MIN_LIMIT)
             } else if w.full {
                 (limit + (limit / 16).max(1)).min(self.max)
             } else {
@@ -201,8 +201,8 @@ mod tests {
             std::thread::sleep(WINDOW);
         }
         assert_eq!(l.current(), INITIAL_LIMIT);
-        // Slow calls at the limit: down, never under the floor.
-        for _ in 0..30 {
+        // Slow calls at the limit: down (128 to 8 in 31 windows), never under the floor.
+        for _ in 0..36 {
             let held: Vec<_> = (0..l.current()).map(|_| l.admit(true).unwrap()).collect();
             std::thread::sleep(WINDOW + WINDOW / 10);
             drop(held);

@@ -29,6 +29,7 @@ mod keys;
 mod plans;
 mod replicas;
 mod rules;
+mod sharding;
 mod stripe;
 
 use chrono::TimeDelta;
