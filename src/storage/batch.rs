@@ -5,7 +5,8 @@
 //! at once, as a group of one) and hand it to the backend's [`Executor`], which runs the lot in
 //! one transaction with set-based statements: one lookup of all idempotency keys, one lock of
 //! all accounts (in id order), one load, the domain's rules per command in arrival order, one
-//! write (with the records of the keys), one COMMIT. A command the rules reject is undone in
+//! write (with the records of the keys), one COMMIT. (On PostgreSQL, books kept in memory make
+//! most groups one statement: `storage::cache`.) A command the rules reject is undone in
 //! memory and leaves no record, so it changes nothing while its neighbours commit. A group
 //! that meets contention (a deadlock, a key recorded by another transaction meanwhile) runs
 //! once more as a group; if the transaction as a whole fails otherwise, or again, each command

@@ -58,6 +58,8 @@ pub struct PgStore {
     books: Arc<crate::storage::cache::BookCache>,
     /// PostgreSQL's clock as last read, for groups that read nothing.
     clock: Arc<group::DbClock>,
+    /// How often kept books were stale, and whether groups skip them for now.
+    contention: Arc<group::Contention>,
 }
 
 mod group;
@@ -355,6 +357,7 @@ impl PgStore {
                 .collect(),
             books: Arc::new(crate::storage::cache::BookCache::new(batching.books)),
             clock: Arc::default(),
+            contention: Arc::default(),
         })
     }
 
