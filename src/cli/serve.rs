@@ -110,7 +110,8 @@ pub struct ServeArgs {
     pub db_group_workers: u16,
     /// Group commit on PostgreSQL: account books kept in memory between calls (0 = none), so a
     /// call on a known account is one statement in one round trip, checked against the
-    /// account's version (another replica's write makes it run again under row locks).
+    /// account's version (another replica's write makes it run again under row locks). About
+    /// 4 KB of memory a book.
     #[arg(long, env = "TALLY_DB_BOOK_CACHE", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub db_book_cache: u32,
     /// Hold TTL when a Reserve gives none.

@@ -381,11 +381,20 @@ impl Book {
     /// and more only when a command names a resolved hold: a book kept between commands keeps
     /// exactly what every command needs.)
     pub fn trim_to_loaded(&mut self) {
-        self.entries.clear();
+        // New, empty collections rather than cleared ones: an emptied map keeps its node (a
+        // B-tree leaf has room for 11 entries), and a book kept in memory should cost what it
+        // holds.
+        self.entries = Vec::new();
         self.dirty = Dirty::default();
         self.holds.retain(|_, h| h.state == HoldState::Open);
+        if self.holds.is_empty() {
+            self.holds = BTreeMap::new();
+        }
         let holds = &self.holds;
         self.draws.retain(|(hold, _), _| holds.contains_key(hold));
+        if self.draws.is_empty() {
+            self.draws = BTreeMap::new();
+        }
         let period = self.allowance_period.as_deref();
         self.grants.retain(|_, g| {
             g.remaining > 0 || g.held > 0 || (g.period.is_some() && g.period.as_deref() == period)
