@@ -4,7 +4,7 @@
 //! One statement looks the idempotency keys up, locks every account row the batch touches, in
 //! id order (so two batches cannot deadlock on accounts), and loads the books
 //! ([`LOOKUP_LOCK_LOAD`], which tells when its loads are stale). The domain's rules run per
-//! command, in arrival order, on the locked books. The write ([`WRITE_ALL`]) inserts the
+//! command, in arrival order, on the locked books. The write ([`write_statement`]) inserts the
 //! records of the keys with their outcomes: unlike one command's claim-then-update, a key
 //! gets one row version, and a duplicate in flight elsewhere is caught by the primary key
 //! there (the group then runs again). Four round trips: BEGIN, the first statement, the
@@ -13,7 +13,7 @@
 //! That locked transaction is the fallback. First, a group runs on kept books
 //! ([`crate::storage::cache`], [`PgStore::kept_group`]): the books this process wrote, with their
 //! account row's version, written back in one statement in autocommit that checks each
-//! version ([`WRITE_CHECKED`]): one round trip for a group whose accounts are kept.
+//! version ([`write_statement`], checked): one round trip for a group whose accounts are kept.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
@@ -392,7 +392,7 @@ impl PgStore {
     /// A group on kept books ([`crate::storage::cache::BookCache`]): the accounts' books taken out of the cache, or
     /// read without locks ([`READ_BOOKS`]) when not kept, the rules applied, and every change
     /// written in one statement in autocommit that updates each account only at the version its
-    /// book was read at ([`WRITE_CHECKED`]). On a warm cache a group is that one statement: one
+    /// book was read at ([`write_statement`], checked). On a warm cache a group is that one statement: one
     /// round trip and one WAL flush. A command the rules refuse, or whose hold no book knows,
     /// runs after it in a locked transaction ([`PgStore::group_tx`]), where a refusal is
     /// confirmed on the stored rows; when the write finds a version moved (another replica,
@@ -804,8 +804,8 @@ impl DbClock {
 /// Writes what the books' commands changed: each table's new rows in one INSERT and changed
 /// rows in one UPDATE, in foreign-key order. New rows go in with their final values and are
 /// left out of the updates. `checked`: every book's account row is written, only at the
-/// version paired with it, or nothing is ([`WRITE_CHECKED`]); otherwise the rows of the books
-/// that changed ([`WRITE_ALL`], under the locks of a transaction).
+/// version paired with it, or nothing is; otherwise the rows of the books that changed (under
+/// the locks of a transaction). See [`write_statement`].
 async fn write_books(
     tx: &mut sqlx::PgConnection,
     books: &[(&Book, i64)],
@@ -854,24 +854,48 @@ async fn write_books(
             ua.int[2].push(book.debt);
         }
     }
-    // One statement: every part runs, with no rows when its arrays are empty. Foreign keys
-    // are checked at the end of the statement, when every part's rows exist.
-    let q = sqlx::query(if checked {
-        WRITE_CHECKED.as_str()
-    } else {
-        WRITE_ALL.as_str()
-    });
-    let q = bind_new_grants(q, &nb);
-    let q = bind_new_holds(q, &nh);
-    let q = bind_new_draws(q, &nd);
-    let q = bind_hold_updates(q, &uh);
-    let q = bind_draw_updates(q, &ud);
-    let q = bind_bucket_updates(q, &ub);
-    let mut q = bind_account_updates(q, &ua, now);
-    if checked {
-        q = q.bind(&versions);
+    // One statement of the parts that have rows (a part without rows would still open its
+    // table and every index of it: executor start-up was a fifth of PostgreSQL's CPU at one
+    // client). Foreign keys are checked at the end of the statement, when every part's rows
+    // exist. The records' insert is the statement's main part, always there.
+    let present = [
+        !nb.text[0].is_empty(),
+        !nh.text[0].is_empty(),
+        !nd.text[0].is_empty(),
+        !uh.text[0].is_empty(),
+        !ud.text[0].is_empty(),
+        !ub.text[0].is_empty(),
+        checked || !ua.text[0].is_empty(),
+        !ne.text[0].is_empty(),
+    ];
+    let mut q = sqlx::query(write_statement(checked, present));
+    if present[0] {
+        q = bind_new_grants(q, &nb);
     }
-    let q = bind_entries(q, &ne);
+    if present[1] {
+        q = bind_new_holds(q, &nh);
+    }
+    if present[2] {
+        q = bind_new_draws(q, &nd);
+    }
+    if present[3] {
+        q = bind_hold_updates(q, &uh);
+    }
+    if present[4] {
+        q = bind_draw_updates(q, &ud);
+    }
+    if present[5] {
+        q = bind_bucket_updates(q, &ub);
+    }
+    if present[6] {
+        q = bind_account_updates(q, &ua, now);
+        if checked {
+            q = q.bind(&versions);
+        }
+    }
+    if present[7] {
+        q = bind_entries(q, &ne);
+    }
     let q = bind_records(q, responses);
     if checked {
         // Autocommit: this statement is the commit.
@@ -1043,43 +1067,56 @@ struct Responses<'a> {
 }
 
 /// A batch's writes as one statement, in foreign-key order: new grants, new holds, their
-/// draws, changed holds, draws, grants and accounts, entries (in order), the idempotency
-/// records of the commands that ran. Built once: the text is what each connection's statement
-/// cache keys on.
-static WRITE_ALL: LazyLock<String> = LazyLock::new(|| {
-    chain(&[
-        INSERT_BUCKETS,
-        INSERT_HOLDS,
-        INSERT_DRAWS,
-        UPDATE_HOLDS,
-        UPDATE_DRAWS,
-        UPDATE_BUCKETS,
-        UPDATE_ACCOUNTS,
-        INSERT_ENTRIES,
-        INSERT_RECORDS,
-    ])
-});
-
-/// [`WRITE_ALL`] at the versions read, for a group on kept books in autocommit: the account
-/// updates (the seventh statement, `w7`) touch only rows still at the version in the extra
-/// array (after the records' parameters), and the records' insert asks
-/// `tally_expect_accounts` (migration 0010) to raise a serialization failure unless every
-/// account was at it; the rows go in account id order (the books are), and the records'
-/// insert reads `w7` first, so account rows are locked before anything else, in id order, as
-/// [`LOOKUP_LOCK_LOAD`] locks them.
-static WRITE_CHECKED: LazyLock<String> = LazyLock::new(|| {
-    chain(&[
-        INSERT_BUCKETS,
-        INSERT_HOLDS,
-        INSERT_DRAWS,
-        UPDATE_HOLDS,
-        UPDATE_DRAWS,
-        UPDATE_BUCKETS,
-        UPDATE_ACCOUNTS_AT_VERSION,
-        INSERT_ENTRIES,
-        INSERT_RECORDS_CHECKED,
-    ])
-});
+/// draws, changed holds, draws, grants and accounts, entries (in order), then the idempotency
+/// records of the commands that ran; only the parts `present` says have rows (the records'
+/// insert always: it is the main statement). `checked`: the account updates are
+/// [`UPDATE_ACCOUNTS_AT_VERSION`] and the records' insert [`INSERT_RECORDS_CHECKED`], for a
+/// group on kept books in autocommit: the accounts still at the versions read, or a
+/// serialization failure (`tally_expect_accounts`, migration 0010) and nothing stays. The
+/// records' insert reads the account updates first, so account rows are locked before any
+/// other row, in id order (the books are), as [`LOOKUP_LOCK_LOAD`] locks them. Each shape is
+/// built once and kept: its text is what each connection's statement cache keys on (at most
+/// 2 × 2^8 shapes; a few in practice).
+fn write_statement(checked: bool, present: [bool; 8]) -> &'static str {
+    type Shapes = HashMap<(bool, [bool; 8]), &'static str>;
+    static SHAPES: LazyLock<std::sync::Mutex<Shapes>> = LazyLock::new(std::sync::Mutex::default);
+    let mut shapes = SHAPES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    shapes.entry((checked, present)).or_insert_with(|| {
+        let parts: [(&str, &str); 8] = [
+            ("new_grants", INSERT_BUCKETS),
+            ("new_holds", INSERT_HOLDS),
+            ("new_draws", INSERT_DRAWS),
+            ("moved_holds", UPDATE_HOLDS),
+            ("moved_draws", UPDATE_DRAWS),
+            ("moved_grants", UPDATE_BUCKETS),
+            (
+                "moved_accounts",
+                if checked {
+                    UPDATE_ACCOUNTS_AT_VERSION
+                } else {
+                    UPDATE_ACCOUNTS
+                },
+            ),
+            ("new_entries", INSERT_ENTRIES),
+        ];
+        let mut chosen: Vec<(&str, &str)> = parts
+            .into_iter()
+            .zip(present)
+            .filter_map(|(p, here)| here.then_some(p))
+            .collect();
+        chosen.push((
+            "records",
+            if checked {
+                INSERT_RECORDS_CHECKED
+            } else {
+                INSERT_RECORDS
+            },
+        ));
+        Box::leak(chain(&chosen).into_boxed_str())
+    })
+}
 
 /// [`UPDATE_ACCOUNTS`] for rows still at version `$8`, one row out per account updated.
 const UPDATE_ACCOUNTS_AT_VERSION: &str =
@@ -1090,27 +1127,27 @@ const UPDATE_ACCOUNTS_AT_VERSION: &str =
  WHERE a.account_id = u.id AND a.account_id = ANY($1) AND a.version = u.version
  RETURNING 1";
 
-/// [`INSERT_RECORDS`] once `w7` ([`UPDATE_ACCOUNTS_AT_VERSION`]) updated `$5` accounts.
+/// [`INSERT_RECORDS`] once `moved_accounts` ([`UPDATE_ACCOUNTS_AT_VERSION`]) updated `$5`
+/// accounts.
 const INSERT_RECORDS_CHECKED: &str =
     "INSERT INTO idempotency_record (caller, idempotency_key, fingerprint, response)
  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[])
- WHERE tally_expect_accounts($5::int8, (SELECT count(*) FROM w7))";
+ WHERE tally_expect_accounts($5::int8, (SELECT count(*) FROM moved_accounts))";
 
-/// Statements as one, `WITH w1 AS (a), w2 AS (b) c`, each one's parameters numbered after
-/// those of the ones before it.
-fn chain(parts: &[&str]) -> String {
-    let mut out = String::from("WITH ");
+/// Statements as one, `WITH a AS (..), b AS (..) main` (the last is the main statement; alone,
+/// it is returned as it is), each one's parameters numbered after those of the ones before it.
+fn chain(parts: &[(&str, &str)]) -> String {
+    let mut out = String::new();
     let mut offset = 0;
     let n = parts.len();
-    for (i, p) in parts.iter().enumerate() {
+    for (i, (name, p)) in parts.iter().enumerate() {
         if i + 1 == n {
-            out.push('\n');
-        } else {
             if i > 0 {
-                out.push_str(",\n");
+                out.push('\n');
             }
-            out.push('w');
-            out.push_str(&(i + 1).to_string());
+        } else {
+            out.push_str(if i == 0 { "WITH " } else { ",\n" });
+            out.push_str(name);
             out.push_str(" AS (");
         }
         out.push_str(&renumber(p, offset));
@@ -1223,12 +1260,13 @@ mod tests {
         );
         assert_eq!(
             chain(&[
-                "UPDATE x SET a = $1 WHERE id = $2",
-                "INSERT INTO z SELECT $1",
-                "UPDATE y SET b = $1 WHERE id = $2"
+                ("w1", "UPDATE x SET a = $1 WHERE id = $2"),
+                ("w2", "INSERT INTO z SELECT $1"),
+                ("main", "UPDATE y SET b = $1 WHERE id = $2")
             ]),
             "WITH w1 AS (UPDATE x SET a = $1 WHERE id = $2),\nw2 AS (INSERT INTO z SELECT $3)\n\
              UPDATE y SET b = $4 WHERE id = $5"
         );
+        assert_eq!(chain(&[("main", "SELECT $1")]), "SELECT $1");
     }
 }
