@@ -432,7 +432,16 @@ impl PgStore {
                 Some((a, out))
             });
             if let Some((a, out)) = applied {
-                stored.push((i, crate::storage::to_record(out.clone())?));
+                let record = match crate::storage::to_record(out.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The books hold changes that will not be written: forget them, or
+                        // the next group on them would write those changes too.
+                        lease.forget();
+                        return Err(e);
+                    }
+                };
+                stored.push((i, record));
                 answers.push(Some(Ok(Applied::fresh(out))));
                 used.insert(a);
             } else {
