@@ -237,13 +237,17 @@ fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
         .max_age(GRPC_WEB_PREFLIGHT_MAX_AGE)
 }
 
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 /// The adaptive concurrency limit's default latency target: 20 ms on PostgreSQL, whose group
 /// commit reaches its peak at about 17 ms a call (64 clients, `scripts/bench.sh`), and 250 ms
 /// on SQLite, whose single writer reaches its peak only with a deeper queue (about 150 ms a
 /// pair at 64 clients): a tighter target there would cut the peak itself.
 #[must_use]
 pub fn overload_latency_target(database_url: &str) -> Duration {
-    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+    if is_postgres_url(database_url) {
         Duration::from_millis(20)
     } else {
         Duration::from_millis(250)
@@ -286,7 +290,7 @@ pub async fn open_store_tuned(
     migrate: bool,
     group: Batching,
 ) -> Result<Engine, StorageError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres_url(url) {
         let store = PgStore::connect_with(url, max_connections, policy, group).await?;
         if migrate {
             store.migrate().await?;

@@ -156,7 +156,7 @@ fn retryable(s: &Status) -> bool {
 }
 
 /// A random duration in `0..=max` (full jitter), from the OS generator behind UUIDv4.
-fn jitter(max: Duration) -> Duration {
+pub(crate) fn jitter(max: Duration) -> Duration {
     let bits = uuid::Uuid::new_v4().as_u128();
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
     if nanos == 0 {

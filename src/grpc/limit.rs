@@ -48,8 +48,6 @@ struct Window {
     full: bool,
     /// The retry delay the last window's refusals call for.
     retry: Duration,
-    /// xorshift state for the jitter.
-    seed: u64,
 }
 
 /// A call in flight; dropping it ends it (its latency is measured then).
@@ -83,7 +81,6 @@ impl AdaptiveLimit {
                 refused: 0,
                 full: false,
                 retry: BASE_RETRY,
-                seed: 0x9E37_79B9_7F4A_7C15,
             }),
         }
     }
@@ -103,7 +100,9 @@ impl AdaptiveLimit {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         if refusable && before >= limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.record(None, true));
+            // 0.5x to 1.5x of the delay.
+            let retry = self.record(None, true);
+            return Err(retry / 2 + crate::client::jitter(retry));
         }
         if before + 1 >= limit {
             self.lock().full = true;
@@ -121,7 +120,7 @@ impl AdaptiveLimit {
     }
 
     /// Records an ended call's latency or a refusal, moves the limit when a window closed,
-    /// and returns the (jittered) retry delay.
+    /// and returns the retry delay a refusal now carries (before jitter).
     fn record(&self, latency: Option<Duration>, refused: bool) -> Duration {
         let mut w = self.lock();
         if let Some(l) = latency {
@@ -160,16 +159,7 @@ impl AdaptiveLimit {
             w.refused = 0;
             w.full = false;
         }
-        if !refused {
-            return w.retry;
-        }
-        w.seed ^= w.seed << 13;
-        w.seed ^= w.seed >> 7;
-        w.seed ^= w.seed << 17;
-        // 0.5x to 1.5x.
-        #[allow(clippy::cast_precision_loss)]
-        let jitter = 0.5 + (w.seed % 1000) as f64 / 1000.0;
-        w.retry.mul_f64(jitter)
+        w.retry
     }
 }
 

@@ -99,10 +99,11 @@ impl BookCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The account of an open hold of a kept book.
+    /// The accounts of open holds of kept books, in the order asked (one lock for a group).
     #[must_use]
-    pub fn hold_account(&self, hold: &str) -> Option<String> {
-        self.lock().holds.get(hold).cloned()
+    pub fn hold_accounts(&self, holds: &[&str]) -> Vec<Option<String>> {
+        let inner = self.lock();
+        holds.iter().map(|h| inner.holds.get(*h).cloned()).collect()
     }
 
     /// Takes `accounts` out on a lease, with the books kept for them, once none of them is

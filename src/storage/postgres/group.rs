@@ -16,7 +16,7 @@
 //! version ([`write_statement`], checked): one round trip for a group whose accounts are kept.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -312,11 +312,8 @@ impl PgStore {
                 })?;
                 found.insert((col(row, "s1")?, col(row, "s2")?), (print, col(row, "s3")?));
             } else if k == b'a' {
-                now = Some(col(row, "t1")?);
                 stale |= col::<i32>(row, "n")? == 0;
-                let (book, version) = account_from(row)?;
-                versions.insert(book.account_id.clone(), version);
-                books.insert(book.account_id.clone(), book);
+                now = Some(take_account(row, &mut books, &mut versions)?);
             }
         }
 
@@ -508,17 +505,21 @@ impl PgStore {
         jobs: &[&Job],
     ) -> StorageResult<(Lease<'_>, HashMap<String, String>, DateTime<Utc>)> {
         let mut accounts: Vec<&str> = Vec::new();
-        let mut unknown: Vec<&str> = Vec::new();
-        let mut hold_account: HashMap<String, String> = HashMap::new();
+        let mut holds: Vec<&str> = Vec::new();
         for j in jobs {
             match j.cmd.target() {
                 Target::Account { id, .. } | Target::PlanSwitch(id) => accounts.push(id),
-                Target::Hold(h) => match self.books.hold_account(h) {
-                    Some(a) => {
-                        hold_account.insert(h.to_owned(), a);
-                    }
-                    None => unknown.push(h),
-                },
+                Target::Hold(h) => holds.push(h),
+            }
+        }
+        let mut unknown: Vec<&str> = Vec::new();
+        let mut hold_account: HashMap<String, String> = HashMap::new();
+        for (h, a) in holds.iter().zip(self.books.hold_accounts(&holds)) {
+            match a {
+                Some(a) => {
+                    hold_account.insert((*h).to_owned(), a);
+                }
+                None => unknown.push(h),
             }
         }
         accounts.extend(hold_account.values().map(String::as_str));
@@ -542,10 +543,7 @@ impl PgStore {
             let mut books: BTreeMap<String, Book> = BTreeMap::new();
             let mut versions: HashMap<String, i64> = HashMap::new();
             for row in rows.iter().filter(|r| kind(r) == b'a') {
-                now = Some(col(row, "t1")?);
-                let (book, version) = account_from(row)?;
-                versions.insert(book.account_id.clone(), version);
-                books.insert(book.account_id.clone(), book);
+                now = Some(take_account(row, &mut books, &mut versions)?);
             }
             place_loaded(&mut books, &rows)?;
             for (id, book) in books {
@@ -678,14 +676,21 @@ fn records_of<'a>(jobs: &[&'a Job], stored: &'a mut [(usize, String)]) -> Respon
 }
 
 /// An account row of a load ('a': id, plan, allowance period in `s1..s3`; available, held,
-/// debt, version in `i1..i4`) as an empty book, and its version.
-fn account_from(row: &sqlx::postgres::PgRow) -> StorageResult<(Book, i64)> {
+/// debt, version in `i1..i4`; the statement's clock in `t1`): its book, empty of grants and
+/// holds, goes into `books` and its version into `versions`. Returns the clock.
+fn take_account(
+    row: &sqlx::postgres::PgRow,
+    books: &mut BTreeMap<String, Book>,
+    versions: &mut HashMap<String, i64>,
+) -> StorageResult<DateTime<Utc>> {
     let mut book = Book::new(col(row, "s1")?, col(row, "s2")?);
     book.allowance_period = col(row, "s3")?;
     book.available = col(row, "i1")?;
     book.held = col(row, "i2")?;
     book.debt = col(row, "i3")?;
-    Ok((book, col(row, "i4")?))
+    versions.insert(book.account_id.clone(), col(row, "i4")?);
+    books.insert(book.account_id.clone(), book);
+    col(row, "t1")
 }
 
 /// The books of accounts `$1` and of the accounts of holds `$2`, read without locks in one
@@ -1087,12 +1092,11 @@ struct Responses<'a> {
 /// built once and kept: its text is what each connection's statement cache keys on (at most
 /// 2 × 2^8 shapes; a few in practice).
 fn write_statement(checked: bool, present: [bool; 8]) -> &'static str {
-    type Shapes = HashMap<(bool, [bool; 8]), &'static str>;
-    static SHAPES: LazyLock<std::sync::Mutex<Shapes>> = LazyLock::new(std::sync::Mutex::default);
-    let mut shapes = SHAPES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    shapes.entry((checked, present)).or_insert_with(|| {
+    static SHAPES: [OnceLock<String>; 512] = [const { OnceLock::new() }; 512];
+    let shape = present.iter().fold(usize::from(checked), |bits, &here| {
+        (bits << 1) | usize::from(here)
+    });
+    SHAPES[shape].get_or_init(|| {
         let parts: [(&str, &str); 8] = [
             ("new_grants", INSERT_BUCKETS),
             ("new_holds", INSERT_HOLDS),
@@ -1123,7 +1127,7 @@ fn write_statement(checked: bool, present: [bool; 8]) -> &'static str {
                 INSERT_RECORDS
             },
         ));
-        Box::leak(chain(&chosen).into_boxed_str())
+        chain(&chosen)
     })
 }
 
