@@ -19,6 +19,7 @@ pub mod plan;
 pub mod pricing;
 pub mod rules;
 pub mod text;
+pub mod webhook;
 
 pub use amount::{Credits, MAX_BALANCE};
 pub use error::{FieldViolation, LedgerError};
