@@ -26,6 +26,15 @@ use crate::storage::sqlite::SqliteStore;
 /// Largest header list a client may send: 16 KiB.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
+/// The outbound events' dispatcher and its endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct EventSettings {
+    /// How it delivers.
+    pub config: crate::events::Config,
+    /// Where (from the catalog, with their secrets).
+    pub targets: Vec<crate::events::Target>,
+}
+
 /// Everything `serve` needs, already validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -49,6 +58,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Plans, packs and prices.
     pub catalog: Arc<Catalog>,
+    /// Outbound events.
+    pub events: EventSettings,
     /// HTTP sidecar listen address (Stripe webhooks, /healthz, /readyz).
     pub http_listen: SocketAddr,
     /// Stripe webhook endpoint secrets (at most two, for rotation). Never logged.
@@ -481,6 +492,14 @@ impl App {
                     .await;
             })
         };
+        let dispatcher = {
+            let d = crate::events::Dispatcher::new(
+                store.clone(),
+                settings.events.targets.clone(),
+                settings.events.config.clone(),
+            );
+            tokio::spawn(d.run(until_stopped(stop_rx.clone())))
+        };
         let watcher = tokio::spawn(crate::health::watch(
             store.clone(),
             readiness.clone(),
@@ -601,6 +620,7 @@ impl App {
         stop_tx.send_replace(true);
         let _ = background.await;
         let _ = watcher.await;
+        let _ = dispatcher.await;
         let _ = audit.await;
         for (what, task) in [("HTTP sidecar", http), ("metrics listener", metrics_http)] {
             match tokio::time::timeout(grace, task).await {

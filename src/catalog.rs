@@ -110,7 +110,36 @@ pub struct Catalog {
     pub packs: BTreeMap<String, Pack>,
     /// Operations by name.
     pub pricing: BTreeMap<String, Operation>,
+    /// Outbound events: where they go.
+    pub events: Events,
 }
+
+/// The `[events]` table: endpoints that receive Tally's outbound events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    /// Endpoints by name.
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// `credits.expiring` is sent this long before a grant expires (default 7 days).
+    pub expiring_horizon: Option<Duration>,
+}
+
+/// An endpoint of `[events.endpoints.<name>]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Where events are POSTed (`https://`, or `http://` only for private addresses allowed
+    /// with `--events-allow-private`).
+    pub url: String,
+    /// Type filters (`credits.low_balance`, `credits.*`, `*`); empty: every type.
+    pub types: Vec<String>,
+    /// The environment variable holding its signing secret(s): `whsec_…`, two separated by a
+    /// space during a rotation. The secret itself is never in the catalog.
+    pub secret_env: String,
+}
+
+/// Most endpoints a catalog may name.
+pub const ENDPOINTS_MAX: usize = 16;
+/// Longest endpoint URL, in bytes.
+pub const ENDPOINT_URL_MAX: usize = 2048;
 
 // --- the file format -------------------------------------------------------------------------
 
@@ -186,7 +215,26 @@ struct RawOperation {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    url: String,
+    #[serde(default)]
+    types: Vec<String>,
+    secret_env: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    #[serde(default)]
+    endpoints: BTreeMap<String, RawEndpoint>,
+    expiring_horizon: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCatalog {
+    #[serde(default)]
+    events: RawEvents,
     signup_bonus: Option<RawBonus>,
     #[serde(default)]
     plans: BTreeMap<String, RawPlan>,
@@ -398,16 +446,103 @@ fn parse_pricing(
     Ok(pricing)
 }
 
+fn parse_events(raw: RawEvents) -> Result<Events, CatalogError> {
+    if raw.endpoints.len() > ENDPOINTS_MAX {
+        return Err(err(
+            "events.endpoints",
+            format!("at most {ENDPOINTS_MAX} endpoints"),
+        ));
+    }
+    let mut endpoints = BTreeMap::new();
+    for (name, e) in raw.endpoints {
+        let at = |f: &str| format!("events.endpoints.{name}.{f}");
+        if !name_ok(&name) {
+            return Err(err(
+                format!("events.endpoints.{name}"),
+                "names are 1..=64 of [a-z0-9_-]",
+            ));
+        }
+        let url = e.url.trim().to_owned();
+        if url.len() > ENDPOINT_URL_MAX {
+            return Err(err(
+                at("url"),
+                format!("longer than {ENDPOINT_URL_MAX} bytes"),
+            ));
+        }
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| err(at("url"), format!("not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
+            return Err(err(
+                at("url"),
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        for f in &e.types {
+            crate::domain::event::check_filter(f).map_err(|r| err(at("types"), r))?;
+        }
+        let env_ok = !e.secret_env.is_empty()
+            && e.secret_env.len() <= 128
+            && e.secret_env
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !env_ok {
+            return Err(err(
+                at("secret_env"),
+                "the name of an environment variable ([A-Z0-9_], up to 128)",
+            ));
+        }
+        endpoints.insert(
+            name,
+            Endpoint {
+                url,
+                types: e.types,
+                secret_env: e.secret_env,
+            },
+        );
+    }
+    let expiring_horizon = lifetime("events.expiring_horizon", raw.expiring_horizon.as_ref())?;
+    if expiring_horizon.is_some_and(|h| h > Duration::from_secs(366 * 86_400)) {
+        return Err(err("events.expiring_horizon", "at most 366 days"));
+    }
+    Ok(Events {
+        endpoints,
+        expiring_horizon,
+    })
+}
+
 impl Catalog {
-    /// The plans' allowances, for storage.
+    /// The plans' allowances and the events' rules, for storage.
     #[must_use]
     pub fn policy(&self) -> crate::domain::plan::Policy {
+        use crate::domain::event::{EXPIRING_HORIZON_DEFAULT, EventRules, Subscriber};
         crate::domain::plan::Policy {
             allowances: self
                 .plans
                 .iter()
                 .filter_map(|(name, p)| p.allowance.clone().map(|a| (name.clone(), a)))
                 .collect(),
+            events: EventRules {
+                subscribers: self
+                    .events
+                    .endpoints
+                    .iter()
+                    .map(|(name, e)| Subscriber {
+                        name: name.clone(),
+                        types: e.types.clone(),
+                    })
+                    .collect(),
+                low_balance: self
+                    .plans
+                    .iter()
+                    .map(|(name, p)| (name.clone(), p.low_balance_threshold))
+                    .collect(),
+                expiring_horizon: self
+                    .events
+                    .expiring_horizon
+                    .and_then(|h| chrono::TimeDelta::from_std(h).ok())
+                    .unwrap_or(EXPIRING_HORIZON_DEFAULT),
+            },
         }
     }
 
@@ -458,11 +593,13 @@ impl Catalog {
         }
         let packs = parse_packs(raw.packs)?;
         let pricing = parse_pricing(raw.pricing)?;
+        let events = parse_events(raw.events)?;
         Ok(Self {
             signup_bonus,
             plans,
             packs,
             pricing,
+            events,
         })
     }
 }
@@ -527,5 +664,25 @@ mod tests {
             "pricing.op.multipliers.res.8k",
         );
         bad("[plans.free]\nsurprise = 1\n", "(file)");
+        let ep = |body: &str| format!("[plans.free]\n[events.endpoints.app]\n{body}\n");
+        bad(
+            &ep("url = \"ftp://x\"\nsecret_env = \"S\""),
+            "events.endpoints.app.url",
+        );
+        bad(
+            &ep("url = \"https://x\"\nsecret_env = \"S\"\ntypes = [\"credits.nope\"]"),
+            "events.endpoints.app.types",
+        );
+        bad(
+            &ep("url = \"https://x\"\nsecret_env = \"whsec_x\""),
+            "secret_env",
+        );
+        let ok = Catalog::parse(&ep(
+            "url = \"https://app.example/hooks\"\nsecret_env = \"APP_SECRET\"\ntypes = [\"credits.*\"]",
+        ))
+        .unwrap();
+        let rules = ok.policy().events;
+        assert!(rules.enabled());
+        assert_eq!(rules.subscribers[0].types, ["credits.*"]);
     }
 }

@@ -44,6 +44,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod http;

@@ -194,6 +194,66 @@ pub enum Command {
         #[command(subcommand)]
         action: AccountCommand,
     },
+    /// Outbound events: deliveries, redelivery, endpoints.
+    Events {
+        #[command(subcommand)]
+        action: EventsCommand,
+    },
+}
+
+/// `tally events ...`.
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Deliveries, newest first (one per event and endpoint).
+    List {
+        /// Only this account's.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only this type (credits.low_balance, ...).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Only this state: pending, delivered or failed.
+        #[arg(long, value_parser = ["pending", "delivered", "failed"])]
+        state: Option<String>,
+        /// Only this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Most deliveries to show (the CLI follows pages up to this).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One event's deliveries, with the body sent.
+    Show {
+        /// The event id (webhook-id, evt_...).
+        event_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Queue an event again (same webhook-id), to every endpoint or one.
+    Redeliver {
+        /// The event id.
+        event_id: String,
+        /// Only to this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The configured endpoints, and whether a 410 Gone disabled them.
+    Endpoints {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Enable an endpoint a 410 Gone disabled.
+    Enable {
+        /// The endpoint's name.
+        endpoint: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// `tally account ...`
@@ -343,6 +403,7 @@ pub enum CatalogCommand {
 }
 
 mod accounts;
+mod events;
 mod jobs;
 mod local;
 mod remote;
@@ -362,6 +423,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Account { .. } | Command::Entries { .. } | Command::Export { .. } => {
             accounts::run(command).await
         }
+        Command::Events { action } => events::run(action).await,
         command => jobs::run(command).await,
     }
 }

@@ -171,6 +171,35 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls.
     #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Outbound events: the delay before each attempt (the first is the first attempt's);
+    /// after the last one fails, the event is failed. Each delay is spread by ±20 %.
+    #[arg(
+        long,
+        env = "TALLY_EVENTS_RETRY_SCHEDULE",
+        default_value = "0s,5s,5m,30m,2h,5h,10h,10h"
+    )]
+    pub events_retry_schedule: String,
+    /// Outbound events: one attempt's limit (connect, send, answer), 1s..=60s.
+    #[arg(long, env = "TALLY_EVENTS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub events_timeout: Duration,
+    /// Outbound events: allow endpoints on loopback and private addresses (refused by default:
+    /// SSRF). For tests and in-cluster receivers.
+    #[arg(long, env = "TALLY_EVENTS_ALLOW_PRIVATE")]
+    pub events_allow_private: bool,
+    /// Outbound events: delivered and failed events are deleted this long after their last
+    /// attempt (1h..=3650days).
+    #[arg(long, env = "TALLY_EVENTS_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub events_retention: Duration,
+    /// Outbound events: how often an idle dispatcher looks for due events (10ms..=10s).
+    #[arg(long, env = "TALLY_EVENTS_POLL_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub events_poll_interval: Duration,
+    /// Outbound events: requests in flight at once.
+    #[arg(long, env = "TALLY_EVENTS_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub events_concurrency: u32,
+    /// Outbound events: how often `credits.expiring`, retention and the outbox gauges run
+    /// (100ms..=1h).
+    #[arg(long, env = "TALLY_EVENTS_HOUSEKEEPING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub events_housekeeping_interval: Duration,
 }
 
 /// Longest hold TTL the server may be configured with.
@@ -294,6 +323,82 @@ impl ServeArgs {
         Ok(auth)
     }
 
+    /// The events dispatcher's settings and endpoints (secrets from the environment variables
+    /// the catalog names).
+    fn events(&self, catalog: &Catalog) -> Result<crate::app::EventSettings, String> {
+        let between = |flag: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d < lo || d > hi {
+                Err(format!("{flag}: must be between {lo:?} and {hi:?}"))
+            } else {
+                Ok(d)
+            }
+        };
+        let config = crate::events::Config {
+            schedule: crate::events::parse_schedule(&self.events_retry_schedule)
+                .map_err(|e| format!("--events-retry-schedule: {e}"))?,
+            timeout: between(
+                "--events-timeout",
+                self.events_timeout,
+                Duration::from_secs(1),
+                Duration::from_mins(1),
+            )?,
+            allow_private: self.events_allow_private,
+            retention: delta(
+                "--events-retention",
+                between(
+                    "--events-retention",
+                    self.events_retention,
+                    Duration::from_hours(1),
+                    Duration::from_hours(3650 * 24),
+                )?,
+            )?,
+            poll: between(
+                "--events-poll-interval",
+                self.events_poll_interval,
+                Duration::from_millis(10),
+                Duration::from_secs(10),
+            )?,
+            concurrency: self.events_concurrency as usize,
+            housekeeping: between(
+                "--events-housekeeping-interval",
+                self.events_housekeeping_interval,
+                Duration::from_millis(100),
+                Duration::from_hours(1),
+            )?,
+        };
+        let mut targets = Vec::new();
+        for (name, e) in &catalog.events.endpoints {
+            let url: http::Uri = e
+                .url
+                .parse()
+                .map_err(|err| format!("--catalog: events.endpoints.{name}.url: {err}"))?;
+            crate::events::check_target(name, &url, self.events_allow_private)?;
+            let raw = std::env::var(&e.secret_env).map_err(|_| {
+                format!(
+                    "events endpoint {name}: the environment variable {} (its signing secret, whsec_…) is not set",
+                    e.secret_env
+                )
+            })?;
+            let secrets = raw
+                .split_whitespace()
+                .map(crate::domain::webhook::Secret::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| format!("events endpoint {name}: {}: {err}", e.secret_env))?;
+            if secrets.is_empty() || secrets.len() > 2 {
+                return Err(format!(
+                    "events endpoint {name}: {} holds one secret, or two (space-separated) during a rotation",
+                    e.secret_env
+                ));
+            }
+            targets.push(crate::events::Target {
+                name: name.clone(),
+                url,
+                secrets,
+            });
+        }
+        Ok(crate::app::EventSettings { config, targets })
+    }
+
     /// Validates the options into [`Settings`].
     ///
     /// # Errors
@@ -371,6 +476,7 @@ impl ServeArgs {
             readiness_interval: self.readiness_interval,
             auto_migrate: self.auto_migrate,
             tls: self.tls()?,
+            events: self.events(&catalog)?,
             catalog: std::sync::Arc::new(catalog),
         })
     }

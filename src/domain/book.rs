@@ -324,6 +324,11 @@ pub struct Piece {
 pub trait Ids {
     /// A new grant id.
     fn grant_id(&mut self) -> String;
+    /// A new event id (the `webhook-id`): by default derived from a new grant id.
+    fn event_id(&mut self) -> String {
+        let g = self.grant_id();
+        format!("evt_{}", g.strip_prefix("grt_").unwrap_or(&g))
+    }
 }
 
 /// One account's state as an operation sees it.
@@ -352,6 +357,11 @@ pub struct Book {
     pub entries: Vec<NewEntry>,
     /// What this operation changed.
     pub dirty: Dirty,
+    /// This operation created the account (`account.opened`).
+    pub opened: bool,
+    /// The business fact (a purchase's or an invoice's key) this operation books, named in
+    /// its events.
+    pub fact: Option<String>,
 }
 
 type Res<T> = Result<T, LedgerError>;
@@ -372,6 +382,8 @@ impl Book {
             draws: BTreeMap::new(),
             entries: Vec::new(),
             dirty: Dirty::default(),
+            opened: false,
+            fact: None,
         }
     }
 
@@ -386,6 +398,8 @@ impl Book {
         // holds.
         self.entries = Vec::new();
         self.dirty = Dirty::default();
+        self.opened = false;
+        self.fact = None;
         self.holds.retain(|_, h| h.state == HoldState::Open);
         if self.holds.is_empty() {
             self.holds = BTreeMap::new();
@@ -1301,6 +1315,7 @@ mod plan_switch_tests {
             ]
             .into_iter()
             .collect(),
+            ..Policy::default()
         }
     }
 

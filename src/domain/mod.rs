@@ -10,6 +10,7 @@ pub mod amount;
 pub mod book;
 pub mod command;
 pub mod error;
+pub mod event;
 pub mod hold;
 pub mod ids;
 pub mod model;

@@ -41,6 +41,8 @@ pub const DEFAULT_PLAN: &str = "free";
 pub struct Policy {
     /// Plan name → its allowance (plans without one are absent).
     pub allowances: std::collections::BTreeMap<String, Allowance>,
+    /// Which outbound events changes make, and for which endpoints.
+    pub events: super::event::EventRules,
 }
 
 impl Policy {

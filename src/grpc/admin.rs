@@ -188,6 +188,121 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
+    #[instrument(name = "tally.v1.AdminService/ListEventDeliveries", skip_all)]
+    async fn list_event_deliveries(
+        &self,
+        req: Request<pb::ListEventDeliveriesRequest>,
+    ) -> Reply<pb::ListEventDeliveriesResponse> {
+        if req.get_ref().account_id.is_empty() {
+            allow_all_accounts(&req)?;
+        } else {
+            allow_account(&req, &req.get_ref().account_id)?;
+        }
+        let r = req.get_ref();
+        let query = convert::list_events(r)?;
+        let rows = self.ledger.list_events(&query).await?;
+        let full = u32::try_from(rows.len()).is_ok_and(|n| n == query.limit);
+        let next_page_token = match rows.last() {
+            Some(last) if full => {
+                convert::page_token(&convert::events_binding(r), &last.seq.to_string())
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEventDeliveriesResponse {
+            deliveries: rows.into_iter().map(convert::event_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/RedeliverEvent", skip_all, fields(event_id = %req.get_ref().event_id))]
+    async fn redeliver_event(
+        &self,
+        req: Request<pb::RedeliverEventRequest>,
+    ) -> Reply<pb::RedeliverEventResponse> {
+        allow_all_accounts(&req)?;
+        let (id, endpoint) = convert::redeliver(req.get_ref())?;
+        let queued = self
+            .ledger
+            .redeliver_event(&id, endpoint.as_deref())
+            .await?;
+        if queued == 0 {
+            return Err(
+                crate::ledger::ServiceError::from(crate::domain::FieldViolation::new(
+                    "event_id",
+                    "no delivery has this id",
+                ))
+                .into(),
+            );
+        }
+        Ok(Response::new(pb::RedeliverEventResponse {
+            queued: i32::try_from(queued).unwrap_or(i32::MAX),
+        }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/ListEventEndpoints", skip_all)]
+    async fn list_event_endpoints(
+        &self,
+        req: Request<pb::ListEventEndpointsRequest>,
+    ) -> Reply<pb::ListEventEndpointsResponse> {
+        allow_all_accounts(&req)?;
+        let disabled = self.ledger.disabled_endpoints().await?;
+        let endpoints = self
+            .catalog
+            .events
+            .endpoints
+            .iter()
+            .map(|(name, e)| {
+                let off = disabled.iter().find(|(n, ..)| n == name);
+                let origin = e
+                    .url
+                    .parse::<http::Uri>()
+                    .ok()
+                    .map(|u| {
+                        format!(
+                            "{}://{}",
+                            u.scheme_str().unwrap_or("https"),
+                            u.authority().map(|a| a.as_str()).unwrap_or_default()
+                        )
+                    })
+                    .unwrap_or_default();
+                pb::EventEndpoint {
+                    name: name.clone(),
+                    origin,
+                    types: e.types.clone(),
+                    disabled: off.is_some(),
+                    disabled_at: off.map(|(_, t, _)| prost_types::Timestamp {
+                        seconds: t.timestamp(),
+                        nanos: 0,
+                    }),
+                    disabled_reason: off.map(|(.., r)| r.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListEventEndpointsResponse { endpoints }))
+    }
+
+    #[instrument(name = "tally.v1.AdminService/EnableEventEndpoint", skip_all)]
+    async fn enable_event_endpoint(
+        &self,
+        req: Request<pb::EnableEventEndpointRequest>,
+    ) -> Reply<pb::EnableEventEndpointResponse> {
+        allow_all_accounts(&req)?;
+        let name = &req.get_ref().name;
+        if !self.catalog.events.endpoints.contains_key(name) {
+            return Err(
+                crate::ledger::ServiceError::from(crate::domain::FieldViolation::new(
+                    "name",
+                    "the catalog names no such endpoint",
+                ))
+                .into(),
+            );
+        }
+        let was_disabled = self.ledger.enable_endpoint(name).await?;
+        Ok(Response::new(pb::EnableEventEndpointResponse {
+            was_disabled,
+        }))
+    }
+
     #[instrument(name = "tally.v1.AdminService/OpenAccount", skip_all, fields(account_id = %req.get_ref().account_id))]
     async fn open_account(
         &self,

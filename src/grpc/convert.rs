@@ -17,7 +17,7 @@ use crate::domain::rules::EntryKind;
 use crate::domain::{
     AccountId, Credits, FieldViolation, Hold, HoldId, HoldState, IdempotencyKey, Metadata,
 };
-use crate::ledger::{AccountQuery, EntryCursor, EntryQuery, HoldQuery};
+use crate::ledger::{AccountQuery, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery};
 use crate::ledger::{Limits, ServiceError, new_hold_id};
 use crate::pb;
 
@@ -938,4 +938,125 @@ mod tests {
             (EntryKind::ALL.len(), Source::ALL.len())
         );
     }
+}
+
+/// Longest event id, endpoint name or type accepted in an event filter: 128 bytes.
+pub const EVENT_FIELD_MAX: usize = 128;
+
+fn event_field(c: &mut Check, field: &'static str, v: &str) -> Option<String> {
+    if v.is_empty() {
+        return None;
+    }
+    if v.len() > EVENT_FIELD_MAX || v.chars().any(char::is_control) {
+        c.0.push(FieldViolation::new(
+            field,
+            "must be at most 128 bytes without control characters",
+        ));
+        return None;
+    }
+    Some(v.to_owned())
+}
+
+/// The binding of an event listing.
+#[must_use]
+pub fn events_binding(r: &pb::ListEventDeliveriesRequest) -> String {
+    format!(
+        "events|{}|{}|{}|{}|{}",
+        hex::encode(&r.account_id),
+        hex::encode(&r.r#type),
+        r.state,
+        hex::encode(&r.endpoint),
+        hex::encode(&r.event_id)
+    )
+}
+
+/// Parses a ListEventDeliveries request.
+pub fn list_events(r: &pb::ListEventDeliveriesRequest) -> Result<EventQuery, ServiceError> {
+    use crate::domain::event::{DeliveryState, EventType};
+    let mut c = Check::default();
+    let account_id = event_field(&mut c, "account_id", &r.account_id);
+    let kind = event_field(&mut c, "type", &r.r#type);
+    if let Some(k) = &kind
+        && EventType::parse(k).is_none()
+    {
+        c.0.push(FieldViolation::new("type", "is not an event type"));
+    }
+    let state = match pb::EventDeliveryState::try_from(r.state) {
+        Ok(pb::EventDeliveryState::Unspecified) => None,
+        Ok(pb::EventDeliveryState::Pending) => Some(DeliveryState::Pending),
+        Ok(pb::EventDeliveryState::Delivered) => Some(DeliveryState::Delivered),
+        Ok(pb::EventDeliveryState::Failed) => Some(DeliveryState::Failed),
+        Err(_) => {
+            c.0.push(FieldViolation::new("state", "is not a delivery state"));
+            None
+        }
+    };
+    let endpoint = event_field(&mut c, "endpoint", &r.endpoint);
+    let event_id = event_field(&mut c, "event_id", &r.event_id);
+    let limit = page_size(&mut c, r.page_size);
+    let mut decoded = String::new();
+    let before = match token_position(&events_binding(r), &r.page_token, &mut decoded) {
+        Ok(p) => p
+            .map(|p| {
+                p.parse::<i64>().map_err(|_| {
+                    FieldViolation::new("page_token", "is not a token from this listing")
+                })
+            })
+            .transpose()
+            .map_err(|v| c.0.push(v))
+            .ok()
+            .flatten(),
+        Err(ServiceError::Invalid(v)) => {
+            c.0.extend(v);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let query = limit.map(|limit| EventQuery {
+        account_id,
+        kind,
+        state,
+        endpoint,
+        event_id,
+        before,
+        limit,
+    });
+    c.done(query)
+}
+
+/// An outbox row as the API shows it.
+#[must_use]
+pub fn event_to_pb(e: EventRow) -> pb::EventDelivery {
+    use crate::domain::event::DeliveryState;
+    pb::EventDelivery {
+        event_id: e.event_id,
+        endpoint: e.endpoint,
+        account_id: e.account_id,
+        r#type: e.kind,
+        state: match e.state {
+            DeliveryState::Pending => pb::EventDeliveryState::Pending,
+            DeliveryState::Delivered => pb::EventDeliveryState::Delivered,
+            DeliveryState::Failed => pb::EventDeliveryState::Failed,
+        }
+        .into(),
+        attempts: i32::try_from(e.attempts).unwrap_or(i32::MAX),
+        created_at: Some(ts(e.created_at)),
+        next_attempt_at: (e.state == DeliveryState::Pending).then(|| ts(e.next_attempt_at)),
+        last_attempt_at: e.last_attempt_at.map(ts),
+        last_status: e.last_status.unwrap_or(0),
+        last_error: e.last_error.unwrap_or_default(),
+        delivered_at: e.delivered_at.map(ts),
+        body: e.body,
+    }
+}
+
+/// Parses a RedeliverEvent request: the event id and the endpoint, if one.
+pub fn redeliver(r: &pb::RedeliverEventRequest) -> Result<(String, Option<String>), ServiceError> {
+    let mut c = Check::default();
+    let id = event_field(&mut c, "event_id", &r.event_id);
+    if id.is_none() && c.0.is_empty() {
+        c.0.push(FieldViolation::new("event_id", "is required"));
+    }
+    let endpoint = event_field(&mut c, "endpoint", &r.endpoint);
+    c.done(id.map(|id| (id, endpoint)))
 }

@@ -65,7 +65,8 @@ impl Engine {
         Ok(Self { backend, batcher })
     }
 
-    fn policy(&self) -> &Policy {
+    /// The plans' allowances and the events' rules.
+    pub fn policy(&self) -> &Policy {
         self.backend.policy()
     }
 

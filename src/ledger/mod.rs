@@ -12,7 +12,8 @@ pub mod stripe;
 
 /// The page requests and rows of the reads, as the transports build and show them.
 pub use crate::storage::{
-    AccountQuery, AccountRow, EntryCursor, EntryQuery, HoldQuery, StoreStats, Violation,
+    AccountQuery, AccountRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, StoreStats,
+    Violation,
 };
 pub use engine::Engine;
 
@@ -334,6 +335,32 @@ impl Ledger {
     /// A page of entries.
     pub async fn list_entries(&self, query: &EntryQuery) -> ServiceResult<Vec<EntryRecord>> {
         with_retry(|| self.engine.list_entries(query)).await
+    }
+
+    /// A page of outbound event deliveries.
+    pub async fn list_events(&self, query: &EventQuery) -> ServiceResult<Vec<EventRow>> {
+        with_retry(|| self.engine.list_events(query)).await
+    }
+
+    /// Queues an event again; the deliveries queued.
+    pub async fn redeliver_event(
+        &self,
+        event_id: &str,
+        endpoint: Option<&str>,
+    ) -> ServiceResult<u64> {
+        with_retry(|| self.engine.redeliver_event(event_id, endpoint)).await
+    }
+
+    /// Endpoints a 410 Gone disabled: name, when, why.
+    pub async fn disabled_endpoints(
+        &self,
+    ) -> ServiceResult<Vec<(String, chrono::DateTime<chrono::Utc>, String)>> {
+        with_retry(|| self.engine.disabled_endpoints()).await
+    }
+
+    /// Enables a disabled endpoint; false if it was not disabled.
+    pub async fn enable_endpoint(&self, name: &str) -> ServiceResult<bool> {
+        with_retry(|| self.engine.enable_endpoint(name)).await
     }
 
     /// Records a verified Stripe event and applies its effect, once.

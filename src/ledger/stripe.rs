@@ -23,10 +23,20 @@ async fn account_for(
         return Ok(Some(a));
     }
     let Some(account) = hint else { return Ok(None) };
-    tx.lock_book(account, Some(crate::domain::DEFAULT_PLAN), now)
-        .await?;
+    open_if_new(tx, account, now).await?;
     tx.link(account, customer, now).await?;
     Ok(Some(account.to_owned()))
+}
+
+/// Creates the account if it does not exist (then writes its `account.opened`).
+async fn open_if_new(tx: &mut dyn Tx, account: &str, now: DateTime<Utc>) -> StorageResult<()> {
+    if let Some((book, true)) = tx
+        .lock_book(account, Some(crate::domain::DEFAULT_PLAN), now)
+        .await?
+    {
+        tx.write(&book, now).await?;
+    }
+    Ok(())
 }
 
 /// A grant the books make for a business fact.
@@ -47,6 +57,7 @@ async fn book_fact(
     grant: Option<FactGrant<'_>>,
     claw: i64,
     reason: &str,
+    fact: Option<&str>,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> StorageResult<Option<String>> {
@@ -67,6 +78,7 @@ async fn book_fact(
         None => None,
     };
     let granted = book.book_decision(booked, claw, reason, now, &mut RandomIds)?;
+    book.fact = fact.map(str::to_owned);
     tx.write(&book, now).await?;
     if let (Some(id), Some(g)) = (&granted, &grant) {
         tx.tag_grant(id, g.business_key).await?;
@@ -193,7 +205,17 @@ async fn apply_payment_fact(
                 .and_then(|g| g.expires_in)
                 .and_then(|t| now.checked_add_signed(t)),
         });
-        let id = book_fact(tx, &account, fact_grant, decision.claw, reason, policy, now).await?;
+        let id = book_fact(
+            tx,
+            &account,
+            fact_grant,
+            decision.claw,
+            reason,
+            Some(&key).filter(|k| !k.is_empty()).map(String::as_str),
+            policy,
+            now,
+        )
+        .await?;
         if let Some(p) = payment.purchase.as_mut()
             && id.is_some()
         {
@@ -207,6 +229,12 @@ async fn apply_payment_fact(
         && before.purchase.as_ref() != Some(p)
     {
         tx.put_purchase(p, now).await?;
+        let was = before.purchase.as_ref().map(|b| b.state);
+        if was != Some(p.state)
+            && let Some(e) = crate::domain::event::purchase(p, now, &mut RandomIds)
+        {
+            tx.emit(&[e]).await?;
+        }
     }
     for c in &payment.charges {
         if !before.charges.contains(c) {
@@ -234,11 +262,30 @@ async fn apply_subscription(
     let account = match (incoming, failed) {
         (Some(incoming), _) => {
             let mut stored = tx.subscription(&incoming.subscription_id).await?;
+            let seen = stored.as_ref().map(|s| {
+                (
+                    s.status.clone(),
+                    s.plan.clone(),
+                    s.period_end,
+                    s.cancel_at_period_end,
+                )
+            });
             if !Subscription::accept(&mut stored, incoming) {
                 return Ok(());
             }
             let Some(s) = stored else { return Ok(()) };
             tx.put_subscription(&s).await?;
+            // Only what a product shows changed: status, plan, period end, cancellation.
+            let now_seen = (
+                s.status.clone(),
+                s.plan.clone(),
+                s.period_end,
+                s.cancel_at_period_end,
+            );
+            if seen.as_ref() != Some(&now_seen) {
+                tx.emit(&[crate::domain::event::subscription(&s, now, &mut RandomIds)])
+                    .await?;
+            }
             s.account_id
         }
         (None, Some((id, as_of))) => {
@@ -249,6 +296,8 @@ async fn apply_subscription(
                 return Ok(());
             }
             tx.put_subscription(&s).await?;
+            tx.emit(&[crate::domain::event::subscription(&s, now, &mut RandomIds)])
+                .await?;
             s.account_id
         }
         (None, None) => return Ok(()),
@@ -309,8 +358,7 @@ pub(super) async fn record(
             account_id,
             customer,
         } => {
-            tx.lock_book(account_id.as_str(), Some(crate::domain::DEFAULT_PLAN), now)
-                .await?;
+            open_if_new(tx.as_mut(), account_id.as_str(), now).await?;
             tx.link(account_id.as_str(), customer, now).await?;
         }
         StripeEffect::Subscription(state) => {
@@ -361,8 +409,17 @@ pub(super) async fn record(
                     source: crate::domain::book::Source::Subscription,
                     expires_at: *expires_at,
                 };
-                let id =
-                    book_fact(tx.as_mut(), &account, Some(grant), 0, reason, policy, now).await?;
+                let id = book_fact(
+                    tx.as_mut(),
+                    &account,
+                    Some(grant),
+                    0,
+                    reason,
+                    Some(business_key),
+                    policy,
+                    now,
+                )
+                .await?;
                 tx.put_fact(
                     business_key,
                     Some(&account),

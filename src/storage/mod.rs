@@ -217,10 +217,169 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         account_id: &AccountId,
     ) -> StorageResult<Vec<crate::domain::payment::Subscription>>;
+    /// Leases up to `limit` deliveries that are due, for these endpoints (not disabled):
+    /// each the oldest pending row of its account and endpoint, not leased by anyone (or its
+    /// lease ran out). Leased rows are not leased again until `lease` has passed.
+    async fn lease_events(
+        &self,
+        endpoints: &[String],
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StorageResult<Vec<Delivery>>;
+    /// Stores what an attempt ended in, and ends the lease.
+    async fn end_attempt(&self, seq: i64, end: &AttemptEnd) -> StorageResult<()>;
+    /// A page of outbox rows, newest first.
+    async fn list_events(&self, query: &EventQuery) -> StorageResult<Vec<EventRow>>;
+    /// Queues an event again (every endpoint, or one): pending, attempts 0, due now. Returns
+    /// the rows queued.
+    async fn redeliver_event(&self, event_id: &str, endpoint: Option<&str>) -> StorageResult<u64>;
+    /// Endpoints a receiver disabled (410 Gone): name, when, why.
+    async fn disabled_endpoints(&self) -> StorageResult<Vec<(String, DateTime<Utc>, String)>>;
+    /// Enables a disabled endpoint; false if it was not disabled.
+    async fn enable_endpoint(&self, name: &str) -> StorageResult<bool>;
+    /// Deletes up to `limit` delivered or failed outbox rows whose last attempt is older than
+    /// `retention`.
+    async fn purge_events(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64>;
+    /// Pending and failed rows of these endpoints, and when the oldest pending was created.
+    async fn outbox_stats(&self, endpoints: &[String]) -> StorageResult<OutboxStats>;
+    /// Up to `limit` grants with credits left that expire within `horizon` and have no
+    /// `credits.expiring` event yet.
+    async fn expiring_grants(&self, horizon: TimeDelta, limit: u32) -> StorageResult<Vec<Grant>>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
     /// Gauges for metrics: open holds and the connection pool.
     async fn stats(&self) -> StorageResult<StoreStats>;
+}
+
+/// A delivery the dispatcher leased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The outbox row.
+    pub seq: i64,
+    /// The `webhook-id`.
+    pub event_id: String,
+    /// Where it goes.
+    pub endpoint: String,
+    /// The account it concerns.
+    pub account_id: String,
+    /// Its type.
+    pub kind: String,
+    /// The signed body.
+    pub body: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// When the change happened.
+    pub created_at: DateTime<Utc>,
+}
+
+/// What an attempt ended in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// A 2xx answer.
+    Delivered {
+        /// Its status.
+        status: u16,
+    },
+    /// Failed; try again at `at`.
+    Retry {
+        /// The next attempt.
+        at: DateTime<Utc>,
+        /// The answer's status, if one came.
+        status: Option<u16>,
+        /// What went wrong (never a secret).
+        error: String,
+    },
+    /// Failed, and the schedule is spent.
+    Failed {
+        /// The answer's status, if one came.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+    /// 410 Gone: the endpoint is disabled; the row stays pending, its attempt not counted.
+    EndpointGone {
+        /// The endpoint.
+        endpoint: String,
+    },
+}
+
+/// A page request over the outbox, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery {
+    /// Only this account's events.
+    pub account_id: Option<String>,
+    /// Only this type.
+    pub kind: Option<String>,
+    /// Only rows in this state.
+    pub state: Option<crate::domain::event::DeliveryState>,
+    /// Only this endpoint's rows.
+    pub endpoint: Option<String>,
+    /// Only this event.
+    pub event_id: Option<String>,
+    /// Rows older than this one.
+    pub before: Option<i64>,
+    /// Most rows to return.
+    pub limit: u32,
+}
+
+/// An outbox row as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRow {
+    /// The row.
+    pub seq: i64,
+    /// The `webhook-id`.
+    pub event_id: String,
+    /// Where it goes.
+    pub endpoint: String,
+    /// The account.
+    pub account_id: String,
+    /// Its type.
+    pub kind: String,
+    /// The body sent.
+    pub body: String,
+    /// Where it stands.
+    pub state: crate::domain::event::DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When the change happened.
+    pub created_at: DateTime<Utc>,
+    /// When it is tried next (pending rows).
+    pub next_attempt_at: DateTime<Utc>,
+    /// When it was last tried.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// The last answer's status.
+    pub last_status: Option<i32>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When a 2xx came.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// The outbox at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Rows not delivered yet.
+    pub pending: i64,
+    /// Rows whose schedule is spent.
+    pub failed: i64,
+    /// When the oldest pending row's change happened.
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+/// Parses a stored delivery state.
+pub(crate) fn delivery_state(s: &str) -> StorageResult<crate::domain::event::DeliveryState> {
+    crate::domain::event::DeliveryState::parse(s)
+        .ok_or_else(|| StorageError::Other(format!("unknown delivery state {s:?}")))
+}
+
+/// The (endpoint, event) rows an event makes under the policy: one per endpoint that wants it.
+pub(crate) fn outbox_rows<'a>(
+    policy: &'a Policy,
+    events: &'a [crate::domain::event::NewEvent],
+) -> impl Iterator<Item = (&'a str, &'a crate::domain::event::NewEvent)> + 'a {
+    events
+        .iter()
+        .flat_map(move |e| policy.events.endpoints_for(e.kind).map(move |n| (n, e)))
 }
 
 /// What `/metrics` reports about the store.
@@ -480,6 +639,10 @@ impl Ids for RandomIds {
     fn grant_id(&mut self) -> String {
         format!("grt_{}", uuid::Uuid::now_v7().simple())
     }
+
+    fn event_id(&mut self) -> String {
+        format!("evt_{}", uuid::Uuid::now_v7().simple())
+    }
 }
 
 /// The primitive steps of one write transaction; each backend implements them, and the
@@ -513,8 +676,12 @@ pub trait Tx: Send {
     /// Loads the book's grants of these allowance periods (a plan switch must see them), also
     /// those that hold nothing any more.
     async fn load_periods(&mut self, book: &mut Book, periods: &[String]) -> StorageResult<()>;
-    /// Writes what the book's operation changed.
+    /// Writes what the book's operation changed, and the events it makes
+    /// ([`crate::domain::event::of_book`]) into the outbox.
     async fn write(&mut self, book: &Book, now: DateTime<Utc>) -> StorageResult<()>;
+    /// Writes events into the outbox (a row per endpoint that wants each; a second event with
+    /// the same dedupe key is skipped).
+    async fn emit(&mut self, events: &[crate::domain::event::NewEvent]) -> StorageResult<()>;
     /// Serialises every Stripe effect (PostgreSQL: a transaction-scoped advisory lock;
     /// SQLite: its one writer already does). The lock exists whether or not any fact does, so
     /// no decision is made from an unlocked "not found".

@@ -22,10 +22,10 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use super::batch::{Answer, Batching, Job, JobSteps};
 
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
-    HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
-    kind_names, loaded_hold_ids, missing_grants, source, state_names, thresholds_json, to_record,
-    violation,
+    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Delivery,
+    EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
+    StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
+    missing_grants, source, state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
@@ -270,6 +270,7 @@ impl SqliteStore {
 struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
     _lock: OwnedMutexGuard<()>,
+    policy: Arc<Policy>,
 }
 
 #[async_trait]
@@ -364,6 +365,7 @@ impl Tx for SqliteTx {
         book.available = row.try_get("available").map_err(map_err)?;
         book.held = row.try_get("held").map_err(map_err)?;
         book.debt = row.try_get("debt").map_err(map_err)?;
+        book.opened = created;
         Ok(Some((book, created)))
     }
 
@@ -596,6 +598,28 @@ impl Tx for SqliteTx {
             .bind(now.timestamp_micros())
             .bind(book.debt)
             .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        let events = crate::domain::event::of_book(book, &self.policy.events, now, &mut RandomIds);
+        self.emit(&events).await
+    }
+
+    async fn emit(&mut self, events: &[crate::domain::event::NewEvent]) -> StorageResult<()> {
+        for (endpoint, e) in super::outbox_rows(&self.policy, events) {
+            sqlx::query(
+                "INSERT INTO event (event_id, endpoint, account_id, type, body, created_at, dedupe_key,
+                                    next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6) ON CONFLICT DO NOTHING",
+            )
+            .bind(&e.event_id)
+            .bind(endpoint)
+            .bind(&e.account_id)
+            .bind(e.kind.as_str())
+            .bind(&e.body)
+            .bind(e.created_at.timestamp_micros())
+            .bind(e.dedupe_key.as_deref())
+            .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;
         }
@@ -971,7 +995,11 @@ impl Backend for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err)?;
-        Ok(Box::new(SqliteTx { tx, _lock: lock }))
+        Ok(Box::new(SqliteTx {
+            tx,
+            _lock: lock,
+            policy: Arc::clone(&self.policy),
+        }))
     }
 
     async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
@@ -1293,6 +1321,243 @@ impl Backend for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(super::subscription_from_row).collect())
+    }
+
+    async fn lease_events(
+        &self,
+        endpoints: &[String],
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StorageResult<Vec<Delivery>> {
+        let now = now_micros();
+        let until = now.saturating_add(lease.num_microseconds().unwrap_or(i64::MAX));
+        let _writer = self.write_lock.lock().await;
+        let rows = sqlx::query(
+            "UPDATE event SET lease_until = ?2 WHERE seq IN (
+                 SELECT e.seq FROM event e
+                 WHERE e.state = 'pending' AND e.next_attempt_at <= ?1
+                   AND (e.lease_until IS NULL OR e.lease_until <= ?1)
+                   AND e.endpoint IN (SELECT value FROM json_each(?3))
+                   AND e.endpoint NOT IN (SELECT name FROM event_endpoint)
+                   AND NOT EXISTS (SELECT 1 FROM event p
+                                   WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
+                                     AND p.state = 'pending' AND p.seq < e.seq)
+                 ORDER BY e.seq LIMIT ?4)
+             RETURNING seq, event_id, endpoint, account_id, type, body, attempts, created_at",
+        )
+        .bind(now)
+        .bind(until)
+        .bind(serde_json::to_string(endpoints).map_err(StorageError::other)?)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(Delivery {
+                    seq: r.try_get("seq").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    endpoint: r.try_get("endpoint").map_err(map_err)?,
+                    account_id: r.try_get("account_id").map_err(map_err)?,
+                    kind: r.try_get("type").map_err(map_err)?,
+                    body: r.try_get("body").map_err(map_err)?,
+                    attempts: u32::try_from(r.try_get::<i64, _>("attempts").map_err(map_err)?)
+                        .unwrap_or(0),
+                    created_at: to_time(r.try_get("created_at").map_err(map_err)?)?,
+                })
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        out.sort_by_key(|d| d.seq);
+        Ok(out)
+    }
+
+    async fn end_attempt(&self, seq: i64, end: &AttemptEnd) -> StorageResult<()> {
+        let now = now_micros();
+        let _writer = self.write_lock.lock().await;
+        let q = match end {
+            AttemptEnd::Delivered { status } => sqlx::query(
+                "UPDATE event SET state = 'delivered', attempts = attempts + 1, lease_until = NULL,
+                                  last_attempt_at = ?2, delivered_at = ?2, last_status = ?3,
+                                  last_error = NULL
+                 WHERE seq = ?1",
+            )
+            .bind(seq)
+            .bind(now)
+            .bind(i64::from(*status)),
+            AttemptEnd::Retry { at, status, error } => sqlx::query(
+                "UPDATE event SET attempts = attempts + 1, lease_until = NULL, last_attempt_at = ?2,
+                                  next_attempt_at = ?3, last_status = ?4, last_error = ?5
+                 WHERE seq = ?1 AND state = 'pending'",
+            )
+            .bind(seq)
+            .bind(now)
+            .bind(at.timestamp_micros())
+            .bind(status.map(i64::from))
+            .bind(error),
+            AttemptEnd::Failed { status, error } => sqlx::query(
+                "UPDATE event SET state = 'failed', attempts = attempts + 1, lease_until = NULL,
+                                  last_attempt_at = ?2, last_status = ?3, last_error = ?4
+                 WHERE seq = ?1 AND state = 'pending'",
+            )
+            .bind(seq)
+            .bind(now)
+            .bind(status.map(i64::from))
+            .bind(error),
+            AttemptEnd::EndpointGone { endpoint } => {
+                sqlx::query(
+                    "INSERT INTO event_endpoint (name, disabled_at, disabled_reason)
+                     VALUES (?1, ?2, '410 Gone') ON CONFLICT DO NOTHING",
+                )
+                .bind(endpoint)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?;
+                sqlx::query(
+                    "UPDATE event SET lease_until = NULL, last_attempt_at = ?2, last_status = 410,
+                                      last_error = 'endpoint answered 410 Gone: disabled'
+                     WHERE seq = ?1",
+                )
+                .bind(seq)
+                .bind(now)
+            }
+        };
+        q.execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn list_events(&self, query: &EventQuery) -> StorageResult<Vec<EventRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event
+             WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR type = ?2)
+               AND (?3 IS NULL OR state = ?3) AND (?4 IS NULL OR endpoint = ?4)
+               AND (?5 IS NULL OR event_id = ?5) AND (?6 IS NULL OR seq < ?6)
+             ORDER BY seq DESC LIMIT ?7",
+        )
+        .bind(query.account_id.as_deref())
+        .bind(query.kind.as_deref())
+        .bind(query.state.map(crate::domain::event::DeliveryState::as_str))
+        .bind(query.endpoint.as_deref())
+        .bind(query.event_id.as_deref())
+        .bind(query.before)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state").map_err(map_err)?;
+                Ok(EventRow {
+                    seq: r.try_get("seq").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    endpoint: r.try_get("endpoint").map_err(map_err)?,
+                    account_id: r.try_get("account_id").map_err(map_err)?,
+                    kind: r.try_get("type").map_err(map_err)?,
+                    body: r.try_get("body").map_err(map_err)?,
+                    state: super::delivery_state(&state)?,
+                    attempts: u32::try_from(r.try_get::<i64, _>("attempts").map_err(map_err)?)
+                        .unwrap_or(0),
+                    created_at: to_time(r.try_get("created_at").map_err(map_err)?)?,
+                    next_attempt_at: to_time(r.try_get("next_attempt_at").map_err(map_err)?)?,
+                    last_attempt_at: opt_time(r.try_get("last_attempt_at").map_err(map_err)?)?,
+                    last_status: r
+                        .try_get::<Option<i64>, _>("last_status")
+                        .map_err(map_err)?
+                        .and_then(|s| i32::try_from(s).ok()),
+                    last_error: r.try_get("last_error").map_err(map_err)?,
+                    delivered_at: opt_time(r.try_get("delivered_at").map_err(map_err)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn redeliver_event(&self, event_id: &str, endpoint: Option<&str>) -> StorageResult<u64> {
+        let _writer = self.write_lock.lock().await;
+        let done = sqlx::query(
+            "UPDATE event SET state = 'pending', attempts = 0, next_attempt_at = ?3,
+                              lease_until = NULL, delivered_at = NULL
+             WHERE event_id = ?1 AND (?2 IS NULL OR endpoint = ?2)",
+        )
+        .bind(event_id)
+        .bind(endpoint)
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn disabled_endpoints(&self) -> StorageResult<Vec<(String, DateTime<Utc>, String)>> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT name, disabled_at, disabled_reason FROM event_endpoint ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(n, t, r)| Ok((n, to_time(t)?, r)))
+            .collect()
+    }
+
+    async fn enable_endpoint(&self, name: &str) -> StorageResult<bool> {
+        let _writer = self.write_lock.lock().await;
+        let done = sqlx::query("DELETE FROM event_endpoint WHERE name = ?1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge_events(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64> {
+        let cutoff = now_micros().saturating_sub(retention.num_microseconds().unwrap_or(i64::MAX));
+        let _writer = self.write_lock.lock().await;
+        let done = sqlx::query(
+            "DELETE FROM event WHERE seq IN (
+                SELECT seq FROM event WHERE state <> 'pending' AND last_attempt_at < ?1 LIMIT ?2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_stats(&self, endpoints: &[String]) -> StorageResult<OutboxStats> {
+        let (pending, failed, oldest): (i64, i64, Option<i64>) = sqlx::query_as(
+            "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'failed'), 0),
+                    MIN(CASE WHEN state = 'pending' THEN created_at END)
+             FROM event WHERE state <> 'delivered' AND endpoint IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(endpoints).map_err(StorageError::other)?)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(OutboxStats {
+            pending,
+            failed,
+            oldest_pending: opt_time(oldest)?,
+        })
+    }
+
+    async fn expiring_grants(&self, horizon: TimeDelta, limit: u32) -> StorageResult<Vec<Grant>> {
+        let now = now_micros();
+        let rows = sqlx::query(
+            "SELECT * FROM bucket b
+             WHERE b.remaining > 0 AND b.expires_at > ?1 AND b.expires_at <= ?2
+               AND NOT EXISTS (SELECT 1 FROM event e
+                               WHERE e.dedupe_key = 'credits.expiring:' || b.bucket_id)
+             ORDER BY b.expires_at LIMIT ?3",
+        )
+        .bind(now)
+        .bind(now.saturating_add(horizon.num_microseconds().unwrap_or(i64::MAX)))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(bucket_from_row).collect()
     }
 
     async fn ping(&self) -> StorageResult<()> {

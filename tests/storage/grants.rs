@@ -28,6 +28,7 @@ fn daily(amount: i64) -> Policy {
         )]
         .into_iter()
         .collect(),
+        ..Policy::default()
     }
 }
 

@@ -26,6 +26,7 @@ fn policy() -> Policy {
         ]
         .into_iter()
         .collect(),
+        ..Policy::default()
     }
 }
 

@@ -33,6 +33,26 @@ const PLAN: &[Table] = &[
         &[("draw_pkey", "(account_id, hold_id, seq)")],
     ),
     ("entry", true, &[("entry_pkey", "(account_id, entry_id)")]),
+    (
+        "event",
+        true,
+        &[
+            ("event_pkey", "(account_id, seq)"),
+            (
+                "event_once_per_endpoint",
+                "(account_id, endpoint, event_id)",
+            ),
+            ("event_dedupe_once", "(account_id, endpoint, dedupe_key)"),
+        ],
+    ),
+    (
+        "event_endpoint",
+        false,
+        &[(
+            "event_endpoint_pkey",
+            "a reference table (replicated): a few rows",
+        )],
+    ),
     ("hold", true, &[("hold_pkey", "(account_id, hold_id)")]),
     (
         "idempotency_record",

@@ -285,6 +285,7 @@ pub fn settings(db: &TestDb) -> Settings {
         readiness_interval: Duration::from_millis(100),
         auto_migrate: true,
         tls: None,
+        events: tally::app::EventSettings::default(),
     }
 }
 

@@ -185,7 +185,10 @@ impl Executor for PgStore {
         let conn = &mut session.as_mut().ok_or_else(no_session)?.conn;
         let result = match sqlx::Connection::begin(&mut *conn).await {
             Ok(tx) => {
-                let tx: Box<dyn crate::storage::Tx + '_> = Box::new(super::PgTx { tx });
+                let tx: Box<dyn crate::storage::Tx + '_> = Box::new(super::PgTx {
+                    tx,
+                    policy: std::sync::Arc::clone(&self.policy),
+                });
                 crate::storage::batch::one(tx, job, steps, &self.policy).await
             }
             Err(e) => Err(map_err(e)),
@@ -372,7 +375,7 @@ impl PgStore {
         // 5. Write every book's changes and the outcomes' records, in one statement.
         let responses = records_of(jobs, &mut stored);
         let written: Vec<(&Book, i64)> = books.values().map(|b| (b, 0)).collect();
-        write_books(&mut tx, &written, now, &responses, false).await?;
+        write_books(&mut tx, &written, now, &responses, false, &self.policy).await?;
         tx.commit().await.map_err(commit_err)?;
         self.clock.observe(now);
         // What was read and written under the locks is the stored book: keep it. (A written
@@ -454,7 +457,8 @@ impl PgStore {
                 .iter()
                 .filter_map(|a| lease.books.get(a).map(|c| (&c.book, c.version)))
                 .collect();
-            let written_result = write_books(conn, &written, now, &responses, true).await;
+            let written_result =
+                write_books(conn, &written, now, &responses, true, &self.policy).await;
             self.contention
                 .record(matches!(written_result, Err(StorageError::Contended)));
             match written_result {
@@ -826,7 +830,9 @@ async fn write_books(
     now: DateTime<Utc>,
     responses: &Responses<'_>,
     checked: bool,
+    policy: &crate::domain::plan::Policy,
 ) -> StorageResult<()> {
+    let mut events = super::EventColumns::default();
     let mut nb = Rows::default();
     let mut ub = Rows::default();
     let mut nh = Rows::default();
@@ -857,6 +863,10 @@ async fn write_books(
             ne.int[1].push(e.held_delta);
             ne.int[2].push(e.debt_delta);
         }
+        events.push(
+            policy,
+            &crate::domain::event::of_book(book, &policy.events, now, &mut RandomIds),
+        );
         if d.any() || checked {
             // Also when only a hold moved: see [`LOOKUP_LOCK_LOAD`].
             versions.push(version);
@@ -881,6 +891,7 @@ async fn write_books(
         !ub.text[0].is_empty(),
         checked || !ua.text[0].is_empty(),
         !ne.text[0].is_empty(),
+        !events.is_empty(),
     ];
     let mut q = sqlx::query(write_statement(checked, present));
     if present[0] {
@@ -909,6 +920,9 @@ async fn write_books(
     }
     if present[7] {
         q = bind_entries(q, &ne);
+    }
+    if present[8] {
+        q = events.bind(q);
     }
     let q = bind_records(q, responses);
     if checked {
@@ -1081,7 +1095,7 @@ struct Responses<'a> {
 }
 
 /// A batch's writes as one statement, in foreign-key order: new grants, new holds, their
-/// draws, changed holds, draws, grants and accounts, entries (in order), then the idempotency
+/// draws, changed holds, draws, grants and accounts, entries (in order), outbox events, then the idempotency
 /// records of the commands that ran; only the parts `present` says have rows (the records'
 /// insert always: it is the main statement). `checked`: the account updates are
 /// [`UPDATE_ACCOUNTS_AT_VERSION`] and the records' insert [`INSERT_RECORDS_CHECKED`], for a
@@ -1090,14 +1104,14 @@ struct Responses<'a> {
 /// records' insert reads the account updates first, so account rows are locked before any
 /// other row, in id order (the books are), as [`LOOKUP_LOCK_LOAD`] locks them. Each shape is
 /// built once and kept: its text is what each connection's statement cache keys on (at most
-/// 2 × 2^8 shapes; a few in practice).
-fn write_statement(checked: bool, present: [bool; 8]) -> &'static str {
-    static SHAPES: [OnceLock<String>; 512] = [const { OnceLock::new() }; 512];
+/// 2 × 2^9 shapes; a few in practice).
+fn write_statement(checked: bool, present: [bool; 9]) -> &'static str {
+    static SHAPES: [OnceLock<String>; 1024] = [const { OnceLock::new() }; 1024];
     let shape = present.iter().fold(usize::from(checked), |bits, &here| {
         (bits << 1) | usize::from(here)
     });
     SHAPES[shape].get_or_init(|| {
-        let parts: [(&str, &str); 8] = [
+        let parts: [(&str, &str); 9] = [
             ("new_grants", INSERT_BUCKETS),
             ("new_holds", INSERT_HOLDS),
             ("new_draws", INSERT_DRAWS),
@@ -1113,6 +1127,7 @@ fn write_statement(checked: bool, present: [bool; 8]) -> &'static str {
                 },
             ),
             ("new_entries", INSERT_ENTRIES),
+            ("new_events", super::INSERT_EVENTS),
         ];
         let mut chosen: Vec<(&str, &str)> = parts
             .into_iter()

@@ -17,10 +17,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AuditRow, Backend, Claim, EntryCursor, EntryQuery,
-    HoldQuery, StorageError, StorageResult, Tx, Violation, constraint_rejection, entry_kind,
-    kind_names, loaded_hold_ids, missing_grants, source, state_names, thresholds_json, to_record,
-    violation,
+    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Delivery,
+    EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
+    StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
+    missing_grants, source, state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
@@ -394,7 +394,65 @@ impl PgStore {
 /// One PostgreSQL write transaction.
 struct PgTx<'c> {
     tx: Transaction<'c, Postgres>,
+    policy: Arc<Policy>,
 }
+
+/// Outbox rows as column arrays, for one `INSERT … SELECT FROM UNNEST` ([`INSERT_EVENTS`]).
+#[derive(Default)]
+pub(super) struct EventColumns {
+    event_id: Vec<String>,
+    endpoint: Vec<String>,
+    account_id: Vec<String>,
+    kind: Vec<&'static str>,
+    body: Vec<String>,
+    created_at: Vec<DateTime<Utc>>,
+    dedupe_key: Vec<Option<String>>,
+}
+
+impl EventColumns {
+    /// The rows of `events` under the policy (one per endpoint that wants each).
+    pub(super) fn push(&mut self, policy: &Policy, events: &[crate::domain::event::NewEvent]) {
+        for (endpoint, e) in super::outbox_rows(policy, events) {
+            self.event_id.push(e.event_id.clone());
+            self.endpoint.push(endpoint.to_owned());
+            self.account_id.push(e.account_id.clone());
+            self.kind.push(e.kind.as_str());
+            self.body.push(e.body.clone());
+            self.created_at.push(e.created_at);
+            self.dedupe_key.push(e.dedupe_key.clone());
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.event_id.is_empty()
+    }
+
+    pub(super) fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.event_id)
+            .bind(&self.endpoint)
+            .bind(&self.account_id)
+            .bind(&self.kind)
+            .bind(&self.body)
+            .bind(&self.created_at)
+            .bind(&self.dedupe_key)
+    }
+}
+
+/// Inserts [`EventColumns`] in their order; a row whose event or dedupe key the endpoint has
+/// already is skipped.
+pub(super) const INSERT_EVENTS: &str =
+    "INSERT INTO event (event_id, endpoint, account_id, type, body, created_at, dedupe_key,
+                    next_attempt_at)
+ SELECT e.event_id, e.endpoint, e.account_id, e.type, e.body, e.created_at, e.dedupe_key,
+        e.created_at
+ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+             $7::text[]) WITH ORDINALITY
+      AS e(event_id, endpoint, account_id, type, body, created_at, dedupe_key, ord)
+ ORDER BY e.ord
+ ON CONFLICT DO NOTHING";
 
 #[async_trait]
 #[allow(clippy::too_many_lines)] // `write`: one statement per changed row, in foreign-key order
@@ -492,6 +550,7 @@ impl Tx for PgTx<'_> {
         book.available = row.try_get("available").map_err(map_err)?;
         book.held = row.try_get("held").map_err(map_err)?;
         book.debt = row.try_get("debt").map_err(map_err)?;
+        book.opened = created;
         Ok(Some((book, created)))
     }
 
@@ -715,6 +774,19 @@ impl Tx for PgTx<'_> {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        }
+        let events = crate::domain::event::of_book(book, &self.policy.events, now, &mut RandomIds);
+        self.emit(&events).await
+    }
+
+    async fn emit(&mut self, events: &[crate::domain::event::NewEvent]) -> StorageResult<()> {
+        let mut cols = EventColumns::default();
+        cols.push(&self.policy, events);
+        if !cols.is_empty() {
+            cols.bind(sqlx::query(INSERT_EVENTS))
+                .execute(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
         }
         Ok(())
     }
@@ -1070,7 +1142,10 @@ impl Backend for PgStore {
 
     async fn begin(&self) -> StorageResult<Box<dyn Tx>> {
         let tx = self.pool.begin().await.map_err(map_err)?;
-        Ok(Box::new(PgTx { tx }))
+        Ok(Box::new(PgTx {
+            tx,
+            policy: Arc::clone(&self.policy),
+        }))
     }
 
     async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
@@ -1383,6 +1458,219 @@ impl Backend for PgStore {
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(super::subscription_from_row).collect())
+    }
+
+    async fn lease_events(
+        &self,
+        endpoints: &[String],
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StorageResult<Vec<Delivery>> {
+        // SKIP LOCKED: a row another replica is leasing right now is left to it; the lease
+        // (checked again once the row is locked) keeps it from being posted twice at once.
+        let rows = sqlx::query(
+            "UPDATE event SET lease_until = now() + $3 * interval '1 millisecond'
+             WHERE seq IN (
+                 SELECT e.seq FROM event e
+                 WHERE e.state = 'pending' AND e.next_attempt_at <= now()
+                   AND (e.lease_until IS NULL OR e.lease_until <= now())
+                   AND e.endpoint = ANY($1)
+                   AND NOT EXISTS (SELECT 1 FROM event_endpoint d WHERE d.name = e.endpoint)
+                   AND NOT EXISTS (SELECT 1 FROM event p
+                                   WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
+                                     AND p.state = 'pending' AND p.seq < e.seq)
+                 ORDER BY e.seq LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+               AND state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+             RETURNING seq, event_id, endpoint, account_id, type, body, attempts, created_at",
+        )
+        .bind(endpoints)
+        .bind(i64::from(limit))
+        .bind(lease.num_milliseconds())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(Delivery {
+                    seq: r.try_get("seq").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    endpoint: r.try_get("endpoint").map_err(map_err)?,
+                    account_id: r.try_get("account_id").map_err(map_err)?,
+                    kind: r.try_get("type").map_err(map_err)?,
+                    body: r.try_get("body").map_err(map_err)?,
+                    attempts: u32::try_from(r.try_get::<i32, _>("attempts").map_err(map_err)?)
+                        .unwrap_or(0),
+                    created_at: r.try_get("created_at").map_err(map_err)?,
+                })
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        out.sort_by_key(|d| d.seq);
+        Ok(out)
+    }
+
+    async fn end_attempt(&self, seq: i64, end: &AttemptEnd) -> StorageResult<()> {
+        let q = match end {
+            AttemptEnd::Delivered { status } => sqlx::query(
+                "UPDATE event SET state = 'delivered', attempts = attempts + 1, lease_until = NULL,
+                                  last_attempt_at = now(), delivered_at = now(), last_status = $2,
+                                  last_error = NULL
+                 WHERE seq = $1",
+            )
+            .bind(seq)
+            .bind(i32::from(*status)),
+            AttemptEnd::Retry { at, status, error } => sqlx::query(
+                "UPDATE event SET attempts = attempts + 1, lease_until = NULL, last_attempt_at = now(),
+                                  next_attempt_at = $2, last_status = $3, last_error = $4
+                 WHERE seq = $1 AND state = 'pending'",
+            )
+            .bind(seq)
+            .bind(*at)
+            .bind(status.map(i32::from))
+            .bind(error),
+            AttemptEnd::Failed { status, error } => sqlx::query(
+                "UPDATE event SET state = 'failed', attempts = attempts + 1, lease_until = NULL,
+                                  last_attempt_at = now(), last_status = $2, last_error = $3
+                 WHERE seq = $1 AND state = 'pending'",
+            )
+            .bind(seq)
+            .bind(status.map(i32::from))
+            .bind(error),
+            AttemptEnd::EndpointGone { endpoint } => sqlx::query(
+                "WITH off AS (INSERT INTO event_endpoint (name, disabled_at, disabled_reason)
+                              VALUES ($2, now(), '410 Gone') ON CONFLICT DO NOTHING)
+                 UPDATE event SET lease_until = NULL, last_attempt_at = now(), last_status = 410,
+                                  last_error = 'endpoint answered 410 Gone: disabled'
+                 WHERE seq = $1",
+            )
+            .bind(seq)
+            .bind(endpoint),
+        };
+        q.execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn list_events(&self, query: &EventQuery) -> StorageResult<Vec<EventRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event
+             WHERE ($1::text IS NULL OR account_id = $1) AND ($2::text IS NULL OR type = $2)
+               AND ($3::text IS NULL OR state = $3) AND ($4::text IS NULL OR endpoint = $4)
+               AND ($5::text IS NULL OR event_id = $5) AND ($6::int8 IS NULL OR seq < $6)
+             ORDER BY seq DESC LIMIT $7",
+        )
+        .bind(query.account_id.as_deref())
+        .bind(query.kind.as_deref())
+        .bind(query.state.map(crate::domain::event::DeliveryState::as_str))
+        .bind(query.endpoint.as_deref())
+        .bind(query.event_id.as_deref())
+        .bind(query.before)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state").map_err(map_err)?;
+                Ok(EventRow {
+                    seq: r.try_get("seq").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    endpoint: r.try_get("endpoint").map_err(map_err)?,
+                    account_id: r.try_get("account_id").map_err(map_err)?,
+                    kind: r.try_get("type").map_err(map_err)?,
+                    body: r.try_get("body").map_err(map_err)?,
+                    state: super::delivery_state(&state)?,
+                    attempts: u32::try_from(r.try_get::<i32, _>("attempts").map_err(map_err)?)
+                        .unwrap_or(0),
+                    created_at: r.try_get("created_at").map_err(map_err)?,
+                    next_attempt_at: r.try_get("next_attempt_at").map_err(map_err)?,
+                    last_attempt_at: r.try_get("last_attempt_at").map_err(map_err)?,
+                    last_status: r.try_get("last_status").map_err(map_err)?,
+                    last_error: r.try_get("last_error").map_err(map_err)?,
+                    delivered_at: r.try_get("delivered_at").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn redeliver_event(&self, event_id: &str, endpoint: Option<&str>) -> StorageResult<u64> {
+        let done = sqlx::query(
+            "UPDATE event SET state = 'pending', attempts = 0, next_attempt_at = now(),
+                              lease_until = NULL, delivered_at = NULL
+             WHERE event_id = $1 AND ($2::text IS NULL OR endpoint = $2)",
+        )
+        .bind(event_id)
+        .bind(endpoint)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn disabled_endpoints(&self) -> StorageResult<Vec<(String, DateTime<Utc>, String)>> {
+        sqlx::query_as(
+            "SELECT name, disabled_at, disabled_reason FROM event_endpoint ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn enable_endpoint(&self, name: &str) -> StorageResult<bool> {
+        let done = sqlx::query("DELETE FROM event_endpoint WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge_events(&self, retention: TimeDelta, limit: u32) -> StorageResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM event WHERE seq IN (
+                SELECT seq FROM event WHERE state <> 'pending'
+                  AND last_attempt_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
+        )
+        .bind(retention.num_milliseconds())
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_stats(&self, endpoints: &[String]) -> StorageResult<OutboxStats> {
+        let (pending, failed, oldest): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'failed'),
+                    min(created_at) FILTER (WHERE state = 'pending')
+             FROM event WHERE state <> 'delivered' AND endpoint = ANY($1)",
+        )
+        .bind(endpoints)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(OutboxStats {
+            pending,
+            failed,
+            oldest_pending: oldest,
+        })
+    }
+
+    async fn expiring_grants(&self, horizon: TimeDelta, limit: u32) -> StorageResult<Vec<Grant>> {
+        let rows = sqlx::query(
+            "SELECT * FROM bucket b
+             WHERE b.remaining > 0 AND b.expires_at > now()
+               AND b.expires_at <= now() + $1 * interval '1 millisecond'
+               AND NOT EXISTS (SELECT 1 FROM event e
+                               WHERE e.dedupe_key = 'credits.expiring:' || b.bucket_id)
+             ORDER BY b.expires_at LIMIT $2",
+        )
+        .bind(horizon.num_milliseconds())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(bucket_from_row).collect()
     }
 
     async fn ping(&self) -> StorageResult<()> {
