@@ -270,7 +270,8 @@ fn merge(mut a: Value, b: Value) -> Value {
 /// - `credits.granted` per grant entry; `credits.expired` per expired grant; `hold.expired`
 ///   per expired hold; one `credits.clawed_back` for the claw-back entries;
 /// - `credits.low_balance` when the balance (available less debt) went from at or above the
-///   plan's threshold to under it: once per crossing, again only after it rose above.
+///   plan's threshold to under it: once per crossing, again only after it rose above (an
+///   account opened under it has not crossed it).
 #[must_use]
 pub fn of_book(
     book: &Book,
@@ -371,8 +372,10 @@ pub fn of_book(
         ));
     }
     let threshold = rules.low_balance.get(&book.plan).copied().unwrap_or(0);
+    // An account opened under its threshold has not crossed it (its `account.opened` tells
+    // the balance); its first crossing is the first one downwards after that.
     let before = if book.opened {
-        i64::MAX
+        after
     } else {
         after.saturating_sub(moved)
     };

@@ -24,6 +24,7 @@ mod cli;
 mod client;
 mod credit;
 mod edges;
+mod events;
 mod faults;
 mod grpc_web;
 mod operator;

@@ -34,7 +34,7 @@ pub fn paid_session(event_id: &str, session: &str, account: &str, pi: &str) -> V
     )
 }
 
-fn refund(event_id: &str, charge: &str, pi: Option<&str>, refunded: i64) -> Vec<u8> {
+pub fn refund(event_id: &str, charge: &str, pi: Option<&str>, refunded: i64) -> Vec<u8> {
     event(
         event_id,
         "charge.refunded",
