@@ -300,10 +300,16 @@ pub fn of_book(
             ids,
         ));
     }
-    let mut moved: i64 = 0;
+    // Each event tells the balance right after its own entry: a running sum from the balance
+    // before the write.
+    let moved: i64 = book.entries.iter().fold(0, |m, e| {
+        m.saturating_add(e.available_delta)
+            .saturating_sub(e.debt_delta)
+    });
+    let mut running = after.saturating_sub(moved);
     let mut clawed: i64 = 0;
     for e in &book.entries {
-        moved = moved
+        running = running
             .saturating_add(e.available_delta)
             .saturating_sub(e.debt_delta);
         let grant = e.grant_id.as_ref().and_then(|id| book.grants.get(id));
@@ -318,7 +324,7 @@ pub fn of_book(
                     merge(
                         grant_fields(g),
                         json!({"amount": e.available_delta, "reason": g.reason,
-                               "business_key": key, "available": after}),
+                               "business_key": key, "available": running}),
                     ),
                     now,
                     ids,
@@ -329,7 +335,7 @@ pub fn of_book(
                 account,
                 merge(
                     grant_fields(g),
-                    json!({"amount": e.available_delta.saturating_neg(), "available": after}),
+                    json!({"amount": e.available_delta.saturating_neg(), "available": running}),
                 ),
                 now,
                 ids,
@@ -341,7 +347,7 @@ pub fn of_book(
                         account,
                         json!({"hold_id": h.hold_id, "amount": h.amount,
                                "metadata": h.metadata, "expired_at": time(h.expires_at),
-                               "available": after}),
+                               "available": running}),
                         now,
                         ids,
                     ));

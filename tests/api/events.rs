@@ -763,4 +763,253 @@ crate::on_both_backends!(
     gone_disables_the_endpoint,
     redirects_are_not_followed,
     private_addresses_are_refused,
+    kill_nine_during_deliveries,
 );
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tally serve` as a child process (its log appended to `log`).
+struct Child {
+    child: tokio::process::Child,
+    grpc: String,
+}
+
+async fn spawn_serve(db_url: &str, catalog: &std::path::Path, log: &std::path::Path) -> Child {
+    let (grpc, http, metrics) = (free_port(), free_port(), free_port());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TALLY_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .args(["serve", "--log-format", "json"])
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .args(["--database-url", db_url])
+        .arg("--catalog")
+        .arg(catalog)
+        .args(["--events-allow-private", "--events-timeout", "1s"])
+        .args(["--events-poll-interval", "20ms", "--sweep-interval", "100ms"])
+        .args([
+            "--events-retry-schedule",
+            "0s,100ms,200ms,300ms,400ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms",
+        ])
+        .env("TALLY_TEST_EVENTS_SECRET", SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{metrics}/readyz");
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(&ready).await
+            && r.status().as_u16() == 200
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "tally serve did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Child {
+        child,
+        grpc: format!("http://127.0.0.1:{grpc}"),
+    }
+}
+
+/// `kill -9` of `tally serve` while it writes and delivers, 10 times: every event whose
+/// change committed is delivered at least once with one webhook-id and one body, none that
+/// is not stored, each account's in order; a grant's event exists exactly when its grant does.
+async fn kill_nine_during_deliveries(backend: Backend) {
+    let r = Receiver::start().await;
+    // Some 500s and slow answers, so kills land mid-attempt and mid-retry.
+    r.script((0..20_000).map(|i| match i % 7 {
+        0 => Reply::Status(500),
+        3 => Reply::Slow(Duration::from_millis(40)),
+        _ => Reply::Ok,
+    }));
+    let db = TestDb::new(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "{}\n[events.endpoints.app]\nurl = \"{}\"\nsecret_env = \"TALLY_TEST_EVENTS_SECRET\"\n",
+            tally::catalog::DEFAULT_TOML,
+            r.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("serve.log");
+    let accounts: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+    let mut acked: BTreeMap<String, usize> = BTreeMap::new();
+    for cycle in 0..10u64 {
+        let mut serve = spawn_serve(&db.url, &catalog, &log).await;
+        let channel = tonic::transport::Channel::from_shared(serve.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for account in &accounts {
+            let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+            let account = account.clone();
+            set.spawn(async move {
+                let mut ok = 0;
+                loop {
+                    let done = admin
+                        .grant(crate::grant_req(&account, 1, &key()))
+                        .await;
+                    if done.is_err() {
+                        return (account, ok);
+                    }
+                    ok += 1;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300 + (cycle * 97) % 400)).await;
+        serve.child.start_kill().unwrap();
+        let _ = serve.child.wait().await;
+        while let Some(done) = set.join_next().await {
+            let (account, ok) = done.unwrap();
+            *acked.entry(account).or_default() += ok;
+        }
+    }
+    // The last start delivers what is left.
+    let mut serve = spawn_serve(&db.url, &catalog, &log).await;
+    let store = tally::app::open_store(&db.url, 4, Arc::default()).await.unwrap();
+    let all = || tally::storage::EventQuery {
+        limit: 100_000,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    loop {
+        let rows = store.list_events(&all()).await.unwrap();
+        if rows
+            .iter()
+            .all(|e| e.state != tally::domain::event::DeliveryState::Pending)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "undelivered after the last start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serve.child.start_kill().unwrap();
+    let _ = serve.child.wait().await;
+
+    let rows = store.list_events(&all()).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|e| e.state == tally::domain::event::DeliveryState::Delivered),
+        "{:?}",
+        rows.iter().filter(|e| e.state != tally::domain::event::DeliveryState::Delivered).collect::<Vec<_>>()
+    );
+    let stored: BTreeMap<String, String> = rows
+        .iter()
+        .map(|e| (e.event_id.clone(), e.body.clone()))
+        .collect();
+    let got = r.got();
+    let mut received: BTreeMap<String, String> = BTreeMap::new();
+    for g in &got {
+        g.verify();
+        if let Some(first) = received.insert(g.id.clone(), g.body.clone()) {
+            assert_eq!(first, g.body, "{}: another body on a retry", g.id);
+        }
+    }
+    assert_eq!(
+        received.keys().collect::<Vec<_>>(),
+        stored.keys().collect::<Vec<_>>(),
+        "received ≠ stored events"
+    );
+    assert_eq!(received, stored);
+    let retried = got.len() - received.len();
+    let mut total_grants = 0;
+    for account in &accounts {
+        let id = tally::domain::AccountId::parse("account_id", account).unwrap();
+        let grants: std::collections::BTreeSet<String> = store
+            .grants(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| g.grant_id)
+            .collect();
+        total_grants += grants.len();
+        assert!(grants.len() >= acked[account], "{account}: an acknowledged grant is missing");
+        let events = r.events_of(account);
+        assert_eq!(events[0].1, "account.opened", "{account}");
+        let granted: Vec<&Value> = events
+            .iter()
+            .filter(|(_, k, _)| k == "credits.granted")
+            .map(|(_, _, d)| d)
+            .collect();
+        let ids: std::collections::BTreeSet<String> = granted
+            .iter()
+            .map(|d| d["grant_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, grants, "{account}: grants and their events differ");
+        let order: Vec<i64> = granted
+            .iter()
+            .map(|d| d["available"].as_i64().unwrap())
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{account}: out of order {order:?}"
+        );
+    }
+    assert!(total_grants >= 80, "too little happened: {total_grants} grants");
+    eprintln!(
+        "kill -9 ×10: {total_grants} grants, {} events, {} posts ({retried} repeated)",
+        stored.len(),
+        got.len()
+    );
+}
+
+
+/// `tally serve` refuses an endpoint on a private address literal unless allowed.
+#[tokio::test]
+async fn serve_refuses_a_private_endpoint_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "{}\n[events.endpoints.app]\nurl = \"http://10.1.2.3/hooks\"\nsecret_env = \"TALLY_TEST_EVENTS_SECRET\"\n",
+            tally::catalog::DEFAULT_TOML
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}", dir.path().join("t.db").display()))
+        .arg("--catalog")
+        .arg(&catalog)
+        .env("TALLY_TEST_EVENTS_SECRET", SECRET)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SSRF") && err.contains("10.1.2.3"), "{err}");
+    assert!(!err.contains(SECRET));
+}

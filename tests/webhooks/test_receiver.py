@@ -6,10 +6,13 @@ their exact bodies.
 The catalog is the built-in one with the free plan's low-balance threshold raised to 100, so
 the free plan's daily allowance (5 credits, expiring at the next 00:00 UTC) is part of every
 account's story: a `credits.granted` of source `allowance` when the account is created, and a
-`credits.expiring` for it (it expires within the 7-day horizon). `credits.expiring` is written
-by the dispatcher's housekeeping, not by the change itself, so its place among an account's
-other events depends on timing: it is checked once per grant, after that grant's
-`credits.granted` and before its `credits.expired`; every other event is checked in order.
+`credits.expiring` for it (it expires within the 7-day horizon). Each event's `available` is the
+balance right after its own ledger entry (two grants written by one change: the first tells the
+balance after it alone); `account.opened`, `credits.clawed_back` and `credits.low_balance` tell
+the balance after the whole change. `credits.expiring` is written by the dispatcher's
+housekeeping, not by the change itself, so its place among an account's other events depends on
+timing: it is checked once per grant, after that grant's `credits.granted` and before its
+`credits.expired`; every other event is checked in order.
 """
 
 import datetime as dt
@@ -183,6 +186,16 @@ def kinds(ordered):
     return [k for k, _ in ordered]
 
 
+def running(grants, before=0):
+    """The balance right after each of these grants, in the order they were sent (the grants of
+    one change, from the balance before it)."""
+    out = {}
+    for g in grants:
+        before += g["amount"]
+        out[g["grant_id"]] = before
+    return out
+
+
 def check_allowance(granted, opened_at, available):
     """The free plan's allowance grant of the day the account was opened."""
     day = opened_at.astimezone(UTC).date()
@@ -265,13 +278,14 @@ def test_open_account_low_balance_and_expired_holds(server, receiver, rpc):
     assert acc == {"account_id": a, "plan": "free", "bonus": SIGNUP_BONUS, "available": opened}
     grants = {g["source"]: g for g in (g1, g2)}
     assert set(grants) == {"allowance", "signup_bonus"}, (g1, g2)
-    check_allowance(grants["allowance"], opened_at, opened)
+    after = running([g1, g2])
+    check_allowance(grants["allowance"], opened_at, after[grants["allowance"]["grant_id"]])
     bonus = grants["signup_bonus"]
     assert near(parse_time(bonus["expires_at"]), opened_at + dt.timedelta(days=30)), bonus
     assert bonus == {
         "account_id": a, "grant_id": bonus["grant_id"], "source": "signup_bonus",
         "expires_at": bonus["expires_at"], "amount": SIGNUP_BONUS, "reason": bonus["reason"],
-        "business_key": None, "available": opened,
+        "business_key": None, "available": after[bonus["grant_id"]],
     }
     assert isinstance(bonus["reason"], str) and bonus["reason"], bonus
     assert low == {"account_id": a, "plan": "free", "available": opened - 30, "threshold": 100}
@@ -317,12 +331,13 @@ def test_expiring_and_expired_promotion(server, receiver, rpc):
     assert acc == {"account_id": b, "plan": "free", "bonus": 0, "available": 50 + ALLOWANCE}
     grants = {g["source"]: g for g in (g1, g2)}
     assert set(grants) == {"allowance", "promotion"}, (g1, g2)
-    check_allowance(grants["allowance"], opened_at, 50 + ALLOWANCE)
+    after = running([g1, g2])
+    check_allowance(grants["allowance"], opened_at, after[grants["allowance"]["grant_id"]])
     promo = grants["promotion"]
     assert promo == {
         "account_id": b, "grant_id": r.grant_id, "source": "promotion",
         "expires_at": ms(ts_of(expires)), "amount": 50, "reason": "promo", "business_key": None,
-        "available": 50 + ALLOWANCE,
+        "available": after[r.grant_id],
     }
     assert expiring.get(r.grant_id) == {
         "account_id": b, "grant_id": r.grant_id, "source": "promotion",
@@ -373,6 +388,13 @@ def test_purchase_and_claw_back(server, receiver, rpc):
 
     first = receiver.wait(c, 4)
     assert "purchase.completed" in [k for _, k, _ in first], first
+    # The claw-back takes credits in consumption order, the allowance (expiring soonest)
+    # first: wait for the allowance's credits.expiring (housekeeping, every 200 ms) before the
+    # refund, or there may be no allowance credits left to announce.
+    deadline = time.monotonic() + 30
+    while "credits.expiring" not in [k for _, k, _ in receiver.events(c)]:
+        assert time.monotonic() < deadline, f"no credits.expiring: {receiver.events(c)}"
+        time.sleep(0.05)
 
     answer = stripe_post(server, {
         "id": f"evt_ref_{tag}", "object": "event", "api_version": "2026-09-30.endive",
@@ -396,13 +418,14 @@ def test_purchase_and_claw_back(server, receiver, rpc):
     assert acc == {"account_id": c, "plan": "free", "bonus": 0, "available": bought}
     grants = {g["source"]: g for g in (g1, g2)}
     assert set(grants) == {"allowance", "purchase"}, (g1, g2)
-    check_allowance(grants["allowance"], opened_at, bought)
+    after = running([g1, g2])
+    check_allowance(grants["allowance"], opened_at, after[grants["allowance"]["grant_id"]])
     grant = grants["purchase"]
     assert near(parse_time(grant["expires_at"]), opened_at + dt.timedelta(days=365)), grant
     assert grant == {
         "account_id": c, "grant_id": grant["grant_id"], "source": "purchase",
         "expires_at": grant["expires_at"], "amount": STARTER, "reason": grant["reason"],
-        "business_key": business_key, "available": bought,
+        "business_key": business_key, "available": after[grant["grant_id"]],
     }
     assert isinstance(grant["reason"], str) and grant["reason"], grant
     assert done == {
