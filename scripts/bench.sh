@@ -40,6 +40,9 @@
 #   DB_MAX_CONNECTIONS=32   tally serve --db-max-connections
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
 #   SERVER_FLAGS=""    more `tally serve` flags for every server, e.g. "--db-group-workers 3"
+#   EVENTS=0           1: every server gets an outbound-events endpoint (the built-in catalog
+#                      plus [events.endpoints.bench] -> a python3 receiver on loopback answering
+#                      204), to measure the outbox's cost against a run with EVENTS=0
 #                      (split on spaces; no quoting)
 #   QUIET_WAIT=30      before each case wait up to this many seconds for the machine to be idle
 #                      (<15% busy); the "other" CPU column shows what still ran beside the case
@@ -86,6 +89,7 @@ REPLICAS=${REPLICAS-postgres}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 read -r -a SERVER_FLAGS_A <<<"${SERVER_FLAGS:-}"
+EVENTS=${EVENTS:-0}
 QUIET_WAIT=${QUIET_WAIT:-30}
 QUIET_BUDGET=${QUIET_BUDGET:-90}
 NICE=${NICE:-0}
@@ -133,7 +137,7 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$BASE"
     RUNAS=(runuser -u postgres --)
 fi
-SRV_PID="" CHILD="" SAMPLER_PID=""
+SRV_PID="" CHILD="" SAMPLER_PID="" RECEIVER_PID=""
 stop_pid() { # pid: TERM, wait up to 15 s, then KILL (only processes this script started)
     local p=$1 i
     kill -TERM "$p" 2>/dev/null || return 0
@@ -147,6 +151,7 @@ cleanup() {
     [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null
     if [ -n "$CHILD" ]; then pkill -TERM -P "$CHILD" 2>/dev/null; kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
     [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
+    [ -n "$RECEIVER_PID" ] && stop_pid "$RECEIVER_PID"
     [ -f "$PGDATA_DIR/postmaster.pid" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w stop >/dev/null 2>&1
     if [ "$KEEP" = 1 ]; then
         note "kept: $BASE"
@@ -417,6 +422,26 @@ raw_case() { # script (pair_cte | tally_pair) dist clients
 }
 
 # ---- Tally ----------------------------------------------------------------------------------
+if [ "$EVENTS" = 1 ]; then
+    # A receiver that answers 204 to every POST, and a catalog that sends every event to it.
+    free_port RECEIVER_PORT 58500
+    python3 -c '
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(204); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+' "$RECEIVER_PORT" >/dev/null 2>&1 &
+    RECEIVER_PID=$!
+    "$TALLY" catalog print-default >"$BASE/catalog-events.toml"
+    printf '\n[events.endpoints.bench]\nurl = "http://127.0.0.1:%s/hooks"\nsecret_env = "BENCH_EVENTS_SECRET"\n' \
+        "$RECEIVER_PORT" >>"$BASE/catalog-events.toml"
+    export BENCH_EVENTS_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=
+    SERVER_FLAGS_A+=(--catalog "$BASE/catalog-events.toml" --events-allow-private)
+fi
 SRV_URL="" SRV_METRICS=""
 tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
     local backend=$1 url=$2 p1 p2 p3 t0 code i=0
@@ -630,6 +655,7 @@ echo "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') ${PG_SETTINGS
 echo "each case: ${DURATION}s measured; tally bench: +${WARMUP}s warm-up, clients over $CONNECTIONS HTTP/2 connections, closed loop"
 echo "  unless @rate; pgbench -M prepared -j 2, no warm-up; uniform = $ACCOUNTS accounts, hot = 1 account"
 echo "tally serve: --db-max-connections $DB_MAX_CONNECTIONS${SERVER_FLAGS:+ $SERVER_FLAGS}, rate limits off, RUST_LOG=$SERVER_RUST_LOG (per-request info logs off: they cost throughput)"
+if [ "$EVENTS" = 1 ]; then echo "EVENTS=1: every server had an outbound-events endpoint (a local receiver answering 204)"; fi
 if [ "$PIN" = 1 ]; then echo "pinned (PIN=1): PostgreSQL on CPU 0; tally serve, tally bench and pgbench's client on CPU 1"; fi
 echo
 printf '%-42s %8s %-5s %5s %5s %7s %7s  %-18s %4s %5s %4s %6s %5s  %6s %6s\n' case ops/s unit ratio model p50ms p99ms errors cpu% tally pg client other RSSMiB WAL/op

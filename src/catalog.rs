@@ -131,9 +131,18 @@ pub struct Endpoint {
     pub url: String,
     /// Type filters (`credits.low_balance`, `credits.*`, `*`); empty: every type.
     pub types: Vec<String>,
-    /// The environment variable holding its signing secret(s): `whsec_…`, two separated by a
-    /// space during a rotation. The secret itself is never in the catalog.
-    pub secret_env: String,
+    /// Where its signing secret(s) are read from (`whsec_…`, two separated by a space during
+    /// a rotation). The secret itself is never in the catalog.
+    pub secret: SecretSource,
+}
+
+/// Where an endpoint's signing secret is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable (`secret_env`).
+    Env(String),
+    /// A file, e.g. a mounted Kubernetes Secret (`secret_file`).
+    File(std::path::PathBuf),
 }
 
 /// Most endpoints a catalog may name.
@@ -219,7 +228,8 @@ struct RawEndpoint {
     url: String,
     #[serde(default)]
     types: Vec<String>,
-    secret_env: String,
+    secret_env: Option<String>,
+    secret_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -481,28 +491,42 @@ fn parse_events(raw: RawEvents) -> Result<Events, CatalogError> {
         for f in &e.types {
             crate::domain::event::check_filter(f).map_err(|r| err(at("types"), r))?;
         }
-        let env_ok = !e.secret_env.is_empty()
-            && e.secret_env.len() <= 128
-            && e.secret_env
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-        if !env_ok {
-            return Err(err(
-                at("secret_env"),
-                "the name of an environment variable ([A-Z0-9_], up to 128)",
-            ));
-        }
+        let secret = match (e.secret_env, e.secret_file) {
+            (Some(env), None) => {
+                let ok = !env.is_empty()
+                    && env.len() <= 128
+                    && env
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !ok {
+                    return Err(err(
+                        at("secret_env"),
+                        "the name of an environment variable ([A-Z0-9_], up to 128)",
+                    ));
+                }
+                SecretSource::Env(env)
+            }
+            (None, Some(file)) if !file.trim().is_empty() && file.len() <= 4096 => {
+                SecretSource::File(file.into())
+            }
+            _ => {
+                return Err(err(
+                    format!("events.endpoints.{name}"),
+                    "needs secret_env (a variable's name) or secret_file (a path), not both",
+                ));
+            }
+        };
         endpoints.insert(
             name,
             Endpoint {
                 url,
                 types: e.types,
-                secret_env: e.secret_env,
+                secret,
             },
         );
     }
     let expiring_horizon = lifetime("events.expiring_horizon", raw.expiring_horizon.as_ref())?;
-    if expiring_horizon.is_some_and(|h| h > Duration::from_secs(366 * 86_400)) {
+    if expiring_horizon.is_some_and(|h| h > Duration::from_hours(366 * 24)) {
         return Err(err("events.expiring_horizon", "at most 366 days"));
     }
     Ok(Events {

@@ -181,6 +181,43 @@ pub fn describe() {
         "PostgreSQL group transactions that loaded their accounts again: another transaction \
          changed one while the group waited for its lock."
     );
+    describe_counter!(
+        "tally_events_created_total",
+        "Outbound events by type, counted at their first attempt."
+    );
+    describe_counter!(
+        "tally_events_delivered_total",
+        "Outbound events an endpoint answered 2xx to, by type and endpoint."
+    );
+    describe_counter!(
+        "tally_events_failed_total",
+        "Outbound events whose retry schedule is spent, by type and endpoint."
+    );
+    describe_counter!(
+        "tally_event_attempts_total",
+        "Delivery attempts by endpoint and outcome (delivered, retry, failed, gone)."
+    );
+    describe_histogram!(
+        "tally_event_delivery_latency_seconds",
+        Unit::Seconds,
+        "From the change's commit to the 2xx of its event."
+    );
+    describe_gauge!(
+        "tally_events_pending",
+        "Outbound event deliveries not yet delivered (configured endpoints)."
+    );
+    describe_gauge!(
+        "tally_events_failed",
+        "Outbound event deliveries whose schedule is spent, kept until retention."
+    );
+    describe_gauge!(
+        "tally_events_oldest_pending_age_seconds",
+        "Age of the oldest undelivered event: the alert to page on."
+    );
+    describe_gauge!(
+        "tally_event_endpoints_disabled",
+        "Configured event endpoints a 410 Gone disabled."
+    );
     describe_histogram!(
         "tally_rpc_request_duration_seconds",
         Unit::Seconds,

@@ -373,21 +373,33 @@ impl ServeArgs {
                 .parse()
                 .map_err(|err| format!("--catalog: events.endpoints.{name}.url: {err}"))?;
             crate::events::check_target(name, &url, self.events_allow_private)?;
-            let raw = std::env::var(&e.secret_env).map_err(|_| {
-                format!(
-                    "events endpoint {name}: the environment variable {} (its signing secret, whsec_…) is not set",
-                    e.secret_env
-                )
-            })?;
+            let (raw, from) = match &e.secret {
+                crate::catalog::SecretSource::Env(var) => (
+                    std::env::var(var).map_err(|_| {
+                        format!(
+                            "events endpoint {name}: the environment variable {var} (its signing secret, whsec_…) is not set"
+                        )
+                    })?,
+                    var.clone(),
+                ),
+                crate::catalog::SecretSource::File(path) => (
+                    std::fs::read_to_string(path).map_err(|err| {
+                        format!(
+                            "events endpoint {name}: its secret_file {}: {err}",
+                            path.display()
+                        )
+                    })?,
+                    path.display().to_string(),
+                ),
+            };
             let secrets = raw
                 .split_whitespace()
                 .map(crate::domain::webhook::Secret::parse)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|err| format!("events endpoint {name}: {}: {err}", e.secret_env))?;
+                .map_err(|err| format!("events endpoint {name}: {from}: {err}"))?;
             if secrets.is_empty() || secrets.len() > 2 {
                 return Err(format!(
-                    "events endpoint {name}: {} holds one secret, or two (space-separated) during a rotation",
-                    e.secret_env
+                    "events endpoint {name}: {from} holds one secret, or two (space-separated) during a rotation"
                 ));
             }
             targets.push(crate::events::Target {

@@ -264,6 +264,43 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
+/// The event of one entry (a grant, a grant's expiry, a hold's expiry) and its data, with the
+/// balance right after it.
+fn entry_event(book: &Book, e: &super::book::NewEntry, running: i64) -> Option<(EventType, Value)> {
+    let grant = e.grant_id.as_ref().and_then(|id| book.grants.get(id));
+    match (e.kind, grant) {
+        (EntryKind::Grant, Some(g)) => {
+            let key = matches!(g.source, Source::Purchase | Source::Subscription)
+                .then(|| book.fact.clone())
+                .flatten();
+            Some((
+                EventType::CreditsGranted,
+                merge(
+                    grant_fields(g),
+                    json!({"amount": e.available_delta, "reason": g.reason,
+                           "business_key": key, "available": running}),
+                ),
+            ))
+        }
+        (EntryKind::Expiration, Some(g)) => Some((
+            EventType::CreditsExpired,
+            merge(
+                grant_fields(g),
+                json!({"amount": e.available_delta.saturating_neg(), "available": running}),
+            ),
+        )),
+        (EntryKind::Expire, _) => {
+            let h = e.hold_id.as_ref().and_then(|id| book.holds.get(id))?;
+            Some((
+                EventType::HoldExpired,
+                json!({"hold_id": h.hold_id, "amount": h.amount, "metadata": h.metadata,
+                       "expired_at": time(h.expires_at), "available": running}),
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// The events a change to `book` makes, in order, from its entries and the book after it
 /// (nothing when no endpoint is configured):
 /// - `account.opened` when the change created the account ([`Book::opened`]);
@@ -312,53 +349,12 @@ pub fn of_book(
         running = running
             .saturating_add(e.available_delta)
             .saturating_sub(e.debt_delta);
-        let grant = e.grant_id.as_ref().and_then(|id| book.grants.get(id));
-        match (e.kind, grant) {
-            (EntryKind::Grant, Some(g)) => {
-                let key = matches!(g.source, Source::Purchase | Source::Subscription)
-                    .then(|| book.fact.clone())
-                    .flatten();
-                out.push(event(
-                    EventType::CreditsGranted,
-                    account,
-                    merge(
-                        grant_fields(g),
-                        json!({"amount": e.available_delta, "reason": g.reason,
-                               "business_key": key, "available": running}),
-                    ),
-                    now,
-                    ids,
-                ));
-            }
-            (EntryKind::Expiration, Some(g)) => out.push(event(
-                EventType::CreditsExpired,
-                account,
-                merge(
-                    grant_fields(g),
-                    json!({"amount": e.available_delta.saturating_neg(), "available": running}),
-                ),
-                now,
-                ids,
-            )),
-            (EntryKind::Expire, _) => {
-                if let Some(h) = e.hold_id.as_ref().and_then(|id| book.holds.get(id)) {
-                    out.push(event(
-                        EventType::HoldExpired,
-                        account,
-                        json!({"hold_id": h.hold_id, "amount": h.amount,
-                               "metadata": h.metadata, "expired_at": time(h.expires_at),
-                               "available": running}),
-                        now,
-                        ids,
-                    ));
-                }
-            }
-            (EntryKind::Clawback, _) => {
-                clawed = clawed
-                    .saturating_sub(e.available_delta)
-                    .saturating_add(e.debt_delta);
-            }
-            _ => {}
+        if e.kind == EntryKind::Clawback {
+            clawed = clawed
+                .saturating_sub(e.available_delta)
+                .saturating_add(e.debt_delta);
+        } else if let Some(data) = entry_event(book, e, running) {
+            out.push(event(data.0, account, data.1, now, ids));
         }
     }
     if clawed > 0 {
@@ -462,12 +458,12 @@ pub fn subscription(
 pub const RETRY_SCHEDULE_DEFAULT: [std::time::Duration; 8] = [
     std::time::Duration::ZERO,
     std::time::Duration::from_secs(5),
-    std::time::Duration::from_secs(5 * 60),
-    std::time::Duration::from_secs(30 * 60),
-    std::time::Duration::from_secs(2 * 3600),
-    std::time::Duration::from_secs(5 * 3600),
-    std::time::Duration::from_secs(10 * 3600),
-    std::time::Duration::from_secs(10 * 3600),
+    std::time::Duration::from_mins(5),
+    std::time::Duration::from_mins(30),
+    std::time::Duration::from_hours(2),
+    std::time::Duration::from_hours(5),
+    std::time::Duration::from_hours(10),
+    std::time::Duration::from_hours(10),
 ];
 
 /// After `attempts` failed attempts, the delay before the next one (`jitter_permille` in
@@ -525,6 +521,7 @@ fn is_private(ip: IpAddr) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::domain::Credits;
@@ -532,7 +529,7 @@ mod tests {
     struct Seq(u32);
     impl Ids for Seq {
         fn grant_id(&mut self) -> String {
-            self.0 += 1;
+            self.0 = self.0.saturating_add(1);
             format!("g{}", self.0)
         }
     }

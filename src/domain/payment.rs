@@ -492,6 +492,24 @@ pub struct SubscriptionState {
     pub started: i64,
 }
 
+impl SubscriptionState {
+    /// The subscription this state describes, for `account`.
+    #[must_use]
+    pub fn to_subscription(&self, account: String) -> Subscription {
+        Subscription {
+            subscription_id: self.subscription.clone(),
+            account_id: account,
+            customer: self.customer.clone(),
+            status: self.status.clone(),
+            plan: self.plan.clone(),
+            period_end: self.period_end,
+            cancel_at_period_end: self.cancel_at_period_end,
+            as_of: self.as_of,
+            started: self.started,
+        }
+    }
+}
+
 /// A subscription as mirrored from its events, one row per subscription id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscription {

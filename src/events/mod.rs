@@ -69,8 +69,6 @@ pub struct Config {
     pub housekeeping: Duration,
 }
 
-/// The retention of delivered events by default: 30 days.
-pub const RETENTION_DEFAULT: Duration = Duration::from_secs(30 * 86_400);
 /// Longest schedule accepted (attempts).
 pub const SCHEDULE_MAX: usize = 20;
 /// Rows leased per round, at most.
@@ -262,7 +260,7 @@ fn end_of(answer: Answer, d: &Delivery, cfg: &Config) -> AttemptEnd {
         Answer::Error(e) => (None, e),
     };
     let jitter =
-        u32::try_from(crate::client::jitter(Duration::from_nanos(1000)).as_nanos()).unwrap_or(500);
+        u32::try_from(crate::client::jitter(Duration::from_micros(1)).as_nanos()).unwrap_or(500);
     match next_attempt(&cfg.schedule, d.attempts.saturating_add(1), jitter) {
         Some(delay) => AttemptEnd::Retry {
             at: Utc::now() + delay,
@@ -362,6 +360,7 @@ impl Dispatcher {
     }
 
     /// `credits.expiring` for grants entering the horizon, retention, and the gauges.
+    #[allow(clippy::cast_precision_loss)] // gauges of row counts: exact far beyond any outbox
     async fn housekeeping(&self) {
         if !self.names.is_empty() {
             let horizon = self.engine.policy().events.expiring_horizon;
@@ -454,4 +453,108 @@ fn record(d: &Delivery, end: &AttemptEnd) {
 
 fn log_storage(what: &str, e: &StorageError) {
     tracing::warn!(error.message = %e, "events: could not {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_on_private_literals_and_localhost_are_refused_unless_allowed() {
+        for url in [
+            "http://127.0.0.1:8080/x",
+            "http://10.0.0.7/x",
+            "http://[::1]/x",
+            "http://localhost/x",
+            "https://api.localhost/x",
+            "http://169.254.169.254/latest/meta-data",
+        ] {
+            let u: http::Uri = url.parse().unwrap();
+            assert!(check_target("app", &u, false).is_err(), "{url}");
+            assert!(check_target("app", &u, true).is_ok(), "{url}");
+        }
+        let public: http::Uri = "https://hooks.example.com/tally".parse().unwrap();
+        assert!(check_target("app", &public, false).is_ok());
+    }
+
+    /// The check after DNS: a name that resolves only to loopback is refused, with its own
+    /// error, unless private addresses are allowed.
+    #[tokio::test]
+    async fn the_resolver_refuses_names_that_resolve_to_private_addresses() {
+        use std::str::FromStr as _;
+        use tower::Service as _;
+        let name = Name::from_str("localhost").unwrap();
+        let refused = Guarded {
+            allow_private: false,
+        }
+        .call(name.clone())
+        .await
+        .unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(refused.to_string().contains("refused"));
+        let allowed: Vec<SocketAddr> = Guarded {
+            allow_private: true,
+        }
+        .call(name)
+        .await
+        .unwrap()
+        .collect();
+        assert!(allowed.iter().all(|a| a.ip().is_loopback()) && !allowed.is_empty());
+    }
+
+    #[test]
+    fn schedules_parse_with_limits() {
+        assert_eq!(
+            parse_schedule("0s, 5s,5m").unwrap(),
+            [
+                Duration::ZERO,
+                Duration::from_secs(5),
+                Duration::from_mins(5)
+            ]
+        );
+        assert!(parse_schedule("").is_err());
+        assert!(parse_schedule("5 parsecs").is_err());
+        assert!(parse_schedule(&vec!["1s"; SCHEDULE_MAX + 1].join(",")).is_err());
+    }
+
+    fn delivery(attempts: u32) -> Delivery {
+        Delivery {
+            seq: 1,
+            event_id: "evt_1".into(),
+            endpoint: "app".into(),
+            account_id: "u1".into(),
+            kind: "credits.granted".into(),
+            body: "{}".into(),
+            attempts,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn answers_map_to_delivered_retry_failed_and_gone() {
+        let cfg = Config {
+            schedule: vec![Duration::ZERO, Duration::from_secs(5)],
+            ..Config::default()
+        };
+        assert!(matches!(
+            end_of(Answer::Status(204), &delivery(0), &cfg),
+            AttemptEnd::Delivered { status: 204 }
+        ));
+        assert!(matches!(
+            end_of(Answer::Status(410), &delivery(0), &cfg),
+            AttemptEnd::EndpointGone { .. }
+        ));
+        match end_of(Answer::Status(302), &delivery(0), &cfg) {
+            AttemptEnd::Retry { status, error, at } => {
+                assert_eq!(status, Some(302));
+                assert!(error.contains("redirect"));
+                assert!(at > Utc::now() + TimeDelta::seconds(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            end_of(Answer::Error("reset".into()), &delivery(1), &cfg),
+            AttemptEnd::Failed { status: None, .. }
+        ));
+    }
 }

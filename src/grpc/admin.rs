@@ -261,7 +261,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
                         format!(
                             "{}://{}",
                             u.scheme_str().unwrap_or("https"),
-                            u.authority().map(|a| a.as_str()).unwrap_or_default()
+                            u.authority()
+                                .map(http::uri::Authority::as_str)
+                                .unwrap_or_default()
                         )
                     })
                     .unwrap_or_default();

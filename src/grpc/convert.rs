@@ -903,43 +903,6 @@ pub fn estimate_to_pb(e: Estimate) -> pb::EstimateCostResponse {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every domain kind and source has its API value, named as the domain stores it
-    /// (`TRANSFER_OUT` ↔ `transfer_out`: the words the CLI and `by_source` use), and back.
-    #[test]
-    fn entry_kinds_and_grant_sources_map_one_to_one_by_name() {
-        for k in EntryKind::ALL {
-            let pb = kind_to_pb(k);
-            assert_eq!(
-                pb.as_str_name(),
-                format!("ENTRY_KIND_{}", k.as_str().to_uppercase())
-            );
-            assert_eq!(kind_from_pb(pb), Some(k));
-        }
-        for s in Source::ALL {
-            let pb = source_to_pb(s);
-            assert_eq!(
-                pb.as_str_name(),
-                format!("GRANT_SOURCE_{}", s.as_str().to_uppercase())
-            );
-            assert_eq!(source_from_pb(pb), s);
-        }
-        let api_kinds = (1..256)
-            .filter(|n| pb::EntryKind::try_from(*n).is_ok())
-            .count();
-        let api_sources = (1..256)
-            .filter(|n| pb::GrantSource::try_from(*n).is_ok())
-            .count();
-        assert_eq!(
-            (api_kinds, api_sources),
-            (EntryKind::ALL.len(), Source::ALL.len())
-        );
-    }
-}
-
 /// Longest event id, endpoint name or type accepted in an event filter: 128 bytes.
 pub const EVENT_FIELD_MAX: usize = 128;
 
@@ -1059,4 +1022,41 @@ pub fn redeliver(r: &pb::RedeliverEventRequest) -> Result<(String, Option<String
     }
     let endpoint = event_field(&mut c, "endpoint", &r.endpoint);
     c.done(id.map(|id| (id, endpoint)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every domain kind and source has its API value, named as the domain stores it
+    /// (`TRANSFER_OUT` ↔ `transfer_out`: the words the CLI and `by_source` use), and back.
+    #[test]
+    fn entry_kinds_and_grant_sources_map_one_to_one_by_name() {
+        for k in EntryKind::ALL {
+            let pb = kind_to_pb(k);
+            assert_eq!(
+                pb.as_str_name(),
+                format!("ENTRY_KIND_{}", k.as_str().to_uppercase())
+            );
+            assert_eq!(kind_from_pb(pb), Some(k));
+        }
+        for s in Source::ALL {
+            let pb = source_to_pb(s);
+            assert_eq!(
+                pb.as_str_name(),
+                format!("GRANT_SOURCE_{}", s.as_str().to_uppercase())
+            );
+            assert_eq!(source_from_pb(pb), s);
+        }
+        let api_kinds = (1..256)
+            .filter(|n| pb::EntryKind::try_from(*n).is_ok())
+            .count();
+        let api_sources = (1..256)
+            .filter(|n| pb::GrantSource::try_from(*n).is_ok())
+            .count();
+        assert_eq!(
+            (api_kinds, api_sources),
+            (EntryKind::ALL.len(), Source::ALL.len())
+        );
+    }
 }

@@ -39,6 +39,13 @@ async fn open_if_new(tx: &mut dyn Tx, account: &str, now: DateTime<Utc>) -> Stor
     Ok(())
 }
 
+/// Why the books move: the entries' reason, and the business fact (named in the events).
+#[derive(Clone, Copy)]
+struct Why<'a> {
+    reason: &'a str,
+    fact: Option<&'a str>,
+}
+
 /// A grant the books make for a business fact.
 struct FactGrant<'a> {
     business_key: &'a str,
@@ -56,8 +63,7 @@ async fn book_fact(
     account: &str,
     grant: Option<FactGrant<'_>>,
     claw: i64,
-    reason: &str,
-    fact: Option<&str>,
+    why: Why<'_>,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> StorageResult<Option<String>> {
@@ -77,8 +83,8 @@ async fn book_fact(
         )),
         None => None,
     };
-    let granted = book.book_decision(booked, claw, reason, now, &mut RandomIds)?;
-    book.fact = fact.map(str::to_owned);
+    let granted = book.book_decision(booked, claw, why.reason, now, &mut RandomIds)?;
+    book.fact = why.fact.map(str::to_owned);
     tx.write(&book, now).await?;
     if let (Some(id), Some(g)) = (&granted, &grant) {
         tx.tag_grant(id, g.business_key).await?;
@@ -210,8 +216,10 @@ async fn apply_payment_fact(
             &account,
             fact_grant,
             decision.claw,
-            reason,
-            Some(&key).filter(|k| !k.is_empty()).map(String::as_str),
+            Why {
+                reason,
+                fact: Some(&key).filter(|k| !k.is_empty()).map(String::as_str),
+            },
             policy,
             now,
         )
@@ -370,17 +378,7 @@ pub(super) async fn record(
             )
             .await?
             {
-                let incoming = crate::domain::payment::Subscription {
-                    subscription_id: state.subscription.clone(),
-                    account_id: account,
-                    customer: state.customer.clone(),
-                    status: state.status.clone(),
-                    plan: state.plan.clone(),
-                    period_end: state.period_end,
-                    cancel_at_period_end: state.cancel_at_period_end,
-                    as_of: state.as_of,
-                    started: state.started,
-                };
+                let incoming = state.to_subscription(account);
                 apply_subscription(tx.as_mut(), Some(incoming), None, policy, now).await?;
             }
         }
@@ -409,17 +407,11 @@ pub(super) async fn record(
                     source: crate::domain::book::Source::Subscription,
                     expires_at: *expires_at,
                 };
-                let id = book_fact(
-                    tx.as_mut(),
-                    &account,
-                    Some(grant),
-                    0,
+                let why = Why {
                     reason,
-                    Some(business_key),
-                    policy,
-                    now,
-                )
-                .await?;
+                    fact: Some(business_key),
+                };
+                let id = book_fact(tx.as_mut(), &account, Some(grant), 0, why, policy, now).await?;
                 tx.put_fact(
                     business_key,
                     Some(&account),

@@ -138,7 +138,9 @@ impl Receiver {
                             tokio::time::sleep(d).await;
                             (axum::http::StatusCode::OK, [("location", "")])
                         }
-                        Reply::Redirect => (axum::http::StatusCode::FOUND, [("location", "/elsewhere")]),
+                        Reply::Redirect => {
+                            (axum::http::StatusCode::FOUND, [("location", "/elsewhere")])
+                        }
                     }
                 }
             },
@@ -246,7 +248,7 @@ pub fn with_endpoint(s: &mut Settings, url: &str, schedule: &str, allow_private:
         tally::catalog::Endpoint {
             url: url.into(),
             types: Vec::new(),
-            secret_env: "UNUSED_IN_TESTS".into(),
+            secret: tally::catalog::SecretSource::Env("UNUSED_IN_TESTS".into()),
         },
     );
     s.catalog = Arc::new(c);
@@ -483,7 +485,10 @@ async fn refused_changes_make_no_event(backend: Backend) {
     assert_eq!(ok, 10);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // 10 → 0 never crosses 100 downwards (it started under): no event at all.
-    assert_eq!(kinds(&r.events_of("poor")), ["account.opened", "credits.granted"]);
+    assert_eq!(
+        kinds(&r.events_of("poor")),
+        ["account.opened", "credits.granted"]
+    );
     assert_eq!(deliveries(&app, "poor").await.len(), 2);
     app.finish().await;
 
@@ -546,7 +551,7 @@ async fn an_outage_is_waited_out(backend: Backend) {
     let app = app_for(backend, &r, "0s,5s,10s,20s,30s,30s,30s").await;
     app.fund("outage", 10).await;
     let down = Instant::now();
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_mins(1)).await;
     let during = deliveries(&app, "outage").await;
     let opened = during
         .iter()
@@ -557,11 +562,11 @@ async fn an_outage_is_waited_out(backend: Backend) {
     assert!((3..=5).contains(&opened.attempts), "{opened:#?}");
     assert!(!opened.last_error.is_empty());
     r.restart().await;
-    r.wait(Duration::from_secs(60), "delivery after the outage", |r| {
+    r.wait(Duration::from_mins(1), "delivery after the outage", |r| {
         r.events_of("outage").len() == 2
     })
     .await;
-    assert!(down.elapsed() >= Duration::from_secs(60));
+    assert!(down.elapsed() >= Duration::from_mins(1));
     let after = deliveries(&app, "outage").await;
     assert!(
         after
@@ -577,8 +582,10 @@ async fn gone_disables_the_endpoint(backend: Backend) {
     r.script([Reply::Status(410)]);
     let app = app_for(backend, &r, FAST).await;
     app.fund("gone", 10).await;
-    r.wait(Duration::from_secs(10), "the 410", |r| r.of("gone").len() == 1)
-        .await;
+    r.wait(Duration::from_secs(10), "the 410", |r| {
+        r.of("gone").len() == 1
+    })
+    .await;
     let mut admin = app.admin().await;
     let mut disabled = false;
     for _ in 0..100 {
@@ -653,7 +660,11 @@ async fn redirects_are_not_followed(backend: Backend) {
         .into_inner();
     assert_eq!(again.queued, 1);
     r.wait(Duration::from_secs(10), "the redelivery", |r| {
-        r.of("moved").iter().filter(|g| g.id == failed.event_id).count() == 5
+        r.of("moved")
+            .iter()
+            .filter(|g| g.id == failed.event_id)
+            .count()
+            == 5
     })
     .await;
     let unknown = app
@@ -802,7 +813,12 @@ async fn spawn_serve(db_url: &str, catalog: &std::path::Path, log: &std::path::P
         .arg("--catalog")
         .arg(catalog)
         .args(["--events-allow-private", "--events-timeout", "1s"])
-        .args(["--events-poll-interval", "20ms", "--sweep-interval", "100ms"])
+        .args([
+            "--events-poll-interval",
+            "20ms",
+            "--sweep-interval",
+            "100ms",
+        ])
         .args([
             "--events-retry-schedule",
             "0s,100ms,200ms,300ms,400ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms",
@@ -873,9 +889,7 @@ async fn kill_nine_during_deliveries(backend: Backend) {
             set.spawn(async move {
                 let mut ok = 0;
                 loop {
-                    let done = admin
-                        .grant(crate::grant_req(&account, 1, &key()))
-                        .await;
+                    let done = admin.grant(crate::grant_req(&account, 1, &key())).await;
                     if done.is_err() {
                         return (account, ok);
                     }
@@ -894,7 +908,9 @@ async fn kill_nine_during_deliveries(backend: Backend) {
     }
     // The last start delivers what is left.
     let mut serve = spawn_serve(&db.url, &catalog, &log).await;
-    let store = tally::app::open_store(&db.url, 4, Arc::default()).await.unwrap();
+    let store = tally::app::open_store(&db.url, 4, Arc::default())
+        .await
+        .unwrap();
     let all = || tally::storage::EventQuery {
         limit: 100_000,
         ..Default::default()
@@ -909,7 +925,7 @@ async fn kill_nine_during_deliveries(backend: Backend) {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(60),
+            start.elapsed() < Duration::from_mins(1),
             "undelivered after the last start"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -922,7 +938,9 @@ async fn kill_nine_during_deliveries(backend: Backend) {
         rows.iter()
             .all(|e| e.state == tally::domain::event::DeliveryState::Delivered),
         "{:?}",
-        rows.iter().filter(|e| e.state != tally::domain::event::DeliveryState::Delivered).collect::<Vec<_>>()
+        rows.iter()
+            .filter(|e| e.state != tally::domain::event::DeliveryState::Delivered)
+            .collect::<Vec<_>>()
     );
     let stored: BTreeMap<String, String> = rows
         .iter()
@@ -954,7 +972,10 @@ async fn kill_nine_during_deliveries(backend: Backend) {
             .map(|g| g.grant_id)
             .collect();
         total_grants += grants.len();
-        assert!(grants.len() >= acked[account], "{account}: an acknowledged grant is missing");
+        assert!(
+            grants.len() >= acked[account],
+            "{account}: an acknowledged grant is missing"
+        );
         let events = r.events_of(account);
         assert_eq!(events[0].1, "account.opened", "{account}");
         let granted: Vec<&Value> = events
@@ -976,14 +997,16 @@ async fn kill_nine_during_deliveries(backend: Backend) {
             "{account}: out of order {order:?}"
         );
     }
-    assert!(total_grants >= 80, "too little happened: {total_grants} grants");
+    assert!(
+        total_grants >= 80,
+        "too little happened: {total_grants} grants"
+    );
     eprintln!(
         "kill -9 ×10: {total_grants} grants, {} events, {} posts ({retried} repeated)",
         stored.len(),
         got.len()
     );
 }
-
 
 /// `tally serve` refuses an endpoint on a private address literal unless allowed.
 #[tokio::test]
@@ -999,7 +1022,13 @@ async fn serve_refuses_a_private_endpoint_at_start() {
     )
     .unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--metrics-listen", "127.0.0.1:0", "--database-url"])
         .arg(format!("sqlite://{}", dir.path().join("t.db").display()))
         .arg("--catalog")
