@@ -433,6 +433,7 @@ class H(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length", "0")))
         self.send_response(204); self.end_headers()
     def log_message(self, *a): pass
+ThreadingHTTPServer.request_queue_size = 256
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ' "$RECEIVER_PORT" >/dev/null 2>&1 &
     RECEIVER_PID=$!
@@ -440,7 +441,8 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     printf '\n[events.endpoints.bench]\nurl = "http://127.0.0.1:%s/hooks"\nsecret_env = "BENCH_EVENTS_SECRET"\n' \
         "$RECEIVER_PORT" >>"$BASE/catalog-events.toml"
     export BENCH_EVENTS_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=
-    SERVER_FLAGS_A+=(--catalog "$BASE/catalog-events.toml" --events-allow-private)
+    SERVER_FLAGS_A+=(--catalog "$BASE/catalog-events.toml" --events-allow-private
+        --events-housekeeping-interval 1s)
 fi
 SRV_URL="" SRV_METRICS=""
 tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
@@ -481,6 +483,17 @@ fund() { # dist -> FUND_S
     CHILD=$!; t0=$(now_ns); wait "$CHILD" || rc=$?; CHILD=""
     FUND_S=$(awk -v n="$(( $(now_ns) - t0 ))" 'BEGIN{printf "%.1f", n/1e9}')
     [ "$rc" = 0 ] || { cat "$out" >&2; die "funding the $1 accounts failed"; }
+    [ "$EVENTS" = 1 ] && drain_events
+    return 0
+}
+drain_events() { # EVENTS=1: wait until the funding's events are delivered (cases measure the job path)
+    local i pending
+    for i in $(seq 600); do
+        pending=$(curl -s --max-time 2 "$SRV_METRICS/metrics" | awk '$1 == "tally_events_pending" {print $2}')
+        [ "$pending" = 0 ] && { note "events: the outbox is empty"; return 0; }
+        sleep 1
+    done
+    die "EVENTS=1: the funding's events were not delivered within 600 s"
 }
 
 tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_ERRS

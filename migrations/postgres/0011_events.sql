@@ -25,6 +25,7 @@ CREATE TABLE event (
     CONSTRAINT event_dedupe_once UNIQUE (endpoint, dedupe_key)
 );
 CREATE INDEX event_pending_by_account ON event (endpoint, account_id, seq) WHERE state = 'pending';
+CREATE INDEX event_pending_seq ON event (seq) WHERE state = 'pending';
 CREATE INDEX event_pending_due ON event (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX event_by_account ON event (account_id, seq);
 CREATE INDEX event_by_event_id ON event (event_id);

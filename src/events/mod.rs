@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use http_body_util::Full;
@@ -299,13 +299,25 @@ impl Dispatcher {
     /// records each result; housekeeping every [`Config::housekeeping`].
     pub async fn run(self, stop: impl Future<Output = ()> + Send) {
         tokio::pin!(stop);
+        let this = Arc::new(self);
+        // Housekeeping on a task of its own: a slow pass never delays a delivery.
+        let keeper = {
+            let this = Arc::clone(&this);
+            tokio::spawn(async move {
+                loop {
+                    this.housekeeping().await;
+                    tokio::time::sleep(this.cfg.housekeeping).await;
+                }
+            })
+        };
+        this.deliver(stop).await;
+        keeper.abort();
+    }
+
+    async fn deliver(&self, mut stop: Pin<&mut impl Future<Output = ()>>) {
+        let wake = self.engine.outbox_written();
         let mut in_flight: JoinSet<()> = JoinSet::new();
-        let mut last_housekeeping: Option<Instant> = None;
         loop {
-            if last_housekeeping.is_none_or(|t| t.elapsed() >= self.cfg.housekeeping) {
-                last_housekeeping = Some(Instant::now());
-                self.housekeeping().await;
-            }
             let free = self.cfg.concurrency.saturating_sub(in_flight.len());
             let mut leased = 0;
             if free > 0 && !self.names.is_empty() {
@@ -331,7 +343,11 @@ impl Dispatcher {
             }
             tokio::select! {
                 () = &mut stop => break,
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    // Every attempt that ended meanwhile, so one lease follows them all.
+                    while in_flight.try_join_next().is_some() {}
+                }
+                () = wake.notified() => {}
                 () = tokio::time::sleep(self.cfg.poll) => {}
             }
         }
@@ -362,8 +378,13 @@ impl Dispatcher {
     /// `credits.expiring` for grants entering the horizon, retention, and the gauges.
     #[allow(clippy::cast_precision_loss)] // gauges of row counts: exact far beyond any outbox
     async fn housekeeping(&self) {
-        if !self.names.is_empty() {
-            let horizon = self.engine.policy().events.expiring_horizon;
+        let rules = &self.engine.policy().events;
+        let wanted = rules
+            .endpoints_for(crate::domain::event::EventType::CreditsExpiring)
+            .next()
+            .is_some();
+        if wanted && !self.names.is_empty() {
+            let horizon = rules.expiring_horizon;
             match self
                 .engine
                 .expiring_grants(horizon, HOUSEKEEPING_BATCH)

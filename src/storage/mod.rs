@@ -245,6 +245,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Up to `limit` grants with credits left that expire within `horizon` and have no
     /// `credits.expiring` event yet.
     async fn expiring_grants(&self, horizon: TimeDelta, limit: u32) -> StorageResult<Vec<Grant>>;
+    /// Notified after a transaction of this process committed outbox rows (the dispatcher
+    /// wakes on it instead of waiting for its next poll).
+    fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify>;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
     /// Gauges for metrics: open holds and the connection pool.

@@ -51,6 +51,8 @@ const SUBSCRIPTIONS_SQL: &str =
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Rung after a commit that wrote outbox rows.
+    wake: Arc<tokio::sync::Notify>,
     write_lock: Arc<Mutex<()>>,
     policy: Arc<Policy>,
     /// How the job path shares transactions (one worker: SQLite has one writer).
@@ -227,6 +229,7 @@ impl SqliteStore {
         }
         Ok(Self {
             pool,
+            wake: Arc::default(),
             write_lock: Arc::new(Mutex::new(())),
             policy,
             batching: Batching {
@@ -271,6 +274,9 @@ struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
     _lock: OwnedMutexGuard<()>,
     policy: Arc<Policy>,
+    /// Rung after a commit that wrote outbox rows.
+    wake: Arc<tokio::sync::Notify>,
+    emitted: bool,
 }
 
 #[async_trait]
@@ -607,6 +613,7 @@ impl Tx for SqliteTx {
 
     async fn emit(&mut self, events: &[crate::domain::event::NewEvent]) -> StorageResult<()> {
         for (endpoint, e) in super::outbox_rows(&self.policy, events) {
+            self.emitted = true;
             sqlx::query(
                 "INSERT INTO event (event_id, endpoint, account_id, type, body, created_at, dedupe_key,
                                     next_attempt_at)
@@ -925,7 +932,12 @@ impl Tx for SqliteTx {
     }
 
     async fn commit(self: Box<Self>) -> StorageResult<()> {
-        self.tx.commit().await.map_err(map_err)
+        let (wake, emitted) = (Arc::clone(&self.wake), self.emitted);
+        self.tx.commit().await.map_err(map_err)?;
+        if emitted {
+            wake.notify_one();
+        }
+        Ok(())
     }
 }
 
@@ -999,6 +1011,8 @@ impl Backend for SqliteStore {
             tx,
             _lock: lock,
             policy: Arc::clone(&self.policy),
+            wake: Arc::clone(&self.wake),
+            emitted: false,
         }))
     }
 
@@ -1339,9 +1353,9 @@ impl Backend for SqliteStore {
                    AND (e.lease_until IS NULL OR e.lease_until <= ?1)
                    AND e.endpoint IN (SELECT value FROM json_each(?3))
                    AND e.endpoint NOT IN (SELECT name FROM event_endpoint)
-                   AND NOT EXISTS (SELECT 1 FROM event p
-                                   WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
-                                     AND p.state = 'pending' AND p.seq < e.seq)
+                   AND e.seq = (SELECT min(p.seq) FROM event p
+                                WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
+                                  AND p.state = 'pending')
                  ORDER BY e.seq LIMIT ?4)
              RETURNING seq, event_id, endpoint, account_id, type, body, attempts, created_at",
         )
@@ -1558,6 +1572,10 @@ impl Backend for SqliteStore {
         .await
         .map_err(map_err)?;
         rows.iter().map(bucket_from_row).collect()
+    }
+
+    fn outbox_written(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.wake)
     }
 
     async fn ping(&self) -> StorageResult<()> {

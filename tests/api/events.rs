@@ -704,7 +704,9 @@ async fn private_addresses_are_refused(backend: Backend) {
     app.finish().await;
 }
 
-/// Two replicas on one PostgreSQL: every event posted once between them, in order per account.
+/// Two replicas on one PostgreSQL: every event posted once between them, in order per
+/// account; 20 rounds, each on new accounts (no row yet) and on warm ones, the calls of one
+/// account spread over both replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_deliver_each_event_once() {
     let r = Receiver::start().await;
@@ -712,55 +714,57 @@ async fn two_replicas_deliver_each_event_once() {
     let a = TestApp::spawn_with(Backend::Postgres, |s| with_endpoint(s, &url, FAST, true)).await;
     let db_b = TestDb::from_url(a.db.url.clone());
     let b = TestApp::spawn_on_with(db_b, |s| with_endpoint(s, &url, FAST, true)).await;
-    let accounts: Vec<String> = (0..20).map(|i| format!("rep{i}")).collect();
-    let mut set = tokio::task::JoinSet::new();
-    for (i, account) in accounts.iter().enumerate() {
-        let mut admin = if i % 2 == 0 {
-            a.admin().await
-        } else {
-            b.admin().await
-        };
-        let account = account.clone();
-        set.spawn(async move {
-            for _ in 0..5 {
-                admin
-                    .grant(pb::GrantRequest {
-                        account_id: account.clone(),
-                        amount: 10,
-                        reason: "replicas".into(),
-                        idempotency_key: key(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+    let admins = [a.admin().await, b.admin().await];
+    let warm: Vec<String> = (0..4).map(|i| format!("warm{i}")).collect();
+    let mut expected: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 0..20 {
+        let cold: Vec<String> = (0..2).map(|i| format!("cold{round}-{i}")).collect();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, account) in cold.iter().chain(&warm).enumerate() {
+            for n in 0..2 {
+                let mut admin = admins[(i + n + round) % 2].clone();
+                let account = account.clone();
+                set.spawn(async move {
+                    admin
+                        .grant(crate::grant_req(&account, 10, &key()))
+                        .await
+                        .unwrap();
+                });
             }
-        });
+            // account.opened once, then a credits.granted per grant.
+            *expected.entry(account.clone()).or_insert(1) += 2;
+        }
+        while let Some(done) = set.join_next().await {
+            done.unwrap();
+        }
     }
-    while set.join_next().await.is_some() {}
-    // Each account: account.opened and five credits.granted.
-    r.wait(Duration::from_secs(30), "120 events", |r| {
-        accounts.iter().all(|a| r.events_of(a).len() == 6)
+    let total: usize = expected.values().sum();
+    r.wait(Duration::from_secs(60), "every event", |r| {
+        expected.iter().all(|(a, n)| r.events_of(a).len() == *n)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut posts: BTreeMap<String, usize> = BTreeMap::new();
     for g in r.got() {
+        g.verify();
         *posts.entry(g.id).or_default() += 1;
     }
-    assert_eq!(posts.len(), 120);
+    assert_eq!(posts.len(), total);
     assert!(
         posts.values().all(|n| *n == 1),
         "double dispatch: {:?}",
         posts.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
     );
-    for account in &accounts {
-        let avail: Vec<i64> = r
-            .events_of(account)
+    for account in expected.keys() {
+        let events = r.events_of(account);
+        assert_eq!(events[0].1, "account.opened", "{account}");
+        let avail: Vec<i64> = events
             .iter()
             .skip(1)
             .map(|(_, _, d)| d["available"].as_i64().unwrap())
             .collect();
-        assert_eq!(avail, [10, 20, 30, 40, 50], "{account}: out of order");
+        let want: Vec<i64> = (1..=avail.len() as i64).map(|k| 10 * k).collect();
+        assert_eq!(avail, want, "{account}: out of order");
     }
     b.finish().await;
     a.finish().await;

@@ -188,6 +188,8 @@ impl Executor for PgStore {
                 let tx: Box<dyn crate::storage::Tx + '_> = Box::new(super::PgTx {
                     tx,
                     policy: std::sync::Arc::clone(&self.policy),
+                    wake: std::sync::Arc::clone(&self.wake),
+                    emitted: false,
                 });
                 crate::storage::batch::one(tx, job, steps, &self.policy).await
             }
@@ -375,8 +377,11 @@ impl PgStore {
         // 5. Write every book's changes and the outcomes' records, in one statement.
         let responses = records_of(jobs, &mut stored);
         let written: Vec<(&Book, i64)> = books.values().map(|b| (b, 0)).collect();
-        write_books(&mut tx, &written, now, &responses, false, &self.policy).await?;
+        let emitted = write_books(&mut tx, &written, now, &responses, false, &self.policy).await?;
         tx.commit().await.map_err(commit_err)?;
+        if emitted {
+            self.wake.notify_one();
+        }
         self.clock.observe(now);
         // What was read and written under the locks is the stored book: keep it. (A written
         // account row moved its version once.)
@@ -462,7 +467,10 @@ impl PgStore {
             self.contention
                 .record(matches!(written_result, Err(StorageError::Contended)));
             match written_result {
-                Ok(()) => {
+                Ok(emitted) => {
+                    if emitted {
+                        self.wake.notify_one();
+                    }
                     for a in &used {
                         if let Some(c) = lease.books.get_mut(a) {
                             c.version += 1;
@@ -831,7 +839,7 @@ async fn write_books(
     responses: &Responses<'_>,
     checked: bool,
     policy: &crate::domain::plan::Policy,
-) -> StorageResult<()> {
+) -> StorageResult<bool> {
     let mut events = super::EventColumns::default();
     let mut nb = Rows::default();
     let mut ub = Rows::default();
@@ -934,7 +942,7 @@ async fn write_books(
     } else {
         q.execute(&mut *tx).await.map_err(map_err)?;
     }
-    Ok(())
+    Ok(present[8])
 }
 
 /// A table's dirty rows, each once: the created ones (`true`, inserted with their final values)
@@ -1096,7 +1104,7 @@ struct Responses<'a> {
 
 /// A batch's writes as one statement, in foreign-key order: new grants, new holds, their
 /// draws, changed holds, draws, grants and accounts, entries (in order), outbox events, then the idempotency
-/// records of the commands that ran; only the parts `present` says have rows (the records'
+/// records of the commands that ran (true if it wrote outbox rows); only the parts `present` says have rows (the records'
 /// insert always: it is the main statement). `checked`: the account updates are
 /// [`UPDATE_ACCOUNTS_AT_VERSION`] and the records' insert [`INSERT_RECORDS_CHECKED`], for a
 /// group on kept books in autocommit: the accounts still at the versions read, or a

@@ -43,6 +43,14 @@ const STRIPE_LOCK: i64 = 0x7461_6c6c_7973_7472; // "tallystr"
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// The outbox's bookkeeping (leases, attempts) on connections of their own with
+    /// `synchronous_commit = off`: a lease or a delivery mark lost in a database crash means
+    /// one more delivery (at least once), never a lost event — the events themselves are
+    /// written durably, in the transaction of their change. Without it every lease and every
+    /// delivery waited for a WAL flush, and at 100 events/s the dispatcher fell behind.
+    outbox: PgPool,
+    /// Rung after a commit that wrote outbox rows.
+    pub(super) wake: Arc<tokio::sync::Notify>,
     policy: Arc<Policy>,
     /// For readiness pings on their own connection, so a busy pool never looks like a dead
     /// database.
@@ -151,6 +159,8 @@ fn map_err(e: sqlx::Error) -> StorageError {
 
 /// Longest wait for a connection: a pooled checkout, or a group worker's own connection.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections of the outbox's bookkeeping pool (opened when first used).
+const OUTBOX_CONNECTIONS: u32 = 2;
 
 /// An error of COMMIT itself. An error response from PostgreSQL means it rolled the
 /// transaction back ([`map_err`] says how to report it). Anything else — the connection lost,
@@ -347,8 +357,20 @@ impl PgStore {
             Ok(p) => p,
             Err(e) => return Err(unreachable_at_start(&options, e).await),
         };
+        let outbox = PgPoolOptions::new()
+            .max_connections(OUTBOX_CONNECTIONS)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .options([("synchronous_commit", "off")])
+                    .application_name("tally-outbox"),
+            );
         Ok(Self {
             pool,
+            outbox,
+            wake: Arc::default(),
             policy,
             options,
             batching,
@@ -395,6 +417,9 @@ impl PgStore {
 struct PgTx<'c> {
     tx: Transaction<'c, Postgres>,
     policy: Arc<Policy>,
+    /// Rung after a commit that wrote outbox rows.
+    wake: Arc<tokio::sync::Notify>,
+    emitted: bool,
 }
 
 /// Outbox rows as column arrays, for one `INSERT … SELECT FROM UNNEST` ([`INSERT_EVENTS`]).
@@ -783,6 +808,7 @@ impl Tx for PgTx<'_> {
         let mut cols = EventColumns::default();
         cols.push(&self.policy, events);
         if !cols.is_empty() {
+            self.emitted = true;
             cols.bind(sqlx::query(INSERT_EVENTS))
                 .execute(&mut *self.tx)
                 .await
@@ -1093,7 +1119,12 @@ impl Tx for PgTx<'_> {
     }
 
     async fn commit(self: Box<Self>) -> StorageResult<()> {
-        self.tx.commit().await.map_err(commit_err)
+        let (wake, emitted) = (Arc::clone(&self.wake), self.emitted);
+        self.tx.commit().await.map_err(commit_err)?;
+        if emitted {
+            wake.notify_one();
+        }
+        Ok(())
     }
 }
 
@@ -1145,6 +1176,8 @@ impl Backend for PgStore {
         Ok(Box::new(PgTx {
             tx,
             policy: Arc::clone(&self.policy),
+            wake: Arc::clone(&self.wake),
+            emitted: false,
         }))
     }
 
@@ -1468,6 +1501,9 @@ impl Backend for PgStore {
     ) -> StorageResult<Vec<Delivery>> {
         // SKIP LOCKED: a row another replica is leasing right now is left to it; the lease
         // (checked again once the row is locked) keeps it from being posted twice at once.
+        // An account's head as `seq = (SELECT min(..))`, not NOT EXISTS: the planner then walks
+        // `event_pending_seq` in order and stops at the limit (0.9 ms with 40,000 rows pending
+        // over 10,000 accounts), where the anti-join read and sorted every pending row (248 ms).
         let rows = sqlx::query(
             "UPDATE event SET lease_until = now() + $3 * interval '1 millisecond'
              WHERE seq IN (
@@ -1475,10 +1511,10 @@ impl Backend for PgStore {
                  WHERE e.state = 'pending' AND e.next_attempt_at <= now()
                    AND (e.lease_until IS NULL OR e.lease_until <= now())
                    AND e.endpoint = ANY($1)
-                   AND NOT EXISTS (SELECT 1 FROM event_endpoint d WHERE d.name = e.endpoint)
-                   AND NOT EXISTS (SELECT 1 FROM event p
-                                   WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
-                                     AND p.state = 'pending' AND p.seq < e.seq)
+                   AND e.endpoint NOT IN (SELECT d.name FROM event_endpoint d)
+                   AND e.seq = (SELECT min(p.seq) FROM event p
+                                WHERE p.endpoint = e.endpoint AND p.account_id = e.account_id
+                                  AND p.state = 'pending')
                  ORDER BY e.seq LIMIT $2
                  FOR UPDATE SKIP LOCKED)
                AND state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
@@ -1487,7 +1523,7 @@ impl Backend for PgStore {
         .bind(endpoints)
         .bind(i64::from(limit))
         .bind(lease.num_milliseconds())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.outbox)
         .await
         .map_err(map_err)?;
         let mut out = rows
@@ -1547,7 +1583,7 @@ impl Backend for PgStore {
             .bind(seq)
             .bind(endpoint),
         };
-        q.execute(&self.pool).await.map_err(map_err)?;
+        q.execute(&self.outbox).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -1671,6 +1707,10 @@ impl Backend for PgStore {
         .await
         .map_err(map_err)?;
         rows.iter().map(bucket_from_row).collect()
+    }
+
+    fn outbox_written(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.wake)
     }
 
     async fn ping(&self) -> StorageResult<()> {
