@@ -739,7 +739,7 @@ async fn two_replicas_deliver_each_event_once() {
         }
     }
     let total: usize = expected.values().sum();
-    r.wait(Duration::from_secs(60), "every event", |r| {
+    r.wait(Duration::from_mins(1), "every event", |r| {
         expected.iter().all(|(a, n)| r.events_of(a).len() == *n)
     })
     .await;
