@@ -24,6 +24,9 @@ CREATE TABLE event (
     CONSTRAINT event_once_per_endpoint UNIQUE (endpoint, event_id),
     CONSTRAINT event_dedupe_once UNIQUE (endpoint, dedupe_key)
 );
+-- A queue: rows come and go quickly, so statistics and cleanup follow it closely (the default
+-- 10 % / 20 % thresholds let a fresh backlog run on plans made for an empty table).
+ALTER TABLE event SET (autovacuum_analyze_scale_factor = 0.01, autovacuum_vacuum_scale_factor = 0.02);
 CREATE INDEX event_pending_by_account ON event (endpoint, account_id, seq) WHERE state = 'pending';
 CREATE INDEX event_pending_seq ON event (seq) WHERE state = 'pending';
 CREATE INDEX event_pending_due ON event (next_attempt_at) WHERE state = 'pending';

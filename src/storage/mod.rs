@@ -254,6 +254,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn stats(&self) -> StorageResult<StoreStats>;
 }
 
+/// The dispatcher looks for accounts' next events among this many oldest pending deliveries:
+/// an account whose next event is younger waits until older ones are delivered (a bounded
+/// cost per lease, whatever the backlog).
+pub const LEASE_WINDOW: i64 = 4096;
+
 /// A delivery the dispatcher leased.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {

@@ -1348,7 +1348,9 @@ impl Backend for SqliteStore {
         let _writer = self.write_lock.lock().await;
         let rows = sqlx::query(
             "UPDATE event SET lease_until = ?2 WHERE seq IN (
-                 SELECT e.seq FROM event e
+                 SELECT e.seq FROM (SELECT seq FROM event WHERE state = 'pending'
+                                    ORDER BY seq LIMIT ?5) c
+                 JOIN event e ON e.seq = c.seq
                  WHERE e.state = 'pending' AND e.next_attempt_at <= ?1
                    AND (e.lease_until IS NULL OR e.lease_until <= ?1)
                    AND e.endpoint IN (SELECT value FROM json_each(?3))
@@ -1363,6 +1365,7 @@ impl Backend for SqliteStore {
         .bind(until)
         .bind(serde_json::to_string(endpoints).map_err(StorageError::other)?)
         .bind(i64::from(limit))
+        .bind(super::LEASE_WINDOW)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;

@@ -285,6 +285,21 @@ async fn deliveries(app: &TestApp, account: &str) -> Vec<pb::EventDelivery> {
         .deliveries
 }
 
+/// The account's first delivery to reach `failed`, waiting up to 6 s.
+async fn first_failed(app: &TestApp, account: &str) -> Option<pb::EventDelivery> {
+    for _ in 0..300 {
+        let listed = deliveries(app, account).await;
+        if let Some(d) = listed
+            .iter()
+            .find(|d| d.state() == pb::EventDeliveryState::Failed)
+        {
+            return Some(d.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
 fn kinds(events: &[(String, String, Value)]) -> Vec<&str> {
     events.iter().map(|(_, k, _)| k.as_str()).collect()
 }
@@ -625,18 +640,7 @@ async fn redirects_are_not_followed(backend: Backend) {
     r.script(std::iter::repeat_n(Reply::Redirect, 4));
     let app = app_for(backend, &r, FAST).await;
     app.fund("moved", 10).await;
-    let mut failed = None;
-    for _ in 0..300 {
-        let listed = deliveries(&app, "moved").await;
-        if let Some(d) = listed
-            .iter()
-            .find(|d| d.state() == pb::EventDeliveryState::Failed)
-        {
-            failed = Some(d.clone());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let failed = first_failed(&app, "moved").await;
     let failed = failed.expect("the redirected event fails after its schedule");
     assert_eq!(failed.attempts, 4);
     assert_eq!(failed.last_status, 302);
@@ -686,18 +690,7 @@ async fn private_addresses_are_refused(backend: Backend) {
     let url = format!("http://localhost:{}/hooks/tally", r.addr.port());
     let app = TestApp::spawn_with(backend, |s| with_endpoint(s, &url, "0s,100ms", false)).await;
     app.fund("ssrf", 10).await;
-    let mut failed = None;
-    for _ in 0..300 {
-        let listed = deliveries(&app, "ssrf").await;
-        if let Some(d) = listed
-            .iter()
-            .find(|d| d.state() == pb::EventDeliveryState::Failed)
-        {
-            failed = Some(d.clone());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let failed = first_failed(&app, "ssrf").await;
     let failed = failed.expect("a refused address fails");
     assert!(failed.last_error.contains("refused"), "{failed:#?}");
     assert!(r.got().is_empty(), "a request reached a private address");
