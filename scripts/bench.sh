@@ -441,8 +441,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     printf '\n[events.endpoints.bench]\nurl = "http://127.0.0.1:%s/hooks"\nsecret_env = "BENCH_EVENTS_SECRET"\n' \
         "$RECEIVER_PORT" >>"$BASE/catalog-events.toml"
     export BENCH_EVENTS_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=
-    SERVER_FLAGS_A+=(--catalog "$BASE/catalog-events.toml" --events-allow-private
-        --events-housekeeping-interval 1s)
+    SERVER_FLAGS_A+=(--catalog "$BASE/catalog-events.toml" --events-allow-private)
 fi
 SRV_URL="" SRV_METRICS=""
 tally_start() { # backend database-url [extra serve flags] -> STARTUP_MS
