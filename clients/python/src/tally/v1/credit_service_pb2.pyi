@@ -72,6 +72,13 @@ class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTRY_KIND_TRANSFER_IN: _ClassVar[EntryKind]
     ENTRY_KIND_CLAWBACK: _ClassVar[EntryKind]
     ENTRY_KIND_DEBT_PAYMENT: _ClassVar[EntryKind]
+
+class EventDeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_DELIVERY_STATE_UNSPECIFIED: _ClassVar[EventDeliveryState]
+    EVENT_DELIVERY_STATE_PENDING: _ClassVar[EventDeliveryState]
+    EVENT_DELIVERY_STATE_DELIVERED: _ClassVar[EventDeliveryState]
+    EVENT_DELIVERY_STATE_FAILED: _ClassVar[EventDeliveryState]
 HOLD_STATE_UNSPECIFIED: HoldState
 HOLD_STATE_OPEN: HoldState
 HOLD_STATE_COMMITTED: HoldState
@@ -122,6 +129,10 @@ ENTRY_KIND_TRANSFER_OUT: EntryKind
 ENTRY_KIND_TRANSFER_IN: EntryKind
 ENTRY_KIND_CLAWBACK: EntryKind
 ENTRY_KIND_DEBT_PAYMENT: EntryKind
+EVENT_DELIVERY_STATE_UNSPECIFIED: EventDeliveryState
+EVENT_DELIVERY_STATE_PENDING: EventDeliveryState
+EVENT_DELIVERY_STATE_DELIVERED: EventDeliveryState
+EVENT_DELIVERY_STATE_FAILED: EventDeliveryState
 
 class Hold(_message.Message):
     __slots__ = ("hold_id", "account_id", "amount", "state", "committed_amount", "refunded_amount", "created_at", "expires_at", "resolved_at", "metadata")
@@ -724,3 +735,111 @@ class ExportUsageResponse(_message.Message):
     CSV_FIELD_NUMBER: _ClassVar[int]
     csv: bytes
     def __init__(self, csv: _Optional[bytes] = ...) -> None: ...
+
+class EventDelivery(_message.Message):
+    __slots__ = ("event_id", "endpoint", "account_id", "type", "state", "attempts", "created_at", "next_attempt_at", "last_attempt_at", "last_status", "last_error", "delivered_at", "body")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    endpoint: str
+    account_id: str
+    type: str
+    state: EventDeliveryState
+    attempts: int
+    created_at: _timestamp_pb2.Timestamp
+    next_attempt_at: _timestamp_pb2.Timestamp
+    last_attempt_at: _timestamp_pb2.Timestamp
+    last_status: int
+    last_error: str
+    delivered_at: _timestamp_pb2.Timestamp
+    body: str
+    def __init__(self, event_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., account_id: _Optional[str] = ..., type: _Optional[str] = ..., state: _Optional[_Union[EventDeliveryState, str]] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_status: _Optional[int] = ..., last_error: _Optional[str] = ..., delivered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., body: _Optional[str] = ...) -> None: ...
+
+class ListEventDeliveriesRequest(_message.Message):
+    __slots__ = ("account_id", "type", "state", "endpoint", "event_id", "page_size", "page_token")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    type: str
+    state: EventDeliveryState
+    endpoint: str
+    event_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, account_id: _Optional[str] = ..., type: _Optional[str] = ..., state: _Optional[_Union[EventDeliveryState, str]] = ..., endpoint: _Optional[str] = ..., event_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListEventDeliveriesResponse(_message.Message):
+    __slots__ = ("deliveries", "next_page_token")
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[EventDelivery]
+    next_page_token: str
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[EventDelivery, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RedeliverEventRequest(_message.Message):
+    __slots__ = ("event_id", "endpoint")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    endpoint: str
+    def __init__(self, event_id: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class RedeliverEventResponse(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    def __init__(self, queued: _Optional[int] = ...) -> None: ...
+
+class ListEventEndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EventEndpoint(_message.Message):
+    __slots__ = ("name", "origin", "types", "disabled", "disabled_at", "disabled_reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_AT_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    origin: str
+    types: _containers.RepeatedScalarFieldContainer[str]
+    disabled: bool
+    disabled_at: _timestamp_pb2.Timestamp
+    disabled_reason: str
+    def __init__(self, name: _Optional[str] = ..., origin: _Optional[str] = ..., types: _Optional[_Iterable[str]] = ..., disabled: _Optional[bool] = ..., disabled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disabled_reason: _Optional[str] = ...) -> None: ...
+
+class ListEventEndpointsResponse(_message.Message):
+    __slots__ = ("endpoints",)
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[EventEndpoint]
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[EventEndpoint, _Mapping]]] = ...) -> None: ...
+
+class EnableEventEndpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class EnableEventEndpointResponse(_message.Message):
+    __slots__ = ("was_disabled",)
+    WAS_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    was_disabled: bool
+    def __init__(self, was_disabled: _Optional[bool] = ...) -> None: ...

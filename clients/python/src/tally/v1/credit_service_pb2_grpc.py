@@ -515,6 +515,26 @@ class AdminServiceStub:
                 request_serializer=tally_dot_v1_dot_credit__service__pb2.ExportUsageRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_credit__service__pb2.ExportUsageResponse.FromString,
                 _registered_method=True)
+        self.ListEventDeliveries = channel.unary_unary(
+                '/tally.v1.AdminService/ListEventDeliveries',
+                request_serializer=tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverEvent = channel.unary_unary(
+                '/tally.v1.AdminService/RedeliverEvent',
+                request_serializer=tally_dot_v1_dot_credit__service__pb2.RedeliverEventRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_credit__service__pb2.RedeliverEventResponse.FromString,
+                _registered_method=True)
+        self.ListEventEndpoints = channel.unary_unary(
+                '/tally.v1.AdminService/ListEventEndpoints',
+                request_serializer=tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsResponse.FromString,
+                _registered_method=True)
+        self.EnableEventEndpoint = channel.unary_unary(
+                '/tally.v1.AdminService/EnableEventEndpoint',
+                request_serializer=tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -590,6 +610,38 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEventDeliveries(self, request, context):
+        """Outbound event deliveries (one per event and endpoint), newest first, filtered by
+        account, type, state and endpoint; paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverEvent(self, request, context):
+        """Queues an event again (for every endpoint, or one): pending, attempts from zero, due now,
+        with the same webhook-id. INVALID_ARGUMENT (a BadRequest on `event_id`) if no delivery
+        has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEventEndpoints(self, request, context):
+        """The configured event endpoints: URL host, type filters, whether a 410 disabled them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableEventEndpoint(self, request, context):
+        """Enables an endpoint a 410 Gone disabled; its pending events go out again.
+        INVALID_ARGUMENT if the catalog names no such endpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -637,6 +689,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ExportUsage,
                     request_deserializer=tally_dot_v1_dot_credit__service__pb2.ExportUsageRequest.FromString,
                     response_serializer=tally_dot_v1_dot_credit__service__pb2.ExportUsageResponse.SerializeToString,
+            ),
+            'ListEventDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEventDeliveries,
+                    request_deserializer=tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverEvent,
+                    request_deserializer=tally_dot_v1_dot_credit__service__pb2.RedeliverEventRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_credit__service__pb2.RedeliverEventResponse.SerializeToString,
+            ),
+            'ListEventEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEventEndpoints,
+                    request_deserializer=tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsResponse.SerializeToString,
+            ),
+            'EnableEventEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableEventEndpoint,
+                    request_deserializer=tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -883,6 +955,114 @@ class AdminService:
             '/tally.v1.AdminService/ExportUsage',
             tally_dot_v1_dot_credit__service__pb2.ExportUsageRequest.SerializeToString,
             tally_dot_v1_dot_credit__service__pb2.ExportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEventDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.AdminService/ListEventDeliveries',
+            tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesRequest.SerializeToString,
+            tally_dot_v1_dot_credit__service__pb2.ListEventDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.AdminService/RedeliverEvent',
+            tally_dot_v1_dot_credit__service__pb2.RedeliverEventRequest.SerializeToString,
+            tally_dot_v1_dot_credit__service__pb2.RedeliverEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEventEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.AdminService/ListEventEndpoints',
+            tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsRequest.SerializeToString,
+            tally_dot_v1_dot_credit__service__pb2.ListEventEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableEventEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.AdminService/EnableEventEndpoint',
+            tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointRequest.SerializeToString,
+            tally_dot_v1_dot_credit__service__pb2.EnableEventEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
