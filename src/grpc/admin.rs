@@ -272,10 +272,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     origin,
                     types: e.types.clone(),
                     disabled: off.is_some(),
-                    disabled_at: off.map(|(_, t, _)| prost_types::Timestamp {
-                        seconds: t.timestamp(),
-                        nanos: 0,
-                    }),
+                    disabled_at: off.map(|(_, t, _)| convert::ts(*t)),
                     disabled_reason: off.map(|(.., r)| r.clone()).unwrap_or_default(),
                 }
             })

@@ -825,7 +825,9 @@ pub fn csv_line(e: &EntryRecord) -> String {
     )
 }
 
-fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+/// A time as a protobuf Timestamp.
+#[must_use]
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),

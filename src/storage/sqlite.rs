@@ -1345,6 +1345,20 @@ impl Backend for SqliteStore {
     ) -> StorageResult<Vec<Delivery>> {
         let now = now_micros();
         let until = now.saturating_add(lease.num_microseconds().unwrap_or(i64::MAX));
+        // An idle dispatcher looks ten times a second: a read first, so that it takes the one
+        // writer only when something is due (its UPDATE took the writer every time: −35–50 %
+        // Reserve+Commit pairs/s at 64 clients with an endpoint configured).
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM event WHERE state = 'pending' AND next_attempt_at <= ?1
+               AND (lease_until IS NULL OR lease_until <= ?1) LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let _writer = self.write_lock.lock().await;
         let rows = sqlx::query(
             "UPDATE event SET lease_until = ?2 WHERE seq IN (
