@@ -35,6 +35,27 @@ pub struct EventSettings {
     pub targets: Vec<crate::events::Target>,
 }
 
+/// How live balances are served (WatchBalance, the SSE stream).
+#[derive(Clone, Copy, Debug)]
+pub struct WatchSettings {
+    /// Caps on open streams and the idle re-read.
+    pub limits: crate::ledger::watch::WatchLimits,
+    /// The SSE heartbeat comment interval.
+    pub heartbeat: Duration,
+}
+
+/// The SSE heartbeat interval by default: 15 s.
+pub const WATCH_HEARTBEAT_DEFAULT: Duration = Duration::from_secs(15);
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            limits: crate::ledger::watch::WatchLimits::default(),
+            heartbeat: WATCH_HEARTBEAT_DEFAULT,
+        }
+    }
+}
+
 /// Everything `serve` needs, already validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -60,6 +81,8 @@ pub struct Settings {
     pub catalog: Arc<Catalog>,
     /// Outbound events.
     pub events: EventSettings,
+    /// Live balances.
+    pub watch: WatchSettings,
     /// HTTP sidecar listen address (Stripe webhooks, /healthz, /readyz).
     pub http_listen: SocketAddr,
     /// Stripe webhook endpoint secrets (at most two, for rotation). Never logged.
@@ -500,6 +523,11 @@ impl App {
             );
             tokio::spawn(d.run(until_stopped(stop_rx.clone())))
         };
+        let balances = crate::ledger::watch::Watcher::start(
+            store.clone(),
+            settings.watch.limits,
+            stop_rx.clone(),
+        );
         let watcher = tokio::spawn(crate::health::watch(
             store.clone(),
             readiness.clone(),
@@ -538,6 +566,8 @@ impl App {
             stripe: settings.stripe.clone(),
             auth: Arc::clone(&settings.auth),
             readiness: readiness.clone(),
+            balances: Some(balances.clone()),
+            heartbeat: settings.watch.heartbeat,
         };
         let http = spawn_http(
             http_listener,
@@ -591,6 +621,7 @@ impl App {
                 CreditServiceServer::new(CreditApi::new(
                     ledger.clone(),
                     Arc::clone(&settings.catalog),
+                    balances,
                 ))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )

@@ -60,6 +60,15 @@ pub fn is_placeholder_price(id: &str) -> bool {
 }
 
 impl Catalog {
+    /// Whether `available` credits are under `plan`'s low-balance threshold (an unknown plan
+    /// has none).
+    #[must_use]
+    pub fn is_low(&self, plan: &str, available: i64) -> bool {
+        self.plans
+            .get(plan)
+            .is_some_and(|p| available < p.low_balance_threshold)
+    }
+
     /// The catalog fields whose Stripe Price is a placeholder, as `packs.x.stripe_price_id`.
     #[must_use]
     pub fn placeholder_prices(&self) -> Vec<String> {

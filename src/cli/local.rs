@@ -95,6 +95,8 @@ pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
         stripe: Some(api.clone()),
         auth: std::sync::Arc::clone(&settings.auth),
         readiness: crate::health::Readiness::default(),
+        balances: None,
+        heartbeat: crate::app::WATCH_HEARTBEAT_DEFAULT,
     };
     let v = crate::http::billing::resync_subscription(&state, &api, &account_id).await?;
     println!("{v:#}");

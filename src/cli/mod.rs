@@ -47,6 +47,17 @@ pub enum Command {
         #[command(subcommand)]
         action: AuthCommand,
     },
+    /// Follow an account's balance live (WatchBalance): one line per committed change, until
+    /// interrupted. Reconnects by itself when the server restarts, missing nothing.
+    Watch {
+        /// The account.
+        account: String,
+        /// Start after this version (print the balance at once only if it moved since).
+        #[arg(long)]
+        after_version: Option<i64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show an account's balance.
     Balance {
         /// Account id.
@@ -408,6 +419,7 @@ mod jobs;
 mod local;
 mod remote;
 mod serve;
+mod watch;
 
 pub use local::{run_auth, run_catalog, run_config, run_stripe};
 pub use remote::{CLI_ATTEMPTS, ClientArgs, ClientError, KeyArgs, out};
@@ -424,6 +436,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             accounts::run(command).await
         }
         Command::Events { action } => events::run(action).await,
+        Command::Watch {
+            account,
+            after_version,
+            client,
+        } => watch::run(account, after_version, client).await,
         command => jobs::run(command).await,
     }
 }

@@ -200,6 +200,21 @@ pub struct ServeArgs {
     /// (100ms..=1h).
     #[arg(long, env = "TALLY_EVENTS_HOUSEKEEPING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub events_housekeeping_interval: Duration,
+    /// Live balances: WatchBalance and SSE streams open at once on this server (1..=1000000);
+    /// more are refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS) / 429.
+    #[arg(long, env = "TALLY_WATCH_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub watch_max_streams: u32,
+    /// Live balances: streams one caller may hold open at once on this server (1..=1000000).
+    #[arg(long, env = "TALLY_WATCH_MAX_STREAMS_PER_CALLER", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub watch_max_streams_per_caller: u32,
+    /// Live balances: how often an idle watched account is read again (1s..=1h), which also
+    /// shows what time alone changes (a new allowance period).
+    #[arg(long, env = "TALLY_WATCH_RESYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub watch_resync_interval: Duration,
+    /// Live balances: the SSE stream's heartbeat comment interval (1s..=5m), so proxies keep
+    /// an idle stream open.
+    #[arg(long, env = "TALLY_WATCH_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub watch_heartbeat_interval: Duration,
 }
 
 /// Longest hold TTL the server may be configured with.
@@ -209,6 +224,15 @@ pub const IDEMPOTENCY_RETENTION_MIN: Duration = Duration::from_hours(24);
 
 fn delta(field: &str, d: Duration) -> Result<chrono::TimeDelta, String> {
     chrono::TimeDelta::from_std(d).map_err(|_| format!("{field}: out of range"))
+}
+
+/// `d` if within `lo..=hi`, else a message naming `flag`.
+fn between(flag: &str, d: Duration, lo: Duration, hi: Duration) -> Result<Duration, String> {
+    if d < lo || d > hi {
+        Err(format!("{flag}: must be between {lo:?} and {hi:?}"))
+    } else {
+        Ok(d)
+    }
 }
 
 impl ServeArgs {
@@ -326,13 +350,6 @@ impl ServeArgs {
     /// The events dispatcher's settings and endpoints (secrets from the environment variables
     /// the catalog names).
     fn events(&self, catalog: &Catalog) -> Result<crate::app::EventSettings, String> {
-        let between = |flag: &str, d: Duration, lo: Duration, hi: Duration| {
-            if d < lo || d > hi {
-                Err(format!("{flag}: must be between {lo:?} and {hi:?}"))
-            } else {
-                Ok(d)
-            }
-        };
         let config = crate::events::Config {
             schedule: crate::events::parse_schedule(&self.events_retry_schedule)
                 .map_err(|e| format!("--events-retry-schedule: {e}"))?,
@@ -409,6 +426,27 @@ impl ServeArgs {
             });
         }
         Ok(crate::app::EventSettings { config, targets })
+    }
+
+    fn watch(&self) -> Result<crate::app::WatchSettings, String> {
+        Ok(crate::app::WatchSettings {
+            limits: crate::ledger::watch::WatchLimits {
+                max_streams: self.watch_max_streams as usize,
+                max_streams_per_caller: self.watch_max_streams_per_caller as usize,
+                resync_interval: between(
+                    "--watch-resync-interval",
+                    self.watch_resync_interval,
+                    Duration::from_secs(1),
+                    Duration::from_hours(1),
+                )?,
+            },
+            heartbeat: between(
+                "--watch-heartbeat-interval",
+                self.watch_heartbeat_interval,
+                Duration::from_secs(1),
+                Duration::from_mins(5),
+            )?,
+        })
     }
 
     /// Validates the options into [`Settings`].
@@ -489,6 +527,7 @@ impl ServeArgs {
             auto_migrate: self.auto_migrate,
             tls: self.tls()?,
             events: self.events(&catalog)?,
+            watch: self.watch()?,
             catalog: std::sync::Arc::new(catalog),
         })
     }

@@ -177,6 +177,8 @@ pub struct StoredBalance {
     pub overdue: bool,
     /// When it was read (the database clock).
     pub now: DateTime<Utc>,
+    /// The account row's version: every committed change of the account moves it up.
+    pub version: i64,
 }
 
 impl StoredBalance {
@@ -203,6 +205,7 @@ impl StoredBalance {
             by_source,
             next_expiry,
             as_of: self.now,
+            version: self.version,
         }
     }
 }

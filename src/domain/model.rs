@@ -130,6 +130,7 @@ impl Ledger {
             plan: book.plan,
             overdue: false,
             now,
+            version: 0,
         };
         Ok(stored.balance(self.allowance.as_ref()))
     }

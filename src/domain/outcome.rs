@@ -29,6 +29,9 @@ pub struct Balance {
     pub allowance_left: Option<i64>,
     /// The instant (database clock) the balance was read at.
     pub as_of: DateTime<Utc>,
+    /// The account row's version: it moves up with every committed change of the account, so
+    /// of two reads the one with the higher version is the newer state.
+    pub version: i64,
 }
 
 /// An account as support staff see it.

@@ -64,6 +64,52 @@ fn reason(field: &'static str, s: &str, required: bool) -> Result<String, FieldV
     Ok(s.to_owned())
 }
 
+/// The CheckBalance answer for a balance (also each WatchBalance message's).
+#[must_use]
+pub fn balance_to_pb(catalog: &Catalog, b: &crate::domain::Balance) -> pb::CheckBalanceResponse {
+    let (by_source, next_expiry) = breakdown_to_pb(b);
+    pb::CheckBalanceResponse {
+        by_source,
+        next_expiry,
+        allowance_left: b.allowance_left,
+        entitlements: catalog
+            .plans
+            .get(&b.plan)
+            .map(|p| p.entitlements.clone().into_iter().collect())
+            .unwrap_or_default(),
+        low_balance: is_low(catalog, &b.plan, b.available),
+        plan: b.plan.clone(),
+        account_id: b.account_id.clone(),
+        available: b.available,
+        held: b.held,
+        debt: b.debt,
+        open_holds: b.open_holds,
+    }
+}
+
+/// Parses a WatchBalance request: the account and the version the caller has.
+///
+/// # Errors
+/// `Invalid` for a bad account id or a negative `after_version`.
+pub fn watch_balance(
+    r: &pb::WatchBalanceRequest,
+) -> Result<(AccountId, Option<i64>), ServiceError> {
+    let account = AccountId::parse("account_id", &r.account_id);
+    let after = match r.after_version {
+        Some(v) if v < 0 => Err(FieldViolation::new(
+            "after_version",
+            format!("must be 0 or more (a version received), got {v}"),
+        )),
+        v => Ok(v),
+    };
+    match (account, after) {
+        (Ok(a), Ok(v)) => Ok((a, v)),
+        (a, v) => Err(ServiceError::Invalid(
+            [a.err(), v.err()].into_iter().flatten().collect(),
+        )),
+    }
+}
+
 /// Parses a CheckBalance request.
 pub fn account(account_id: &str) -> Result<AccountId, ServiceError> {
     AccountId::parse("account_id", account_id).map_err(ServiceError::from)
@@ -526,10 +572,7 @@ pub fn thresholds(catalog: &Catalog) -> Vec<(String, i64)> {
 /// Whether `available` is under the threshold of `plan`.
 #[must_use]
 pub fn is_low(catalog: &Catalog, plan: &str, available: i64) -> bool {
-    catalog
-        .plans
-        .get(plan)
-        .is_some_and(|p| available < p.low_balance_threshold)
+    catalog.is_low(plan, available)
 }
 
 /// Parses a ListAccounts request.

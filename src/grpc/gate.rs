@@ -344,6 +344,8 @@ pub const REASONS: &[&str] = &[
     "OVERLOADED",
     "UNIMPLEMENTED",
     "CLIENT_GAVE_UP",
+    "TOO_MANY_STREAMS",
+    "SHUTTING_DOWN",
 ];
 
 /// The ErrorInfo reason of an error response, within [`REASONS`].

@@ -22,6 +22,7 @@ use crate::auth::{Denied, Principal};
 use crate::catalog::Catalog;
 use crate::domain::{Caller, LedgerError};
 use crate::ledger::Ledger;
+use crate::ledger::watch::Watcher;
 use crate::pb;
 use convert::hold_to_pb;
 
@@ -83,14 +84,24 @@ fn respond<T>(replayed: bool, message: T) -> Response<T> {
 pub struct CreditApi {
     ledger: Ledger,
     catalog: Arc<Catalog>,
+    watcher: Watcher,
 }
 
 impl CreditApi {
-    /// Handlers over `ledger`, pricing operations from `catalog`.
-    pub fn new(ledger: Ledger, catalog: Arc<Catalog>) -> Self {
-        Self { ledger, catalog }
+    /// Handlers over `ledger`, pricing operations from `catalog`, live balances from `watcher`.
+    pub fn new(ledger: Ledger, catalog: Arc<Catalog>, watcher: Watcher) -> Self {
+        Self {
+            ledger,
+            catalog,
+            watcher,
+        }
     }
 }
+
+/// The messages of a WatchBalance stream.
+pub type BalanceStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::WatchBalanceResponse, Status>> + Send>,
+>;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -123,25 +134,7 @@ impl pb::credit_service_server::CreditService for CreditApi {
         allow_account(&req, &req.get_ref().account_id)?;
         let account = convert::account(&req.get_ref().account_id)?;
         let b = self.ledger.check_balance(&account).await?;
-        let (by_source, next_expiry) = convert::breakdown_to_pb(&b);
-        Ok(Response::new(pb::CheckBalanceResponse {
-            by_source,
-            next_expiry,
-            allowance_left: b.allowance_left,
-            entitlements: self
-                .catalog
-                .plans
-                .get(&b.plan)
-                .map(|p| p.entitlements.clone().into_iter().collect())
-                .unwrap_or_default(),
-            low_balance: convert::is_low(&self.catalog, &b.plan, b.available),
-            plan: b.plan,
-            account_id: b.account_id,
-            available: b.available,
-            held: b.held,
-            debt: b.debt,
-            open_holds: b.open_holds,
-        }))
+        Ok(Response::new(convert::balance_to_pb(&self.catalog, &b)))
     }
 
     #[instrument(name = "tally.v1.CreditService/Reserve", skip_all, fields(account_id = %req.get_ref().account_id, amount = convert::amount_asked(req.get_ref())))]
@@ -249,6 +242,37 @@ impl pb::credit_service_server::CreditService for CreditApi {
         let estimate = convert::price(&self.catalog, &r.operation, &r.params)
             .map_err(crate::ledger::ServiceError::from)?;
         Ok(Response::new(convert::estimate_to_pb(estimate)))
+    }
+
+    type WatchBalanceStream = BalanceStream;
+
+    #[instrument(name = "tally.v1.CreditService/WatchBalance", skip_all, fields(account_id = %req.get_ref().account_id))]
+    async fn watch_balance(
+        &self,
+        req: Request<pb::WatchBalanceRequest>,
+    ) -> Reply<Self::WatchBalanceStream> {
+        let p = allow_account(&req, &req.get_ref().account_id)?;
+        let (account, after) = convert::watch_balance(req.get_ref())?;
+        let watch = self
+            .watcher
+            .watch(p.caller.as_str(), &account, after)
+            .await?;
+        let catalog = Arc::clone(&self.catalog);
+        let stream = futures_util::stream::unfold(watch, move |mut w| {
+            let catalog = Arc::clone(&catalog);
+            async move {
+                let item =
+                    w.next()
+                        .await?
+                        .map_err(Status::from)
+                        .map(|s| pb::WatchBalanceResponse {
+                            version: s.balance.version,
+                            balance: Some(convert::balance_to_pb(&catalog, &s.balance)),
+                        });
+                Some((item, w))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     #[instrument(name = "tally.v1.CreditService/ListOperations", skip_all)]

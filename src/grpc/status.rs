@@ -91,6 +91,18 @@ pub fn to_status(e: &ServiceError) -> Status {
             error!(error.message = %detail, "internal error");
             (Code::Internal, "INTERNAL", e.to_string(), HashMap::new())
         }
+        ServiceError::TooManyStreams(_) => (
+            Code::ResourceExhausted,
+            "TOO_MANY_STREAMS",
+            e.to_string(),
+            HashMap::new(),
+        ),
+        ServiceError::ShuttingDown => {
+            let mut details =
+                ErrorDetails::with_error_info("SHUTTING_DOWN", ERROR_DOMAIN, HashMap::new());
+            details.set_retry_info(Some(Duration::from_millis(100)));
+            return Status::with_error_details(Code::Unavailable, e.to_string(), details);
+        }
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     if let ServiceError::Rejected(LedgerError::InsufficientCredits { .. }) = e {

@@ -37,7 +37,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/v1/accounts/{id}/billing/sync", post(sync_subscription))
 }
 
-fn error(status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(json!({"error": {"reason": reason, "message": message.into()}})),
@@ -45,7 +45,7 @@ fn error(status: StatusCode, reason: &str, message: impl Into<String>) -> Respon
         .into_response()
 }
 
-fn invalid(message: impl Into<String>) -> Response {
+pub(super) fn invalid(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
 }
 
@@ -113,11 +113,20 @@ fn customer_lock(account_id: &AccountId) -> &'static tokio::sync::Mutex<()> {
     CUSTOMER_LOCKS.get(i).unwrap_or(&CUSTOMER_LOCKS[0])
 }
 
-fn ledger_error(e: &crate::ledger::ServiceError) -> Response {
+pub(super) fn ledger_error(e: &crate::ledger::ServiceError) -> Response {
     match e {
         crate::ledger::ServiceError::Rejected(r) => {
             error(StatusCode::NOT_FOUND, r.reason(), r.to_string())
         }
+        crate::ledger::ServiceError::TooManyStreams(m) => {
+            metrics::counter!("tally_requests_refused_total", "reason" => "streams").increment(1);
+            error(StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS", m.clone())
+        }
+        crate::ledger::ServiceError::ShuttingDown => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            e.to_string(),
+        ),
         _ => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "DATABASE_UNAVAILABLE",
@@ -168,7 +177,7 @@ pub fn denied_response(d: &crate::auth::Denied) -> Response {
 
 /// Authenticates the caller (billing role), takes from its rate budget (`sensitive`: the lower
 /// tier too) and checks `account` against its prefixes. Nothing is read or written before.
-fn authorize(
+pub(super) fn authorize(
     s: &HttpState,
     headers: &HeaderMap,
     account: Option<&str>,
@@ -215,7 +224,7 @@ fn url(field: &str, value: &str) -> Result<String, Response> {
     }
 }
 
-fn account(value: &str) -> Result<AccountId, Response> {
+pub(super) fn account(value: &str) -> Result<AccountId, Response> {
     AccountId::parse("account_id", value).map_err(|v| invalid(v.to_string()))
 }
 

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tracing::{info, warn};
 
+pub mod balance;
 pub mod billing;
 
 use crate::catalog::Catalog;
@@ -45,6 +46,10 @@ pub struct HttpState {
     pub auth: Arc<crate::auth::Auth>,
     /// Readiness (database reachable, not draining).
     pub readiness: crate::health::Readiness,
+    /// Live balances (none: the stream answers 503).
+    pub balances: Option<crate::ledger::watch::Watcher>,
+    /// The balance stream's heartbeat interval.
+    pub heartbeat: std::time::Duration,
 }
 
 /// Largest JSON body of a billing request: 16 KiB.
@@ -64,6 +69,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(
             billing::routes().layer(axum::extract::DefaultBodyLimit::max(BILLING_BODY_MAX_BYTES)),
         )
+        .merge(balance::routes())
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }

@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod stripe;
+pub mod watch;
 
 /// The page requests and rows of the reads, as the transports build and show them.
 pub use crate::storage::{
@@ -66,6 +67,12 @@ pub enum ServiceError {
     /// A bug or a broken invariant. Details are logged, not sent.
     #[error("internal error")]
     Internal(String),
+    /// A balance stream over a cap (the message names it); nothing was opened.
+    #[error("{0}")]
+    TooManyStreams(String),
+    /// The server is stopping: a stream ends so its caller reconnects (to another replica).
+    #[error("the server is shutting down; reconnect (with after_version / Last-Event-ID)")]
+    ShuttingDown,
 }
 
 impl From<StorageError> for ServiceError {

@@ -248,6 +248,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Notified after a transaction of this process committed outbox rows (the dispatcher
     /// wakes on it instead of waiting for its next poll).
     fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Committed changes of accounts, from every writer of the database (PostgreSQL: every
+    /// replica, through one listening connection per call; SQLite: this process).
+    fn changes(&self) -> Changes;
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StorageResult<()>;
     /// Gauges for metrics: open holds and the connection pool.
@@ -650,6 +653,43 @@ impl Ids for RandomIds {
 
     fn event_id(&mut self) -> String {
         format!("evt_{}", uuid::Uuid::now_v7().simple())
+    }
+}
+
+/// A committed change of an account, as the balance watchers hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The account's row moved (to `version`, when the notification says).
+    Account {
+        /// The account.
+        account_id: String,
+        /// Its row's version after the change (`None`: re-read to learn it).
+        version: Option<i64>,
+    },
+    /// Changes may have been missed (the listening connection was lost and is back): every
+    /// watched account is to be read again.
+    Resync,
+}
+
+/// Changes announced after [`Change`]s: at most this many wait for a slow receiver before it
+/// is told it lagged (and re-reads everything).
+pub const CHANGES_BUFFER: usize = 4096;
+
+/// A feed of [`Change`]s. Dropping it stops what it started (PostgreSQL: its listening
+/// connection).
+#[derive(Debug)]
+pub struct Changes {
+    /// The changes; `Lagged` means some were missed (treat it as [`Change::Resync`]).
+    pub rx: tokio::sync::broadcast::Receiver<Change>,
+    /// The listening task, aborted on drop.
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 

@@ -53,6 +53,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Rung after a commit that wrote outbox rows.
     wake: Arc<tokio::sync::Notify>,
+    /// Told the accounts each commit changed (the balance watchers of this process).
+    changes: tokio::sync::broadcast::Sender<super::Change>,
     write_lock: Arc<Mutex<()>>,
     policy: Arc<Policy>,
     /// How the job path shares transactions (one worker: SQLite has one writer).
@@ -230,6 +232,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             wake: Arc::default(),
+            changes: tokio::sync::broadcast::channel(super::CHANGES_BUFFER).0,
             write_lock: Arc::new(Mutex::new(())),
             policy,
             batching: Batching {
@@ -277,6 +280,9 @@ struct SqliteTx {
     /// Rung after a commit that wrote outbox rows.
     wake: Arc<tokio::sync::Notify>,
     emitted: bool,
+    /// Told, after the commit, the accounts whose row this transaction wrote.
+    changes: tokio::sync::broadcast::Sender<super::Change>,
+    changed: Vec<String>,
 }
 
 #[async_trait]
@@ -593,7 +599,7 @@ impl Tx for SqliteTx {
         if d.account {
             sqlx::query(
                 "UPDATE account SET available = ?2, held = ?3, plan = ?4, allowance_period = ?5, updated_at = ?6,
-                                    debt = ?7
+                                    debt = ?7, version = version + 1
                  WHERE account_id = ?1",
             )
             .bind(&book.account_id)
@@ -606,6 +612,9 @@ impl Tx for SqliteTx {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+            if !self.changed.contains(&book.account_id) {
+                self.changed.push(book.account_id.clone());
+            }
         }
         let events = crate::domain::event::of_book(book, &self.policy.events, now, &mut RandomIds);
         self.emit(&events).await
@@ -932,10 +941,18 @@ impl Tx for SqliteTx {
     }
 
     async fn commit(self: Box<Self>) -> StorageResult<()> {
-        let (wake, emitted) = (Arc::clone(&self.wake), self.emitted);
-        self.tx.commit().await.map_err(map_err)?;
+        let this = *self;
+        let (wake, emitted) = (this.wake, this.emitted);
+        this.tx.commit().await.map_err(map_err)?;
         if emitted {
             wake.notify_one();
+        }
+        for account_id in this.changed {
+            // No receiver (nobody watches) is not an error.
+            let _ = this.changes.send(super::Change::Account {
+                account_id,
+                version: None,
+            });
         }
         Ok(())
     }
@@ -1013,13 +1030,15 @@ impl Backend for SqliteStore {
             policy: Arc::clone(&self.policy),
             wake: Arc::clone(&self.wake),
             emitted: false,
+            changes: self.changes.clone(),
+            changed: Vec::new(),
         }))
     }
 
     async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
         let now = to_time(now_micros())?;
         let row = sqlx::query(
-            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period,
+            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, a.version,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= ?2) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
@@ -1058,6 +1077,7 @@ impl Backend for SqliteStore {
             grants,
             overdue,
             now,
+            version: row.try_get("version").map_err(map_err)?,
         })
     }
 
@@ -1593,6 +1613,13 @@ impl Backend for SqliteStore {
 
     fn outbox_written(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.wake)
+    }
+
+    fn changes(&self) -> super::Changes {
+        super::Changes {
+            rx: self.changes.subscribe(),
+            task: None,
+        }
     }
 
     async fn ping(&self) -> StorageResult<()> {

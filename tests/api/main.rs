@@ -35,6 +35,7 @@ mod production;
 mod stripe;
 mod stripe_facts;
 mod tls;
+mod watch;
 
 use tally::pb;
 use tonic::{Code, Status};

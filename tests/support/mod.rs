@@ -286,6 +286,7 @@ pub fn settings(db: &TestDb) -> Settings {
         auto_migrate: true,
         tls: None,
         events: tally::app::EventSettings::default(),
+        watch: tally::app::WatchSettings::default(),
     }
 }
 

@@ -71,6 +71,7 @@ pub struct PgStore {
 }
 
 mod group;
+pub mod listen;
 
 use super::batch::Batching;
 
@@ -1183,7 +1184,7 @@ impl Backend for PgStore {
 
     async fn read_balance(&self, account_id: &str) -> StorageResult<StoredBalance> {
         let row = sqlx::query(
-            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, now() AS now,
+            "SELECT a.available - a.debt AS available, a.held, a.debt, a.plan, a.allowance_period, a.version, now() AS now,
                     EXISTS (SELECT 1 FROM hold h WHERE h.account_id = a.account_id
                               AND h.state = 'open' AND h.expires_at <= now()) AS due_holds,
                     EXISTS (SELECT 1 FROM bucket b WHERE b.account_id = a.account_id
@@ -1222,6 +1223,7 @@ impl Backend for PgStore {
             grants,
             overdue,
             now,
+            version: row.try_get("version").map_err(map_err)?,
         })
     }
 
@@ -1717,6 +1719,15 @@ impl Backend for PgStore {
 
     fn outbox_written(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.wake)
+    }
+
+    fn changes(&self) -> crate::storage::Changes {
+        let (tx, rx) = tokio::sync::broadcast::channel(crate::storage::CHANGES_BUFFER);
+        let task = tokio::spawn(listen::run(self.options.clone(), tx));
+        crate::storage::Changes {
+            rx,
+            task: Some(task),
+        }
     }
 
     async fn ping(&self) -> StorageResult<()> {
