@@ -152,7 +152,6 @@ async fn every_change_reaches_the_stream(backend: Backend) {
             reason: "test".into(),
             operator: "ops@example.com".into(),
             idempotency_key: key(),
-            ..Default::default()
         })
         .await
         .unwrap();
