@@ -147,3 +147,24 @@ def test_calls_retry_until_the_server_answers_and_then_report_the_key():
         assert e.value.key and e.value.key.startswith("reserve-")
         c.close()
         late.log.close()
+
+
+def test_watch_balance_follows_changes_and_resumes(server, account):
+    server.grant(account, 100)
+    with client(server) as c:
+        start = c.check_balance(account).available
+        stream = c.watch_balance(account)
+        v0, b0 = next(stream)
+        assert b0.available == start
+        hold = c.reserve(account, 30)
+        v1, b1 = next(stream)
+        assert v1 > v0 and (b1.available, b1.held) == (start - 30, 30)
+        stream.close()
+        # A reconnect with the newest version gets only what comes next.
+        resumed = c.watch_balance(account, after_version=v1)
+        c.commit(hold.hold_id, 10)
+        v2, b2 = next(resumed)
+        assert v2 > v1 and (b2.available, b2.held) == (start - 10, 0)
+        resumed.close()
+        with pytest.raises(tc.AccountNotFound):
+            next(c.watch_balance("py:nobody"))

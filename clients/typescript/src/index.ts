@@ -22,6 +22,7 @@ import {
   CreditService,
   ErrorReason,
   HoldState,
+  type CheckBalanceResponse,
   type Hold as PbHold,
   ReserveRequestSchema,
 } from "./gen/tally/v1/credit_service_pb.js";
@@ -135,6 +136,8 @@ const classes: Record<Reason, typeof TallyError> = {
   OVERLOADED: UnavailableError,
   UNIMPLEMENTED: TallyError,
   CLIENT_GAVE_UP: TallyError,
+  TOO_MANY_STREAMS: UnavailableError,
+  SHUTTING_DOWN: UnavailableError,
 };
 
 /** The error class of a reason (`TallyError` for one this client does not know). */
@@ -242,6 +245,27 @@ export interface Balance {
   allowanceLeft?: number;
 }
 
+/** One message of a live balance: the whole balance at `version` (higher is newer). */
+export interface BalanceUpdate extends Balance {
+  version: number;
+}
+
+function balanceOf(r: CheckBalanceResponse | undefined): Balance {
+  if (!r) throw new TallyError(Code.Internal, "INTERNAL", "the answer had no balance");
+  return {
+    accountId: r.accountId,
+    plan: r.plan,
+    available: credits(r.available),
+    held: credits(r.held),
+    debt: credits(r.debt),
+    openHolds: credits(r.openHolds),
+    lowBalance: r.lowBalance,
+    bySource: Object.fromEntries(Object.entries(r.bySource).map(([k, v]) => [k, credits(v)])),
+    nextExpiry: r.nextExpiry?.at ? { at: timestampDate(r.nextExpiry.at), amount: credits(r.nextExpiry.amount) } : undefined,
+    allowanceLeft: r.allowanceLeft === undefined ? undefined : credits(r.allowanceLeft),
+  };
+}
+
 /** What a commit or refund left. */
 export interface Settled {
   hold: Hold;
@@ -320,19 +344,39 @@ export class TallyClient {
 
   /** The account's credits now. */
   async checkBalance(accountId: string): Promise<Balance> {
-    const r = await this.retry((o) => this.credit.checkBalance({ accountId }, o));
-    return {
-      accountId: r.accountId,
-      plan: r.plan,
-      available: credits(r.available),
-      held: credits(r.held),
-      debt: credits(r.debt),
-      openHolds: credits(r.openHolds),
-      lowBalance: r.lowBalance,
-      bySource: Object.fromEntries(Object.entries(r.bySource).map(([k, v]) => [k, credits(v)])),
-      nextExpiry: r.nextExpiry?.at ? { at: timestampDate(r.nextExpiry.at), amount: credits(r.nextExpiry.amount) } : undefined,
-      allowanceLeft: r.allowanceLeft === undefined ? undefined : credits(r.allowanceLeft),
-    };
+    return balanceOf(await this.retry((o) => this.credit.checkBalance({ accountId }, o)));
+  }
+
+  /**
+   * Follows an account's balance (WatchBalance): yields the balance now, then the newest
+   * balance after each committed change, through any replica. When the server restarts or the
+   * connection drops it reconnects by itself with the last version, so nothing is missed and
+   * nothing is repeated. Ends when `signal` aborts; throws for a refusal (an unknown account,
+   * TOO_MANY_STREAMS, PERMISSION_DENIED).
+   */
+  async *watchBalance(accountId: string, opts: { afterVersion?: number; signal?: AbortSignal } = {}): AsyncGenerator<BalanceUpdate> {
+    let after = opts.afterVersion;
+    let backoff = this.initialBackoffMs;
+    for (;;) {
+      try {
+        const stream = this.credit.watchBalance(
+          { accountId, afterVersion: after === undefined ? undefined : BigInt(after) },
+          { headers: this.#headers, signal: opts.signal },
+        );
+        for await (const m of stream) {
+          backoff = this.initialBackoffMs;
+          after = credits(m.version);
+          yield { ...balanceOf(m.balance), version: after };
+        }
+        return;
+      } catch (raw) {
+        if (opts.signal?.aborted) return;
+        const e = ConnectError.from(raw);
+        if (!retryable(e)) throw typed(e);
+        await sleep(Math.random() * backoff);
+        backoff = Math.min(backoff * 2, this.maxBackoffMs);
+      }
+    }
   }
 
   /** Whole credits a Reserve of `operation` would hold. */

@@ -36,6 +36,8 @@ function freePort(): Promise<number> {
   });
 }
 
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
 let server: ChildProcess;
 let dir: string;
 let token: string;
@@ -111,6 +113,37 @@ for (const [name, make] of Object.entries(transports)) {
       assert.deepEqual([b.available, b.held, b.openHolds], [start - 15, 0, 0]);
       assert.doesNotThrow(() => JSON.stringify(b)); // no bigint anywhere
       assert.ok((b.bySource.purchase ?? 0) > 0);
+    });
+
+    test("watchBalance yields the balance now, then each change; resumes after a version", async () => {
+      const a = account();
+      await grant(transport, a, 100);
+      const stop = new AbortController();
+      const seen: number[] = [];
+      const versions: number[] = [];
+      const start = (await client.checkBalance(a)).available;
+      const done = (async () => {
+        for await (const u of client.watchBalance(a, { signal: stop.signal })) {
+          seen.push(u.available);
+          versions.push(u.version);
+          assert.equal(u.accountId, a);
+          if (u.available === start - 30) stop.abort();
+        }
+      })();
+      while (seen.length === 0) await sleep(10);
+      const hold = await client.reserve(a, 30);
+      await done;
+      assert.deepEqual([seen[0], seen.at(-1)], [start, start - 30]);
+      assert.ok(versions.every((v, i) => i === 0 || v > versions[i - 1]!), `${versions}`);
+      // A reconnect with the newest version gets only what comes next.
+      const resumed = client.watchBalance(a, { afterVersion: versions.at(-1) });
+      const next = resumed.next();
+      await client.commit(hold.holdId, 10);
+      const u = (await next).value!;
+      assert.equal(u.available, start - 10);
+      assert.ok(u.version > versions.at(-1)!);
+      await resumed.return(undefined);
+      await assert.rejects(client.watchBalance("ts:nobody").next(), (e) => isReason(e, "ACCOUNT_NOT_FOUND"));
     });
 
     test("short credits are an InsufficientCreditsError with its numbers", async () => {

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, TypeVar
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -206,20 +206,37 @@ class Client:
 
     def check_balance(self, account: str) -> Balance:
         """The account's credits now."""
-        r = self._call(self._credit.CheckBalance, pb.CheckBalanceRequest(account_id=account))
-        return Balance(
-            account_id=r.account_id,
-            plan=r.plan,
-            available=r.available,
-            held=r.held,
-            debt=r.debt,
-            open_holds=r.open_holds,
-            low_balance=r.low_balance,
-            by_source=dict(r.by_source),
-            next_expiry=_aware(r.next_expiry.at) if r.HasField("next_expiry") else None,
-            next_expiry_amount=r.next_expiry.amount if r.HasField("next_expiry") else 0,
-            allowance_left=r.allowance_left if r.HasField("allowance_left") else None,
+        return _balance(
+            self._call(self._credit.CheckBalance, pb.CheckBalanceRequest(account_id=account))
         )
+
+    def watch_balance(
+        self, account: str, *, after_version: Optional[int] = None
+    ) -> Iterator[Tuple[int, Balance]]:
+        """Follows the account's balance (WatchBalance): yields ``(version, balance)`` now, then
+        after each committed change, through any replica (the newest state; a higher version is
+        newer). When the server restarts or the connection drops it reconnects by itself with
+        the last version, missing nothing. Stop by leaving the loop. Raises for a refusal
+        (unknown account, TOO_MANY_STREAMS, PERMISSION_DENIED)."""
+        backoff = self.initial_backoff
+        while True:
+            req = pb.WatchBalanceRequest(account_id=account)
+            if after_version is not None:
+                req.after_version = after_version
+            call = self._credit.WatchBalance(req, metadata=self._metadata)
+            try:
+                for m in call:
+                    backoff = self.initial_backoff
+                    after_version = m.version
+                    yield m.version, _balance(m.balance)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise errors.from_rpc_error(e, None) from None
+                time.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, self.max_backoff)
+            finally:
+                call.cancel()
 
     def estimate(self, operation: str, params: Mapping[str, object]) -> int:
         """Whole credits a Reserve of ``operation`` would hold."""
@@ -309,6 +326,22 @@ class Client:
             account, amount, operation=operation, params=params, ttl=self.hold_ttl, metadata=metadata
         )
         return Job(self, hold)
+
+
+def _balance(r) -> Balance:
+    return Balance(
+        account_id=r.account_id,
+        plan=r.plan,
+        available=r.available,
+        held=r.held,
+        debt=r.debt,
+        open_holds=r.open_holds,
+        low_balance=r.low_balance,
+        by_source=dict(r.by_source),
+        next_expiry=_aware(r.next_expiry.at) if r.HasField("next_expiry") else None,
+        next_expiry_amount=r.next_expiry.amount if r.HasField("next_expiry") else 0,
+        allowance_left=r.allowance_left if r.HasField("allowance_left") else None,
+    )
 
 
 def _checked(n: int) -> int:

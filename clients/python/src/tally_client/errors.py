@@ -159,6 +159,8 @@ _BY_REASON: Dict[str, Type[TallyError]] = {
     "DATABASE_UNAVAILABLE": Unavailable,
     "OVERLOADED": Unavailable,
     "RATE_LIMITED": Unavailable,
+    "TOO_MANY_STREAMS": Unavailable,
+    "SHUTTING_DOWN": Unavailable,
     "OUTCOME_UNKNOWN": OutcomeUnknown,
     "INTERNAL": Internal,
     "UNAUTHENTICATED": Unauthenticated,

@@ -1,6 +1,7 @@
 // A server component: the signed-in user's credits, read on the server (no token in the browser).
 import { headers } from "next/headers";
 import { tally } from "../../lib/tally";
+import { LiveCredits } from "./live-credits";
 
 export default async function BalancePage() {
   const account = (await headers()).get("x-user-id");
@@ -8,7 +9,9 @@ export default async function BalancePage() {
   const b = await tally.checkBalance(account);
   return (
     <section>
-      <h1>{b.available.toLocaleString()} credits</h1>
+      <h1>
+        <LiveCredits initial={b.available} />
+      </h1>
       <p>
         Plan {b.plan}
         {b.held > 0 ? `, ${b.held} held by running jobs` : ""}

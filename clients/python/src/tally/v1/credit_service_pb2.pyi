@@ -44,6 +44,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OVERLOADED: _ClassVar[ErrorReason]
     UNIMPLEMENTED: _ClassVar[ErrorReason]
     CLIENT_GAVE_UP: _ClassVar[ErrorReason]
+    TOO_MANY_STREAMS: _ClassVar[ErrorReason]
+    SHUTTING_DOWN: _ClassVar[ErrorReason]
 
 class GrantSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -107,6 +109,8 @@ RATE_LIMITED: ErrorReason
 OVERLOADED: ErrorReason
 UNIMPLEMENTED: ErrorReason
 CLIENT_GAVE_UP: ErrorReason
+TOO_MANY_STREAMS: ErrorReason
+SHUTTING_DOWN: ErrorReason
 GRANT_SOURCE_UNSPECIFIED: GrantSource
 GRANT_SOURCE_PURCHASE: GrantSource
 GRANT_SOURCE_SUBSCRIPTION: GrantSource
@@ -210,6 +214,22 @@ class CheckBalanceResponse(_message.Message):
     open_holds: int
     debt: int
     def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., low_balance: _Optional[bool] = ..., by_source: _Optional[_Mapping[str, int]] = ..., next_expiry: _Optional[_Union[Expiry, _Mapping]] = ..., allowance_left: _Optional[int] = ..., entitlements: _Optional[_Mapping[str, str]] = ..., available: _Optional[int] = ..., held: _Optional[int] = ..., open_holds: _Optional[int] = ..., debt: _Optional[int] = ...) -> None: ...
+
+class WatchBalanceRequest(_message.Message):
+    __slots__ = ("account_id", "after_version")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    after_version: int
+    def __init__(self, account_id: _Optional[str] = ..., after_version: _Optional[int] = ...) -> None: ...
+
+class WatchBalanceResponse(_message.Message):
+    __slots__ = ("version", "balance")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    balance: CheckBalanceResponse
+    def __init__(self, version: _Optional[int] = ..., balance: _Optional[_Union[CheckBalanceResponse, _Mapping]] = ...) -> None: ...
 
 class Expiry(_message.Message):
     __slots__ = ("at", "amount")

@@ -81,6 +81,11 @@ class CreditServiceStub:
                 request_serializer=tally_dot_v1_dot_credit__service__pb2.ListOperationsRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_credit__service__pb2.ListOperationsResponse.FromString,
                 _registered_method=True)
+        self.WatchBalance = channel.unary_stream(
+                '/tally.v1.CreditService/WatchBalance',
+                request_serializer=tally_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -155,6 +160,21 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchBalance(self, request, context):
+        """A live balance: first the account's balance now (as CheckBalance, with its version), then
+        one message per committed change of the account (reserve, commit, refund, expiry, grant,
+        claw-back, plan change, allowance), through any replica. Every message is the whole
+        balance; versions strictly increase, and a slow reader gets the newest state, not every
+        one it missed (a skipped version number means changes were folded together). With
+        `after_version` (a reconnect), the first message is sent only if the version moved.
+        NOT_FOUND (ACCOUNT_NOT_FOUND) for an unknown account; RESOURCE_EXHAUSTED
+        (TOO_MANY_STREAMS) over the server's caps; the stream ends with UNAVAILABLE
+        (SHUTTING_DOWN) when the server stops: reconnect with `after_version`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +222,11 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.ListOperations,
                     request_deserializer=tally_dot_v1_dot_credit__service__pb2.ListOperationsRequest.FromString,
                     response_serializer=tally_dot_v1_dot_credit__service__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'WatchBalance': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBalance,
+                    request_deserializer=tally_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +474,33 @@ class CreditService:
             '/tally.v1.CreditService/ListOperations',
             tally_dot_v1_dot_credit__service__pb2.ListOperationsRequest.SerializeToString,
             tally_dot_v1_dot_credit__service__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tally.v1.CreditService/WatchBalance',
+            tally_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.SerializeToString,
+            tally_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
