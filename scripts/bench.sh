@@ -40,10 +40,13 @@
 #   DB_MAX_CONNECTIONS=32   tally serve --db-max-connections
 #   SERVER_RUST_LOG=warn    RUST_LOG of tally serve (info logs one line per request: slower)
 #   SERVER_FLAGS=""    more `tally serve` flags for every server, e.g. "--db-group-workers 3"
+#                      (split on spaces; no quoting)
 #   EVENTS=0           1: every server gets an outbound-events endpoint (the built-in catalog
 #                      plus [events.endpoints.bench] -> a python3 receiver on loopback answering
 #                      204), to measure the outbox's cost against a run with EVENTS=0
-#                      (split on spaces; no quoting)
+#   WATCHERS=0         live balance streams `tally bench --watchers` keeps open (and reads)
+#                      during every tally case, one per account first: the cost of watchers
+#                      against a run with WATCHERS=0
 #   QUIET_WAIT=30      before each case wait up to this many seconds for the machine to be idle
 #                      (<15% busy); the "other" CPU column shows what still ran beside the case
 #   QUIET_BUDGET=90    seconds of such waiting in the whole run; spent, cases start at once
@@ -90,6 +93,7 @@ DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-32}
 SERVER_RUST_LOG=${SERVER_RUST_LOG:-warn}
 read -r -a SERVER_FLAGS_A <<<"${SERVER_FLAGS:-}"
 EVENTS=${EVENTS:-0}
+WATCHERS=${WATCHERS:-0}
 QUIET_WAIT=${QUIET_WAIT:-30}
 QUIET_BUDGET=${QUIET_BUDGET:-90}
 NICE=${NICE:-0}
@@ -505,6 +509,7 @@ tally_case() { # backend workload dist clients rate -> C_OPS C_RES_P99 C_P99 C_E
     # shellcheck disable=SC2207
     args+=($(dist_args "$dist"))
     [ "$rate" != 0 ] && args+=(--rate "$rate")
+    [ "$WATCHERS" != 0 ] && args+=(--watchers "$WATCHERS")
     [ "$backend" = postgres ] && "${PSQL[@]}" -d postgres -c CHECKPOINT >/dev/null
     local at=""; [ "$rate" != 0 ] && at=" at $rate/s"
     note "== tally/$backend $w $dist ${c}c$at (${WARMUP}s + ${DURATION}s)"

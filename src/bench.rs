@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// Skip granting the accounts their credits (they exist from an earlier run).
     #[arg(long)]
     pub no_setup: bool,
+    /// Live balance streams (WatchBalance) open during the run, spread over the accounts (one
+    /// stream per account first), read as fast as they come on connections of their own: the
+    /// cost of watchers on the job path. 0..=100000.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub watchers: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -218,6 +223,54 @@ async fn setup(
         r.map_err(|e| e.to_string())??;
     }
     Ok(())
+}
+
+/// Opens `--watchers` WatchBalance streams (round-robin over `accounts`, 200 per connection of
+/// their own) and counts the balances they receive in `received` (the warm-up's too). The
+/// streams end when the returned set is dropped.
+///
+/// # Errors
+/// A message when the server cannot be reached or refuses a stream.
+async fn watch_all(
+    args: &BenchArgs,
+    accounts: &[String],
+    token: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    received: &Arc<AtomicU64>,
+) -> Result<tokio::task::JoinSet<()>, String> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut channel = None;
+    for i in 0..args.watchers as usize {
+        if i % 200 == 0 {
+            channel = Some(
+                Endpoint::from_shared(args.server.clone())
+                    .map_err(|e| e.to_string())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach {}: {e}", args.server))?,
+            );
+        }
+        let Some(ch) = channel.clone() else { break };
+        let req = pb::WatchBalanceRequest {
+            account_id: accounts
+                .get(i % accounts.len())
+                .cloned()
+                .unwrap_or_default(),
+            after_version: None,
+        };
+        let mut stream = CreditServiceClient::new(ch)
+            .watch_balance(authed(req, token))
+            .await
+            .map_err(|s| format!("opening watcher {i}: {}", s.message()))?
+            .into_inner();
+        let received = Arc::clone(received);
+        set.spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok(set)
 }
 
 #[allow(clippy::too_many_arguments, clippy::too_many_lines)] // one loop, one workload match
@@ -420,6 +473,8 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             );
         }
     }
+    let watched = Arc::new(AtomicU64::new(0));
+    let watchers = watch_all(args, &accounts, token.as_ref(), &watched).await?;
     let shared = Arc::new(Shared {
         measuring: AtomicBool::new(args.warmup.is_zero()),
         stop: AtomicBool::new(false),
@@ -483,6 +538,8 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
     }
     shared.stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let watch_messages = watched.load(Ordering::Relaxed);
+    drop(watchers);
     let mut total = Tally::default();
     while let Some(t) = tasks.join_next().await {
         let t = t.map_err(|e| e.to_string())?;
@@ -521,6 +578,8 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         "errors": total.errors,
         "refused": total.refused,
         "refused_per_s": total.refused as f64 / elapsed.max(1e-9),
+        "watchers": args.watchers,
+        "watch_messages_per_s": watch_messages as f64 / elapsed.max(1e-9),
     });
     if args.json {
         println!("{report}");
@@ -551,6 +610,13 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             total.refused,
             total.refused as f64 / elapsed.max(1e-9)
         );
+        if args.watchers > 0 {
+            println!(
+                "watchers    {} streams, {:.0} balances/s received",
+                args.watchers,
+                report["watch_messages_per_s"].as_f64().unwrap_or(0.0)
+            );
+        }
         if total.errors.is_empty() {
             println!("errors      none");
         } else {

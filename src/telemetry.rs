@@ -218,6 +218,35 @@ pub fn describe() {
         "tally_event_endpoints_disabled",
         "Configured event endpoints a 410 Gone disabled."
     );
+    describe_gauge!(
+        "tally_watch_streams",
+        "Live balance streams open (WatchBalance and SSE) on this replica."
+    );
+    describe_gauge!(
+        "tally_watch_accounts",
+        "Accounts with at least one live balance stream on this replica."
+    );
+    describe_counter!(
+        "tally_watch_messages_total",
+        "Balances sent on live balance streams."
+    );
+    describe_histogram!(
+        "tally_watch_lag_seconds",
+        Unit::Seconds,
+        "From a change's notification reaching this replica to its balance sent on a stream."
+    );
+    describe_counter!(
+        "tally_watch_resyncs_total",
+        "Times every watched account was read again (the listening connection came back, or this replica fell behind its feed)."
+    );
+    describe_counter!(
+        "tally_watch_reconnects_total",
+        "Times the PostgreSQL listening connection was lost and made again."
+    );
+    describe_counter!(
+        "tally_watch_read_failures_total",
+        "Reads of a watched balance that failed (retried every 500 ms; streams keep the last balance)."
+    );
     describe_histogram!(
         "tally_rpc_request_duration_seconds",
         Unit::Seconds,
