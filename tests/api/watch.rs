@@ -502,8 +502,13 @@ async fn auth_tenants_and_sse_resume(backend: Backend) {
     let mut behind = Sse::new(Sse::open(&app, "shop:1", Some(SHOP), Some(&v0.to_string())).await);
     let e = behind.event_within(Duration::from_secs(5)).await.unwrap();
     assert_eq!(e.data["available"], 110);
-    drop((s, sse, behind));
+    // A stopping server ends the stream with `event: shutdown`, then the end of the body.
+    drop((s, sse));
     app.finish().await;
+    let last = behind.event_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(last.event, "shutdown");
+    assert_eq!(last.data["reason"], "SHUTTING_DOWN");
+    assert!(behind.event_within(Duration::from_secs(5)).await.is_none());
 }
 
 crate::on_both_backends!(
@@ -857,4 +862,48 @@ async fn a_thousand_slow_watchers_cost_bounded_memory() {
         "{most} messages: a queue"
     );
     child.kill().await.unwrap();
+}
+
+async fn json_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> serde_json::Value {
+    let l = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a line within 10 s")
+        .unwrap()
+        .expect("tally watch ended");
+    serde_json::from_str(&l).unwrap()
+}
+
+/// `tally watch ACCOUNT --json`: a line now, a line per change, for longer than the CLI's
+/// per-call `--timeout` (a stream is not a call with a deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tally_watch_prints_a_line_per_change() {
+    use tokio::io::AsyncBufReadExt as _;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.fund("cli", 50).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["watch", "cli", "--json", "--timeout", "1s"])
+        .env("TALLY_SERVER", app.url())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = json_line(&mut lines).await;
+    assert_eq!(first["available"], 50);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    app.credit()
+        .await
+        .reserve(reserve_req("cli", 20, &key()))
+        .await
+        .unwrap();
+    let next = json_line(&mut lines).await;
+    assert_eq!(
+        (next["available"].as_i64(), next["held"].as_i64()),
+        (Some(30), Some(20))
+    );
+    assert!(next["version"].as_i64() > first["version"].as_i64());
+    child.kill().await.unwrap();
+    app.finish().await;
 }
