@@ -31,8 +31,16 @@ pub const MAX_STREAMS_DEFAULT: usize = 10_000;
 pub const MAX_STREAMS_PER_CALLER_DEFAULT: usize = 5_000;
 /// How often an idle watched account is read again, by default: 60 s.
 pub const RESYNC_INTERVAL_DEFAULT: Duration = Duration::from_mins(1);
-/// Wait before reading an account again after a failed read.
+/// Wait before reading an account again after a failed read; it doubles with each failure in
+/// a row, up to [`READ_RETRY_MAX`], so an outage does not turn every watched account into a
+/// read every half second.
 pub const READ_RETRY: Duration = Duration::from_millis(500);
+/// Longest wait between reads of an account whose reads fail.
+pub const READ_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Reads of watched balances in flight at once on a replica: a re-read of every watched
+/// account (after a lost listening connection) queues here instead of taking the whole
+/// connection pool from the job path.
+pub const READS_IN_FLIGHT: usize = 8;
 
 /// The caps and timers of a [`Watcher`].
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +92,7 @@ struct Inner {
     limits: WatchLimits,
     state: Mutex<State>,
     stop: watch::Receiver<bool>,
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -131,6 +140,7 @@ impl Watcher {
             limits,
             state: Mutex::new(State::default()),
             stop: stop.clone(),
+            reads: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT)),
         });
         tokio::spawn(hear(Arc::downgrade(&inner), changes, stop));
         Self { inner }
@@ -356,10 +366,16 @@ async fn hear(
 /// the balance in its slot if newer; ends when no stream watches it any more.
 async fn refresh(inner: Weak<Inner>, id: AccountId, w: Arc<Watched>) {
     let account = id.as_str();
-    let (engine, resync, mut stop) = match inner.upgrade() {
-        Some(i) => (i.engine.clone(), i.limits.resync_interval, i.stop.clone()),
+    let (engine, resync, mut stop, reads) = match inner.upgrade() {
+        Some(i) => (
+            i.engine.clone(),
+            i.limits.resync_interval,
+            i.stop.clone(),
+            Arc::clone(&i.reads),
+        ),
         None => return,
     };
+    let mut retry = READ_RETRY;
     loop {
         tokio::select! {
             () = w.dirty.notified() => {}
@@ -384,8 +400,15 @@ async fn refresh(inner: Weak<Inner>, id: AccountId, w: Arc<Watched>) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        match engine.balance(&id).await {
+        let read = {
+            let Ok(_permit) = reads.acquire().await else {
+                return;
+            };
+            engine.balance(&id).await
+        };
+        match read {
             Ok(b) => {
+                retry = READ_RETRY;
                 w.latest.send_if_modified(|cur| {
                     let newer = b.version > cur.balance.version;
                     if newer {
@@ -405,7 +428,8 @@ async fn refresh(inner: Weak<Inner>, id: AccountId, w: Arc<Watched>) {
                 } else {
                     w.dirty.notify_one();
                 }
-                tokio::time::sleep(READ_RETRY).await;
+                tokio::time::sleep(retry).await;
+                retry = retry.saturating_mul(2).min(READ_RETRY_MAX);
             }
         }
     }
