@@ -190,6 +190,8 @@ impl Executor for PgStore {
                     policy: std::sync::Arc::clone(&self.policy),
                     wake: std::sync::Arc::clone(&self.wake),
                     emitted: false,
+                    announcer: std::sync::Arc::clone(&self.announcer),
+                    changed: Vec::new(),
                 });
                 crate::storage::batch::one(tx, job, steps, &self.policy).await
             }
@@ -388,6 +390,9 @@ impl PgStore {
         for (id, mut book) in books {
             let version =
                 versions.get(&id).copied().unwrap_or_default() + i64::from(book.dirty.any());
+            if book.dirty.account {
+                self.announcer.changed(&id, Some(version));
+            }
             book.trim_to_loaded();
             self.books.offer(Cached { version, book });
         }
@@ -474,6 +479,9 @@ impl PgStore {
                     for a in &used {
                         if let Some(c) = lease.books.get_mut(a) {
                             c.version += 1;
+                            if c.book.dirty.account {
+                                self.announcer.changed(a, Some(c.version));
+                            }
                         }
                     }
                 }

@@ -51,6 +51,8 @@ pub struct PgStore {
     outbox: PgPool,
     /// Rung after a commit that wrote outbox rows.
     pub(super) wake: Arc<tokio::sync::Notify>,
+    /// Announces the accounts each commit changed to every replica's balance watchers.
+    pub(super) announcer: Arc<listen::Announcer>,
     policy: Arc<Policy>,
     /// For readiness pings on their own connection, so a busy pool never looks like a dead
     /// database.
@@ -368,10 +370,12 @@ impl PgStore {
                     .options([("synchronous_commit", "off")])
                     .application_name("tally-outbox"),
             );
+        let announcer = listen::Announcer::start(outbox.clone());
         Ok(Self {
             pool,
             outbox,
             wake: Arc::default(),
+            announcer,
             policy,
             options,
             batching,
@@ -421,6 +425,9 @@ struct PgTx<'c> {
     /// Rung after a commit that wrote outbox rows.
     wake: Arc<tokio::sync::Notify>,
     emitted: bool,
+    /// Told, after the commit, the accounts whose row this transaction wrote.
+    announcer: Arc<listen::Announcer>,
+    changed: Vec<String>,
 }
 
 /// Outbox rows as column arrays, for one `INSERT … SELECT FROM UNNEST` ([`INSERT_EVENTS`]).
@@ -801,6 +808,10 @@ impl Tx for PgTx<'_> {
             .await
             .map_err(map_err)?;
         }
+        // The balance watchers hear of a change of what a balance shows (not of a heartbeat).
+        if d.account && !self.changed.contains(&book.account_id) {
+            self.changed.push(book.account_id.clone());
+        }
         let events = crate::domain::event::of_book(book, &self.policy.events, now, &mut RandomIds);
         self.emit(&events).await
     }
@@ -1120,10 +1131,14 @@ impl Tx for PgTx<'_> {
     }
 
     async fn commit(self: Box<Self>) -> StorageResult<()> {
-        let (wake, emitted) = (Arc::clone(&self.wake), self.emitted);
-        self.tx.commit().await.map_err(commit_err)?;
+        let this = *self;
+        let (wake, emitted) = (this.wake, this.emitted);
+        this.tx.commit().await.map_err(commit_err)?;
         if emitted {
             wake.notify_one();
+        }
+        for account_id in &this.changed {
+            this.announcer.changed(account_id, None);
         }
         Ok(())
     }
@@ -1179,6 +1194,8 @@ impl Backend for PgStore {
             policy: Arc::clone(&self.policy),
             wake: Arc::clone(&self.wake),
             emitted: false,
+            announcer: Arc::clone(&self.announcer),
+            changed: Vec::new(),
         }))
     }
 
