@@ -17,13 +17,11 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 fn line(json: bool, m: &pb::WatchBalanceResponse) -> String {
     let b = m.balance.clone().unwrap_or_default();
     if json {
-        let mut sources: Vec<_> = b.by_source.iter().collect();
-        sources.sort();
         return json!({
             "version": m.version, "account_id": b.account_id, "plan": b.plan,
             "available": b.available, "held": b.held, "debt": b.debt, "open_holds": b.open_holds,
             "low_balance": b.low_balance, "allowance_left": b.allowance_left,
-            "by_source": sources.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "by_source": b.by_source.iter().collect::<std::collections::BTreeMap<_, _>>(),
         })
         .to_string();
     }

@@ -34,14 +34,25 @@ pub fn routes() -> Router<HttpState> {
     Router::new().route("/v1/accounts/{id}/balance/stream", get(stream))
 }
 
-/// A balance as the stream's JSON (the fields of `CheckBalance`, plus `version`).
+/// A balance's credits per source and next expiry as JSON (the stream's and the billing
+/// view's).
 #[must_use]
-pub fn balance_json(catalog: &Catalog, b: &Balance) -> Value {
+pub fn breakdown_json(b: &Balance) -> (Value, Value) {
     let by_source: serde_json::Map<String, Value> = b
         .by_source
         .iter()
         .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
         .collect();
+    let next_expiry = b
+        .next_expiry
+        .map(|(at, amount)| json!({"at": at.to_rfc3339(), "amount": amount}));
+    (Value::Object(by_source), json!(next_expiry))
+}
+
+/// A balance as the stream's JSON (the fields of `CheckBalance`, plus `version`).
+#[must_use]
+pub fn balance_json(catalog: &Catalog, b: &Balance) -> Value {
+    let (by_source, next_expiry) = breakdown_json(b);
     let low = catalog.is_low(&b.plan, b.available);
     json!({
         "account_id": b.account_id,
@@ -53,7 +64,7 @@ pub fn balance_json(catalog: &Catalog, b: &Balance) -> Value {
         "open_holds": b.open_holds,
         "low_balance": low,
         "by_source": by_source,
-        "next_expiry": b.next_expiry.map(|(at, amount)| json!({"at": at.to_rfc3339(), "amount": amount})),
+        "next_expiry": next_expiry,
         "allowance_left": b.allowance_left,
     })
 }

@@ -484,17 +484,13 @@ async fn billing(
         Ok(p) => p,
         Err(e) => return ledger_error(&e),
     };
-    let by_source: serde_json::Map<String, serde_json::Value> = b
-        .by_source
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
-        .collect();
+    let (by_source, next_expiry) = super::balance::breakdown_json(&b);
     Json(json!({
         "account_id": b.account_id,
         "plan": b.plan,
         "balance": {
             "available": b.available, "held": b.held, "debt": b.debt, "by_source": by_source,
-            "next_expiry": b.next_expiry.map(|(at, amount)| json!({"at": at.to_rfc3339(), "amount": amount})),
+            "next_expiry": next_expiry,
             "allowance_left": b.allowance_left,
         },
         "used_this_period": used,

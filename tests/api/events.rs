@@ -13,6 +13,7 @@ use tally::app::{EventSettings, Settings};
 use tally::domain::webhook::Secret;
 use tally::pb;
 
+use crate::key;
 use crate::support::{Backend, TestApp, TestDb};
 
 /// The secret every test endpoint signs with (`whsec_` + base64 of 32 bytes).
@@ -258,10 +259,6 @@ pub fn with_endpoint(s: &mut Settings, url: &str, schedule: &str, allow_private:
 async fn app_for(backend: Backend, r: &Receiver, schedule: &str) -> TestApp {
     let url = r.url();
     TestApp::spawn_with(backend, |s| with_endpoint(s, &url, schedule, true)).await
-}
-
-fn key() -> String {
-    format!("k-{}", uuid::Uuid::now_v7().simple())
 }
 
 fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {

@@ -50,6 +50,19 @@ pub fn reason(s: &Status) -> String {
     info.reason
 }
 
+/// A fresh idempotency key.
+pub fn key() -> String {
+    format!("k-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn with<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
 pub fn expect_error(s: &Status, code: Code, why: &str) {
     assert_eq!((s.code(), reason(s).as_str()), (code, why), "{s:?}");
 }

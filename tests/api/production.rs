@@ -13,19 +13,12 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
 use crate::support::{Backend, TestApp, TestCaller, UNLIMITED, callers};
-use crate::{expect_error, grant_req, reserve_req};
+use crate::{expect_error, grant_req, reserve_req, with};
 
 const VIDEO: &str = "tok-video-generation";
 const IMAGE: &str = "tok-image-generation";
 const ADMIN: &str = "tok-admin";
 const LIMITED: &str = "tok-limited";
-
-fn with<T>(message: T, token: &str) -> Request<T> {
-    let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
 
 async fn secured(backend: Backend) -> TestApp {
     TestApp::spawn_with(backend, |s| {

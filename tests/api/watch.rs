@@ -7,21 +7,10 @@ use std::time::{Duration, Instant};
 
 use tally::pb;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Streaming};
+use tonic::{Code, Streaming};
 
 use crate::support::{Backend, TestApp, TestCaller, TestDb, UNLIMITED, callers};
-use crate::{expect_error, grant_req, reserve_req};
-
-fn key() -> String {
-    format!("k-{}", uuid::Uuid::now_v7().simple())
-}
-
-fn with<T>(message: T, token: &str) -> Request<T> {
-    let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
+use crate::{expect_error, grant_req, key, reserve_req, with};
 
 fn watch_req(account: &str, after: Option<i64>) -> pb::WatchBalanceRequest {
     pb::WatchBalanceRequest {
