@@ -113,6 +113,8 @@ pub struct Settings {
     pub auto_migrate: bool,
     /// TLS (and, with a client CA, mutual TLS) on the gRPC listener.
     pub tls: Option<TlsFiles>,
+    /// The admin console on the HTTP sidecar (none: off).
+    pub admin: Option<AdminSettings>,
 }
 
 /// PEM material of the gRPC listener's TLS. `Debug` never shows the key.
@@ -363,7 +365,12 @@ fn spawn_http(
 
 /// Runs the ledger reconciliation every `every` until `stop`: every violation found counts in
 /// `tally_ledger_invariant_violations_total` (which must stay 0) and is logged.
-async fn run_audit(store: Engine, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn run_audit(
+    store: Engine,
+    every: Duration,
+    status: crate::http::admin::AuditStatus,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     if every.is_zero() {
         return;
     }
@@ -372,7 +379,14 @@ async fn run_audit(store: Engine, every: Duration, mut stop: tokio::sync::watch:
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(every) => {}
         }
-        match store.audit().await {
+        let start = std::time::Instant::now();
+        let found = store.audit().await;
+        status.record(crate::http::admin::AuditResult {
+            at: chrono::Utc::now(),
+            took: start.elapsed(),
+            outcome: found.clone().map_err(|e| e.to_string()),
+        });
+        match found {
             Ok(v) if v.is_empty() => {
                 metrics::counter!("tally_ledger_audits_total", "result" => "ok").increment(1);
             }
@@ -389,6 +403,15 @@ async fn run_audit(store: Engine, every: Duration, mut stop: tokio::sync::watch:
             }
         }
     }
+}
+
+/// The admin console's settings (`--admin-console`).
+#[derive(Clone, Debug)]
+pub struct AdminSettings {
+    /// Signs sessions and CSRF tokens (the same on every replica, or sessions stick to one).
+    pub session_key: crate::http::admin::SessionKey,
+    /// How long a session lasts.
+    pub session_ttl: Duration,
 }
 
 /// A built, bound, not yet serving application.
@@ -535,9 +558,11 @@ impl App {
             settings.readiness_interval,
             until_stopped(stop_rx.clone()),
         ));
+        let audit_status = crate::http::admin::AuditStatus::default();
         let audit = tokio::spawn(run_audit(
             store.clone(),
             settings.audit_interval,
+            audit_status.clone(),
             stop_rx.clone(),
         ));
         let signal = {
@@ -568,6 +593,13 @@ impl App {
             readiness: readiness.clone(),
             balances: Some(balances.clone()),
             heartbeat: settings.watch.heartbeat,
+            admin: settings.admin.as_ref().map(|a| {
+                Arc::new(crate::http::admin::Console::new(
+                    a.session_key.clone(),
+                    a.session_ttl,
+                    audit_status.clone(),
+                ))
+            }),
         };
         let http = spawn_http(
             http_listener,

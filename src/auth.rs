@@ -251,11 +251,54 @@ impl Auth {
         }
     }
 
+    /// Signs a caller in with its token (the admin console): the caller and the session
+    /// subject that names it (a prefix of the token's hash, `open` without configured callers).
+    /// A token rotated out of the callers file ends every session signed in with it.
+    ///
+    /// # Errors
+    /// [`Denied::Unauthenticated`] for an empty, oversized or unknown token.
+    pub fn sign_in(&self, token: &str) -> Result<(String, Arc<Principal>), Denied> {
+        match self {
+            Self::Open(p) => Ok((OPEN_SUBJECT.to_owned(), Arc::clone(p))),
+            Self::Tokens(callers) => {
+                let token = token.trim().as_bytes();
+                if token.is_empty() || token.len() > TOKEN_MAX_LEN {
+                    return Err(Denied::Unauthenticated);
+                }
+                let digest: [u8; 32] = Sha256::digest(token).into();
+                let p = callers.find(token).ok_or(Denied::Unauthenticated)?;
+                Ok((subject_of(&digest), p))
+            }
+        }
+    }
+
+    /// The caller a session subject names, if it is still configured.
+    #[must_use]
+    pub fn by_subject(&self, subject: &str) -> Option<Arc<Principal>> {
+        match self {
+            Self::Open(p) => (subject == OPEN_SUBJECT).then(|| Arc::clone(p)),
+            Self::Tokens(callers) => callers
+                .entries
+                .iter()
+                .find(|(hash, _)| subject_of(hash) == subject)
+                .map(|(_, p)| Arc::clone(p)),
+        }
+    }
+
     /// Whether callers must authenticate.
     #[must_use]
     pub fn is_open(&self) -> bool {
         matches!(self, Self::Open(_))
     }
+}
+
+/// The session subject of a server without configured callers.
+const OPEN_SUBJECT: &str = "open";
+
+/// A session's subject: the first 16 bytes of the token's SHA-256, in hex (names the token
+/// without being usable as one).
+fn subject_of(digest: &[u8; 32]) -> String {
+    hex::encode(digest.get(..16).unwrap_or_default())
 }
 
 /// The configured callers.

@@ -97,6 +97,7 @@ pub async fn run_stripe(action: StripeCommand) -> Result<(), String> {
         readiness: crate::health::Readiness::default(),
         balances: None,
         heartbeat: crate::app::WATCH_HEARTBEAT_DEFAULT,
+        admin: None,
     };
     let v = crate::http::billing::resync_subscription(&state, &api, &account_id).await?;
     println!("{v:#}");

@@ -215,6 +215,26 @@ pub struct ServeArgs {
     /// an idle stream open.
     #[arg(long, env = "TALLY_WATCH_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub watch_heartbeat_interval: Duration,
+    /// Serve the admin console under /admin on the HTTP sidecar (sign in with an admin-role
+    /// token; off by default).
+    #[arg(long, env = "TALLY_ADMIN_CONSOLE")]
+    pub admin_console: bool,
+    /// Key signing console sessions (≥ 32 bytes; the same on every replica). Unset: a random
+    /// key per process, so sessions end at restart and stick to one replica.
+    #[arg(
+        long,
+        env = "TALLY_ADMIN_SESSION_KEY",
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = Secret::parse
+    )]
+    pub admin_session_key: Option<Secret>,
+    /// File holding the session key (for Kubernetes Secrets); preferred over the value.
+    #[arg(long, env = "TALLY_ADMIN_SESSION_KEY_FILE")]
+    pub admin_session_key_file: Option<std::path::PathBuf>,
+    /// How long a console session lasts (1s..=24h).
+    #[arg(long, env = "TALLY_ADMIN_SESSION_TTL", default_value = "8h", value_parser = humantime::parse_duration)]
+    pub admin_session_ttl: Duration,
 }
 
 /// Longest hold TTL the server may be configured with.
@@ -251,6 +271,34 @@ impl ServeArgs {
         crate::stripe::client::StripeApi::new(&key, &self.stripe_api_base, self.stripe_timeout)
             .map(Some)
             .map_err(|e| format!("--stripe-api-key: {e}"))
+    }
+
+    fn admin(&self) -> Result<Option<crate::app::AdminSettings>, String> {
+        if !self.admin_console {
+            return Ok(None);
+        }
+        let session_ttl = between(
+            "--admin-session-ttl",
+            self.admin_session_ttl,
+            Duration::from_secs(1),
+            crate::http::admin::SESSION_TTL_MAX,
+        )?;
+        let session_key = if let Some(k) = secret_from(
+            "--admin-session-key",
+            self.admin_session_key_file.as_deref(),
+            self.admin_session_key.as_ref(),
+        )? {
+            crate::http::admin::SessionKey::from_secret(&k)?
+        } else {
+            tracing::warn!(
+                "--admin-session-key is not set: console sessions use a random key, end at restart and work on this replica only"
+            );
+            crate::http::admin::SessionKey::random()
+        };
+        Ok(Some(crate::app::AdminSettings {
+            session_key,
+            session_ttl,
+        }))
     }
 
     fn webhook_secrets(&self) -> Result<Vec<crate::stripe::WebhookSecret>, String> {
@@ -528,6 +576,7 @@ impl ServeArgs {
             tls: self.tls()?,
             events: self.events(&catalog)?,
             watch: self.watch()?,
+            admin: self.admin()?,
             catalog: std::sync::Arc::new(catalog),
         })
     }

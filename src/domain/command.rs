@@ -63,6 +63,16 @@ pub struct Reserve {
 }
 
 impl Reserve {
+    /// The labels stored on the hold: the caller's metadata, plus `operation` for a priced
+    /// reserve when the caller did not set one (the dashboard's usage per operation reads it).
+    #[must_use]
+    pub fn labels(&self) -> Metadata {
+        match self.priced.as_deref().and_then(|p| p.lines().next()) {
+            Some(op) => self.metadata.with_default("operation", op),
+            None => self.metadata.clone(),
+        }
+    }
+
     /// The request fingerprint: account, amount (or the priced operation), the TTL the caller
     /// gave (or "default"), the number of metadata pairs, then each key and value — every part
     /// length-prefixed, so two different requests never share it. The server-generated hold id
@@ -498,7 +508,7 @@ impl HoldCmd {
     pub fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
         Ok(match self {
             Self::Reserve(c) => b
-                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.metadata, now)?
+                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.labels(), now)?
                 .into(),
             Self::Commit(c) => b.commit_hold(c.hold_id.as_str(), c.amount, now)?.into(),
             Self::Refund(c) => b

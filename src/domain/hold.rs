@@ -58,6 +58,15 @@ impl HoldState {
 pub struct Metadata(BTreeMap<String, String>);
 
 impl Metadata {
+    /// These labels with `key` set to `value` unless already set (a server label; the pair
+    /// limits are for callers).
+    #[must_use]
+    pub fn with_default(&self, key: &str, value: &str) -> Self {
+        let mut m = self.0.clone();
+        m.entry(key.to_owned()).or_insert_with(|| value.to_owned());
+        Self(m)
+    }
+
     /// Validates caller metadata.
     ///
     /// # Errors

@@ -276,7 +276,7 @@ impl Ledger {
                     cmd.hold_id.as_str(),
                     cmd.amount,
                     cmd.ttl,
-                    &cmd.metadata,
+                    &cmd.labels(),
                     now,
                 )
             })

@@ -613,6 +613,8 @@ pub struct StripeEvent {
     pub created: Option<i64>,
     /// What we did with it (for operators).
     pub effect: String,
+    /// The business fact it concerns (`checkout_session:…`, `invoice:…`, `sub_…`), if any.
+    pub business_key: Option<String>,
 }
 
 /// A Stripe effect, resolved against the catalog.
@@ -663,6 +665,22 @@ pub enum StripeEffect {
         /// The event's `created`.
         as_of: i64,
     },
+}
+
+impl StripeEffect {
+    /// The business fact an effect concerns, for the events log: a purchase's or an invoice's
+    /// key, a subscription's id, a linked customer.
+    #[must_use]
+    pub fn business_key(&self) -> Option<&str> {
+        match self {
+            Self::None => None,
+            Self::Payment { business_key, .. } => business_key.as_deref(),
+            Self::Link { customer, .. } => Some(customer),
+            Self::Subscription(s) => Some(&s.subscription),
+            Self::InvoiceGrant { business_key, .. } => Some(business_key),
+            Self::PaymentFailed { subscription, .. } => Some(subscription),
+        }
+    }
 }
 
 /// How a paid pack is granted.

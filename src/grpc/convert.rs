@@ -589,6 +589,7 @@ pub fn list_accounts(
     Ok(AccountQuery {
         plan,
         low_balance: r.low_balance_only.then(|| thresholds(catalog)),
+        prefix: None,
         after,
         limit,
     })

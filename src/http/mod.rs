@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tracing::{info, warn};
 
+pub mod admin;
 pub mod balance;
 pub mod billing;
 
@@ -50,6 +51,8 @@ pub struct HttpState {
     pub balances: Option<crate::ledger::watch::Watcher>,
     /// The balance stream's heartbeat interval.
     pub heartbeat: std::time::Duration,
+    /// The admin console (none: `/admin` is not served).
+    pub admin: Option<Arc<admin::Console>>,
 }
 
 /// Largest JSON body of a billing request: 16 KiB.
@@ -57,6 +60,11 @@ pub const BILLING_BODY_MAX_BYTES: usize = 16 * 1024;
 
 /// The sidecar's routes.
 pub fn router(state: HttpState) -> Router {
+    let console = if state.admin.is_some() {
+        admin::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .route(
             "/stripe/webhook",
@@ -70,6 +78,7 @@ pub fn router(state: HttpState) -> Router {
             billing::routes().layer(axum::extract::DefaultBodyLimit::max(BILLING_BODY_MAX_BYTES)),
         )
         .merge(balance::routes())
+        .merge(console)
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -426,6 +435,7 @@ pub(crate) async fn apply_event(s: &HttpState, event: &Envelope) -> Response {
         livemode,
         created: event.created,
         effect: why.to_owned(),
+        business_key: resolved.business_key().map(str::to_owned),
     };
     match s.ledger.record_stripe_event(&record, &resolved).await {
         Ok(StripeRecord::DuplicateEvent) => {

@@ -13,8 +13,8 @@ pub mod watch;
 
 /// The page requests and rows of the reads, as the transports build and show them.
 pub use crate::storage::{
-    AccountQuery, AccountRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, StoreStats,
-    Violation,
+    AccountQuery, AccountRow, Dashboard, DashboardQuery, EntryCursor, EntryQuery, EventQuery,
+    EventRow, HoldQuery, SalesRow, StoreStats, StripeEventRow, UsageRow, Violation,
 };
 pub use engine::Engine;
 
@@ -337,6 +337,25 @@ impl Ledger {
     /// A page of accounts.
     pub async fn list_accounts(&self, query: &AccountQuery) -> ServiceResult<Vec<AccountRow>> {
         with_retry(|| self.engine.list_accounts(query)).await
+    }
+
+    /// The admin console's dashboard numbers.
+    pub async fn dashboard(&self, query: &DashboardQuery) -> ServiceResult<Dashboard> {
+        with_retry(|| self.engine.dashboard(query)).await
+    }
+
+    /// A page of received Stripe events, newest first.
+    pub async fn stripe_events(
+        &self,
+        before: Option<(chrono::DateTime<chrono::Utc>, String)>,
+        limit: u32,
+    ) -> ServiceResult<Vec<StripeEventRow>> {
+        with_retry(|| self.engine.stripe_events(before.clone(), limit)).await
+    }
+
+    /// Runs the reconciliation now: every broken invariant found.
+    pub async fn audit(&self) -> ServiceResult<Vec<Violation>> {
+        Ok(self.engine.audit().await?)
     }
 
     /// A page of entries.

@@ -102,10 +102,79 @@ pub struct AccountQuery {
     /// Only accounts whose available credits are under their plan's threshold
     /// (plan name → threshold; plans not listed have threshold 0).
     pub low_balance: Option<Vec<(String, i64)>>,
+    /// Only accounts whose id starts with this.
+    pub prefix: Option<String>,
     /// Accounts after this id.
     pub after: Option<String>,
     /// Most accounts to return.
     pub limit: u32,
+}
+
+/// What the admin console's dashboard reads: everything since `since`.
+#[derive(Clone, Debug)]
+pub struct DashboardQuery {
+    /// Start of the window (the console uses 30 days, from midnight UTC).
+    pub since: DateTime<Utc>,
+    /// Plan name → low-balance threshold (plans not listed: 0).
+    pub thresholds: Vec<(String, i64)>,
+    /// Most accounts in the top-usage list.
+    pub top: u32,
+}
+
+/// Credits used on one day (UTC) by one operation: commits less refunds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// The hold's `operation` label (set by the server for a priced reserve); empty if none.
+    pub operation: String,
+    /// Credits charged less credits refunded.
+    pub credits: i64,
+    /// Holds committed.
+    pub jobs: i64,
+}
+
+/// Purchases granted on one day (UTC) of one pack (or `subscription` for invoices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SalesRow {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// The pack's display name, `subscription`, or empty when unknown.
+    pub pack: String,
+    /// Purchases.
+    pub count: i64,
+    /// Credits granted.
+    pub credits: i64,
+    /// Amount paid, in the currency's minor unit.
+    pub paid: i64,
+}
+
+/// The dashboard's numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dashboard {
+    /// Usage per day and operation, by day.
+    pub usage: Vec<UsageRow>,
+    /// Purchases per day and pack, by day.
+    pub purchases: Vec<SalesRow>,
+    /// The accounts that used the most credits, most first: (account, credits).
+    pub top: Vec<(String, i64)>,
+    /// Accounts under their plan's low-balance threshold.
+    pub low_accounts: i64,
+}
+
+/// A received Stripe event as logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeEventRow {
+    /// `evt_…`.
+    pub event_id: String,
+    /// Its type.
+    pub kind: String,
+    /// What Tally did with it.
+    pub effect: String,
+    /// The business fact it concerns.
+    pub business_key: Option<String>,
+    /// When Tally recorded it.
+    pub received_at: DateTime<Utc>,
 }
 
 /// Which way an entry listing walks.
@@ -148,6 +217,8 @@ pub struct AccountRow {
     pub held: i64,
     /// Credits owed (claw-backs the grants could not cover).
     pub debt: i64,
+    /// When its balance last changed.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A broken ledger invariant found by [`Backend::audit`].
@@ -190,6 +261,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn used_since(&self, account_id: &AccountId, since: DateTime<Utc>) -> StorageResult<i64>;
     /// A page of accounts by id.
     async fn list_accounts(&self, query: &AccountQuery) -> StorageResult<Vec<AccountRow>>;
+    /// The admin console's dashboard numbers.
+    async fn dashboard(&self, query: &DashboardQuery) -> StorageResult<Dashboard>;
+    /// A page of received Stripe events, newest first, older than `before` (time, id).
+    async fn stripe_events(
+        &self,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StorageResult<Vec<StripeEventRow>>;
     /// A page of ledger entries.
     async fn list_entries(&self, query: &EntryQuery) -> StorageResult<Vec<EntryRecord>>;
     /// Deletes up to `limit` idempotency records older than `retention`.

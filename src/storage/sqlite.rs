@@ -22,8 +22,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use super::batch::{Answer, Batching, Job, JobSteps};
 
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Delivery,
-    EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
+    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Dashboard,
+    DashboardQuery, Delivery, SalesRow, StripeEventRow, UsageRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
     StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
     missing_grants, source, state_names, thresholds_json, to_record, violation,
 };
@@ -648,8 +648,8 @@ impl Tx for SqliteTx {
         now: DateTime<Utc>,
     ) -> StorageResult<bool> {
         let inserted = sqlx::query(
-            "INSERT INTO stripe_event (event_id, type, livemode, created, effect, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING RETURNING 1",
+            "INSERT INTO stripe_event (event_id, type, livemode, created, effect, received_at, business_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING RETURNING 1",
         )
         .bind(&event.event_id)
         .bind(&event.kind)
@@ -657,6 +657,7 @@ impl Tx for SqliteTx {
         .bind(event.created)
         .bind(&event.effect)
         .bind(now.timestamp_micros())
+        .bind(event.business_key.as_deref())
         .fetch_optional(&mut *self.tx)
         .await
         .map_err(map_err)?;
@@ -1184,13 +1185,15 @@ impl Backend for SqliteStore {
     }
 
     async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
-        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT a.account_id, a.plan, a.available - a.debt, a.held, a.debt FROM account a
+        type Row = (String, String, i64, i64, i64, i64);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT a.account_id, a.plan, a.available - a.debt, a.held, a.debt, a.updated_at FROM account a
              LEFT JOIN (SELECT json_extract(value, '$.plan') AS plan,
                                json_extract(value, '$.threshold') AS threshold
                         FROM json_each(?3)) t ON t.plan = a.plan
              WHERE (?1 IS NULL OR a.account_id > ?1) AND (?2 IS NULL OR a.plan = ?2)
                AND (NOT ?4 OR a.available - a.debt < COALESCE(t.threshold, 0))
+               AND (?6 IS NULL OR (a.account_id >= ?6 AND substr(a.account_id, 1, length(?6)) = ?6))
              ORDER BY a.account_id LIMIT ?5",
         )
         .bind(q.after.as_deref())
@@ -1200,19 +1203,129 @@ impl Backend for SqliteStore {
         )?)
         .bind(q.low_balance.is_some())
         .bind(i64::from(q.limit))
+        .bind(q.prefix.as_deref())
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|(account_id, plan, available, held, debt)| AccountRow {
-                account_id,
-                plan,
-                available,
-                held,
-                debt,
+        rows.into_iter()
+            .map(|(account_id, plan, available, held, debt, updated)| {
+                Ok(AccountRow {
+                    account_id,
+                    plan,
+                    available,
+                    held,
+                    debt,
+                    updated_at: to_time(updated)?,
+                })
             })
-            .collect())
+            .collect()
+    }
+
+    async fn dashboard(&self, q: &DashboardQuery) -> StorageResult<Dashboard> {
+        let since = q.since.timestamp_micros();
+        let usage: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT date(e.created_at / 1000000, 'unixepoch'),
+                    COALESCE(json_extract(h.metadata, '$.operation'), ''),
+                    CAST(-SUM(e.available_delta + e.held_delta) AS INTEGER),
+                    SUM(e.kind = 'commit')
+             FROM entry e INDEXED BY entry_usage_by_time
+             LEFT JOIN hold h ON h.hold_id = e.hold_id
+             WHERE e.created_at >= ?1 AND e.kind IN ('commit', 'refund')
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let purchases: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT date(f.created_at / 1000000, 'unixepoch'),
+                    CASE WHEN f.business_key LIKE 'invoice:%' THEN 'subscription'
+                         WHEN instr(b.reason, ' (') > 0 THEN substr(b.reason, 1, instr(b.reason, ' (') - 1)
+                         ELSE COALESCE(b.reason, '') END,
+                    COUNT(*), CAST(SUM(f.credits) AS INTEGER), CAST(SUM(COALESCE(f.amount_paid, 0)) AS INTEGER)
+             FROM stripe_fact f LEFT JOIN bucket b ON b.bucket_id = f.grant_id
+             WHERE f.created_at >= ?1 AND f.state IN ('granted', 'clawed', 'restored')
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let top: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT account_id, CAST(-SUM(available_delta + held_delta) AS INTEGER) AS used
+             FROM entry INDEXED BY entry_usage_by_time
+             WHERE created_at >= ?1 AND kind IN ('commit', 'refund')
+             GROUP BY account_id HAVING used > 0 ORDER BY used DESC, account_id LIMIT ?2",
+        )
+        .bind(since)
+        .bind(i64::from(q.top))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let low_accounts: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM account a
+             LEFT JOIN (SELECT json_extract(value, '$.plan') AS plan,
+                               json_extract(value, '$.threshold') AS threshold
+                        FROM json_each(?1)) t ON t.plan = a.plan
+             WHERE a.available - a.debt < COALESCE(t.threshold, 0)",
+        )
+        .bind(thresholds_json(&q.thresholds)?)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(Dashboard {
+            usage: usage
+                .into_iter()
+                .map(|(day, operation, credits, jobs)| UsageRow {
+                    day,
+                    operation,
+                    credits,
+                    jobs,
+                })
+                .collect(),
+            purchases: purchases
+                .into_iter()
+                .map(|(day, pack, count, credits, paid)| SalesRow {
+                    day,
+                    pack,
+                    count,
+                    credits,
+                    paid,
+                })
+                .collect(),
+            top,
+            low_accounts,
+        })
+    }
+
+    async fn stripe_events(
+        &self,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StorageResult<Vec<StripeEventRow>> {
+        let (at, id) = before.map_or((None, None), |(t, id)| (Some(t.timestamp_micros()), Some(id)));
+        let rows: Vec<(String, String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT event_id, type, effect, business_key, received_at FROM stripe_event
+             WHERE ?1 IS NULL OR (received_at, event_id) < (?1, ?2)
+             ORDER BY received_at DESC, event_id DESC LIMIT ?3",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(event_id, kind, effect, business_key, received)| {
+                Ok(StripeEventRow {
+                    event_id,
+                    kind,
+                    effect,
+                    business_key,
+                    received_at: to_time(received)?,
+                })
+            })
+            .collect()
     }
 
     async fn list_entries(&self, q: &EntryQuery) -> StorageResult<Vec<EntryRecord>> {

@@ -280,6 +280,7 @@ fn event(id: &str) -> StripeEvent {
         livemode: false,
         created: Some(1),
         effect: "property test".into(),
+        business_key: None,
     }
 }
 

@@ -287,6 +287,7 @@ pub fn settings(db: &TestDb) -> Settings {
         tls: None,
         events: tally::app::EventSettings::default(),
         watch: tally::app::WatchSettings::default(),
+        admin: None,
     }
 }
 

@@ -17,8 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Delivery,
-    EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
+    AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Dashboard,
+    DashboardQuery, Delivery, SalesRow, StripeEventRow, UsageRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
     StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
     missing_grants, source, state_names, thresholds_json, to_record, violation,
 };
@@ -835,14 +835,15 @@ impl Tx for PgTx<'_> {
         _now: DateTime<Utc>,
     ) -> StorageResult<bool> {
         let inserted = sqlx::query(
-            "INSERT INTO stripe_event (event_id, type, livemode, created, effect) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT DO NOTHING RETURNING 1",
+            "INSERT INTO stripe_event (event_id, type, livemode, created, effect, business_key)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
         )
         .bind(&event.event_id)
         .bind(&event.kind)
         .bind(event.livemode)
         .bind(event.created)
         .bind(&event.effect)
+        .bind(event.business_key.as_deref())
         .fetch_optional(&mut *self.tx)
         .await
         .map_err(map_err)?;
@@ -1349,11 +1350,13 @@ impl Backend for PgStore {
     }
 
     async fn list_accounts(&self, q: &AccountQuery) -> StorageResult<Vec<AccountRow>> {
-        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT a.account_id, a.plan, a.available - a.debt, a.held, a.debt FROM account a
+        type Row = (String, String, i64, i64, i64, DateTime<Utc>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT a.account_id, a.plan, a.available - a.debt, a.held, a.debt, a.updated_at FROM account a
              LEFT JOIN jsonb_to_recordset($3::jsonb) AS t(plan text, threshold bigint) ON t.plan = a.plan
              WHERE ($1::text IS NULL OR a.account_id > $1) AND ($2::text IS NULL OR a.plan = $2)
                AND (NOT $4 OR a.available - a.debt < COALESCE(t.threshold, 0))
+               AND ($6::text IS NULL OR (a.account_id >= $6 AND starts_with(a.account_id, $6)))
              ORDER BY a.account_id LIMIT $5",
         )
         .bind(q.after.as_deref())
@@ -1361,18 +1364,126 @@ impl Backend for PgStore {
         .bind(thresholds_json(q.low_balance.as_deref().unwrap_or_default())?)
         .bind(q.low_balance.is_some())
         .bind(i64::from(q.limit))
+        .bind(q.prefix.as_deref())
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
         Ok(rows
             .into_iter()
-            .map(|(account_id, plan, available, held, debt)| AccountRow {
-                account_id,
-                plan,
-                available,
-                held,
-                debt,
-            })
+            .map(
+                |(account_id, plan, available, held, debt, updated_at)| AccountRow {
+                    account_id,
+                    plan,
+                    available,
+                    held,
+                    debt,
+                    updated_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn dashboard(&self, q: &DashboardQuery) -> StorageResult<Dashboard> {
+        let usage: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                    COALESCE(h.metadata::jsonb ->> 'operation', ''),
+                    (-SUM(e.available_delta + e.held_delta))::bigint,
+                    COUNT(*) FILTER (WHERE e.kind = 'commit')
+             FROM entry e LEFT JOIN hold h ON h.hold_id = e.hold_id
+             WHERE e.created_at >= $1 AND e.kind IN ('commit', 'refund')
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(q.since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let purchases: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT to_char(f.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                    CASE WHEN f.business_key LIKE 'invoice:%' THEN 'subscription'
+                         ELSE COALESCE(split_part(b.reason, ' (', 1), '') END,
+                    COUNT(*), SUM(f.credits)::bigint, SUM(COALESCE(f.amount_paid, 0))::bigint
+             FROM stripe_fact f LEFT JOIN bucket b ON b.bucket_id = f.grant_id
+             WHERE f.created_at >= $1 AND f.state IN ('granted', 'clawed', 'restored')
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(q.since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let top: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT account_id, (-SUM(available_delta + held_delta))::bigint AS used
+             FROM entry WHERE created_at >= $1 AND kind IN ('commit', 'refund')
+             GROUP BY account_id HAVING -SUM(available_delta + held_delta) > 0
+             ORDER BY used DESC, account_id LIMIT $2",
+        )
+        .bind(q.since)
+        .bind(i64::from(q.top))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let low_accounts: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM account a
+             LEFT JOIN jsonb_to_recordset($1::jsonb) AS t(plan text, threshold bigint) ON t.plan = a.plan
+             WHERE a.available - a.debt < COALESCE(t.threshold, 0)",
+        )
+        .bind(thresholds_json(&q.thresholds)?)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(Dashboard {
+            usage: usage
+                .into_iter()
+                .map(|(day, operation, credits, jobs)| UsageRow {
+                    day,
+                    operation,
+                    credits,
+                    jobs,
+                })
+                .collect(),
+            purchases: purchases
+                .into_iter()
+                .map(|(day, pack, count, credits, paid)| SalesRow {
+                    day,
+                    pack,
+                    count,
+                    credits,
+                    paid,
+                })
+                .collect(),
+            top,
+            low_accounts,
+        })
+    }
+
+    async fn stripe_events(
+        &self,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StorageResult<Vec<StripeEventRow>> {
+        type Row = (String, String, String, Option<String>, DateTime<Utc>);
+        let (at, id) = before.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT event_id, type, effect, business_key, received_at FROM stripe_event
+             WHERE $1::timestamptz IS NULL OR (received_at, event_id) < ($1, $2::text)
+             ORDER BY received_at DESC, event_id DESC LIMIT $3",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(event_id, kind, effect, business_key, received_at)| StripeEventRow {
+                    event_id,
+                    kind,
+                    effect,
+                    business_key,
+                    received_at,
+                },
+            )
             .collect())
     }
 
