@@ -558,6 +558,23 @@ mod tests {
     }
 
     #[test]
+    fn a_priced_hold_is_labelled_with_its_operation_unless_the_caller_did() {
+        let plain = reserve(&[("job", "j1")], None, None);
+        assert_eq!(plain.labels(), plain.metadata);
+        let priced = reserve(&[("job", "j1")], None, Some("video_export\n7:seconds=12"));
+        let labels = priced.labels();
+        assert_eq!(
+            labels.pairs().get("operation").map(String::as_str),
+            Some("video_export")
+        );
+        assert_eq!(labels.pairs().get("job").map(String::as_str), Some("j1"));
+        // The fingerprint is the caller's request, not the server's label.
+        assert_eq!(priced.fingerprint(), priced.clone().fingerprint());
+        let own = reserve(&[("operation", "mine")], None, Some("video_export"));
+        assert_eq!(own.labels(), own.metadata);
+    }
+
+    #[test]
     fn metadata_that_used_to_collide_does_not() {
         let a = reserve(&[("k1", "a\n3:xyz=b")], None, None);
         let b = reserve(&[("k1", "a"), ("xyz", "b")], None, None);

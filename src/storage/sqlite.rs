@@ -23,9 +23,10 @@ use super::batch::{Answer, Batching, Job, JobSteps};
 
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Dashboard,
-    DashboardQuery, Delivery, SalesRow, StripeEventRow, UsageRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
-    StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
-    missing_grants, source, state_names, thresholds_json, to_record, violation,
+    DashboardQuery, Delivery, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery,
+    OutboxStats, RandomIds, SalesRow, StorageError, StorageResult, StripeEventRow, Tx, UsageRow,
+    Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_grants,
+    source, state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
@@ -1303,7 +1304,9 @@ impl Backend for SqliteStore {
         before: Option<(DateTime<Utc>, String)>,
         limit: u32,
     ) -> StorageResult<Vec<StripeEventRow>> {
-        let (at, id) = before.map_or((None, None), |(t, id)| (Some(t.timestamp_micros()), Some(id)));
+        let (at, id) = before.map_or((None, None), |(t, id)| {
+            (Some(t.timestamp_micros()), Some(id))
+        });
         let rows: Vec<(String, String, String, Option<String>, i64)> = sqlx::query_as(
             "SELECT event_id, type, effect, business_key, received_at FROM stripe_event
              WHERE ?1 IS NULL OR (received_at, event_id) < (?1, ?2)

@@ -22,6 +22,7 @@ mod bench;
 mod billing;
 mod cli;
 mod client;
+mod console;
 mod credit;
 mod edges;
 mod events;

@@ -20,7 +20,12 @@ fn fixtures() -> PathBuf {
 
 /// A `checkout.session.completed` for a session Tally created (its metadata names the account
 /// and the pack), shaped like Stripe's real payloads.
-fn tally_session_event(event_id: &str, kind: &str, session: &str, payment_status: &str) -> Vec<u8> {
+pub fn tally_session_event(
+    event_id: &str,
+    kind: &str,
+    session: &str,
+    payment_status: &str,
+) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "id": event_id, "object": "event", "api_version": "2026-09-30.endive", "created": 1_764_000_000,
         "livemode": false, "pending_webhooks": 1, "type": kind,

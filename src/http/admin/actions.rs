@@ -12,7 +12,9 @@ use chrono::NaiveDate;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::{Session, credits, enc, error_page, html_response, nonce, page, service_error, session};
+use super::{
+    Session, credits, enc, error_page, html_response, nonce, page, service_error, session,
+};
 use crate::catalog::Catalog;
 use crate::domain::FieldViolation;
 use crate::domain::book::Source;
@@ -149,11 +151,27 @@ pub(super) struct ActionForm {
 
 /// A parsed action, ready to apply.
 enum Action {
-    Grant(crate::domain::IdempotencyKey, crate::domain::command::GrantCredits),
-    Adjust(crate::domain::IdempotencyKey, crate::domain::command::Adjust),
-    SetPlan(crate::domain::IdempotencyKey, crate::domain::command::SetPlan),
-    Transfer(crate::domain::IdempotencyKey, crate::domain::command::Transfer),
-    Refund(crate::domain::IdempotencyKey, crate::domain::command::Refund, &'static str),
+    Grant(
+        crate::domain::IdempotencyKey,
+        crate::domain::command::GrantCredits,
+    ),
+    Adjust(
+        crate::domain::IdempotencyKey,
+        crate::domain::command::Adjust,
+    ),
+    SetPlan(
+        crate::domain::IdempotencyKey,
+        crate::domain::command::SetPlan,
+    ),
+    Transfer(
+        crate::domain::IdempotencyKey,
+        crate::domain::command::Transfer,
+    ),
+    Refund(
+        crate::domain::IdempotencyKey,
+        crate::domain::command::Refund,
+        &'static str,
+    ),
 }
 
 fn invalid(field: &'static str, why: &str) -> ServiceError {
@@ -162,14 +180,22 @@ fn invalid(field: &'static str, why: &str) -> ServiceError {
 
 /// A whole number from a form field (spaces and thousands separators allowed).
 fn number(field: &'static str, v: &str) -> Result<i64, ServiceError> {
-    let t: String = v.chars().filter(|c| !matches!(c, ' ' | ',' | '_')).collect();
+    let t: String = v
+        .chars()
+        .filter(|c| !matches!(c, ' ' | ',' | '_'))
+        .collect();
     let t = t.replace('−', "-");
     t.parse::<i64>()
         .map_err(|_| invalid(field, "must be a whole number"))
 }
 
 /// Parses a form into the command the RPC would build (same checks, same limits).
-fn parse(account: &str, action: &str, f: &ActionForm, catalog: &Catalog) -> Result<Action, ServiceError> {
+fn parse(
+    account: &str,
+    action: &str,
+    f: &ActionForm,
+    catalog: &Catalog,
+) -> Result<Action, ServiceError> {
     let reason = f.reason.trim();
     if reason.is_empty() {
         return Err(invalid("reason", "is required"));
@@ -178,7 +204,12 @@ fn parse(account: &str, action: &str, f: &ActionForm, catalog: &Catalog) -> Resu
         "grant" => {
             let source = Source::parse(&f.source)
                 .filter(|s| GRANT_SOURCES.contains(s))
-                .ok_or_else(|| invalid("source", "must be adjustment, promotion, signup_bonus or refund"))?;
+                .ok_or_else(|| {
+                    invalid(
+                        "source",
+                        "must be adjustment, promotion, signup_bonus or refund",
+                    )
+                })?;
             let expires_at = if f.expires.trim().is_empty() {
                 None
             } else {
@@ -217,8 +248,13 @@ fn parse(account: &str, action: &str, f: &ActionForm, catalog: &Catalog) -> Resu
                 },
                 catalog,
             )?;
-            crate::domain::text::check("reason", reason, crate::domain::command::REASON_MAX_LEN, crate::domain::text::Lines::Many)
-                .map_err(|v| ServiceError::Invalid(vec![v]))?;
+            crate::domain::text::check(
+                "reason",
+                reason,
+                crate::domain::command::REASON_MAX_LEN,
+                crate::domain::text::Lines::Many,
+            )
+            .map_err(|v| ServiceError::Invalid(vec![v]))?;
             Ok(Action::SetPlan(k, c))
         }
         "transfer" => {
@@ -243,7 +279,15 @@ fn parse(account: &str, action: &str, f: &ActionForm, catalog: &Catalog) -> Resu
                 reason: reason.to_owned(),
                 idempotency_key: f.key.clone(),
             })?;
-            Ok(Action::Refund(k, c, if action == "release" { "release" } else { "refund" }))
+            Ok(Action::Refund(
+                k,
+                c,
+                if action == "release" {
+                    "release"
+                } else {
+                    "refund"
+                },
+            ))
         }
         _ => Err(invalid("action", "unknown action")),
     }
@@ -261,11 +305,15 @@ fn describe(account: &str, a: &Action) -> Markup {
             @if c.delta > 0 { "Add " } @else { "Remove " } strong { (credits(c.delta.abs())) } " credits "
             @if c.delta > 0 { "to " } @else { "from " } strong { (account) } "."
         },
-        Action::SetPlan(_, c) => html! { "Move " strong { (account) } " to plan " strong { (c.plan) } "." },
+        Action::SetPlan(_, c) => {
+            html! { "Move " strong { (account) } " to plan " strong { (c.plan) } "." }
+        }
         Action::Transfer(_, c) => html! {
             "Move " strong { (credits(c.amount.get())) } " credits from " strong { (account) } " to " strong { (c.to.as_str()) } "."
         },
-        Action::Refund(_, c, "release") => html! { "Release open hold " strong.mono { (c.hold_id.as_str()) } ": its credits return to " strong { (account) } "." },
+        Action::Refund(_, c, "release") => {
+            html! { "Release open hold " strong.mono { (c.hold_id.as_str()) } ": its credits return to " strong { (account) } "." }
+        }
         Action::Refund(_, c, _) => html! {
             "Refund " @if let Some(n) = c.amount { strong { (credits(n.get())) } " credits" } @else { "everything not yet refunded" }
             " of committed hold " strong.mono { (c.hold_id.as_str()) } " to " strong { (account) } "."
@@ -369,8 +417,13 @@ pub(super) async fn act(
     match replayed {
         Ok(replayed) => {
             tracing::info!(target: "tally::audit", operator = %op, action = %action, account_id = %id, reason = %reason, replayed, "admin console action");
-            let done = if replayed { "replayed" } else { action.as_str() };
-            Redirect::to(&format!("/admin/accounts/{}?done={}", enc(&id), enc(done))).into_response()
+            let done = if replayed {
+                "replayed"
+            } else {
+                action.as_str()
+            };
+            Redirect::to(&format!("/admin/accounts/{}?done={}", enc(&id), enc(done)))
+                .into_response()
         }
         Err(e) => {
             tracing::warn!(target: "tally::audit", operator = %op, action = %action, account_id = %id, error.message = %e, "admin console action refused");

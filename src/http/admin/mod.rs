@@ -212,7 +212,10 @@ async fn secure_headers(req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -261,7 +264,12 @@ impl Session {
     pub fn check_csrf(&self, token: Option<&str>) -> Result<(), Response> {
         use subtle::ConstantTimeEq as _;
         match token {
-            Some(t) if t.len() == self.csrf.len() && bool::from(t.as_bytes().ct_eq(self.csrf.as_bytes())) => Ok(()),
+            Some(t)
+                if t.len() == self.csrf.len()
+                    && bool::from(t.as_bytes().ct_eq(self.csrf.as_bytes())) =>
+            {
+                Ok(())
+            }
             _ => Err(error_page(
                 Some(self),
                 StatusCode::FORBIDDEN,
@@ -438,7 +446,12 @@ pub(crate) fn html_response(status: StatusCode, m: &Markup) -> Response {
 }
 
 /// An error page (the message is escaped like everything else).
-pub(crate) fn error_page(s: Option<&Session>, status: StatusCode, title: &str, message: &str) -> Response {
+pub(crate) fn error_page(
+    s: Option<&Session>,
+    status: StatusCode,
+    title: &str,
+    message: &str,
+) -> Response {
     let body = html! {
         p.error { (message) }
         p { a href="/admin/accounts" { "Back to accounts" } }
@@ -468,7 +481,11 @@ pub(crate) fn service_error(s: &Session, e: &ServiceError) -> Response {
         }
     };
     let text = match e {
-        ServiceError::Invalid(v) => v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        ServiceError::Invalid(v) => v
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
         other => other.to_string(),
     };
     let note = match e {
@@ -480,8 +497,8 @@ pub(crate) fn service_error(s: &Session, e: &ServiceError) -> Response {
     error_page(Some(s), status, title, &format!("{text}.{note}"))
 }
 
-/// Percent-encodes a query value.
-pub(crate) fn enc(v: &str) -> String {
+/// Percent-encodes a query or form value.
+pub fn enc(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {

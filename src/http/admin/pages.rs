@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use super::{
     AuditResult, DASHBOARD_CACHE, DASHBOARD_DAYS, LOGIN_COOKIE, LOGIN_TTL_SECS, PAGE_SIZE,
-    SESSION_COOKIE, chart, console, cookie, credits, enc, error_page, html_response,
-    mint_session, nonce, over_tls, page, service_error, session, set_cookie, when,
+    SESSION_COOKIE, chart, console, cookie, credits, enc, error_page, html_response, mint_session,
+    nonce, over_tls, page, service_error, session, set_cookie, when,
 };
 use crate::domain::rules::EntryKind;
 use crate::domain::{AccountId, HoldState};
@@ -210,7 +210,9 @@ pub(super) async fn accounts(
         Err(e) => return service_error(&sess, &e),
     };
     let full = rows.len() == usize::try_from(PAGE_SIZE).unwrap_or(usize::MAX);
-    let next = full.then(|| rows.last().map(|r| r.account_id.clone())).flatten();
+    let next = full
+        .then(|| rows.last().map(|r| r.account_id.clone()))
+        .flatten();
     let rows: Vec<_> = rows
         .into_iter()
         .filter(|r| sess.principal.may_access(&r.account_id))
@@ -375,18 +377,19 @@ pub(super) async fn account(
         l.purchases(&account_id, RECENT_SHOWN),
         l.list_events(&events_q),
     );
-    let (grants, entries, open, committed, customer, subs, purchases, events) =
-        match (grants, entries, open, committed, customer, subs, purchases, events) {
-            (Ok(a), Ok(b), Ok(c), Ok(d), Ok(e), Ok(f), Ok(g), Ok(h)) => (a, b, c, d, e, f, g, h),
-            (Err(e), ..)
-            | (_, Err(e), ..)
-            | (_, _, Err(e), ..)
-            | (_, _, _, Err(e), ..)
-            | (_, _, _, _, Err(e), ..)
-            | (_, _, _, _, _, Err(e), ..)
-            | (_, _, _, _, _, _, Err(e), _)
-            | (.., Err(e)) => return service_error(&sess, &e),
-        };
+    let (grants, entries, open, committed, customer, subs, purchases, events) = match (
+        grants, entries, open, committed, customer, subs, purchases, events,
+    ) {
+        (Ok(a), Ok(b), Ok(c), Ok(d), Ok(e), Ok(f), Ok(g), Ok(h)) => (a, b, c, d, e, f, g, h),
+        (Err(e), ..)
+        | (_, Err(e), ..)
+        | (_, _, Err(e), ..)
+        | (_, _, _, Err(e), ..)
+        | (_, _, _, _, Err(e), ..)
+        | (_, _, _, _, _, Err(e), ..)
+        | (_, _, _, _, _, _, Err(e), _)
+        | (.., Err(e)) => return service_error(&sess, &e),
+    };
     let b = &summary.balance;
     let next_entries = (entries.len() == usize::try_from(PAGE_SIZE).unwrap_or(usize::MAX))
         .then(|| entries.last().map(|e| e.entry_id))
@@ -576,7 +579,10 @@ fn labels(m: &crate::domain::hold::Metadata) -> Markup {
 }
 
 /// The dashboard's numbers, from the cache when fresh (all replicas compute their own).
-async fn numbers(s: &HttpState, c: &super::Console) -> Result<Arc<Dashboard>, crate::ledger::ServiceError> {
+async fn numbers(
+    s: &HttpState,
+    c: &super::Console,
+) -> Result<Arc<Dashboard>, crate::ledger::ServiceError> {
     if let Ok(g) = c.dashboard.lock()
         && let Some((at, d)) = g.as_ref()
         && at.elapsed() < DASHBOARD_CACHE
@@ -612,7 +618,12 @@ fn days(now: DateTime<Utc>) -> Vec<String> {
 }
 
 /// Per day of the window, the sum of `value` over rows of that day.
-fn per_day<T>(days: &[String], rows: &[T], day: impl Fn(&T) -> &str, value: impl Fn(&T) -> i64) -> Vec<(String, i64)> {
+fn per_day<T>(
+    days: &[String],
+    rows: &[T],
+    day: impl Fn(&T) -> &str,
+    value: impl Fn(&T) -> i64,
+) -> Vec<(String, i64)> {
     let mut by: BTreeMap<&str, i64> = BTreeMap::new();
     for r in rows {
         let e = by.entry(day(r)).or_default();
@@ -737,7 +748,11 @@ fn ratio(a: i64, b: i64) -> f64 {
 fn money(minor: i64) -> String {
     let sign = if minor < 0 { "−" } else { "" };
     let m = minor.unsigned_abs();
-    format!("{sign}{}.{:02}", credits(i64::try_from(m / 100).unwrap_or(i64::MAX)), m % 100)
+    format!(
+        "{sign}{}.{:02}",
+        credits(i64::try_from(m / 100).unwrap_or(i64::MAX)),
+        m % 100
+    )
 }
 
 #[derive(Deserialize)]
@@ -781,13 +796,28 @@ pub(super) async fn dashboard_csv(
         "usage" => {
             out.push_str("day,operation,credits,jobs\n");
             for r in &d.usage {
-                let _ = writeln!(out, "{},{},{},{}", r.day, cell(&r.operation), r.credits, r.jobs);
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{}",
+                    r.day,
+                    cell(&r.operation),
+                    r.credits,
+                    r.jobs
+                );
             }
         }
         "purchases" => {
             out.push_str("day,pack,purchases,credits,paid_minor_units\n");
             for r in &d.purchases {
-                let _ = writeln!(out, "{},{},{},{},{}", r.day, cell(&r.pack), r.count, r.credits, r.paid);
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{},{}",
+                    r.day,
+                    cell(&r.pack),
+                    r.count,
+                    r.credits,
+                    r.paid
+                );
             }
         }
         "top" => {
@@ -839,18 +869,39 @@ pub(super) async fn stripe(
     };
     let before = match q.before.split_once('.') {
         None if q.before.is_empty() => None,
-        Some((t, id)) if id.len() <= 255 => match t.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros) {
+        Some((t, id)) if id.len() <= 255 => match t
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+        {
             Some(t) => Some((t, id.to_owned())),
-            None => return error_page(Some(&sess), StatusCode::BAD_REQUEST, "Check the page", "Bad page position."),
+            None => {
+                return error_page(
+                    Some(&sess),
+                    StatusCode::BAD_REQUEST,
+                    "Check the page",
+                    "Bad page position.",
+                );
+            }
         },
-        _ => return error_page(Some(&sess), StatusCode::BAD_REQUEST, "Check the page", "Bad page position."),
+        _ => {
+            return error_page(
+                Some(&sess),
+                StatusCode::BAD_REQUEST,
+                "Check the page",
+                "Bad page position.",
+            );
+        }
     };
     let rows = match s.ledger.stripe_events(before, PAGE_SIZE).await {
         Ok(r) => r,
         Err(e) => return service_error(&sess, &e),
     };
     let next = (rows.len() == usize::try_from(PAGE_SIZE).unwrap_or(usize::MAX))
-        .then(|| rows.last().map(|r| format!("{}.{}", r.received_at.timestamp_micros(), r.event_id)))
+        .then(|| {
+            rows.last()
+                .map(|r| format!("{}.{}", r.received_at.timestamp_micros(), r.event_id))
+        })
         .flatten();
     let audit = sess.console.audit().last();
     let body = html! {

@@ -18,9 +18,10 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Dashboard,
-    DashboardQuery, Delivery, SalesRow, StripeEventRow, UsageRow, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery, OutboxStats, RandomIds, StorageError,
-    StorageResult, Tx, Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids,
-    missing_grants, source, state_names, thresholds_json, to_record, violation,
+    DashboardQuery, Delivery, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery,
+    OutboxStats, RandomIds, SalesRow, StorageError, StorageResult, StripeEventRow, Tx, UsageRow,
+    Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_grants,
+    source, state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
