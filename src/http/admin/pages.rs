@@ -264,7 +264,7 @@ pub(super) struct AccountPageQuery {
     #[serde(default)]
     until: String,
     #[serde(default)]
-    before: Option<i64>,
+    before: String,
     #[serde(default)]
     done: String,
 }
@@ -341,6 +341,20 @@ pub(super) async fn account(
             return error_page(Some(&sess), StatusCode::BAD_REQUEST, "Check the filter", &e);
         }
     };
+    let before = match q.before.trim() {
+        "" => None,
+        b => match b.parse::<i64>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                return error_page(
+                    Some(&sess),
+                    StatusCode::BAD_REQUEST,
+                    "Check the page",
+                    "Bad page position.",
+                );
+            }
+        },
+    };
     let l = &s.ledger;
     let summary = match l.account(&account_id).await {
         Ok(x) => x,
@@ -351,7 +365,7 @@ pub(super) async fn account(
         kinds,
         since,
         until,
-        cursor: EntryCursor::Before(q.before),
+        cursor: EntryCursor::Before(before),
         limit: PAGE_SIZE,
     };
     let holds = |states: Vec<HoldState>, limit| HoldQuery {
