@@ -716,6 +716,17 @@ def main() -> int:
             c = dep_container(r)
             check(not any(k in env_of(c) for k in TLS_ENV) and all(v["name"] != "tls" for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]), "tls.enabled=false → no TLS variables or volume even with existingSecret")
             check(all(c[p].get("grpc", {}).get("port") == 50051 and "httpGet" not in c[p] for p in ("livenessProbe", "readinessProbe", "startupProbe")), "tls.enabled=false → grpc probes on the numeric grpc port")
+            expect_render_failure(chart, deep_merge(dev, {"adminConsole": {"ingress": True}}), "adminConsole.ingress needs", "console on the Ingress while off")
+            r = render(chart, deep_merge(pg, {"adminConsole": {"enabled": True, "existingSecret": "admin-key", "sessionTtl": "2h", "ingress": True}, "ingress": {"enabled": True}}), "admin console")
+            c = dep_container(r)
+            check(env_value(c, "TALLY_ADMIN_CONSOLE") == "true" and env_value(c, "TALLY_ADMIN_SESSION_TTL") == "2h" and env_value(c, "TALLY_ADMIN_SESSION_KEY_FILE") == "/var/run/secrets/tally-admin/session-key", "adminConsole → console variables, the key as a file")
+            check("TALLY_ADMIN_SESSION_KEY" not in env_of(c), "the session key never in the environment")
+            vols = {v["name"]: v for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+            check(vols["admin-session"]["secret"] == {"secretName": "admin-key", "defaultMode": 0o440, "items": [{"key": "session-key", "path": "session-key"}]}, f"adminConsole.existingSecret → volume: {vols.get('admin-session')}")
+            paths = [p["path"] for p in r.one("Ingress")["spec"]["rules"][0]["http"]["paths"]]
+            check("/admin" in paths, f"adminConsole.ingress → /admin on the Ingress: {paths}")
+            r = render(chart, deep_merge(pg, {"ingress": {"enabled": True}}), "console off")
+            check("TALLY_ADMIN_CONSOLE" not in env_of(dep_container(r)) and "/admin" not in [p["path"] for p in r.one("Ingress")["spec"]["rules"][0]["http"]["paths"]], "adminConsole off → no console variables, no /admin route")
             r = render(chart, {**dev, "fullnameOverride": "credits"}, "fullnameOverride")
             check(r.one("Deployment")["metadata"]["name"] == "credits" and r.one("ConfigMap")["metadata"]["name"] == "credits-config", "fullnameOverride names objects")
     except helm.HelmError as e:

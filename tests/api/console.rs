@@ -645,6 +645,15 @@ async fn pages_and_actions(backend: Backend) {
     assert_eq!(p.status, 400, "{}", p.body);
     assert_eq!(balance(&app, "u-beta").await.held, 5);
 
+    // A paid Checkout (the Stripe log and the dashboard show it).
+    let body = crate::stripe::tally_session_event(
+        "evt_console_1",
+        "checkout.session.completed",
+        "cs_console_1",
+        "paid",
+    );
+    assert_eq!(app.post_webhook(&body).await.0, 200);
+
     // The dashboard: 30 daily points per chart, today's usage = 150 charged − 30 refunded.
     let p = b.get("/admin/dashboard").await;
     assert_eq!(p.status, 200, "{}", p.body);
@@ -671,16 +680,15 @@ async fn pages_and_actions(backend: Backend) {
     );
     let csv = b.get("/admin/dashboard.csv?table=top").await;
     assert_eq!(csv.body, "account_id,credits_used\nu-alpha,120\n");
+    let csv = b.get("/admin/dashboard.csv?table=purchases").await;
+    assert_eq!(
+        csv.body,
+        format!("day,pack,purchases,credits,paid_minor_units\n{today},Starter pack,1,500,1900\n")
+    );
+    assert!(p.body.contains("<td>Starter pack</td>"), "{}", p.body);
     assert_eq!(b.get("/admin/dashboard.csv?table=nope").await.status, 400);
 
     // The Stripe log: a paid Checkout appears with its business key; reconciliation runs.
-    let body = crate::stripe::tally_session_event(
-        "evt_console_1",
-        "checkout.session.completed",
-        "cs_console_1",
-        "paid",
-    );
-    assert_eq!(app.post_webhook(&body).await.0, 200);
     let p = b.get("/admin/stripe").await;
     assert_eq!(p.status, 200);
     p.assert_secure_headers();

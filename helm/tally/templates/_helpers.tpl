@@ -163,6 +163,9 @@ Render-time checks. Included by the Deployment so every render runs them.
 {{- if and .Values.tls.clientCa.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCa.enabled (mTLS) needs tls.enabled=true and tls.existingSecret: client certificates can only be verified over TLS" }}
 {{- end }}
+{{- if and .Values.adminConsole.ingress (not (and .Values.adminConsole.enabled .Values.ingress.enabled)) }}
+{{- fail "adminConsole.ingress needs adminConsole.enabled and ingress.enabled" }}
+{{- end }}
 {{- if and .Values.ingress.tls.enabled (not .Values.ingress.tls.secretName) }}
 {{- fail "ingress.tls.enabled needs ingress.tls.secretName" }}
 {{- end }}

@@ -16,7 +16,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::{
-    AuditResult, DASHBOARD_CACHE, DASHBOARD_DAYS, LOGIN_COOKIE, LOGIN_TTL_SECS, PAGE_SIZE,
+    AuditResult, DASHBOARD_DAYS, DASHBOARD_FRESH, LOGIN_COOKIE, LOGIN_TTL_SECS, PAGE_SIZE,
     SESSION_COOKIE, chart, console, cookie, credits, enc, error_page, html_response, mint_session,
     nonce, over_tls, page, service_error, session, set_cookie, when,
 };
@@ -26,6 +26,7 @@ use crate::grpc::convert::thresholds;
 use crate::http::HttpState;
 use crate::ledger::{
     AccountQuery, Dashboard, DashboardQuery, EntryCursor, EntryQuery, EventQuery, HoldQuery,
+    ServiceError,
 };
 
 /// Open holds shown on an account page.
@@ -592,27 +593,46 @@ fn labels(m: &crate::domain::hold::Metadata) -> Markup {
     html! { @for (k, v) in m.pairs() { span.label { (k) "=" (v) } " " } }
 }
 
-/// The dashboard's numbers, from the cache when fresh (all replicas compute their own).
-async fn numbers(
-    s: &HttpState,
-    c: &super::Console,
-) -> Result<Arc<Dashboard>, crate::ledger::ServiceError> {
-    if let Ok(g) = c.dashboard.lock()
-        && let Some((at, d)) = g.as_ref()
-        && at.elapsed() < DASHBOARD_CACHE
-    {
-        return Ok(Arc::clone(d));
+/// The dashboard's numbers: fresh ones as they are; stale ones at once while one background
+/// read replaces them; none yet: read now (one read at a time per replica).
+async fn numbers(s: &HttpState, c: &Arc<super::Console>) -> Result<super::Snapshot, ServiceError> {
+    match c.snapshot() {
+        Some(snap) if snap.at.elapsed() < DASHBOARD_FRESH => Ok(snap),
+        Some(snap) => {
+            if let Ok(guard) = c.refresh_lock().try_lock_owned() {
+                let (s, c) = (s.clone(), Arc::clone(c));
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    match read_numbers(&s).await {
+                        Ok(d) => {
+                            c.keep(d);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error.message = %e, "admin console: dashboard refresh failed");
+                        }
+                    }
+                });
+            }
+            Ok(snap)
+        }
+        None => {
+            let lock = c.refresh_lock();
+            let _guard = lock.lock().await;
+            if let Some(snap) = c.snapshot() {
+                return Ok(snap);
+            }
+            Ok(c.keep(read_numbers(s).await?))
+        }
     }
+}
+
+async fn read_numbers(s: &HttpState) -> Result<Dashboard, ServiceError> {
     let query = DashboardQuery {
         since: window_start(Utc::now()),
         thresholds: thresholds(&s.catalog),
         top: TOP_ACCOUNTS,
     };
-    let d = Arc::new(s.ledger.dashboard(&query).await?);
-    if let Ok(mut g) = c.dashboard.lock() {
-        *g = Some((Instant::now(), Arc::clone(&d)));
-    }
-    Ok(d)
+    s.ledger.dashboard(&query).await
 }
 
 /// Midnight UTC, `DASHBOARD_DAYS - 1` days ago: the window is today and the 29 days before.
@@ -660,8 +680,8 @@ pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) ->
         Ok(x) => x,
         Err(r) => return r,
     };
-    let d = match numbers(&s, &sess.console).await {
-        Ok(d) => d,
+    let (d, as_of) = match numbers(&s, &sess.console).await {
+        Ok(snap) => (snap.data, snap.as_of),
         Err(e) => return service_error(&sess, &e),
     };
     let now = Utc::now();
@@ -688,7 +708,7 @@ pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) ->
     let total_jobs: i64 = ops.iter().map(|o| o.2).sum();
     let revenue: i64 = packs.values().map(|p| p.2).sum();
     let body = html! {
-        p.note { "The last " (DASHBOARD_DAYS) " days (UTC), from " (days.first().map_or("", String::as_str)) " to today. Numbers are at most " (DASHBOARD_CACHE.as_secs()) " s old." }
+        p.note #as-of { "The last " (DASHBOARD_DAYS) " days (UTC), from " (days.first().map_or("", String::as_str)) " to today; numbers as of " (when(as_of)) " UTC (read again in the background when over " (DASHBOARD_FRESH.as_secs()) " s old)." }
         dl.figures {
             div { dt { "Credits used" } dd #total-used { (credits(total_used)) } }
             div { dt { "Jobs" } dd { (credits(total_jobs)) } }
@@ -802,7 +822,7 @@ pub(super) async fn dashboard_csv(
         Err(r) => return r,
     };
     let d = match numbers(&s, &sess.console).await {
-        Ok(d) => d,
+        Ok(snap) => snap.data,
         Err(e) => return service_error(&sess, &e),
     };
     let mut out = String::new();
