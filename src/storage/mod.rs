@@ -162,6 +162,39 @@ pub struct Dashboard {
     pub low_accounts: i64,
 }
 
+/// The dashboard's numbers from their rows (day, operation, credits, jobs) and (day, pack,
+/// count, credits, paid).
+pub(crate) fn dashboard_from_rows(
+    usage: Vec<(String, String, i64, i64)>,
+    purchases: Vec<(String, String, i64, i64, i64)>,
+    top: Vec<(String, i64)>,
+    low_accounts: i64,
+) -> Dashboard {
+    Dashboard {
+        usage: usage
+            .into_iter()
+            .map(|(day, operation, credits, jobs)| UsageRow {
+                day,
+                operation,
+                credits,
+                jobs,
+            })
+            .collect(),
+        purchases: purchases
+            .into_iter()
+            .map(|(day, pack, count, credits, paid)| SalesRow {
+                day,
+                pack,
+                count,
+                credits,
+                paid,
+            })
+            .collect(),
+        top,
+        low_accounts,
+    }
+}
+
 /// A received Stripe event as logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StripeEventRow {

@@ -673,10 +673,7 @@ const OPERATIONS_CHARTED: usize = 6;
 
 #[allow(clippy::too_many_lines)] // one page, many charts
 pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    let sess = match session(&s, &headers)
-        .and_then(|x| x.admit(false).map(|()| x))
-        .and_then(|x| x.unrestricted().map(|()| x))
-    {
+    let sess = match overview(&s, &headers) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -769,6 +766,14 @@ pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) ->
     html_response(StatusCode::OK, &page(Some(&sess), "Dashboard", &body))
 }
 
+/// The operator of a page over every account (the dashboard, the Stripe log).
+fn overview(s: &HttpState, headers: &HeaderMap) -> Result<super::Session, Response> {
+    let sess = session(s, headers)?;
+    sess.admit(false)?;
+    sess.unrestricted()?;
+    Ok(sess)
+}
+
 fn op_name(op: &str) -> &str {
     if op.is_empty() { "(by amount)" } else { op }
 }
@@ -814,10 +819,7 @@ pub(super) async fn dashboard_csv(
     headers: HeaderMap,
     Query(q): Query<CsvQuery>,
 ) -> Response {
-    let sess = match session(&s, &headers)
-        .and_then(|x| x.admit(false).map(|()| x))
-        .and_then(|x| x.unrestricted().map(|()| x))
-    {
+    let sess = match overview(&s, &headers) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -894,10 +896,7 @@ pub(super) async fn stripe(
     headers: HeaderMap,
     Query(q): Query<StripeQuery>,
 ) -> Response {
-    let sess = match session(&s, &headers)
-        .and_then(|x| x.admit(false).map(|()| x))
-        .and_then(|x| x.unrestricted().map(|()| x))
-    {
+    let sess = match overview(&s, &headers) {
         Ok(x) => x,
         Err(r) => return r,
     };

@@ -19,9 +19,9 @@ use sqlx::{Postgres, Row, Transaction};
 use super::{
     AUDIT_SQL, AccountQuery, AccountRow, AttemptEnd, AuditRow, Backend, Claim, Dashboard,
     DashboardQuery, Delivery, EntryCursor, EntryQuery, EventQuery, EventRow, HoldQuery,
-    OutboxStats, RandomIds, SalesRow, StorageError, StorageResult, StripeEventRow, Tx, UsageRow,
-    Violation, constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_grants,
-    source, state_names, thresholds_json, to_record, violation,
+    OutboxStats, RandomIds, StorageError, StorageResult, StripeEventRow, Tx, Violation,
+    constraint_rejection, entry_kind, kind_names, loaded_hold_ids, missing_grants, source,
+    state_names, thresholds_json, to_record, violation,
 };
 use crate::domain::book::{Book, Draw, Grant, StoredBalance, consumption_order};
 use crate::domain::command::Idempotency;
@@ -1431,29 +1431,12 @@ impl Backend for PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(Dashboard {
-            usage: usage
-                .into_iter()
-                .map(|(day, operation, credits, jobs)| UsageRow {
-                    day,
-                    operation,
-                    credits,
-                    jobs,
-                })
-                .collect(),
-            purchases: purchases
-                .into_iter()
-                .map(|(day, pack, count, credits, paid)| SalesRow {
-                    day,
-                    pack,
-                    count,
-                    credits,
-                    paid,
-                })
-                .collect(),
+        Ok(super::dashboard_from_rows(
+            usage,
+            purchases,
             top,
             low_accounts,
-        })
+        ))
     }
 
     async fn stripe_events(
