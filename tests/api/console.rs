@@ -285,6 +285,23 @@ async fn pages_and_actions(backend: Backend) {
     let app = console_app(backend, Duration::from_hours(1)).await;
     let mut b = Browser::new(&app);
 
+    // The vendored script and stylesheet, same policy, no session needed.
+    for (path, kind) in [
+        ("/admin/assets/console.js", "text/javascript"),
+        ("/admin/assets/console.css", "text/css"),
+    ] {
+        let p = b.get(path).await;
+        assert_eq!(p.status, 200, "{path}");
+        assert!(
+            p.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind),
+            "{path}"
+        );
+        p.assert_secure_headers();
+    }
+
     // Signed out: every page sends to the sign-in form; a bad token, a generation token and a
     // form without its CSRF token do not sign in.
     let p = b.get("/admin/accounts").await;
