@@ -650,6 +650,16 @@ async fn pages_and_actions(backend: Backend) {
         p.body
     );
     assert_eq!(balance(&app, "u-alpha").await.available, 890);
+    // Release is for open holds only: the committed one is refused, unchanged.
+    let (p, _) = b
+        .act(
+            "u-alpha",
+            "release",
+            &[("hold_id", &done), ("reason", "wrong button")],
+        )
+        .await;
+    assert_eq!(p.status, 409, "{}", p.body);
+    assert_eq!(balance(&app, "u-alpha").await.available, 890);
     // A hold of another account cannot be moved through this one's page.
     let theirs = reserve(&app, "u-beta", 5).await;
     let (p, _) = b

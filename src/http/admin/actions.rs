@@ -355,8 +355,28 @@ pub(super) async fn act(
     };
     // Holds must belong to this account; transfers may only reach the operator's accounts.
     match &parsed {
-        Action::Refund(_, c, _) => match s.ledger.hold(&c.hold_id).await {
-            Ok(h) if h.account_id == id => {}
+        Action::Refund(_, c, kind) => match s.ledger.hold(&c.hold_id).await {
+            Ok(h) if h.account_id == id => {
+                // Release is for an open hold, refund for a committed one: the confirmation
+                // page says which, so the form must not do the other.
+                let want = if *kind == "release" {
+                    crate::domain::HoldState::Open
+                } else {
+                    crate::domain::HoldState::Committed
+                };
+                if h.state != want {
+                    return error_page(
+                        Some(&sess),
+                        StatusCode::CONFLICT,
+                        "Not done",
+                        &format!(
+                            "That hold is {}, not {}. Nothing was changed.",
+                            h.state.as_str(),
+                            want.as_str()
+                        ),
+                    );
+                }
+            }
             Ok(_) => {
                 return error_page(
                     Some(&sess),
