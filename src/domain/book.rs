@@ -887,7 +887,7 @@ impl Book {
         hold_id: &str,
         amount: Credits,
         ttl: TimeDelta,
-        metadata: &Metadata,
+        metadata: Metadata,
         now: DateTime<Utc>,
     ) -> Res<ReserveOutcome> {
         let draws = self.plan_draw(amount.get(), now)?;
@@ -919,7 +919,7 @@ impl Book {
             created_at: now,
             expires_at: now.checked_add_signed(ttl).unwrap_or(now),
             resolved_at: None,
-            metadata: metadata.clone(),
+            metadata,
         };
         self.holds.insert(hold_id.to_owned(), hold.clone());
         self.dirty.new_holds.insert(hold_id.to_owned());

@@ -508,7 +508,7 @@ impl HoldCmd {
     pub fn apply(&self, b: &mut Book, now: DateTime<Utc>) -> Result<Outcome, LedgerError> {
         Ok(match self {
             Self::Reserve(c) => b
-                .reserve(c.hold_id.as_str(), c.amount, c.ttl, &c.labels(), now)?
+                .reserve(c.hold_id.as_str(), c.amount, c.ttl, c.labels(), now)?
                 .into(),
             Self::Commit(c) => b.commit_hold(c.hold_id.as_str(), c.amount, now)?.into(),
             Self::Refund(c) => b

@@ -599,7 +599,7 @@ mod tests {
             "h1",
             Credits::new("a", 90).unwrap(),
             TimeDelta::minutes(5),
-            &crate::domain::Metadata::default(),
+            crate::domain::Metadata::default(),
             now(),
         )
         .unwrap();
@@ -613,7 +613,7 @@ mod tests {
             "h2",
             Credits::new("a", 10).unwrap(),
             TimeDelta::minutes(5),
-            &crate::domain::Metadata::default(),
+            crate::domain::Metadata::default(),
             now(),
         )
         .unwrap();
@@ -635,7 +635,7 @@ mod tests {
             "h3",
             Credits::new("a", 60).unwrap(),
             TimeDelta::minutes(5),
-            &crate::domain::Metadata::default(),
+            crate::domain::Metadata::default(),
             now(),
         )
         .unwrap();

@@ -272,13 +272,7 @@ impl Ledger {
     ) -> Res<ReserveOutcome> {
         self.idempotent(idem, |l| {
             l.with_book(cmd.account_id.as_str(), now, false, |b, _| {
-                b.reserve(
-                    cmd.hold_id.as_str(),
-                    cmd.amount,
-                    cmd.ttl,
-                    &cmd.labels(),
-                    now,
-                )
+                b.reserve(cmd.hold_id.as_str(), cmd.amount, cmd.ttl, cmd.labels(), now)
             })
         })
     }

@@ -17,15 +17,7 @@ fn violated(e: &tonic::Status) -> HashSet<String> {
 }
 
 async fn available(app: &TestApp, account: &str) -> i64 {
-    app.credit()
-        .await
-        .check_balance(pb::CheckBalanceRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .available
+    app.check_balance(account).await.available
 }
 
 /// Item 2: NUL and other control characters in a reason, an operator or a metadata value are

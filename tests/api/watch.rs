@@ -69,17 +69,6 @@ async fn until_available(
     }
 }
 
-async fn check(app: &TestApp, account: &str) -> pb::CheckBalanceResponse {
-    app.credit()
-        .await
-        .check_balance(pb::CheckBalanceRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Every kind of change reaches the stream, each message equal to CheckBalance then, with
 /// strictly rising versions; a reconnect with `after_version` gets nothing it already has.
 async fn every_change_reaches_the_stream(backend: Backend) {
@@ -100,7 +89,10 @@ async fn every_change_reaches_the_stream(backend: Backend) {
     app.fund("w1", 1_000).await;
     let mut s = open(&app, "w1").await;
     let first = next(&mut s).await;
-    assert_eq!(first.balance.clone().unwrap(), check(&app, "w1").await);
+    assert_eq!(
+        first.balance.clone().unwrap(),
+        app.check_balance("w1").await
+    );
     let mut last = first.version;
 
     let hold = credit
@@ -112,7 +104,7 @@ async fn every_change_reaches_the_stream(backend: Backend) {
         .unwrap();
     let m = until_available(&mut s, &mut last, 900, Duration::from_secs(5)).await;
     assert_eq!(m.balance.as_ref().unwrap().held, 100);
-    assert_eq!(m.balance.clone().unwrap(), check(&app, "w1").await);
+    assert_eq!(m.balance.clone().unwrap(), app.check_balance("w1").await);
     credit
         .commit(pb::CommitRequest {
             hold_id: hold.hold_id.clone(),
@@ -564,7 +556,7 @@ async fn a_change_through_one_replica_reaches_watchers_on_another() {
             }
             let mut w = open(&b, &account).await;
             let mut last = next(&mut w).await.version;
-            let start = check(&b, &account).await.available;
+            let start = b.check_balance(&account).await.available;
             let hold = credit_a
                 .reserve(reserve_req(&account, 10, &key()))
                 .await
@@ -582,7 +574,7 @@ async fn a_change_through_one_replica_reaches_watchers_on_another() {
                 .await
                 .unwrap();
             let m = until_available(&mut w, &mut last, start - 4, Duration::from_secs(2)).await;
-            assert_eq!(m.balance.unwrap(), check(&a, &account).await);
+            assert_eq!(m.balance.unwrap(), a.check_balance(&account).await);
         }
     }
     drop(s);
@@ -640,7 +632,7 @@ async fn a_lost_listening_connection_loses_no_update() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert_eq!(check(&b, "k1").await.available, available);
+    assert_eq!(b.check_balance("k1").await.available, available);
     drop(s);
     pool.close().await;
     b.finish().await;

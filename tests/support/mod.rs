@@ -410,6 +410,18 @@ impl TestApp {
             .unwrap();
     }
 
+    /// The account's balance (CheckBalance; the open caller).
+    pub async fn check_balance(&self, account: &str) -> tally::pb::CheckBalanceResponse {
+        self.credit()
+            .await
+            .check_balance(tally::pb::CheckBalanceRequest {
+                account_id: account.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.channel().await)
     }

@@ -195,6 +195,7 @@ fn parse(
     action: &str,
     f: &ActionForm,
     catalog: &Catalog,
+    operator: &str,
 ) -> Result<Action, ServiceError> {
     let reason = f.reason.trim();
     if reason.is_empty() {
@@ -229,12 +230,11 @@ fn parse(
             Ok(Action::Grant(k, c))
         }
         "adjust" => {
-            // The operator is the signed-in caller, filled in by `act`.
             let (k, c) = convert::adjust(&pb::AdjustRequest {
                 account_id: account.to_owned(),
                 delta: number("delta", &f.delta)?,
                 reason: reason.to_owned(),
-                operator: "console".to_owned(),
+                operator: operator.to_owned(),
                 idempotency_key: f.key.clone(),
             })?;
             Ok(Action::Adjust(k, c))
@@ -342,16 +342,10 @@ pub(super) async fn act(
     {
         return r;
     }
-    let parsed = match parse(&id, &action, &f, &s.catalog) {
+    // The operator recorded on an adjustment is the signed-in caller.
+    let parsed = match parse(&id, &action, &f, &s.catalog, sess.operator()) {
         Ok(a) => a,
         Err(e) => return service_error(&sess, &e),
-    };
-    let parsed = match parsed {
-        Action::Adjust(k, mut c) => {
-            sess.operator().clone_into(&mut c.operator);
-            Action::Adjust(k, c)
-        }
-        other => other,
     };
     // Holds must belong to this account; transfers may only reach the operator's accounts.
     match &parsed {

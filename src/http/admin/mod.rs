@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use hmac::{KeyInit as _, Mac as _};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use sha2::{Digest as _, Sha256};
 
 use super::HttpState;
@@ -332,28 +332,30 @@ impl Session {
 
     /// `Ok` when the operator may see or change `account`.
     pub fn may_access(&self, account: &str) -> Result<(), Response> {
-        if self.principal.may_access(account) {
-            Ok(())
-        } else {
-            Err(error_page(
-                Some(self),
-                StatusCode::FORBIDDEN,
-                "Not yours",
-                &Denied::Account.to_string(),
-            ))
-        }
+        self.allowed(
+            self.principal.may_access(account),
+            &Denied::Account.to_string(),
+        )
     }
 
     /// `Ok` when the operator may see every account (the dashboard, the Stripe log).
     pub fn unrestricted(&self) -> Result<(), Response> {
-        if self.principal.unrestricted() {
+        self.allowed(
+            self.principal.unrestricted(),
+            "This page covers every account; your token is limited to some.",
+        )
+    }
+
+    /// `Ok` when `allowed`, else a 403 page saying `why`.
+    fn allowed(&self, allowed: bool, why: &str) -> Result<(), Response> {
+        if allowed {
             Ok(())
         } else {
             Err(error_page(
                 Some(self),
                 StatusCode::FORBIDDEN,
                 "Not yours",
-                "This page covers every account; your token is limited to some.",
+                why,
             ))
         }
     }
@@ -565,12 +567,6 @@ pub(crate) fn credits(n: i64) -> String {
 /// A time as the console shows it (UTC, to the second).
 pub(crate) fn when(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
-}
-
-/// Raw markup for a trusted constant.
-#[allow(dead_code)]
-pub(crate) fn raw(s: &'static str) -> PreEscaped<&'static str> {
-    PreEscaped(s)
 }
 
 #[cfg(test)]

@@ -52,15 +52,25 @@ pub(super) async fn login_form(State(s): State<HttpState>, headers: HeaderMap) -
     if session(&s, &headers).is_ok() {
         return Redirect::to("/admin/accounts").into_response();
     }
-    let n = super::nonce();
+    login_page(&s, &c, StatusCode::OK, None, over_tls(&headers))
+}
+
+/// The sign-in form, with a fresh CSRF token bound to the cookie set with it.
+fn login_page(
+    s: &HttpState,
+    c: &super::Console,
+    status: StatusCode,
+    problem: Option<&str>,
+    secure: bool,
+) -> Response {
+    let n = nonce();
     let exp = (Utc::now().timestamp() + LOGIN_TTL_SECS).to_string();
-    let value = format!("{exp}.{n}");
     let csrf = c.key.mac(&["login", &exp, &n]);
-    let body = login_body(&s, &csrf, None);
-    let mut res = html_response(StatusCode::OK, &page(None, "Sign in", &body));
+    let body = login_body(s, &csrf, problem);
+    let mut res = html_response(status, &page(None, "Sign in", &body));
     res.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, &value, LOGIN_TTL_SECS, over_tls(&headers)),
+        set_cookie(LOGIN_COOKIE, &format!("{exp}.{n}"), LOGIN_TTL_SECS, secure),
     );
     res
 }
@@ -107,20 +117,7 @@ pub(super) async fn login(
             "The sign-in form's security token is missing or expired. Open the sign-in page again.",
         );
     }
-    let retry = |problem: &str| {
-        let n = nonce();
-        let exp = (Utc::now().timestamp() + LOGIN_TTL_SECS).to_string();
-        let csrf = c.key.mac(&["login", &exp, &n]);
-        let mut res = html_response(
-            StatusCode::UNAUTHORIZED,
-            &page(None, "Sign in", &login_body(&s, &csrf, Some(problem))),
-        );
-        res.headers_mut().insert(
-            header::SET_COOKIE,
-            set_cookie(LOGIN_COOKIE, &format!("{exp}.{n}"), LOGIN_TTL_SECS, secure),
-        );
-        res
-    };
+    let retry = |problem: &str| login_page(&s, &c, StatusCode::UNAUTHORIZED, Some(problem), secure);
     let Ok((subject, principal)) = s.auth.sign_in(&f.token) else {
         tracing::warn!(target: "tally::audit", "admin console: sign-in refused (unknown token)");
         return retry("That token is not valid.");
@@ -382,7 +379,7 @@ pub(super) async fn account(
         limit: RECENT_SHOWN,
         ..EventQuery::default()
     };
-    let (grants, entries, open, committed, customer, subs, purchases, events) = tokio::join!(
+    let read = tokio::try_join!(
         l.grants(&account_id),
         l.list_entries(&entry_query),
         l.list_holds(&open_q),
@@ -392,18 +389,9 @@ pub(super) async fn account(
         l.purchases(&account_id, RECENT_SHOWN),
         l.list_events(&events_q),
     );
-    let (grants, entries, open, committed, customer, subs, purchases, events) = match (
-        grants, entries, open, committed, customer, subs, purchases, events,
-    ) {
-        (Ok(a), Ok(b), Ok(c), Ok(d), Ok(e), Ok(f), Ok(g), Ok(h)) => (a, b, c, d, e, f, g, h),
-        (Err(e), ..)
-        | (_, Err(e), ..)
-        | (_, _, Err(e), ..)
-        | (_, _, _, Err(e), ..)
-        | (_, _, _, _, Err(e), ..)
-        | (_, _, _, _, _, Err(e), ..)
-        | (_, _, _, _, _, _, Err(e), _)
-        | (.., Err(e)) => return service_error(&sess, &e),
+    let (grants, entries, open, committed, customer, subs, purchases, events) = match read {
+        Ok(r) => r,
+        Err(e) => return service_error(&sess, &e),
     };
     let b = &summary.balance;
     let next_entries = (entries.len() == usize::try_from(PAGE_SIZE).unwrap_or(usize::MAX))
@@ -652,16 +640,14 @@ fn days(now: DateTime<Utc>) -> Vec<String> {
 }
 
 /// Per day of the window, the sum of `value` over rows of that day.
-fn per_day<T>(
+fn per_day<'a>(
     days: &[String],
-    rows: &[T],
-    day: impl Fn(&T) -> &str,
-    value: impl Fn(&T) -> i64,
+    rows: impl IntoIterator<Item = (&'a str, i64)>,
 ) -> Vec<(String, i64)> {
     let mut by: BTreeMap<&str, i64> = BTreeMap::new();
-    for r in rows {
-        let e = by.entry(day(r)).or_default();
-        *e = e.saturating_add(value(r));
+    for (day, value) in rows {
+        let e = by.entry(day).or_default();
+        *e = e.saturating_add(value);
     }
     days.iter()
         .map(|d| (d.clone(), by.get(d.as_str()).copied().unwrap_or(0)))
@@ -683,8 +669,8 @@ pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) ->
     };
     let now = Utc::now();
     let days = days(now);
-    let usage = per_day(&days, &d.usage, |r| &r.day, |r| r.credits);
-    let purchases = per_day(&days, &d.purchases, |r| &r.day, |r| r.count);
+    let usage = per_day(&days, d.usage.iter().map(|r| (r.day.as_str(), r.credits)));
+    let purchases = per_day(&days, d.purchases.iter().map(|r| (r.day.as_str(), r.count)));
     // Operations by credits used, most first.
     let mut ops: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     for r in &d.usage {
@@ -723,7 +709,7 @@ pub(super) async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) ->
                 @for (op, ..) in ops.iter().take(OPERATIONS_CHARTED) {
                     figure {
                         figcaption { (op_name(op)) }
-                        (chart::bars(&format!("op-{op}"), &per_day(&days, &d.usage.iter().filter(|r| r.operation == *op).cloned().collect::<Vec<_>>(), |r| &r.day, |r| r.credits)))
+                        (chart::bars(&format!("op-{op}"), &per_day(&days, d.usage.iter().filter(|r| r.operation == *op).map(|r| (r.day.as_str(), r.credits)))))
                     }
                 }
             }
